@@ -1,0 +1,216 @@
+"""The `ditrt` command line. Commands that only need the runtime (sample, build, parity against a
+saved golden) import no torch; exporter modules are imported inside the commands that need them."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+import runtime
+
+EXAMPLE_CHECKPOINT = Path(__file__).resolve().parent.parent / "exporter" / "data" / "dit_tiny_official.pt"
+EXAMPLE_OVERRIDES = {"num_heads": 4}  # the golden tiny model: depth 2, hidden 64, 4 heads, 10 classes
+
+
+class InputError(click.ClickException):
+    """Bad input (file, artifact, option value): exit code 2, like a usage error."""
+    exit_code = 2
+
+
+def _require_torch(command: str) -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise click.ClickException(f"`ditrt {command}` needs PyTorch (the runtime does not): "
+                                   "pip install torch==2.13.0 (CPU) or a CUDA build, then pip install 'ditrt[export]'") from None
+
+
+def _int_list(value: str | None, what: str) -> list[int]:
+    if value is None or value == "":
+        return []
+    try:
+        return [int(v) for v in value.split(",") if v.strip() != ""]
+    except ValueError:
+        raise InputError(f"{what} must be comma-separated integers, got {value!r}") from None
+
+
+def _input_errors():
+    """Map the project's input errors to exit code 2 with their message."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def guard():
+        try:
+            yield
+        except (runtime.ArtifactError, runtime.ScheduleError, ValueError, FileNotFoundError) as e:
+            raise InputError(str(e)) from None
+    return guard()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(runtime.__version__, prog_name="ditrt")
+def main() -> None:
+    """ditrt: DiT to ONNX and TensorRT, with a torch-free CFG sampling runtime.
+
+    Typical flow: `ditrt export` -> `ditrt build` (TensorRT, optional) -> `ditrt sample` / `ditrt parity`.
+    """
+
+
+# ---- inspect ------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--num-heads", type=int, help="Attention heads, when no named config matches depth x hidden.")
+@click.option("--input-size", type=int, help="Latent side, when the checkpoint has no pos_embed.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def inspect(checkpoint: Path, num_heads: int | None, input_size: int | None, as_json: bool) -> None:
+    """Show a checkpoint's format, inferred config, parameters and GMACs per forward."""
+    _require_torch("inspect")
+    from exporter.checkpoints import CheckpointError, describe, load_checkpoint
+    from exporter.model import count_parameters, get_2d_sincos_pos_embed, macs_per_forward
+    overrides = {k: v for k, v in (("num_heads", num_heads), ("input_size", input_size)) if v is not None}
+    try:
+        ckpt = load_checkpoint(checkpoint, **overrides)
+    except CheckpointError as e:
+        raise InputError(str(e)) from None
+    cfg = ckpt.config
+    params = sum(t.numel() for t in ckpt.state_dict.values())
+    grid = cfg.input_size // cfg.patch_size
+    pos = ckpt.state_dict["pos_embed"].double().numpy()[0]
+    pos_dev = float(abs(pos - get_2d_sincos_pos_embed(cfg.hidden_size, grid)).max())
+    info = {"path": str(checkpoint), "format": ckpt.format, "sha256": ckpt.sha256,
+            "named_config": _named(cfg), "config": {**cfg.to_dict(), "out_channels": cfg.out_channels},
+            "image_size": cfg.input_size * 8, "parameters": params,
+            "gmacs_per_forward": round(macs_per_forward(cfg) / 1e9, 3),
+            "pos_embed_max_deviation_from_sincos": pos_dev, "notes": ckpt.notes}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{checkpoint}: {ckpt.format} DiT checkpoint ({info['named_config'] or 'custom config'})")
+    click.echo(f"  {describe(cfg)}, mlp_ratio {cfg.mlp_ratio}, out_channels {cfg.out_channels}")
+    click.echo(f"  image size {info['image_size']} px, parameters {params:,}, {info['gmacs_per_forward']} GMACs per forward per sample")
+    click.echo(f"  pos_embed: max deviation from the sin-cos formula {pos_dev:.3g}")
+    click.echo(f"  sha256 {ckpt.sha256}")
+    for note in ckpt.notes:
+        click.echo(f"  note: {note}")
+    click.echo("  problems: none (every key and shape matches the official layout)")
+
+
+def _named(cfg) -> str | None:
+    from dataclasses import replace
+    from exporter.model import DIT_CONFIGS
+    return next((name for name, c in DIT_CONFIGS.items()
+                 if replace(c, input_size=cfg.input_size, num_classes=cfg.num_classes, learn_sigma=cfg.learn_sigma) == cfg), None)
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
+@click.option("--example", is_flag=True, help="Use the embedded tiny DiT (the official golden weights) as the checkpoint.")
+@click.option("--config", "config_name", help="Named config (DiT-XL/2, DiT-S/4, ...) for --random-init.")
+@click.option("--random-init", is_flag=True, help="Random weights for --config (for trying things without a checkpoint).")
+@click.option("--image-size", type=int, help="Image side in pixels (latent = /8); only with --random-init.")
+@click.option("--num-classes", type=int, default=1000, show_default=True, help="Classes, only with --random-init.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-init.")
+@click.option("--num-heads", type=int, help="Override: attention heads (checkpoints of custom configs).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Artifact directory [engines/<name>].")
+@click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset (18..25).")
+@click.option("--precision", default="fp32,fp16", show_default=True, help="Graphs to write: fp32, fp16 or both.")
+@click.option("--fp32-blocks", default="", help="Block indices kept float32 in the fp16 graph, e.g. 0,27.")
+@click.option("--force", is_flag=True, help="Overwrite an existing artifact directory.")
+def export(checkpoint, example, config_name, random_init, image_size, num_classes, seed, num_heads, out_dir, opset,
+           precision, fp32_blocks, force) -> None:
+    """Export a checkpoint (or a random-init named config) to ONNX with a validated manifest."""
+    _require_torch("export")
+    from exporter.checkpoints import CheckpointError, load_checkpoint
+    from exporter.model import named_config
+    from exporter.onnx_export import ExportError, export_artifact, source_from_checkpoint, source_from_random_init
+
+    chosen = [bool(checkpoint), example, random_init]
+    if sum(chosen) != 1:
+        raise click.UsageError("give exactly one of CHECKPOINT, --example or --config NAME --random-init")
+    if random_init and not config_name:
+        raise click.UsageError("--random-init needs --config NAME (e.g. --config DiT-XL/2)")
+    if config_name and not random_init:
+        raise click.UsageError("--config only applies with --random-init (a checkpoint's config comes from its tensors)")
+    if image_size is not None and not random_init:
+        raise click.UsageError("--image-size only applies with --random-init (a checkpoint's latent size comes from its pos_embed)")
+    precisions = tuple(p.strip() for p in precision.split(",") if p.strip())
+    try:
+        if random_init:
+            cfg = named_config(config_name, image_size or 256, num_classes=num_classes)
+            source = source_from_random_init(cfg, seed, config_name if config_name.startswith("DiT-") else f"DiT-{config_name}")
+            default_name = f"{source.config_name.replace('/', '-')}-{cfg.input_size * 8}-random"
+        else:
+            path = EXAMPLE_CHECKPOINT if example else checkpoint
+            overrides = dict(EXAMPLE_OVERRIDES) if example else {}
+            if num_heads:
+                overrides["num_heads"] = num_heads
+            source = source_from_checkpoint(load_checkpoint(path, **overrides))
+            default_name = "example" if example else Path(path).stem
+        out_dir = out_dir or Path("engines") / default_name
+        export_artifact(source, out_dir, precisions, opset, force, tuple(_int_list(fp32_blocks, "--fp32-blocks")),
+                        log=lambda m: click.echo(m, err=True))
+    except (CheckpointError, ValueError) as e:
+        raise InputError(str(e)) from None
+    except ExportError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(str(out_dir))
+
+
+# ---- sample -------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--labels", required=True, help="Comma-separated class labels, one image each (e.g. 207,360).")
+@click.option("--steps", default="250", show_default=True, help="Steps: N, ddimN or section counts a,b,c.")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True)
+@click.option("--cfg-scale", type=float, default=4.0, show_default=True, help="Guidance scale; <= 1 runs no unconditional rows.")
+@click.option("--guidance", type=click.Choice(["official", "standard"]), default="official", show_default=True,
+              help="official: channels 0..2 (the released model's quirk); standard: all latent channels.")
+@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--backend", type=click.Choice(list(runtime.pipeline.BACKENDS)), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), help="Graph precision [fp16 on TensorRT, else fp32].")
+@click.option("--threads", type=int, help="ONNX Runtime CPU threads.")
+@click.option("--max-batch", type=int, help="Largest batch per backend call (bigger requests are chunked).")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("latents.npy"), show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, seed, backend, precision, threads, max_batch,
+           out_path, progress) -> None:
+    """Run the CFG sampling loop on an artifact and save latents (N, C, H, W) as .npy."""
+    import numpy as np
+    label_list = _int_list(labels, "--labels")
+    with _input_errors():
+        pipe = runtime.load(artifact, backend=backend, precision=precision, threads=threads, max_batch=max_batch)
+        latents = pipe.sample(label_list, num_steps=steps, sampler=sampler, cfg_scale=cfg_scale, guidance=guidance,
+                              seed=seed, eta=eta, progress=progress)
+    save_npy_atomic(out_path, latents)
+    s = pipe.last_stats
+    click.echo(f"{len(label_list)} images x {s.steps} steps ({sampler}, cfg {cfg_scale} {guidance}) on {pipe.backend.name}: "
+               f"{s.total_s:.2f} s, {s.steps_per_s:.2f} steps/s, runtime overhead {100 * s.overhead_fraction:.2f}% "
+               f"-> {out_path} {tuple(latents.shape)} (decode with the VAE after dividing by "
+               f"{pipe.manifest.diffusion.vae_scale_factor})")
+
+
+def save_npy_atomic(path: Path, array) -> None:
+    import numpy as np
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
