@@ -84,6 +84,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], str, list[str]]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
+        if not detail:  # not a refusal: the bytes are no pickle at all
+            raise CheckpointError(f"unreadable checkpoint {path}: not a PyTorch or safetensors file, or truncated") from None
         raise CheckpointError(
             f"{path} holds objects other than tensors and an argparse.Namespace, which weights_only loading "
             f"refuses (ditrt never unpickles arbitrary code). {detail}".strip()) from None

@@ -1,0 +1,43 @@
+"""Shared fixtures: the official golden vectors and the tiny golden artifact (exported once)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+TINY_CHECKPOINT = ROOT / "exporter" / "data" / "dit_tiny_official.pt"
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict[str, np.ndarray]:
+    with np.load(GOLDEN_DIR / "official_vectors.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def golden_meta() -> dict:
+    return json.loads((GOLDEN_DIR / "official_vectors.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint():
+    from exporter.checkpoints import load_checkpoint
+    return load_checkpoint(TINY_CHECKPOINT, num_heads=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory, tiny_checkpoint) -> Path:
+    """The golden checkpoint exported to fp32 and fp16 ONNX (validated at export)."""
+    from exporter.onnx_export import export_artifact, source_from_checkpoint
+    out = tmp_path_factory.mktemp("artifacts") / "tiny"
+    export_artifact(source_from_checkpoint(tiny_checkpoint), out, log=lambda m: None)
+    return out
+
+
+def max_rel_err(actual: np.ndarray, reference: np.ndarray) -> float:
+    """Max abs error relative to the reference's largest magnitude (the project's parity metric)."""
+    return float(np.abs(np.asarray(actual, np.float64) - reference).max() / np.abs(reference).max())
