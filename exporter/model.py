@@ -110,9 +110,10 @@ class TimestepEmbedder(nn.Module):
         self.register_buffer("freqs", timestep_frequencies(frequency_embedding_size // 2), persistent=False)
 
     def _apply(self, fn, recurse=True):
-        # Keep `freqs` float32 whatever `.half()` / `.to(dtype)` does to the rest of the module.
+        # `.half()` / `.to(dtype)` would round `freqs` through the new dtype: recompute them in
+        # float32 on whatever device the module moved to (casting back would keep the rounding).
         super()._apply(fn, recurse)
-        self.freqs = self.freqs.float()
+        self.freqs = timestep_frequencies(self.freqs.shape[0]).to(self.freqs.device)
         return self
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -250,15 +251,18 @@ class DiT(nn.Module):
 
 
 def random_init(model: DiT, seed: int = 0) -> DiT:
-    """Non-trivial random weights (the official adaLN-Zero init makes every output zero, which hides
-    numerical errors): Gaussian weights scaled by 1/sqrt(fan_in), pos_embed kept."""
+    """Random weights with realistic statistics and non-trivial outputs. The official init zeroes
+    adaLN and the final layer, which makes every output zero and hides numerical errors; here
+    linears get Xavier-normal weights, adaLN / final layers and biases small ones (std 0.02)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name == "pos_embed":
                 continue
-            fan_in = param[0].numel() if param.dim() > 1 else param.shape[0]
-            std = 0.02 if param.dim() == 1 or "embedding_table" in name else fan_in ** -0.5
+            if param.dim() == 1 or "embedding_table" in name or "adaLN" in name or "final_layer.linear" in name:
+                std = 0.02
+            else:
+                std = (2.0 / (param.shape[0] + param[0].numel())) ** 0.5
             param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
     return model.eval()
 

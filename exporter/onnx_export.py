@@ -37,7 +37,7 @@ EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to a .data file beside t
 # Bounds on max |onnx - torch fp32| / max |torch fp32| at export time.
 # fp32: same math, different kernels: ~3e-7 measured. fp16: ~11-bit mantissa through every block;
 # measured 3.3e-3 on the golden tiny model (large random weights) and below that on DiT-XL/2.
-MAX_REL_ERR = {"fp32": 1e-5, "fp16": 1e-2}
+MAX_REL_ERR = {"fp32": 1e-5, "fp16": 5e-3}
 VAE_SCALE_FACTOR = 0.18215
 
 

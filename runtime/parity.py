@@ -1,7 +1,32 @@
-"""Numerical comparison of outputs against a reference: the metrics ditrt reports everywhere."""
+"""Numerical parity: metrics, the deterministic check set, golden files and reports. No torch.
+
+A golden file (.npz) holds the inputs, the injected noise and the reference outputs of every
+check, so comparing a backend against it needs only the runtime.
+"""
 from __future__ import annotations
 
+import json
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
 import numpy as np
+
+from .backends import Backend, run_batched
+from .manifest import ModelSpec
+from .noise import SeededNoise
+from .schedule import respaced_schedule
+
+GOLDEN_FORMAT = "ditrt.golden/1"
+# Default bounds on max |actual - reference| / max |reference|, by graph precision and check kind.
+# fp32: ~3e-7 per forward and ~4e-7 over 10-step loops measured; loops amplify differences up to
+#   ~100x (golden README), hence 1e-4 for loops.
+# fp16: ~3e-3 per forward measured on the golden tiny model (large random weights), ~1e-3 over its
+#   10-step loops (errors partly average out); 2e-2 leaves room for other models and 25+ steps.
+DEFAULT_MAX_REL_ERR = {"fp32": {"forward": 1e-5, "loop": 1e-4}, "fp16": {"forward": 2e-2, "loop": 2e-2}}
+BACKEND_PRECISION = {"ort-fp32": "fp32", "ort-fp16": "fp16", "trt": "fp16", "torch-fp32": "fp32"}
 
 
 def compare(actual: np.ndarray, reference: np.ndarray) -> dict:
@@ -11,20 +36,255 @@ def compare(actual: np.ndarray, reference: np.ndarray) -> dict:
     reference = np.asarray(reference, dtype=np.float64)
     if actual.shape != reference.shape:
         raise ValueError(f"shape {actual.shape} does not match the reference's {reference.shape}")
-    diff = np.abs(actual - reference)
-    if not np.all(np.isfinite(actual)):
-        worst = np.unravel_index(np.argmax(~np.isfinite(actual)), actual.shape)
-        return {"max_abs_err": float("inf"), "max_rel_err": float("inf"), "cosine": float("nan"),
-                "worst_index": [int(i) for i in worst], "worst_actual": float(actual[worst]),
-                "worst_reference": float(reference[worst])}
+    finite = np.isfinite(actual)
+    diff = np.where(finite, np.abs(actual - reference), np.inf)
     worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
     scale = float(np.abs(reference).max())
-    norms = float(np.linalg.norm(actual) * np.linalg.norm(reference))
+    norms = float(np.linalg.norm(actual) * np.linalg.norm(reference)) if finite.all() else float("nan")
     return {
         "max_abs_err": float(diff[worst]),
         "max_rel_err": float(diff[worst] / scale) if scale else float(diff[worst]),
-        "cosine": float(np.vdot(actual, reference) / norms) if norms else 1.0,
+        "cosine": float(np.vdot(actual, reference) / norms) if norms else (1.0 if finite.all() else float("nan")),
         "worst_index": [int(i) for i in worst],
         "worst_actual": float(actual[worst]),
         "worst_reference": float(reference[worst]),
     }
+
+
+# ---- the check set ---------------------------------------------------------------------------------
+
+@dataclass
+class ForwardCase:
+    name: str
+    latent: np.ndarray
+    timestep: np.ndarray
+    class_label: np.ndarray
+
+
+@dataclass
+class LoopCase:
+    name: str
+    sampler: str
+    steps: str
+    labels: np.ndarray
+    initial: np.ndarray
+    step_noise: np.ndarray
+    cfg_scale: float = 4.0
+    guidance: str = "official"
+
+
+def forward_cases(model: ModelSpec, batches: list[int], seed: int = 0) -> list[ForwardCase]:
+    """One case per batch size: timesteps from 0 to 999 (fractional in between), real labels on
+    even rows and the null class on odd rows."""
+    rng = np.random.default_rng([seed, 1])
+    C, S, K = model.in_channels, model.input_size, model.num_classes
+    cases = []
+    for b in batches:
+        t = np.linspace(0.0, 999.0, b) if b > 1 else np.array([999.0])
+        t[1:-1] += 0.5  # fractional timesteps are part of the interface
+        labels = np.array([K if i % 2 else (37 * i) % K for i in range(b)], dtype=np.int64)
+        cases.append(ForwardCase(f"forward batch {b}", rng.standard_normal((b, C, S, S), dtype=np.float32),
+                                 t.astype(np.float32), labels))
+    return cases
+
+
+def loop_cases(model: ModelSpec, steps: int, seed: int = 0, num_images: int = 2) -> list[LoopCase]:
+    """DDPM over `steps` and DDIM over `ddim{steps}`, official guidance at scale 4, injected noise."""
+    K, shape = model.num_classes, (model.in_channels, model.input_size, model.input_size)
+    labels = np.array([(1 + 7 * i) % K for i in range(num_images)], dtype=np.int64)
+    cases = []
+    for sampler, spec in (("ddpm", str(steps)), ("ddim", f"ddim{steps}")):
+        noise = SeededNoise(seed, num_images, shape)
+        k = len(respaced_schedule(spec))
+        initial = noise.initial()
+        cases.append(LoopCase(f"loop {sampler} {spec}", sampler, spec, labels, initial,
+                              np.stack([noise.step(i) for i in range(k)])))
+    return cases
+
+
+def run_forward(backend: Backend, case: ForwardCase) -> np.ndarray:
+    return run_batched(backend, case.latent, case.timestep, case.class_label)
+
+
+def run_loop(pipeline, case: LoopCase) -> np.ndarray:
+    return pipeline.sample(case.labels, num_steps=case.steps, sampler=case.sampler, cfg_scale=case.cfg_scale,
+                           guidance=case.guidance, noise=(case.initial, case.step_noise), progress=False)
+
+
+# ---- golden files ----------------------------------------------------------------------------------
+
+@dataclass
+class Golden:
+    forward: list[tuple[ForwardCase, np.ndarray]]
+    loops: list[tuple[LoopCase, np.ndarray]]
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        import os
+        import tempfile
+        arrays: dict[str, np.ndarray] = {}
+        meta = {**self.meta, "format": GOLDEN_FORMAT, "forward": [], "loops": []}
+        for i, (case, out) in enumerate(self.forward):
+            meta["forward"].append(case.name)
+            arrays.update({f"forward{i}_latent": case.latent, f"forward{i}_timestep": case.timestep,
+                           f"forward{i}_class_label": case.class_label, f"forward{i}_output": out})
+        for i, (case, out) in enumerate(self.loops):
+            meta["loops"].append({"name": case.name, "sampler": case.sampler, "steps": case.steps,
+                                  "cfg_scale": case.cfg_scale, "guidance": case.guidance})
+            arrays.update({f"loop{i}_labels": case.labels, f"loop{i}_initial": case.initial,
+                           f"loop{i}_step_noise": case.step_noise, f"loop{i}_output": out})
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Golden":
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"golden file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+            meta = json.loads(str(data["meta"]))
+        except Exception as e:
+            raise ValueError(f"unreadable golden file {path}: {e}") from None
+        if meta.get("format") != GOLDEN_FORMAT:
+            raise ValueError(f"{path} is not a ditrt golden file (format {meta.get('format')!r}); "
+                             "make one with `ditrt parity ARTIFACT --save-golden PATH`")
+        forward = [(ForwardCase(name, data[f"forward{i}_latent"], data[f"forward{i}_timestep"],
+                                data[f"forward{i}_class_label"]), data[f"forward{i}_output"])
+                   for i, name in enumerate(meta["forward"])]
+        loops = [(LoopCase(m["name"], m["sampler"], m["steps"], data[f"loop{i}_labels"], data[f"loop{i}_initial"],
+                           data[f"loop{i}_step_noise"], m["cfg_scale"], m["guidance"]), data[f"loop{i}_output"])
+                 for i, m in enumerate(meta["loops"])]
+        return cls(forward, loops, {k: v for k, v in meta.items() if k not in ("forward", "loops")})
+
+    def check_matches(self, model: ModelSpec) -> None:
+        want = {"in_channels": model.in_channels, "input_size": model.input_size, "out_channels": model.out_channels,
+                "num_classes": model.num_classes}
+        have = self.meta.get("model", {})
+        differs = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        if differs:
+            raise ValueError("the golden file was made for another model: " +
+                             ", ".join(f"{k} {a} (golden) vs {b} (artifact)" for k, (a, b) in differs.items()))
+
+
+def make_golden(forward_backend: Backend, pipeline, model: ModelSpec, batches: list[int], steps: int,
+                meta: dict, log: Callable[[str], None] = lambda m: None) -> Golden:
+    """Run the reference once over the check set."""
+    forward = []
+    for case in forward_cases(model, batches):
+        log(f"reference: {case.name}")
+        forward.append((case, run_forward(forward_backend, case)))
+    loops = []
+    for case in loop_cases(model, steps):
+        log(f"reference: {case.name}")
+        loops.append((case, run_loop(pipeline, case)))
+    model_meta = {k: getattr(model, k) for k in ("in_channels", "input_size", "out_channels", "num_classes")}
+    return Golden(forward, loops, {**meta, "model": model_meta, "batches": batches, "steps": steps})
+
+
+# ---- checking and reports ----------------------------------------------------------------------------
+
+@dataclass
+class Threshold:
+    max_rel_err: float | None = None  # max error relative to the reference's largest magnitude
+    atol: float | None = None  # or an allclose test: |a - r| <= atol + rtol |r| everywhere
+    rtol: float | None = None
+
+    def passes(self, actual: np.ndarray, reference: np.ndarray, metrics: dict) -> bool:
+        if not np.all(np.isfinite(actual)):
+            return False
+        if self.atol is not None or self.rtol is not None:
+            return bool(np.allclose(actual, reference, rtol=self.rtol or 0.0, atol=self.atol or 0.0))
+        return metrics["max_rel_err"] <= self.max_rel_err
+
+    def describe(self) -> str:
+        if self.atol is not None or self.rtol is not None:
+            return f"atol {self.atol or 0:g} + rtol {self.rtol or 0:g}"
+        return f"max rel err <= {self.max_rel_err:g}"
+
+
+@dataclass
+class CheckResult:
+    backend: str
+    check: str
+    output: str
+    passed: bool
+    threshold: str
+    metrics: dict
+    seconds: float
+    error: str | None = None
+
+
+def check_backend(name: str, backend: Backend, pipeline, golden: Golden,
+                  thresholds: dict[str, Threshold]) -> list[CheckResult]:
+    """Every forward and loop check of the golden file on one backend. `thresholds` by kind."""
+    results = []
+    checks = [("forward", case, ref, lambda c=case: run_forward(backend, c)) for case, ref in golden.forward]
+    checks += [("loop", case, ref, lambda c=case: run_loop(pipeline, c)) for case, ref in golden.loops]
+    for kind, case, ref, run in checks:
+        output = "model_output" if kind == "forward" else "latents"
+        start = time.perf_counter()
+        try:
+            actual = run()
+        except Exception as e:  # a backend that crashes fails its check; the report still completes
+            results.append(CheckResult(name, case.name, output, False, thresholds[kind].describe(), {},
+                                       time.perf_counter() - start, f"{type(e).__name__}: {e}"))
+            continue
+        metrics = compare(actual, ref)
+        results.append(CheckResult(name, case.name, output, thresholds[kind].passes(actual, ref, metrics),
+                                   thresholds[kind].describe(), metrics, time.perf_counter() - start))
+    return results
+
+
+def format_table(results: list[CheckResult]) -> str:
+    header = ("backend", "check", "output", "max_abs_err", "max_rel_err", "cosine", "worst element", "bound", "result")
+    rows = [header]
+    for r in results:
+        m = r.metrics
+        worst = (f"{r.output}[{','.join(map(str, m['worst_index']))}] {m['worst_actual']:.6g} vs {m['worst_reference']:.6g}"
+                 if m else r.error or "")
+        rows.append((r.backend, r.check, r.output, f"{m['max_abs_err']:.3e}" if m else "-",
+                     f"{m['max_rel_err']:.3e}" if m else "-", f"{m['cosine']:.8f}" if m else "-", worst,
+                     r.threshold, "PASS" if r.passed else "FAIL"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def write_json(results: list[CheckResult], path: str | Path, meta: dict) -> None:
+    from .manifest import write_json_atomic
+    write_json_atomic(Path(path), {"passed": all(r.passed for r in results), **meta,
+                                   "checks": [asdict(r) for r in results]})
+
+
+def write_junit(results: list[CheckResult], path: str | Path) -> None:
+    """JUnit XML: one testsuite per backend, one testcase per check."""
+    root = ET.Element("testsuites", name="ditrt.parity", tests=str(len(results)),
+                      failures=str(sum(not r.passed for r in results)))
+    for backend in dict.fromkeys(r.backend for r in results):
+        mine = [r for r in results if r.backend == backend]
+        suite = ET.SubElement(root, "testsuite", name=f"ditrt.parity.{backend}", tests=str(len(mine)),
+                              failures=str(sum(not r.passed for r in mine)),
+                              time=f"{sum(r.seconds for r in mine):.3f}")
+        for r in mine:
+            case = ET.SubElement(suite, "testcase", classname=f"ditrt.parity.{backend}", name=r.check,
+                                 time=f"{r.seconds:.3f}")
+            detail = json.dumps(r.metrics) if r.metrics else (r.error or "")
+            if not r.passed:
+                message = (f"{r.output}: max rel err {r.metrics['max_rel_err']:.3e} at {r.metrics['worst_index']} "
+                           f"({r.threshold})" if r.metrics else f"{r.output}: {r.error}")
+                ET.SubElement(case, "failure", message=message).text = detail
+            else:
+                ET.SubElement(case, "system-out").text = detail
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)

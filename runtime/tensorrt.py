@@ -1,0 +1,403 @@
+"""The TensorRT backend: fp16 plans built by `ditrt build`, run with static device buffers,
+`execute_async_v3` on the backend's own stream and a CUDA graph per static batch size.
+
+tensorrt and cuda-python (its CUDA runtime bindings) are imported inside the functions that use
+them: `import runtime` and every CPU path work without them. The pure rules (profile, plan names,
+which plan may run here) live in runtime/trt_plan.py.
+
+TensorRT objects are held in names the API check in tests/test_trt_logic.py knows: `engine`,
+`context`, `trt_runtime`, `trt_logger` (with or without a leading underscore or `self.`).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends import INPUT_NAMES, OUTPUT_NAME
+from .manifest import ArtifactError, Manifest
+from .trt_plan import (BuildFlags, EngineProfile, TensorRTUnavailable, build_command, chunk_plan, choose_engine,
+                       null_engine_message, no_engine_message, read_entry, sm_name)
+
+log = logging.getLogger("ditrt.tensorrt")
+MAX_CACHED_BATCHES = 4  # static batch sizes kept (buffers + CUDA graph); a sampling run uses 1 or 2
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError) as e:  # OSError: bindings present, libnvinfer missing
+        raise TensorRTUnavailable(f"TensorRT is not installed (import tensorrt: {e})") from None
+    return trt
+
+
+def import_cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.8 (the cuda-bindings package)
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError as e:
+            raise TensorRTUnavailable(f"cuda-python is not installed (import cuda.bindings.runtime: {e})") from None
+    return cudart
+
+
+class CudaError(RuntimeError):
+    pass
+
+
+class _Cuda:
+    """cuda-python's runtime calls return (error, *values): this raises on error instead."""
+
+    def __init__(self):
+        self.rt = import_cudart()
+
+    def __call__(self, function: str, *args):
+        error, *values = getattr(self.rt, function)(*args)
+        if int(error) != 0:
+            raise CudaError(f"{function} failed: {self.error_name(error)}")
+        return values[0] if len(values) == 1 else tuple(values) or None
+
+    def error_name(self, error) -> str:
+        name = self.rt.cudaGetErrorName(error)[1]
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    compute_capability: tuple[int, int]
+    driver_version: str | None  # the NVIDIA driver, e.g. "580.65.06" (Linux: /proc/driver/nvidia/version)
+    cuda_driver_version: str  # newest CUDA the driver supports, e.g. "13.0"
+    cuda_runtime_version: str  # the CUDA runtime cuda-python links, e.g. "13.0"
+
+    @property
+    def sm(self) -> str:
+        return sm_name(self.compute_capability)
+
+
+def gpu_info() -> GpuInfo:
+    """The current CUDA device; TensorRTUnavailable when cuda-python or a usable GPU is missing."""
+    cuda = _Cuda()
+    try:
+        count = cuda("cudaGetDeviceCount")
+    except CudaError as e:
+        raise TensorRTUnavailable(f"no usable NVIDIA GPU ({e})") from None
+    if not count:
+        raise TensorRTUnavailable("no NVIDIA GPU found")
+    prop = cuda("cudaGetDeviceProperties", cuda("cudaGetDevice"))
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    return GpuInfo(name.rstrip("\0").strip(), (int(prop.major), int(prop.minor)), _nvidia_driver_version(),
+                   _cuda_version(cuda("cudaDriverGetVersion")), _cuda_version(cuda("cudaRuntimeGetVersion")))
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"  # CUDA encodes 13.0 as 13000
+
+
+def _nvidia_driver_version() -> str | None:
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return None
+    words = text.split()
+    # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.65.06  <date>"
+    return next((w for w in words if w[:1].isdigit() and w.count(".") >= 1), None)
+
+
+@dataclass(frozen=True)
+class Environment:
+    trt_version: str
+    gpu: GpuInfo
+
+
+def environment() -> Environment:
+    """TensorRT's version and the GPU; TensorRTUnavailable (with the install hint) otherwise."""
+    trt = import_tensorrt()
+    return Environment(trt.__version__, gpu_info())
+
+
+def _choose(manifest: Manifest, env: Environment) -> tuple[dict | None, list[str]]:
+    graphs = manifest.data.get("graphs", {})
+    return choose_engine(manifest.engines, env.trt_version, env.gpu.compute_capability, env.gpu.name,
+                         exists=lambda f: (manifest.directory / f).is_file(), artifact=str(manifest.directory),
+                         graph_sha256=graphs.get("fp16", {}).get("sha256"))
+
+
+def compatible_engine(manifest: Manifest) -> dict | None:
+    """The manifest's best plan entry for this GPU and TensorRT whose file exists, else None.
+    Never raises: backend="auto" uses it to fall back to ONNX Runtime."""
+    try:
+        return _choose(manifest, environment())[0]
+    except Exception as e:  # no TensorRT, no GPU, a malformed entry: all mean "not TensorRT"
+        log.debug("no TensorRT engine for %s: %s", manifest.directory, e)
+        return None
+
+
+def _capturing_logger(trt):
+    """A trt.ILogger that keeps errors (a null engine comes with no other explanation) and passes
+    everything to Python logging."""
+
+    class CapturingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
+                self.errors.append(msg)
+                log.error("TensorRT: %s", msg)
+            elif severity == trt.ILogger.Severity.WARNING:
+                log.warning("TensorRT: %s", msg)
+            else:
+                log.debug("TensorRT: %s", msg)
+
+    return CapturingLogger()
+
+
+@dataclass
+class _Slot:
+    """One static batch size: its execution context, pinned host and device buffers, and CUDA graph."""
+    rows: int
+    context: Any
+    host: dict[str, np.ndarray] = field(default_factory=dict)
+    host_ptr: dict[str, int] = field(default_factory=dict)
+    device_ptr: dict[str, int] = field(default_factory=dict)
+    graph: Any = None
+    graph_exec: Any = None
+    runs: int = 0
+
+
+class TensorRTBackend:
+    """The runtime's backend protocol (numpy in, float32 numpy out) over a TensorRT plan."""
+
+    def __init__(self, plan: str | Path, entry: dict | None = None, max_batch: int | None = None,
+                 cuda_graphs: bool = True, artifact: str | None = None):
+        plan = Path(plan)
+        view = read_entry(entry) if entry else None
+        self.rebuild_hint = (build_command(artifact or str(plan.parent), view.profile, view.flags) if view
+                             else f"ditrt build {artifact or plan.parent}")
+        trt = self._trt = import_tensorrt()
+        self._cuda = _Cuda()
+        self.gpu = gpu_info()  # before trt.Runtime: a Runtime made without a usable driver crashes on first use
+        try:
+            data = plan.read_bytes()
+        except OSError as e:
+            raise ArtifactError(f"cannot read TensorRT plan {plan}: {e}; rebuild it with: {self.rebuild_hint}") from None
+        if entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise ArtifactError(f"{plan} does not match its sha256 in the manifest (corrupt or replaced); "
+                                f"rebuild it with: {self.rebuild_hint}")
+        self._trt_logger = _capturing_logger(trt)
+        self._trt_runtime = trt.Runtime(self._trt_logger)
+        if self._trt_logger.errors:
+            raise TensorRTUnavailable("TensorRT cannot start on this GPU: " + "; ".join(self._trt_logger.errors))
+        if view and view.flags.version_compatible:
+            # The plan embeds TensorRT's lean runtime (host code); we built it, so we trust it.
+            self._trt_runtime.engine_host_code_allowed = True
+        self._engine = self._trt_runtime.deserialize_cuda_engine(data)
+        del data
+        if self._engine is None:
+            raise ArtifactError(null_engine_message(str(plan), self._trt_logger.errors, self.rebuild_hint))
+        self._dtypes, self._dims = self._read_io(plan)
+        bounds = self._engine.get_tensor_profile_shape(INPUT_NAMES[0], 0)  # [min, opt, max] of profile 0
+        self.profile = EngineProfile(int(bounds[0][0]), int(bounds[1][0]), int(bounds[2][0]))
+        self.max_batch = self._max_batch(max_batch)
+        self.cuda_graphs = cuda_graphs
+        self.graph_failures: dict[int, str] = {}  # batch rows -> why capture failed (those run without a graph)
+        self.plan, self.entry = plan, entry
+        self.name = "tensorrt-fp16"
+        self._lock = threading.Lock()
+        self._slots: OrderedDict[int, _Slot] = OrderedDict()
+        self._stream = self._cuda("cudaStreamCreateWithFlags", self._cuda.rt.cudaStreamNonBlocking)
+        # One scratch allocation shared by the per-batch contexts: calls are serialised on one stream.
+        self._scratch_bytes = max(int(self._engine.device_memory_size_v2), 256)
+        self._scratch = self._cuda("cudaMalloc", self._scratch_bytes)
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, max_batch: int | None = None, **kwargs) -> "TensorRTBackend":
+        env = environment()
+        entry, reasons = _choose(manifest, env)
+        if entry is None:
+            default = build_command(str(manifest.directory), EngineProfile(), BuildFlags())
+            raise ArtifactError(no_engine_message(str(manifest.directory), manifest.engines, reasons, env.trt_version,
+                                                  env.gpu.compute_capability, env.gpu.name, default))
+        return cls(manifest.directory / entry["file"], entry, max_batch=max_batch, artifact=str(manifest.directory),
+                   **kwargs)
+
+    # ---- set-up -----------------------------------------------------------------------------------
+
+    def _read_io(self, plan: Path) -> tuple[dict[str, np.dtype], dict[str, tuple[int, ...]]]:
+        trt, engine = self._trt, self._engine
+        numpy_of = {trt.DataType.FLOAT: np.float32, trt.DataType.HALF: np.float16,
+                    trt.DataType.INT64: np.int64, trt.DataType.INT32: np.int32}
+        dtypes, dims, inputs = {}, {}, set()
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                inputs.add(name)
+            dtype = engine.get_tensor_dtype(name)
+            if dtype not in numpy_of:
+                raise ArtifactError(f"{plan}: tensor {name} has unsupported type {dtype}; rebuild it with: {self.rebuild_hint}")
+            dtypes[name] = np.dtype(numpy_of[dtype])
+            dims[name] = tuple(int(d) for d in engine.get_tensor_shape(name))[1:]  # batch axis first, dynamic
+        if inputs != set(INPUT_NAMES) or set(dtypes) != {*INPUT_NAMES, OUTPUT_NAME}:
+            raise ArtifactError(f"{plan} has inputs {sorted(inputs)} and tensors {sorted(dtypes)}; a ditrt denoiser "
+                                f"takes {list(INPUT_NAMES)} and returns {OUTPUT_NAME}: rebuild it with: {self.rebuild_hint}")
+        return dtypes, dims
+
+    def _max_batch(self, requested: int | None) -> int:
+        if requested is None:
+            return self.profile.max_rows
+        if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)) or requested < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {requested!r}")
+        if requested < self.profile.min_rows:
+            raise ValueError(f"max_batch {requested} is below the engine profile's minimum of {self.profile.min_rows} "
+                             f"rows; rebuild with a smaller --min-batch")
+        if requested > self.profile.max_rows:
+            log.info("max_batch %d capped to the engine profile's maximum %d rows", requested, self.profile.max_rows)
+        return min(int(requested), self.profile.max_rows)
+
+    def _slot(self, rows: int) -> _Slot:
+        slot = self._slots.get(rows)
+        if slot is not None:
+            self._slots.move_to_end(rows)
+            return slot
+        while len(self._slots) >= MAX_CACHED_BATCHES:
+            self._free_slot(self._slots.popitem(last=False)[1])
+        context = self._engine.create_execution_context(self._trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise RuntimeError("TensorRT could not create an execution context: " + "; ".join(self._trt_logger.errors))
+        slot = _Slot(rows, context)
+        self._slots[rows] = slot  # registered first so that close() frees a half-built slot
+        context.set_device_memory(self._scratch, self._scratch_bytes)
+        for name in INPUT_NAMES:
+            if not context.set_input_shape(name, (rows, *self._dims[name])):
+                raise RuntimeError(f"TensorRT rejected shape {(rows, *self._dims[name])} for {name}: "
+                                   + "; ".join(self._trt_logger.errors))
+        for name in (*INPUT_NAMES, OUTPUT_NAME):
+            shape = (rows, *self._dims[name]) if name != OUTPUT_NAME else tuple(context.get_tensor_shape(name))
+            nbytes = int(np.prod(shape)) * self._dtypes[name].itemsize
+            slot.host_ptr[name] = self._cuda("cudaMallocHost", nbytes)  # pinned: truly async copies
+            slot.device_ptr[name] = self._cuda("cudaMalloc", nbytes)
+            slot.host[name] = np.frombuffer((ctypes.c_char * nbytes).from_address(slot.host_ptr[name]),
+                                            dtype=self._dtypes[name]).reshape(shape)
+            if not context.set_tensor_address(name, slot.device_ptr[name]):
+                raise RuntimeError(f"TensorRT rejected the address of {name}: " + "; ".join(self._trt_logger.errors))
+        return slot
+
+    def _capture(self, slot: _Slot) -> None:
+        """Record the slot's execute_async_v3 into a CUDA graph. TensorRT needs one plain enqueue
+        after a shape change before capture: the slot's first run is that one."""
+        rt = self._cuda.rt
+        self._cuda("cudaStreamBeginCapture", self._stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
+        enqueued = False
+        try:
+            enqueued = slot.context.execute_async_v3(int(self._stream))
+        finally:
+            error, graph = rt.cudaStreamEndCapture(self._stream)  # always end capture, also after a failure
+        if not enqueued or int(error) != 0:
+            if graph is not None and int(error) == 0:
+                rt.cudaGraphDestroy(graph)
+            rt.cudaGetLastError()  # capture errors are not sticky: clear it
+            raise CudaError(f"capture failed ({self._cuda.error_name(error)}, enqueue ok: {enqueued})")
+        try:
+            slot.graph_exec = self._cuda("cudaGraphInstantiate", graph, 0)
+        except CudaError:
+            rt.cudaGraphDestroy(graph)
+            raise
+        slot.graph = graph
+
+    # ---- running ----------------------------------------------------------------------------------
+
+    def __call__(self, latent: np.ndarray, timestep: np.ndarray, class_label: np.ndarray) -> np.ndarray:
+        arrays = (latent, timestep, class_label)
+        n = len(latent)
+        for name, array in zip(INPUT_NAMES, arrays):
+            want = (n, *self._dims[name])
+            if np.shape(array) != want:
+                raise ValueError(f"{name} has shape {np.shape(array)}; this engine takes {want}")
+        with self._lock:
+            outs = [self._run([a[start:stop] for a in arrays], rows)
+                    for start, stop, rows in chunk_plan(n, self.max_batch, self.profile.min_rows)]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def _run(self, arrays: list[np.ndarray], rows: int) -> np.ndarray:
+        if self._engine is None:
+            raise RuntimeError("this TensorRT backend is closed")
+        slot, n = self._slot(rows), len(arrays[0])
+        h2d, d2h = self._cuda.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self._cuda.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for name, array in zip(INPUT_NAMES, arrays):
+            host = slot.host[name]
+            np.copyto(host[:n], array, casting="unsafe")  # e.g. float64 timesteps -> the engine's float32
+            host[n:] = host[0]  # padding rows up to the profile minimum: any valid row (labels stay in range)
+            self._cuda("cudaMemcpyAsync", slot.device_ptr[name], slot.host_ptr[name], host.nbytes, h2d, self._stream)
+        if slot.graph_exec is not None:
+            self._cuda("cudaGraphLaunch", slot.graph_exec, self._stream)
+        elif not slot.context.execute_async_v3(int(self._stream)):
+            raise RuntimeError("TensorRT execution failed: " + "; ".join(self._trt_logger.errors))
+        out = slot.host[OUTPUT_NAME]
+        self._cuda("cudaMemcpyAsync", slot.host_ptr[OUTPUT_NAME], slot.device_ptr[OUTPUT_NAME], out.nbytes, d2h, self._stream)
+        self._cuda("cudaStreamSynchronize", self._stream)
+        result = out[:n].astype(np.float32, copy=True)  # pinned buffers are reused: never hand them out
+        slot.runs += 1
+        if slot.runs == 1 and self.cuda_graphs:
+            try:
+                self._capture(slot)
+            except Exception as e:  # some engines are not capturable: run those without a graph
+                self.graph_failures[rows] = str(e)
+                log.warning("CUDA graph capture failed at %d rows (%s); running without a graph", rows, e)
+        return result
+
+    # ---- teardown ---------------------------------------------------------------------------------
+
+    def _free_slot(self, slot: _Slot) -> None:
+        rt = self._cuda.rt
+        if slot.graph_exec is not None:
+            rt.cudaGraphExecDestroy(slot.graph_exec)
+        if slot.graph is not None:
+            rt.cudaGraphDestroy(slot.graph)
+        slot.graph = slot.graph_exec = None
+        slot.context = None  # before its buffers: the context must not outlive them
+        for ptr in slot.host_ptr.values():
+            rt.cudaFreeHost(ptr)
+        for ptr in slot.device_ptr.values():
+            rt.cudaFree(ptr)
+        slot.host.clear(), slot.host_ptr.clear(), slot.device_ptr.clear()
+
+    def close(self) -> None:
+        """Free device memory now (also done when the backend is garbage-collected)."""
+        lock = getattr(self, "_lock", None)
+        if lock is None:  # __init__ failed before the buffers existed
+            return
+        with lock:
+            rt = self._cuda.rt
+            self._cuda("cudaStreamSynchronize", self._stream) if getattr(self, "_stream", None) is not None else None
+            while self._slots:
+                self._free_slot(self._slots.popitem()[1])
+            if getattr(self, "_scratch", None) is not None:
+                rt.cudaFree(self._scratch)
+                self._scratch = None
+            if getattr(self, "_stream", None) is not None:
+                rt.cudaStreamDestroy(self._stream)
+                self._stream = None
+            self._engine = None  # contexts, then the engine, then its runtime
+            self._trt_runtime = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: CUDA may already be gone
+            pass
+
+    def __enter__(self) -> "TensorRTBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
