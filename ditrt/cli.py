@@ -197,6 +197,150 @@ def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, seed, bac
                f"-> {out_path} {tuple(latents.shape)} (decode with the VAE after dividing by "
                f"{pipe.manifest.diffusion.vae_scale_factor})")
 
+# ---- parity -------------------------------------------------------------------------------------
+
+PARITY_BACKENDS = ("ort-fp32", "ort-fp16", "trt")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--against", help="'reference' (the PyTorch model, needs torch) or a golden .npz saved with --save-golden.")
+@click.option("--backends", default="ort-fp32,ort-fp16", show_default=True, help=f"Comma-separated: {', '.join(PARITY_BACKENDS)}.")
+@click.option("--steps", type=int, default=25, show_default=True, help="Steps of the DDPM (N) and DDIM (ddimN) loop checks.")
+@click.option("--batch", "batches", default="1,3,8", show_default=True, help="Batch sizes of the per-forward checks.")
+@click.option("--max-rel-err", "max_rel_errs", multiple=True,
+              help="Bound on max error relative to the reference's largest magnitude: X for every backend, or BACKEND=X. Repeatable.")
+@click.option("--atol", type=float, help="Use an allclose test |a - r| <= atol + rtol |r| instead of --max-rel-err.")
+@click.option("--rtol", type=float, help="See --atol.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write a JSON report.")
+@click.option("--junit", "junit_path", type=click.Path(path_type=Path), help="Write a JUnit XML report (one testcase per check).")
+@click.option("--save-golden", type=click.Path(path_type=Path), help="Run the PyTorch reference once and save inputs, noise and outputs.")
+@click.option("--activation-ranges", is_flag=True, help="Largest |activation| per block and branch, flagged near the fp16 range.")
+@click.option("--headroom", type=float, default=8.0, show_default=True, help="--activation-ranges flags branches above 65504 / headroom.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Weights for the PyTorch reference, if the manifest's source path is not here.")
+@click.option("--threads", type=int, help="ONNX Runtime CPU threads.")
+def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol, json_path, junit_path, save_golden,
+           activation_ranges, headroom, checkpoint, threads) -> None:
+    """Numerical parity of an artifact's backends against the PyTorch reference or a golden file.
+
+    Exit code 0: every check within bounds; 1: some check out of bounds; 2: usage or artifact error.
+    """
+    from runtime import parity as P
+    modes = [bool(against), bool(save_golden), activation_ranges]
+    if sum(modes) != 1:
+        raise click.UsageError("give exactly one of --against, --save-golden or --activation-ranges")
+    with _input_errors():
+        manifest = runtime.load_manifest(artifact)
+        batch_list = _int_list(batches, "--batch")
+        if not batch_list or min(batch_list) < 1:
+            raise InputError("--batch needs positive batch sizes")
+        if steps < 2:
+            raise InputError("--steps must be at least 2")
+        if activation_ranges:
+            return _activation_ranges(manifest, checkpoint, headroom, json_path)
+        if save_golden:
+            _require_torch("parity --save-golden")
+            from exporter.parity_reference import reference_golden
+            golden = reference_golden(manifest, batch_list, steps, checkpoint, log=lambda m: click.echo(m, err=True))
+            golden.save(save_golden)
+            click.echo(f"saved {len(golden.forward)} forward and {len(golden.loops)} loop references to {save_golden}")
+            return
+        if against == "reference":
+            _require_torch("parity --against reference")
+            from exporter.parity_reference import reference_golden
+            golden = reference_golden(manifest, batch_list, steps, checkpoint, log=lambda m: click.echo(m, err=True))
+        else:
+            golden = P.Golden.load(against)
+            golden.check_matches(manifest.model)
+        names = [b.strip() for b in backends.split(",") if b.strip()]
+        unknown = [b for b in names if b not in PARITY_BACKENDS]
+        if unknown or not names:
+            raise InputError(f"unknown backend(s) {unknown}; use {', '.join(PARITY_BACKENDS)}")
+        thresholds = _parity_thresholds(names, max_rel_errs, atol, rtol)
+        instances = {name: _parity_backend(manifest, name, threads) for name in names}
+    results = []
+    for name, backend in instances.items():
+        click.echo(f"checking {name} ({backend.name}) ...", err=True)
+        results += _integrity_checks(manifest, name)
+        results += P.check_backend(name, backend, runtime.Pipeline(backend, manifest), golden, thresholds[name])
+    click.echo(P.format_table(results))
+    failed = [r for r in results if not r.passed]
+    meta = {"artifact": str(artifact), "against": against, "golden": golden.meta, "backends": names}
+    if json_path:
+        P.write_json(results, json_path, meta)
+    if junit_path:
+        P.write_junit(results, junit_path)
+    click.echo(f"parity: {len(results) - len(failed)}/{len(results)} checks passed" +
+               (f"; FAILED: {', '.join(f'{r.backend} {r.check}' for r in failed)}" if failed else ""))
+    sys.exit(1 if failed else 0)
+
+
+def _parity_thresholds(names, max_rel_errs, atol, rtol) -> dict:
+    from runtime.parity import BACKEND_PRECISION, DEFAULT_MAX_REL_ERR, Threshold
+    overrides: dict[str, float] = {}
+    for item in max_rel_errs:
+        key, _, value = item.rpartition("=")
+        try:
+            bound = float(value)
+        except ValueError:
+            raise InputError(f"--max-rel-err takes X or BACKEND=X, got {item!r}") from None
+        for name in (names if not key else [key]):
+            if name not in names:
+                raise InputError(f"--max-rel-err names backend {name!r}, which is not in --backends")
+            overrides[name] = bound
+    table = {}
+    for name in names:
+        defaults = DEFAULT_MAX_REL_ERR[BACKEND_PRECISION[name]]
+        table[name] = {kind: (Threshold(atol=atol, rtol=rtol) if atol is not None or rtol is not None
+                              else Threshold(max_rel_err=overrides.get(name, bound)))
+                       for kind, bound in defaults.items()}
+    return table
+
+
+def _parity_backend(manifest, name: str, threads):
+    from runtime.backends import OnnxRuntimeBackend, onnxruntime_device
+    if name == "trt":
+        try:
+            from runtime.tensorrt import TensorRTBackend
+            return TensorRTBackend.from_manifest(manifest)
+        except (ImportError, RuntimeError) as e:
+            raise InputError(f"backend trt is not available here: {e}") from None
+    path = manifest.graph_path(name.split("-")[1])
+    if not path.is_file():
+        raise InputError(f"{path} is listed in the manifest but missing")
+    return OnnxRuntimeBackend(path, onnxruntime_device(), threads)
+
+
+def _integrity_checks(manifest, name: str) -> list:
+    """The graph files' sha256 against the manifest: a changed file is a failed check, and the
+    numeric checks still run so the report shows what the change does."""
+    from runtime.parity import CheckResult
+    if name == "trt":
+        return []
+    results = []
+    for file, digest in manifest.graph(name.split("-")[1])["sha256"].items():
+        actual = runtime.manifest.sha256_file(manifest.directory / file)
+        results.append(CheckResult(name, f"sha256 {file}", file, actual == digest, "equal to the manifest",
+                                   {}, 0.0, None if actual == digest else f"sha256 {actual[:16]}... differs from the manifest's {digest[:16]}..."))
+    return results
+
+
+def _activation_ranges(manifest, checkpoint, headroom, json_path) -> None:
+    _require_torch("parity --activation-ranges")
+    from exporter.parity_reference import activation_ranges, reference_model
+    k = manifest.model.num_classes
+    report = activation_ranges(reference_model(manifest, checkpoint), [0, 100, 250, 500, 750, 999],
+                               [0, k // 2, k - 1, k], headroom=headroom)
+    cols = ["block", *list(report["blocks"][0])[1:8], "status"]
+    click.echo("  ".join(f"{c:>9}" for c in cols))
+    for b in report["blocks"]:
+        click.echo("  ".join(f"{b[c]:>9.4g}" if isinstance(b[c], float) else f"{b[c]!s:>9}" for c in cols))
+    click.echo(f"flag above {report['flag_above']:.0f} (fp16 max {report['fp16_max']:.0f} / headroom {headroom:g}); "
+               f"flagged blocks: {report['flagged_blocks'] or 'none'}; {report['suggestion']}")
+    if json_path:
+        runtime.manifest.write_json_atomic(json_path, report)
+
+
 
 def save_npy_atomic(path: Path, array) -> None:
     import numpy as np
@@ -210,6 +354,52 @@ def save_npy_atomic(path: Path, array) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# ---- build --------------------------------------------------------------------------------------
+
+from runtime.trt_plan import HARDWARE_COMPAT as _HARDWARE_COMPAT  # noqa: E402  (pure: no TensorRT import)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--min-batch", type=int, default=1, show_default=True, help="Smallest engine batch, in engine rows.")
+@click.option("--opt-batch", type=int, default=16, show_default=True, help="Engine batch TensorRT tunes for, in rows.")
+@click.option("--max-batch", type=int, default=64, show_default=True,
+              help="Largest engine batch, in rows. With guidance each image is 2 rows: 64 = 32 guided images per "
+                   "call; the runtime chunks larger requests.")
+@click.option("--opt-level", type=int, default=3, show_default=True, help="Builder optimisation level, 0..5.")
+@click.option("--timing-cache", type=click.Path(path_type=Path),
+              help="Timing cache file, read and updated [ARTIFACT/timing.<sm>.trt<version>.cache].")
+@click.option("--hardware-compat", type=click.Choice(_HARDWARE_COMPAT), default="none", show_default=True,
+              help="none: this GPU model only; ampere+: any GPU of compute capability >= 8.0; same-cc: any GPU "
+                   "of this compute capability (portable plans may be slower).")
+@click.option("--version-compatible", is_flag=True,
+              help="The plan also runs on newer TensorRT releases of the same major (may be slower).")
+@click.option("--workspace", type=float, help="Builder workspace limit in GB [TensorRT's default].")
+def build(artifact, min_batch, opt_batch, max_batch, opt_level, timing_cache, hardware_compat, version_compatible,
+          workspace) -> None:
+    """Build an fp16 TensorRT plan from ARTIFACT's fp16 graph and record it in the manifest.
+
+    The network is strongly typed (TensorRT 11 has no fp16 flag: precision comes from the graph).
+    The plan is parity-checked against ONNX Runtime fp32 before it is recorded. Needs
+    pip install 'ditrt[trt]' and an NVIDIA GPU; torch is not needed.
+    """
+    import contextlib
+    from runtime.trt_plan import BuildFlags, EngineProfile, TensorRTUnavailable
+    from exporter.trt_build import BuildError, build_engine
+    with _input_errors():
+        profile = EngineProfile(min_batch, opt_batch, max_batch)
+        flags = BuildFlags(opt_level, hardware_compat, version_compatible, workspace,
+                           str(timing_cache) if timing_cache else None)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # Polygraphy logs to stdout: keep stdout for the plan's path
+            entry = build_engine(artifact, profile, flags, log=lambda m: click.echo(m, err=True))
+    except runtime.ArtifactError as e:
+        raise InputError(str(e)) from None
+    except (TensorRTUnavailable, BuildError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(str(Path(artifact) / entry["file"]))
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ from .schedule import respaced_schedule
 
 GOLDEN_FORMAT = "ditrt.golden/1"
 # Default bounds on max |actual - reference| / max |reference|, by graph precision and check kind.
-# fp32: ~3e-7 per forward and ~4e-7 over 10-step loops measured; loops amplify differences up to
+# fp32: ~3e-7 per forward and ~5e-7 over 25-step loops measured; loops can amplify differences up to
 #   ~100x (golden README), hence 1e-4 for loops.
-# fp16: ~3e-3 per forward measured on the golden tiny model (large random weights), ~1e-3 over its
-#   10-step loops (errors partly average out); 2e-2 leaves room for other models and 25+ steps.
-DEFAULT_MAX_REL_ERR = {"fp32": {"forward": 1e-5, "loop": 1e-4}, "fp16": {"forward": 2e-2, "loop": 2e-2}}
+# fp16: ~5e-4 per forward measured (golden tiny and DiT-XL/2), ~3e-4 over 25-step loops (errors
+#   partly average out); 5e-3 / 1e-2 leave a 10x margin and still catch real faults.
+DEFAULT_MAX_REL_ERR = {"fp32": {"forward": 1e-5, "loop": 1e-4}, "fp16": {"forward": 5e-3, "loop": 1e-2}}
 BACKEND_PRECISION = {"ort-fp32": "fp32", "ort-fp16": "fp16", "trt": "fp16", "torch-fp32": "fp32"}
 
 
@@ -81,7 +81,7 @@ def forward_cases(model: ModelSpec, batches: list[int], seed: int = 0) -> list[F
     cases = []
     for b in batches:
         t = np.linspace(0.0, 999.0, b) if b > 1 else np.array([999.0])
-        t[1:-1] += 0.5  # fractional timesteps are part of the interface
+        t[1:-1] += 0.25  # fractional timesteps are part of the interface
         labels = np.array([K if i % 2 else (37 * i) % K for i in range(b)], dtype=np.int64)
         cases.append(ForwardCase(f"forward batch {b}", rng.standard_normal((b, C, S, S), dtype=np.float32),
                                  t.astype(np.float32), labels))

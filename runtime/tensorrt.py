@@ -5,8 +5,9 @@ tensorrt and cuda-python (its CUDA runtime bindings) are imported inside the fun
 them: `import runtime` and every CPU path work without them. The pure rules (profile, plan names,
 which plan may run here) live in runtime/trt_plan.py.
 
-TensorRT objects are held in names the API check in tests/test_trt_logic.py knows: `engine`,
-`context`, `trt_runtime`, `trt_logger` (with or without a leading underscore or `self.`).
+TensorRT objects are held in names the API check in tests/test_trt_logic.py knows (`engine`,
+`context`, `trt_runtime`, optionally with a leading underscore, as a name or an attribute), and the
+module is always called `trt`: the check verifies every attribute used on them against TRT 11.4.
 """
 from __future__ import annotations
 
@@ -271,7 +272,8 @@ class TensorRTBackend:
             return slot
         while len(self._slots) >= MAX_CACHED_BATCHES:
             self._free_slot(self._slots.popitem(last=False)[1])
-        context = self._engine.create_execution_context(self._trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        trt = self._trt
+        context = self._engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if context is None:
             raise RuntimeError("TensorRT could not create an execution context: " + "; ".join(self._trt_logger.errors))
         slot = _Slot(rows, context)
@@ -297,12 +299,12 @@ class TensorRTBackend:
         after a shape change before capture: the slot's first run is that one."""
         rt = self._cuda.rt
         self._cuda("cudaStreamBeginCapture", self._stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
-        enqueued = False
         try:
             enqueued = slot.context.execute_async_v3(int(self._stream))
-        finally:
-            error, graph = rt.cudaStreamEndCapture(self._stream)  # always end capture, also after a failure
-        if not enqueued or int(error) != 0:
+        except Exception as e:
+            enqueued = f"False ({e})"
+        error, graph = rt.cudaStreamEndCapture(self._stream)  # always end capture, also after a failure
+        if enqueued is not True or int(error) != 0:
             if graph is not None and int(error) == 0:
                 rt.cudaGraphDestroy(graph)
             rt.cudaGetLastError()  # capture errors are not sticky: clear it
@@ -369,7 +371,9 @@ class TensorRTBackend:
             rt.cudaFreeHost(ptr)
         for ptr in slot.device_ptr.values():
             rt.cudaFree(ptr)
-        slot.host.clear(), slot.host_ptr.clear(), slot.device_ptr.clear()
+        slot.host.clear()
+        slot.host_ptr.clear()
+        slot.device_ptr.clear()
 
     def close(self) -> None:
         """Free device memory now (also done when the backend is garbage-collected)."""
@@ -378,7 +382,8 @@ class TensorRTBackend:
             return
         with lock:
             rt = self._cuda.rt
-            self._cuda("cudaStreamSynchronize", self._stream) if getattr(self, "_stream", None) is not None else None
+            if getattr(self, "_stream", None) is not None:
+                rt.cudaStreamSynchronize(self._stream)  # nothing may still be using the buffers
             while self._slots:
                 self._free_slot(self._slots.popitem()[1])
             if getattr(self, "_scratch", None) is not None:

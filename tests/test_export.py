@@ -51,10 +51,10 @@ def test_fp16_graph_computes_in_fp16_with_float32_sinusoid(tiny_artifact):
     assert types[sin.output[0]] == TensorProto.FLOAT  # the timestep sinusoid stays float32
 
 
-@pytest.mark.parametrize("precision,bound", [("fp32", 1e-5), ("fp16", 5e-3)])
+@pytest.mark.parametrize("precision,bound", [("fp32", 1e-5), ("fp16", 2e-3)])
 def test_graphs_reproduce_golden_forward(tiny_artifact, golden, precision, bound):
-    # fp16 bound: unit roundoff 4.9e-4 compounded through ~10 sequential matmul/norm stages of a model
-    # with large random weights; measured 3.3e-3.
+    # fp16 bound: fp16 unit roundoff is 4.9e-4 and the error barely grows through the two blocks:
+    # measured ~1e-3 against the official outputs (5e-4 against our own fp32 export).
     out = _run(load_manifest(tiny_artifact).graph_path(precision), golden["forward_x"], golden["forward_t"], golden["forward_y"])
     err = max_rel_err(out, golden["forward_out"])
     print(f"{precision} ONNX graph vs official forward: {err:.2e}")

@@ -49,7 +49,7 @@ def test_fp16_model_error_is_measured_and_small(tiny_checkpoint, golden):
     err = max_rel_err(_forward(model, golden["forward_x"], golden["forward_t"], golden["forward_y"]),
                       golden["forward_out"])
     print(f"fp16 model vs official fp32 forward: max rel err {err:.2e}")
-    assert err <= 1e-2
+    assert err <= 2e-3  # measured 9.9e-4; fp16 unit roundoff is 4.9e-4
 
 
 def test_fp32_blocks_stay_float32(tiny_checkpoint, golden):

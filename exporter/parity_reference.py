@@ -1,0 +1,99 @@
+"""The PyTorch side of `ditrt parity`: the reference model of an artifact, golden generation and
+per-block activation ranges (to decide which blocks an fp16 graph should keep float32)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from runtime.manifest import ArtifactError, Manifest
+from runtime.parity import Golden, make_golden
+from runtime.pipeline import Pipeline
+
+from .checkpoints import load_checkpoint
+from .model import DiT, DiTConfig, random_init
+from .torch_backend import TorchBackend
+
+FP16_MAX = 65504.0
+
+
+def reference_model(manifest: Manifest, checkpoint: str | Path | None = None) -> DiT:
+    """The fp32 PyTorch model the artifact was exported from: its source checkpoint (sha256
+    checked), `checkpoint` when given, or the same random init."""
+    config = DiTConfig(**{k: manifest.data["model"][k] for k in DiTConfig.__dataclass_fields__})
+    source = manifest.data["source"]
+    if checkpoint is None and source["kind"] == "random-init":
+        return random_init(DiT(config), source["seed"])
+    path = Path(checkpoint or source["path"])
+    if not path.is_file():
+        raise ArtifactError(f"the artifact's source checkpoint {path} is not on this machine; pass --checkpoint PATH "
+                            "(or compare against a golden file saved where it was)")
+    ckpt = load_checkpoint(path, num_heads=config.num_heads)
+    if checkpoint is None and ckpt.sha256 != source["sha256"]:
+        raise ArtifactError(f"{path} changed since the export (sha256 {ckpt.sha256[:12]}... vs {source['sha256'][:12]}... "
+                            "in the manifest); pass the right --checkpoint or re-export")
+    if ckpt.config != config:
+        raise ArtifactError(f"{path} is a different model than the artifact's ({ckpt.config} vs {config})")
+    return ckpt.build_model()
+
+
+def reference_golden(manifest: Manifest, batches: list[int], steps: int, checkpoint: str | Path | None = None,
+                     log: Callable[[str], None] = lambda m: None) -> Golden:
+    backend = TorchBackend(reference_model(manifest, checkpoint))
+    meta = {"reference": "PyTorch fp32 eager (exporter.model)", "torch": torch.__version__,
+            "artifact_source": manifest.data["source"]}
+    return make_golden(backend, Pipeline(backend, manifest), manifest.model, batches, steps, meta, log)
+
+
+BRANCHES = {  # name -> (module path inside a block, whether to record its input instead of its output)
+    "adaLN": ("adaLN_modulation", False),
+    "attn_in": ("attn", True),  # modulated LayerNorm output
+    "qkv": ("attn.qkv", False),
+    "attn_out": ("attn.proj", False),
+    "mlp_fc1": ("mlp.fc1", False),  # GELU input
+    "mlp_out": ("mlp.fc2", False),
+    "residual": ("", False),  # the block's output: the residual stream
+}
+
+
+def activation_ranges(model: DiT, timesteps: list[float], labels: list[int], seed: int = 0,
+                      headroom: float = 8.0) -> dict:
+    """Largest |activation| per block and branch over every (timestep, label) pair, run in fp32.
+    A block is flagged when a branch exceeds FP16_MAX / headroom (later ops such as
+    x * (1 + scale) can still grow it) and marked as overflowing above FP16_MAX."""
+    cfg = model.config
+    peaks = np.zeros((cfg.depth, len(BRANCHES)))
+    hooks = []
+    for b, block in enumerate(model.blocks):
+        for j, (module_path, use_input) in enumerate(BRANCHES.values()):
+            module = block.get_submodule(module_path) if module_path else block
+
+            def record(mod, inputs, output, b=b, j=j, use_input=use_input):
+                value = inputs[0] if use_input else output
+                peaks[b, j] = max(peaks[b, j], float(value.detach().abs().max()))
+            hooks.append(module.register_forward_hook(record))
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.tensor([float(v) for v in timesteps for _ in labels])
+    y = torch.tensor([int(v) for _ in timesteps for v in labels])
+    x = torch.randn(len(t), cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen)
+    try:
+        with torch.no_grad():
+            model.float()(x, t, y)
+    finally:
+        for h in hooks:
+            h.remove()
+    limit = FP16_MAX / headroom
+    blocks = []
+    for b in range(cfg.depth):
+        row = dict(zip(BRANCHES, peaks[b].tolist()))
+        worst = max(row, key=row.get)
+        status = "overflow" if row[worst] >= FP16_MAX else "near" if row[worst] >= limit else "ok"
+        blocks.append({"block": b, **row, "worst_branch": worst, "fraction_of_fp16_max": row[worst] / FP16_MAX,
+                       "status": status})
+    flagged = [b["block"] for b in blocks if b["status"] != "ok"]
+    return {"timesteps": list(timesteps), "labels": list(labels), "fp16_max": FP16_MAX, "headroom": headroom,
+            "flag_above": limit, "blocks": blocks, "flagged_blocks": flagged,
+            "suggestion": (f"ditrt export ... --fp32-blocks {','.join(map(str, flagged))}" if flagged
+                           else "every block stays well inside the fp16 range")}

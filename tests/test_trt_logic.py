@@ -1,0 +1,461 @@
+"""TensorRT support without TensorRT: the pure plan logic, Polygraphy's build configuration objects,
+a static check that the TensorRT code speaks TensorRT 11.4's Python API, and the CPU fallbacks."""
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+import runtime
+from runtime import trt_plan
+from runtime.manifest import ArtifactError, load_manifest
+from runtime.trt_plan import (BuildFlags, EngineProfile, TensorRTUnavailable, check_engine_compat, choose_engine,
+                              chunk_plan, engine_entry, plan_filename)
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+TRT_MODULES = [ROOT / "runtime" / "tensorrt.py", ROOT / "exporter" / "trt_build.py"]
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# ---- profile and plan names -----------------------------------------------------------------------
+
+def test_profile_defaults_and_image_mapping():
+    p = EngineProfile()
+    assert (p.min_rows, p.opt_rows, p.max_rows) == (1, 16, 64)
+    assert p.images_per_call(guided=True) == 32 and p.images_per_call(guided=False) == 64
+    assert trt_plan.rows_for_images(8, guided=True) == 16 and trt_plan.rows_for_images(8, guided=False) == 8
+    assert p.calls_per_step(32, guided=True) == 1 and p.calls_per_step(33, guided=True) == 2
+    assert EngineProfile.for_images(1, 8, 32, guided=True) == EngineProfile(2, 16, 64)
+    assert EngineProfile.from_dict(p.to_dict()) == p
+
+
+@pytest.mark.parametrize("bounds, message", [
+    ((0, 16, 64), "--min-batch must be a positive integer"),
+    ((1, 16, 2.5), "--max-batch must be a positive integer"),
+    ((1, True, 4), "--opt-batch must be a positive integer"),
+    ((8, 4, 64), "min <= opt <= max, got --min-batch 8 --opt-batch 4 --max-batch 64"),
+    ((1, 65, 64), "min <= opt <= max"),
+])
+def test_profile_validation(bounds, message):
+    with pytest.raises(ValueError, match=message):
+        EngineProfile(*bounds)
+
+
+def test_profile_shapes_for_polygraphy():
+    shapes = EngineProfile(2, 16, 64).shapes(in_channels=4, input_size=32)
+    assert shapes == {"latent": ((2, 4, 32, 32), (16, 4, 32, 32), (64, 4, 32, 32)),
+                      "timestep": ((2,), (16,), (64,)), "class_label": ((2,), (16,), (64,))}
+
+
+def test_chunk_plan_chunks_above_max_and_pads_below_min():
+    assert chunk_plan(16, 64) == [(0, 16, 16)]
+    assert chunk_plan(130, 64) == [(0, 64, 64), (64, 128, 64), (128, 130, 2)]
+    assert chunk_plan(3, 64, min_rows=4) == [(0, 3, 4)]  # padded up to the profile minimum
+    assert chunk_plan(9, 4, min_rows=2) == [(0, 4, 4), (4, 8, 4), (8, 9, 2)]
+    with pytest.raises(ValueError):
+        chunk_plan(0, 64)
+
+
+def test_parity_batches_stay_inside_the_profile():
+    assert trt_plan.parity_batches(EngineProfile()) == [1, 3]
+    assert trt_plan.parity_batches(EngineProfile(1, 2, 2)) == [1, 2]
+    assert trt_plan.parity_batches(EngineProfile(8, 16, 64)) == [8]
+
+
+def test_plan_filenames():
+    assert plan_filename("sm90", "11.4.0.106") == "denoiser.fp16.sm90.trt11.4.0.106.plan"
+    assert plan_filename("sm120", "11.4.0") == "denoiser.fp16.sm120.trt11.4.0.plan"
+    assert plan_filename("sm86", "10.13.0.35", "ampere+", True) == "denoiser.fp16.sm86.trt10.13.0.35.ampereplus.vc.plan"
+    assert plan_filename("sm89", "11.4.0.106", "same-cc") == "denoiser.fp16.sm89.trt11.4.0.106.samecc.plan"
+    assert trt_plan.timing_cache_filename("sm90", "11.4.0.106") == "timing.sm90.trt11.4.0.106.cache"
+    for bad in [("9.0", "11.4.0"), ("sm90", "eleven"), ("sm90", "11")]:
+        with pytest.raises(ValueError):
+            plan_filename(*bad)
+
+
+def test_compute_capability_and_version_parsing():
+    for cc in ["9.0", (9, 0), "sm90"]:
+        assert trt_plan.parse_compute_capability(cc) == (9, 0)
+    assert trt_plan.sm_name((12, 0)) == "sm120" and trt_plan.sm_name("10.3") == "sm103"
+    assert trt_plan.parse_version("11.4") == (11, 4, 0, 0) < trt_plan.parse_version("11.4.0.106")
+    with pytest.raises(ValueError):
+        trt_plan.parse_compute_capability("Hopper")
+
+
+def test_build_flags_validation_and_cli_args():
+    assert BuildFlags().cli_args() == ["--opt-level", "3"]
+    flags = BuildFlags(5, "same-cc", True, 8.0)
+    assert flags.cli_args() == ["--opt-level", "5", "--hardware-compat", "same-cc", "--version-compatible", "--workspace", "8"]
+    assert flags.workspace_bytes == 8 * 2**30
+    for kwargs, message in [({"opt_level": 6}, "--opt-level must be an integer 0..5"),
+                            ({"hardware_compat": "hopper"}, "--hardware-compat must be one of none, ampere\\+, same-cc"),
+                            ({"workspace_gb": 0}, "--workspace must be a positive number")]:
+        with pytest.raises(ValueError, match=message):
+            BuildFlags(**kwargs)
+
+
+# ---- compatibility rules ----------------------------------------------------------------------------
+
+def entry(trt_version="11.4.0.106", cc=(9, 0), gpu=H100, hardware_compat="none", version_compatible=False,
+          file=None, built_utc="2026-11-01T00:00:00+00:00", graph_sha256=None) -> dict:
+    profile, flags = EngineProfile(), BuildFlags(3, hardware_compat, version_compatible)
+    return engine_entry(
+        file=file or plan_filename(trt_plan.sm_name(cc), trt_version, hardware_compat, version_compatible),
+        sha256="0" * 64, size=1, trt_version=trt_version, gpu_name=gpu, compute_capability=cc,
+        driver_version="580.65.06", cuda_driver_version="13.0", cuda_runtime_version="13.0", profile=profile,
+        flags=flags, in_channels=4, input_size=8,
+        graph={"file": "denoiser.fp16.onnx", "sha256": graph_sha256 or {"denoiser.fp16.onnx": "a" * 64}},
+        build_seconds=1.0, built_utc=built_utc)
+
+
+def test_entry_schema_is_plain_json():
+    e = entry()
+    assert json.loads(json.dumps(e)) == e
+    assert e["tensorrt"] == {"version": "11.4.0.106", "strongly_typed": True}
+    assert e["gpu"] == {"name": H100, "compute_capability": "9.0", "sm": "sm90"}
+    assert e["profile"]["max"] == 64 and e["profile"]["guided_images_per_call"] == 32
+    assert e["profile"]["shapes"]["latent"] == [[1, 4, 8, 8], [16, 4, 8, 8], [64, 4, 8, 8]]
+    assert e["build"]["opt_level"] == 3 and e["build"]["hardware_compat"] == "none"
+    assert set(e["cuda"]) == {"driver_version", "driver_cuda_version", "runtime_cuda_version"}
+
+
+@pytest.mark.parametrize("kwargs, here, ok, words", [
+    ({}, ("11.4.0.106", (9, 0), H100), True, ["built for this GPU and TensorRT version"]),
+    ({}, ("11.4.1.2", (9, 0), H100), False, ["built with TensorRT 11.4.0.106, this is TensorRT 11.4.1.2",
+                                            "unless built with --version-compatible"]),
+    ({"version_compatible": True}, ("11.5.0.1", (9, 0), H100), True, ["version-compatible plan from TensorRT 11.4.0.106"]),
+    ({"version_compatible": True}, ("11.3.0.1", (9, 0), H100), False, ["runs only on the same or a newer TensorRT"]),
+    ({"version_compatible": True, "trt_version": "10.13.0.35"}, ("11.4.0.106", (9, 0), H100), True, ["version-compatible"]),
+    ({"version_compatible": True, "trt_version": "11.4.0.106"}, ("12.0.0.1", (9, 0), H100), False,
+     ["do not cross from TensorRT 11 to 12"]),
+    ({}, ("11.4.0.106", (8, 9), "NVIDIA L40S"), False, ["compute capability 9.0", "has 8.9", "--hardware-compat"]),
+    ({}, ("11.4.0.106", (9, 0), "NVIDIA H100 PCIe"), False, ["built on NVIDIA H100 80GB HBM3, this is NVIDIA H100 PCIe",
+                                                             "--hardware-compat same-cc"]),
+    ({"hardware_compat": "same-cc"}, ("11.4.0.106", (9, 0), "NVIDIA H100 PCIe"), True, ["hardware-compatible (same-cc)"]),
+    ({"hardware_compat": "same-cc"}, ("11.4.0.106", (8, 0), "NVIDIA A100"), False, ["runs only on its compute capability"]),
+    ({"hardware_compat": "ampere+"}, ("11.4.0.106", (8, 6), "NVIDIA A10"), True, ["hardware-compatible (ampere+)"]),
+    ({"hardware_compat": "ampere+"}, ("11.4.0.106", (7, 5), "Tesla T4"), False, ["compute capability >= 8.0", "has compute capability 7.5"]),
+])
+def test_compatibility_rules(kwargs, here, ok, words):
+    result = check_engine_compat(entry(**kwargs), *here, artifact="engines/xl")
+    assert result.ok is ok, result.reason
+    for word in words:
+        assert word in result.reason
+    if not ok:  # every refusal says exactly what to run, with the plan's own profile and flags
+        flags = entry(**kwargs)["build"]
+        command = result.reason.split("Rebuild it on this machine with: ")[1]
+        assert command.startswith("ditrt build engines/xl --min-batch 1 --opt-batch 16 --max-batch 64 --opt-level 3")
+        assert ("--version-compatible" in command) == flags["version_compatible"]
+        assert (f"--hardware-compat {flags['hardware_compat']}" in command) == (flags["hardware_compat"] != "none")
+
+
+def test_both_differences_are_named():
+    ok, reason = check_engine_compat(entry(), "11.5.0.1", (8, 9), "NVIDIA L40S")
+    assert not ok and "TensorRT 11.4.0.106, this is TensorRT 11.5.0.1" in reason and "has 8.9" in reason
+
+
+def test_malformed_entry_is_refused_not_raised():
+    ok, reason = check_engine_compat({"file": "x.plan"}, "11.4.0.106", (9, 0))
+    assert not ok and "lacks a field" in reason and "ditrt build" in reason
+
+
+def test_choose_engine_prefers_exact_native_newest_and_skips_missing_files():
+    exact_old = entry(file="a.plan", built_utc="2026-01-01T00:00:00+00:00")
+    exact_new = entry(file="b.plan", built_utc="2026-02-01T00:00:00+00:00")
+    portable = entry(file="c.plan", hardware_compat="ampere+", built_utc="2026-03-01T00:00:00+00:00")
+    older_vc = entry(file="d.plan", trt_version="11.3.0.1", version_compatible=True, built_utc="2026-04-01T00:00:00+00:00")
+    other = entry(file="e.plan", cc=(8, 0), gpu="NVIDIA A100")
+    everything = [older_vc, portable, exact_old, exact_new, other]
+    here = ("11.4.0.106", (9, 0), H100)
+    best, reasons = choose_engine(everything, *here, exists=lambda f: True)
+    assert best["file"] == "b.plan" and len(reasons) == 1 and reasons[0].startswith("e.plan")
+    best, reasons = choose_engine(everything, *here, exists=lambda f: f not in {"a.plan", "b.plan"})
+    assert best["file"] == "c.plan" and sum("file is missing" in r for r in reasons) == 2
+    assert choose_engine([older_vc], *here, exists=lambda f: True)[0]["file"] == "d.plan"
+    best, reasons = choose_engine([exact_new], *here, exists=lambda f: True, graph_sha256={"denoiser.fp16.onnx": "b" * 64})
+    assert best is None and "built from another fp16 graph" in reasons[0]
+
+
+def test_messages():
+    msg = trt_plan.no_engine_message("engines/xl", [], [], "11.4.0.106", (9, 0), H100,
+                                     trt_plan.build_command("engines/xl", EngineProfile(), BuildFlags()))
+    assert "engines/xl has no TensorRT engine" in msg and "ditrt build engines/xl --min-batch 1" in msg
+    msg = trt_plan.null_engine_message("x.plan", ["Serialization assertion failed: magic tag"], "ditrt build engines/xl")
+    assert "returned no engine" in msg and "magic tag" in msg and "ditrt build engines/xl" in msg
+    assert "TensorRT logged no error" in trt_plan.null_engine_message("x.plan", [], "ditrt build a")
+    err = TensorRTUnavailable("TensorRT is not installed")
+    assert isinstance(err, RuntimeError) and "pip install 'ditrt[trt]'" in str(err) and "NVIDIA GPU" in str(err)
+
+
+def test_engine_parity_bound_follows_the_fp16_graphs_export_bound():
+    from exporter.onnx_export import MAX_REL_ERR  # the engine inherits the graph's error, plus its own kernels'
+    assert MAX_REL_ERR["fp16"] <= trt_plan.FP16_PARITY_BOUND <= 2 * MAX_REL_ERR["fp16"]
+
+
+# ---- Polygraphy build configuration (real Polygraphy objects, no TensorRT needed) -------------------
+
+FAKE_TRT = SimpleNamespace(  # stands in for the enums tensorrt would supply
+    HardwareCompatibilityLevel=SimpleNamespace(AMPERE_PLUS="AMPERE_PLUS", SAME_COMPUTE_CAPABILITY="SAME_COMPUTE_CAPABILITY"),
+    MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"))
+SPEC = SimpleNamespace(in_channels=4, input_size=8)
+
+
+def test_polygraphy_loader_chain_is_strongly_typed_with_one_batch_profile(tmp_path):
+    from exporter.trt_build import engine_loader
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
+    cache = tmp_path / "timing.cache"
+    loader = engine_loader(tmp_path / "denoiser.fp16.onnx", EngineProfile(2, 8, 16), BuildFlags(), SPEC, cache, FAKE_TRT)
+    assert isinstance(loader, EngineBytesFromNetwork) and loader.timing_cache_path == str(cache)
+    network, config = loader._network, loader._config
+    assert isinstance(network, NetworkFromOnnxPath) and network.strongly_typed is True
+    assert network.path == str(tmp_path / "denoiser.fp16.onnx")
+    assert isinstance(config, CreateConfig)
+    # No precision flags at all (TensorRT 11 has none; CreateConfig(fp16=True) raises there).
+    assert not any([config.fp16, config.bf16, config.int8, config.fp8, config.precision_constraints])
+    assert config.builder_optimization_level == 3 and config.timing_cache_path == str(cache)
+    assert config.hardware_compatibility_level is None and not config.version_compatible
+    assert config.memory_pool_limits is None
+    [profile] = config.profiles
+    assert list(profile) == ["latent", "timestep", "class_label"]
+    assert tuple(profile["latent"]) == ((2, 4, 8, 8), (8, 4, 8, 8), (16, 4, 8, 8))
+    assert tuple(profile["class_label"]) == ((2,), (8,), (16,))
+
+
+@pytest.mark.parametrize("compat, level", [("ampere+", "AMPERE_PLUS"), ("same-cc", "SAME_COMPUTE_CAPABILITY")])
+def test_polygraphy_config_portability_and_workspace(compat, level):
+    from exporter.trt_build import config_kwargs
+    from polygraphy.backend.trt import CreateConfig
+    config = CreateConfig(**config_kwargs(EngineProfile(), BuildFlags(5, compat, True, 2.5), SPEC, "t.cache", FAKE_TRT))
+    assert config.builder_optimization_level == 5 and config.hardware_compatibility_level == level
+    assert config.version_compatible is True and config.memory_pool_limits == {"WORKSPACE": int(2.5 * 2**30)}
+
+
+def test_calling_the_loader_without_tensorrt_fails_cleanly(tmp_path):
+    from exporter.trt_build import engine_loader
+    pytest.importorskip("polygraphy")
+    if _importable("tensorrt"):
+        pytest.skip("TensorRT is installed here")
+    loader = engine_loader(tmp_path / "g.onnx", EngineProfile(), BuildFlags(), SPEC, tmp_path / "c", FAKE_TRT)
+    with pytest.raises(Exception, match="tensorrt"):
+        loader()
+
+
+# ---- static check of the TensorRT API used ----------------------------------------------------------
+
+def _api_names() -> set[str]:
+    lines = (DATA / "tensorrt-11.4-python-names.txt").read_text().splitlines()
+    return {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+
+
+API_NAMES = _api_names()
+LEAN = json.loads((DATA / "tensorrt-11.4-lean-api.json").read_text())
+MODULE_ALIASES = {"trt", "_trt"}
+HOLDER_CLASS = {"engine": "ICudaEngine", "context": "IExecutionContext", "trt_runtime": "Runtime"}
+
+
+def in_names_list(name: str) -> bool:
+    """Listed, or the tail of a listed string at an identifier boundary. The list was extracted as
+    whole strings from the compiled bindings, and the linker stores a string that ends another one
+    inside it (tail merging): 'Logger' lives in 'ILogger', 'ERROR' in 'INTERNAL_ERROR', 'Runtime' in
+    'IPluginV3OneRuntime', 'DataType' in 'PluginArgDataType'. So such names are absent as lines."""
+    if name in API_NAMES:
+        return True
+    return any(len(s) > len(name) and s.endswith(name) and (s[-len(name) - 1] == "_" or name[0].isupper())
+               for s in API_NAMES)
+
+
+def _chains(tree: ast.AST) -> list[tuple[int, list[str]]]:
+    """Every maximal dotted chain rooted at a name (a.b.c), with its line."""
+    inner = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute)}
+    chains = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and id(node) not in inner:
+            parts, cur = [], node
+            while isinstance(cur, ast.Attribute):
+                parts.append(cur.attr)
+                cur = cur.value
+            if isinstance(cur, ast.Name):
+                chains.append((node.lineno, [cur.id, *reversed(parts)]))
+    return chains
+
+
+def trt_api_problems(source: str) -> tuple[list[str], set[str]]:
+    """Check every attribute taken from the tensorrt module (`trt`) or from a TensorRT object
+    (held in engine/context/trt_runtime): against the TRT 11.4 names list, and, for the runtime
+    classes, against the members of the real TRT 11.4 lean bindings. Returns (problems, names used)."""
+    problems, used = [], set()
+    for line, parts in _chains(ast.parse(source)):
+        start = next((i for i, p in enumerate(parts) if p in MODULE_ALIASES or p.lstrip("_") in HOLDER_CLASS), None)
+        if start is None or start == len(parts) - 1:
+            continue
+        head, rest = parts[start], parts[start + 1:]
+        used.update(rest)
+        where = f"line {line}: {'.'.join(parts)}"
+        for name in rest:
+            if not in_names_list(name):
+                problems.append(f"{where}: {name!r} is not in TensorRT 11.4's Python API")
+        if head in MODULE_ALIASES:
+            scope = rest[0] if rest[0] in LEAN["classes"] else None
+            for name in rest[1:]:
+                if scope is None:
+                    break
+                if f"{scope}.{name}" in LEAN["classes"]:
+                    scope = f"{scope}.{name}"
+                elif name not in LEAN["classes"][scope]:
+                    problems.append(f"{where}: {scope} has no member {name!r} in TensorRT 11.4")
+                    break
+                else:
+                    scope = None
+        else:
+            cls = HOLDER_CLASS[head.lstrip("_")]
+            if rest[0] not in LEAN["classes"][cls]:
+                problems.append(f"{where}: {cls} has no member {rest[0]!r} in TensorRT 11.4")
+    return problems, used
+
+
+@pytest.mark.parametrize("path", TRT_MODULES, ids=lambda p: p.name)
+def test_tensorrt_code_uses_only_tensorrt_11_api(path):
+    problems, used = trt_api_problems(path.read_text())
+    assert not problems, "\n".join(problems)
+    if path.name == "tensorrt.py":  # the check really sees the runtime's TensorRT calls
+        assert {"Runtime", "deserialize_cuda_engine", "engine_host_code_allowed", "create_execution_context",
+                "set_device_memory", "set_input_shape", "set_tensor_address", "execute_async_v3",
+                "get_tensor_profile_shape", "TensorIOMode", "INPUT", "ILogger", "ERROR"} <= used
+    else:
+        assert {"HardwareCompatibilityLevel", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY", "MemoryPoolType"} <= used
+
+
+def test_api_check_catches_removed_and_misspelt_names():
+    bad = ("config.set_flag(trt.BuilderFlag.FP16)\nconfig.set_flag(trt.BuilderFlag.BF16)\n"
+           "context.execute_async_v2(bindings, stream)\nn = self._engine.num_bindings\nr = trt.Runtim(logger)\n"
+           "trt_runtime.deserialize_engine(data)\n")
+    problems, _ = trt_api_problems(bad)
+    flagged = " ".join(problems)
+    for name in ["'FP16'", "no member 'BF16'", "'execute_async_v2'", "'num_bindings'", "'Runtim'", "'deserialize_engine'"]:
+        assert name in flagged, flagged
+    good = "trt.Logger(trt.Logger.WARNING)\nx = trt.ILogger.Severity.ERROR\ntrt.DataType.HALF\ncontext.set_input_shape('a', s)\n"
+    assert trt_api_problems(good)[0] == []
+
+
+def test_names_list_rule_agrees_with_the_real_bindings_for_what_we_use():
+    # The lean bindings' members we rely on are all accepted by the names-list rule, and the
+    # fp16/bf16/int8 builder flags are gone in both sources.
+    for cls in ("Runtime", "ICudaEngine", "IExecutionContext"):
+        assert all(in_names_list(m) for m in LEAN["classes"][cls] if m in {"deserialize_cuda_engine", "execute_async_v3"}
+                   or m.startswith("set_") or m.startswith("get_tensor"))
+    assert not {"FP16", "BF16", "INT8", "FP8"} & set(LEAN["classes"]["BuilderFlag"])
+    assert "FP16" not in API_NAMES and not in_names_list("FP16")
+
+
+@pytest.mark.skipif(not _importable("tensorrt"), reason="TensorRT is not installed: the names list above is the check here")
+def test_api_names_resolve_on_the_installed_tensorrt():
+    import tensorrt as trt
+    for path in TRT_MODULES:
+        for _, parts in _chains(ast.parse(path.read_text())):
+            if parts[0] == "trt":
+                obj = trt
+                for name in parts[1:]:
+                    obj = getattr(obj, name)  # AttributeError names the missing piece
+
+
+# ---- without TensorRT: imports, auto fallback, CLI ---------------------------------------------------
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    """Make tensorrt and cuda-python unimportable, also on machines that have them."""
+    for name in ("tensorrt", "cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_runtime_and_build_modules_import_nothing_heavy():
+    code = ("import sys, runtime, runtime.tensorrt, runtime.trt_plan, exporter.trt_build, ditrt.cli\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorrt', 'polygraphy', 'cuda', 'torch'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture
+def artifact_with_engine(tmp_path, tiny_artifact):
+    """A copy of the tiny artifact whose manifest lists a plan (an empty file) for an H100 + TRT 11.4."""
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_artifact, out)
+    manifest = load_manifest(out)
+    e = entry(graph_sha256=manifest.graph("fp16")["sha256"])
+    (out / e["file"]).write_bytes(b"")
+    manifest.data["engines"] = [e]
+    manifest.save()
+    return out
+
+
+def test_auto_falls_back_to_onnxruntime_without_tensorrt(no_tensorrt, artifact_with_engine):
+    from runtime.tensorrt import compatible_engine
+    assert compatible_engine(load_manifest(artifact_with_engine)) is None
+    pipe = runtime.load(artifact_with_engine, backend="auto")
+    assert pipe.backend.name.startswith("onnxruntime")
+
+
+def test_tensorrt_backend_without_tensorrt_says_how_to_install(no_tensorrt, tiny_artifact):
+    with pytest.raises(TensorRTUnavailable, match=r"TensorRT is not installed.*pip install 'ditrt\[trt\]'"):
+        runtime.load(tiny_artifact, backend="tensorrt")
+
+
+def test_engine_selection_and_rebuild_message_with_a_simulated_gpu(monkeypatch, artifact_with_engine):
+    import runtime.tensorrt as rt
+    gpu = rt.GpuInfo(H100, (9, 0), "580.65.06", "13.0", "13.0")
+    monkeypatch.setattr(rt, "environment", lambda: rt.Environment("11.4.0.106", gpu))
+    manifest = load_manifest(artifact_with_engine)
+    assert rt.compatible_engine(manifest)["file"] == "denoiser.fp16.sm90.trt11.4.0.106.plan"
+    monkeypatch.setattr(rt, "environment", lambda: rt.Environment("11.5.0.3", gpu))
+    assert rt.compatible_engine(manifest) is None
+    with pytest.raises(ArtifactError) as info:
+        rt.TensorRTBackend.from_manifest(manifest)
+    message = str(info.value)
+    assert "no TensorRT plan in" in message and "built with TensorRT 11.4.0.106, this is TensorRT 11.5.0.3" in message
+    assert f"ditrt build {artifact_with_engine} --min-batch 1 --opt-batch 16 --max-batch 64 --opt-level 3" in message
+
+
+def test_cli_build_without_tensorrt_prints_the_install_hint(no_tensorrt, tiny_artifact):
+    from ditrt.cli import main
+    result = CliRunner().invoke(main, ["build", str(tiny_artifact)])
+    assert result.exit_code == 1, result.output
+    assert "pip install 'ditrt[trt]'" in result.output and "NVIDIA GPU" in result.output
+    assert load_manifest(tiny_artifact).engines == []  # nothing recorded
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--min-batch", "8", "--opt-batch", "4"], "min <= opt <= max"),
+    (["--opt-level", "7"], "--opt-level must be an integer 0..5"),
+    (["--workspace", "-1"], "--workspace must be a positive number"),
+])
+def test_cli_build_rejects_bad_options_with_exit_2(tiny_artifact, args, message):
+    from ditrt.cli import main
+    result = CliRunner().invoke(main, ["build", str(tiny_artifact), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_cli_build_rejects_an_artifact_without_fp16_graph(tmp_path, tiny_artifact):
+    from ditrt.cli import main
+    out = tmp_path / "fp32only"
+    shutil.copytree(tiny_artifact, out)
+    manifest = load_manifest(out)
+    del manifest.data["graphs"]["fp16"]
+    manifest.save()
+    result = CliRunner().invoke(main, ["build", str(out)])
+    assert result.exit_code == 2 and "has no fp16 graph" in result.output and "--precision fp16" in result.output
+    assert CliRunner().invoke(main, ["build", str(tmp_path / "missing")]).exit_code == 2
