@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -38,17 +39,16 @@ def _int_list(value: str | None, what: str) -> list[int]:
         raise InputError(f"{what} must be comma-separated integers, got {value!r}") from None
 
 
-def _input_errors():
+@contextmanager
+def input_errors():
     """Map the project's input errors to exit code 2 with their message."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def guard():
-        try:
-            yield
-        except (runtime.ArtifactError, runtime.ScheduleError, ValueError, FileNotFoundError) as e:
-            raise InputError(str(e)) from None
-    return guard()
+    from runtime.trt_plan import TensorRTUnavailable
+    try:
+        yield
+    except TensorRTUnavailable as e:  # the environment, not the input: exit 1 with the install hint
+        raise click.ClickException(str(e)) from None
+    except (runtime.ArtifactError, runtime.ScheduleError, ValueError, FileNotFoundError) as e:
+        raise InputError(str(e)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -71,7 +71,7 @@ def inspect(checkpoint: Path, num_heads: int | None, input_size: int | None, as_
     """Show a checkpoint's format, inferred config, parameters and GMACs per forward."""
     _require_torch("inspect")
     from exporter.checkpoints import CheckpointError, describe, load_checkpoint
-    from exporter.model import count_parameters, get_2d_sincos_pos_embed, macs_per_forward
+    from exporter.model import get_2d_sincos_pos_embed, macs_per_forward
     overrides = {k: v for k, v in (("num_heads", num_heads), ("input_size", input_size)) if v is not None}
     try:
         ckpt = load_checkpoint(checkpoint, **overrides)
@@ -184,9 +184,8 @@ def export(checkpoint, example, config_name, random_init, image_size, num_classe
 def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, seed, backend, precision, threads, max_batch,
            out_path, progress) -> None:
     """Run the CFG sampling loop on an artifact and save latents (N, C, H, W) as .npy."""
-    import numpy as np
     label_list = _int_list(labels, "--labels")
-    with _input_errors():
+    with input_errors():
         pipe = runtime.load(artifact, backend=backend, precision=precision, threads=threads, max_batch=max_batch)
         latents = pipe.sample(label_list, num_steps=steps, sampler=sampler, cfg_scale=cfg_scale, guidance=guidance,
                               seed=seed, eta=eta, progress=progress)
@@ -229,7 +228,7 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
     modes = [bool(against), bool(save_golden), activation_ranges]
     if sum(modes) != 1:
         raise click.UsageError("give exactly one of --against, --save-golden or --activation-ranges")
-    with _input_errors():
+    with input_errors():
         manifest = runtime.load_manifest(artifact)
         batch_list = _int_list(batches, "--batch")
         if not batch_list or min(batch_list) < 1:
@@ -377,8 +376,10 @@ from runtime.trt_plan import HARDWARE_COMPAT as _HARDWARE_COMPAT  # noqa: E402  
 @click.option("--version-compatible", is_flag=True,
               help="The plan also runs on newer TensorRT releases of the same major (may be slower).")
 @click.option("--workspace", type=float, help="Builder workspace limit in GB [TensorRT's default].")
+@click.option("--skip-unavailable", is_flag=True,
+              help="Where TensorRT or a GPU is missing, say so and exit 0 (for scripts that build where possible).")
 def build(artifact, min_batch, opt_batch, max_batch, opt_level, timing_cache, hardware_compat, version_compatible,
-          workspace) -> None:
+          workspace, skip_unavailable) -> None:
     """Build an fp16 TensorRT plan from ARTIFACT's fp16 graph and record it in the manifest.
 
     The network is strongly typed (TensorRT 11 has no fp16 flag: precision comes from the graph).
@@ -388,7 +389,7 @@ def build(artifact, min_batch, opt_batch, max_batch, opt_level, timing_cache, ha
     import contextlib
     from runtime.trt_plan import BuildFlags, EngineProfile, TensorRTUnavailable
     from exporter.trt_build import BuildError, build_engine
-    with _input_errors():
+    with input_errors():
         profile = EngineProfile(min_batch, opt_batch, max_batch)
         flags = BuildFlags(opt_level, hardware_compat, version_compatible, workspace,
                            str(timing_cache) if timing_cache else None)
@@ -397,7 +398,12 @@ def build(artifact, min_batch, opt_batch, max_batch, opt_level, timing_cache, ha
             entry = build_engine(artifact, profile, flags, log=lambda m: click.echo(m, err=True))
     except runtime.ArtifactError as e:
         raise InputError(str(e)) from None
-    except (TensorRTUnavailable, BuildError) as e:
+    except TensorRTUnavailable as e:
+        if skip_unavailable:
+            click.echo(f"skipped the TensorRT build: {e}", err=True)
+            return
+        raise click.ClickException(str(e)) from None
+    except BuildError as e:
         raise click.ClickException(str(e)) from None
     click.echo(str(Path(artifact) / entry["file"]))
 

@@ -10,10 +10,9 @@ import argparse
 import json
 import pickle
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from runtime.manifest import sha256_file

@@ -11,6 +11,7 @@ module is always called `trt`: the check verifies every attribute used on them a
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -135,6 +136,8 @@ def _choose(manifest: Manifest, env: Environment) -> tuple[dict | None, list[str
 def compatible_engine(manifest: Manifest) -> dict | None:
     """The manifest's best plan entry for this GPU and TensorRT whose file exists, else None.
     Never raises: backend="auto" uses it to fall back to ONNX Runtime."""
+    if not manifest.data.get("engines"):
+        return None  # nothing to choose from: do not import TensorRT or touch the GPU
     try:
         return _choose(manifest, environment())[0]
     except Exception as e:  # no TensorRT, no GPU, a malformed entry: all mean "not TensorRT"
@@ -275,14 +278,23 @@ class TensorRTBackend:
         trt = self._trt
         context = self._engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if context is None:
-            raise RuntimeError("TensorRT could not create an execution context: " + "; ".join(self._trt_logger.errors))
+            raise RuntimeError(f"TensorRT could not create an execution context: {self._errors()}")
         slot = _Slot(rows, context)
-        self._slots[rows] = slot  # registered first so that close() frees a half-built slot
+        try:
+            self._bind(slot)
+        except BaseException:
+            self._free_slot(slot)
+            raise
+        self._slots[rows] = slot
+        return slot
+
+    def _bind(self, slot: _Slot) -> None:
+        """Scratch memory, input shapes, and a pinned host + a device buffer per tensor."""
+        context, rows = slot.context, slot.rows
         context.set_device_memory(self._scratch, self._scratch_bytes)
         for name in INPUT_NAMES:
             if not context.set_input_shape(name, (rows, *self._dims[name])):
-                raise RuntimeError(f"TensorRT rejected shape {(rows, *self._dims[name])} for {name}: "
-                                   + "; ".join(self._trt_logger.errors))
+                raise RuntimeError(f"TensorRT rejected shape {(rows, *self._dims[name])} for {name}: {self._errors()}")
         for name in (*INPUT_NAMES, OUTPUT_NAME):
             shape = (rows, *self._dims[name]) if name != OUTPUT_NAME else tuple(context.get_tensor_shape(name))
             nbytes = int(np.prod(shape)) * self._dtypes[name].itemsize
@@ -291,8 +303,11 @@ class TensorRTBackend:
             slot.host[name] = np.frombuffer((ctypes.c_char * nbytes).from_address(slot.host_ptr[name]),
                                             dtype=self._dtypes[name]).reshape(shape)
             if not context.set_tensor_address(name, slot.device_ptr[name]):
-                raise RuntimeError(f"TensorRT rejected the address of {name}: " + "; ".join(self._trt_logger.errors))
-        return slot
+                raise RuntimeError(f"TensorRT rejected the address of {name}: {self._errors()}")
+
+    def _errors(self) -> str:
+        """TensorRT's latest logged errors, for messages."""
+        return "; ".join(self._trt_logger.errors[-5:]) or "TensorRT logged no error"
 
     def _capture(self, slot: _Slot) -> None:
         """Record the slot's execute_async_v3 into a CUDA graph. TensorRT needs one plain enqueue
@@ -343,7 +358,7 @@ class TensorRTBackend:
         if slot.graph_exec is not None:
             self._cuda("cudaGraphLaunch", slot.graph_exec, self._stream)
         elif not slot.context.execute_async_v3(int(self._stream)):
-            raise RuntimeError("TensorRT execution failed: " + "; ".join(self._trt_logger.errors))
+            raise RuntimeError(f"TensorRT execution failed: {self._errors()}")
         out = slot.host[OUTPUT_NAME]
         self._cuda("cudaMemcpyAsync", slot.host_ptr[OUTPUT_NAME], slot.device_ptr[OUTPUT_NAME], out.nbytes, d2h, self._stream)
         self._cuda("cudaStreamSynchronize", self._stream)
@@ -376,23 +391,22 @@ class TensorRTBackend:
         slot.device_ptr.clear()
 
     def close(self) -> None:
-        """Free device memory now (also done when the backend is garbage-collected)."""
-        lock = getattr(self, "_lock", None)
-        if lock is None:  # __init__ failed before the buffers existed
-            return
-        with lock:
-            rt = self._cuda.rt
-            if getattr(self, "_stream", None) is not None:
-                rt.cudaStreamSynchronize(self._stream)  # nothing may still be using the buffers
-            while self._slots:
-                self._free_slot(self._slots.popitem()[1])
+        """Free device memory now (also done when the backend is garbage-collected). Safe on a
+        half-initialised backend: the engine is always released before its runtime."""
+        with getattr(self, "_lock", None) or contextlib.nullcontext():
+            stream = getattr(self, "_stream", None)
+            if stream is not None:
+                self._cuda.rt.cudaStreamSynchronize(stream)  # nothing may still be using the buffers
+            slots = getattr(self, "_slots", {})
+            while slots:
+                self._free_slot(slots.popitem()[1])
             if getattr(self, "_scratch", None) is not None:
-                rt.cudaFree(self._scratch)
+                self._cuda.rt.cudaFree(self._scratch)
                 self._scratch = None
-            if getattr(self, "_stream", None) is not None:
-                rt.cudaStreamDestroy(self._stream)
+            if stream is not None:
+                self._cuda.rt.cudaStreamDestroy(stream)
                 self._stream = None
-            self._engine = None  # contexts, then the engine, then its runtime
+            self._engine = None  # contexts (above), then the engine, then its runtime
             self._trt_runtime = None
 
     def __del__(self):

@@ -1,5 +1,4 @@
 """ONNX export of the golden checkpoint: graphs, manifest, validation, lint and failure handling."""
-import json
 import subprocess
 import sys
 

@@ -93,9 +93,11 @@ def test_chunking_and_cuda_graphs_do_not_change_results(built):
             TensorRTBackend.from_manifest(manifest, max_batch=2) as small:
         assert graphs.max_batch == 8 and small.max_batch == 2
         reference = plain(x, t, y)
-        np.testing.assert_allclose(graphs(x, t, y), reference, rtol=0, atol=1e-6)
-        np.testing.assert_allclose(graphs(x, t, y), reference, rtol=0, atol=1e-6)  # graph replay
-        scale = np.abs(reference).max()  # other batch sizes may pick other fp16 kernels
+        scale = np.abs(reference).max()
+        # Same plan, same batch sizes: same kernels, so a graph replay reproduces the plain enqueue.
+        np.testing.assert_allclose(graphs(x, t, y), reference, rtol=0, atol=1e-6 * scale)
+        np.testing.assert_allclose(graphs(x, t, y), reference, rtol=0, atol=1e-6 * scale)  # graph replay
+        # Other batch sizes may pick other fp16 kernels: within the engine's fp16 bound.
         assert np.abs(small(x, t, y) - reference).max() <= FP16_PARITY_BOUND * scale
         assert set(graphs._slots) == {8, 3} and set(small._slots) == {2, 1}
 

@@ -3,6 +3,9 @@ a static check that the TensorRT code speaks TensorRT 11.4's Python API, and the
 from __future__ import annotations
 
 import ast
+import ctypes
+import enum
+import hashlib
 import json
 import shutil
 import subprocess
@@ -10,6 +13,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -410,6 +414,13 @@ def test_auto_falls_back_to_onnxruntime_without_tensorrt(no_tensorrt, artifact_w
     assert pipe.backend.name.startswith("onnxruntime")
 
 
+def test_auto_does_not_look_for_tensorrt_when_the_artifact_has_no_engine(monkeypatch, tiny_artifact):
+    import runtime.tensorrt as rt
+    calls = []
+    monkeypatch.setattr(rt, "environment", lambda: calls.append(1))
+    assert rt.compatible_engine(load_manifest(tiny_artifact)) is None and calls == []
+
+
 def test_tensorrt_backend_without_tensorrt_says_how_to_install(no_tensorrt, tiny_artifact):
     with pytest.raises(TensorRTUnavailable, match=r"TensorRT is not installed.*pip install 'ditrt\[trt\]'"):
         runtime.load(tiny_artifact, backend="tensorrt")
@@ -436,6 +447,17 @@ def test_cli_build_without_tensorrt_prints_the_install_hint(no_tensorrt, tiny_ar
     assert result.exit_code == 1, result.output
     assert "pip install 'ditrt[trt]'" in result.output and "NVIDIA GPU" in result.output
     assert load_manifest(tiny_artifact).engines == []  # nothing recorded
+    skipped = CliRunner().invoke(main, ["build", str(tiny_artifact), "--skip-unavailable"])
+    assert skipped.exit_code == 0 and "skipped the TensorRT build" in skipped.output
+    assert load_manifest(tiny_artifact).engines == []
+
+
+def test_cli_sample_on_tensorrt_without_it_exits_1_with_the_hint(no_tensorrt, tiny_artifact, tmp_path):
+    from ditrt.cli import main
+    result = CliRunner().invoke(main, ["sample", str(tiny_artifact), "--labels", "1", "--backend", "tensorrt",
+                                       "--out", str(tmp_path / "x.npy")])
+    assert result.exit_code == 1 and "pip install 'ditrt[trt]'" in result.output
+    assert not (tmp_path / "x.npy").exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -459,3 +481,317 @@ def test_cli_build_rejects_an_artifact_without_fp16_graph(tmp_path, tiny_artifac
     result = CliRunner().invoke(main, ["build", str(out)])
     assert result.exit_code == 2 and "has no fp16 graph" in result.output and "--precision fp16" in result.output
     assert CliRunner().invoke(main, ["build", str(tmp_path / "missing")]).exit_code == 2
+
+
+# ---- TensorRTBackend on simulated TensorRT and CUDA ---------------------------------------------------
+# The backend's own logic (buffers per batch size, copies, chunking, padding, CUDA graph capture and
+# its fallback, teardown) runs here against stand-ins for tensorrt and cuda-python's runtime module:
+# "device memory" is host memory, a "graph" replays the enqueues recorded during capture with the
+# shapes and addresses they were captured with. The stand-ins only implement members that the real
+# TensorRT 11.4 classes have (checked below).
+
+
+class SimCuda:
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    class cudaStreamCaptureMode:
+        cudaStreamCaptureModeThreadLocal = 1
+
+    cudaStreamNonBlocking = 1
+
+    def __init__(self):
+        self.memory: dict[int, ctypes.Array] = {}
+        self.capture: list | None = None
+        self.graphs_destroyed = 0
+
+    def _alloc(self, nbytes):
+        buf = ctypes.create_string_buffer(max(int(nbytes), 1))
+        self.memory[ctypes.addressof(buf)] = buf
+        return 0, ctypes.addressof(buf)
+
+    cudaMalloc = cudaMallocHost = _alloc
+
+    def cudaFree(self, ptr):
+        del self.memory[ptr]
+        return (0,)
+
+    cudaFreeHost = cudaFree
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        ctypes.memmove(dst, src, nbytes)
+        return (0,)
+
+    def cudaStreamBeginCapture(self, stream, mode):
+        self.capture = []
+        return (0,)
+
+    def cudaStreamEndCapture(self, stream):
+        ops, self.capture = self.capture, None
+        return 0, ops
+
+    def cudaGraphInstantiate(self, graph, flags):
+        return 0, list(graph)
+
+    def cudaGraphLaunch(self, graph_exec, stream):
+        for op in graph_exec:
+            op()
+        return (0,)
+
+    def cudaGraphExecDestroy(self, graph_exec):
+        self.graphs_destroyed += 1
+        return (0,)
+
+    cudaGraphDestroy = cudaGraphExecDestroy
+    cudaGetDeviceCount = staticmethod(lambda: (0, 1))
+    cudaGetDevice = staticmethod(lambda: (0, 0))
+    cudaGetDeviceProperties = staticmethod(lambda device: (0, SimpleNamespace(name=b"NVIDIA H100 80GB HBM3", major=9, minor=0)))
+    cudaDriverGetVersion = cudaRuntimeGetVersion = staticmethod(lambda: (0, 13000))
+    cudaStreamCreateWithFlags = staticmethod(lambda flags: (0, 7))
+    cudaStreamSynchronize = cudaStreamDestroy = staticmethod(lambda stream: (0,))
+    cudaGetErrorName = staticmethod(lambda error: (0, b"cudaErrorSimulated"))
+    cudaGetLastError = staticmethod(lambda: (0,))
+
+
+def sim_tensorrt(cuda: SimCuda, runtime_errors=(), fail_capture=False, names=("latent", "timestep", "class_label")):
+    """A tensorrt stand-in whose engine computes out[:, :4] = 2 latent + t / 1000, out[:, 4:] = label."""
+    Severity = enum.IntEnum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE")
+    DataType = enum.Enum("DataType", "FLOAT HALF INT64 INT32")
+    TensorIOMode = enum.Enum("TensorIOMode", "INPUT OUTPUT")
+    Strategy = enum.Enum("ExecutionContextAllocationStrategy", "STATIC USER_MANAGED")
+    io = {names[0]: (DataType.FLOAT, (-1, 4, 8, 8)), names[1]: (DataType.FLOAT, (-1,)),
+          names[2]: (DataType.INT64, (-1,)), "model_output": (DataType.FLOAT, (-1, 8, 8, 8))}
+    dtype = {DataType.FLOAT: np.float32, DataType.INT64: np.int64}
+
+    class ILogger:
+        def __init__(self):
+            pass
+
+    ILogger.Severity = Severity
+
+    def view(addr, shape, dt):
+        n = int(np.prod(shape)) * np.dtype(dt).itemsize
+        return np.frombuffer((ctypes.c_char * n).from_address(addr), dtype=dt).reshape(shape)
+
+    class Context:
+        def __init__(self):
+            self.shapes, self.addresses = {}, {}
+
+        def set_device_memory(self, memory, size):
+            assert memory in cuda.memory and size >= 256
+
+        def set_input_shape(self, name, shape):
+            if not 2 <= shape[0] <= 8:
+                return False  # outside the profile
+            self.shapes[name] = tuple(shape)
+            return True
+
+        def get_tensor_shape(self, name):
+            return (self.shapes[names[0]][0], *io[name][1][1:])
+
+        def set_tensor_address(self, name, memory):
+            self.addresses[name] = memory
+            return True
+
+        def execute_async_v3(self, stream_handle):
+            rows, addr = self.shapes[names[0]][0], dict(self.addresses)  # what a graph bakes in
+
+            def run():
+                x, t, y = (view(addr[n], (rows, *io[n][1][1:]), dtype[io[n][0]]) for n in names)
+                out = view(addr["model_output"], (rows, 8, 8, 8), np.float32)
+                out[:, :4] = 2 * x + t[:, None, None, None] / 1000
+                out[:, 4:] = y[:, None, None, None]
+
+            if cuda.capture is None:
+                run()
+            elif fail_capture:
+                return False
+            else:
+                cuda.capture.append(run)
+            return True
+
+    class Engine:
+        num_io_tensors = len(io)
+        device_memory_size_v2 = 1024
+
+        def get_tensor_name(self, index):
+            return list(io)[index]
+
+        def get_tensor_mode(self, name):
+            return TensorIOMode.OUTPUT if name == "model_output" else TensorIOMode.INPUT
+
+        def get_tensor_dtype(self, name):
+            return io[name][0]
+
+        def get_tensor_shape(self, name):
+            return io[name][1]
+
+        def get_tensor_profile_shape(self, name, profile_index):
+            return [(b, *io[name][1][1:]) for b in (2, 4, 8)]
+
+        def create_execution_context(self, strategy):
+            assert strategy is Strategy.USER_MANAGED
+            return Context()
+
+    class Runtime:
+        def __init__(self, logger):
+            self.engine_host_code_allowed = False
+            for message in runtime_errors:
+                logger.log(Severity.ERROR, message)
+            self.logger = logger
+
+        def deserialize_cuda_engine(self, serialized_engine):
+            self.host_code_when_deserialising = self.engine_host_code_allowed
+            if bytes(serialized_engine).startswith(b"PLAN"):
+                return Engine()
+            self.logger.log(Severity.ERROR, "Serialization assertion failed: magic tag does not match")
+            return None
+
+    return SimpleNamespace(__version__="11.4.0.106", ILogger=ILogger, Runtime=Runtime, DataType=DataType,
+                           TensorIOMode=TensorIOMode, ExecutionContextAllocationStrategy=Strategy,
+                           classes={"Runtime": Runtime, "ICudaEngine": Engine, "IExecutionContext": Context})
+
+
+def expected_output(x, t, y):
+    return np.concatenate([2 * x + t[:, None, None, None] / 1000,
+                           np.broadcast_to(y[:, None, None, None], (len(y), 4, 8, 8)).astype(np.float32)], axis=1)
+
+
+@pytest.fixture
+def sim(monkeypatch, tmp_path):
+    """Install the stand-ins; returns a factory for a backend over a plan file with a manifest entry."""
+    import runtime.tensorrt as rt
+    state = SimpleNamespace(cuda=SimCuda())
+
+    def make(plan_bytes=b"PLAN-sim", version_compatible=False, **trt_kwargs):
+        state.trt = sim_tensorrt(state.cuda, **trt_kwargs)
+        monkeypatch.setattr(rt, "import_tensorrt", lambda: state.trt)
+        monkeypatch.setattr(rt, "import_cudart", lambda: state.cuda)
+        plan = tmp_path / "denoiser.fp16.sm90.trt11.4.0.106.plan"
+        plan.write_bytes(plan_bytes)
+        e = entry(version_compatible=version_compatible, file=plan.name)
+        e["sha256"] = hashlib.sha256(plan_bytes).hexdigest()
+        return rt.TensorRTBackend(plan, e, artifact="engines/tiny")
+
+    state.make = make
+    return state
+
+
+def _inputs(n, seed=0):
+    rng = np.random.default_rng([seed, n])
+    return (rng.standard_normal((n, 4, 8, 8), dtype=np.float32), rng.uniform(0, 999, n).astype(np.float32),
+            rng.integers(0, 11, n).astype(np.int64))
+
+
+def test_sim_stand_ins_only_use_real_tensorrt_members(sim):
+    sim.make()
+    for cls, fake in sim.trt.classes.items():
+        members = {m for m in vars(fake) if not m.startswith("_")}
+        assert members and members <= set(LEAN["classes"][cls]), members - set(LEAN["classes"][cls])
+
+
+def test_backend_chunks_pads_and_replays_cuda_graphs(sim):
+    backend = sim.make()
+    assert (backend.profile.min_rows, backend.profile.max_rows, backend.max_batch) == (2, 8, 8)
+    for n in (1, 5, 11, 5, 1):  # 1: padded to the profile's 2 rows; 11: chunks of 8 and 3
+        x, t, y = _inputs(n, seed=n * 7 + len(backend._slots))
+        np.testing.assert_array_equal(backend(x, t, y), expected_output(x, t, y))
+    assert sorted(backend._slots) == [2, 3, 5, 8] and not backend.graph_failures
+    assert all(slot.graph_exec is not None and slot.runs >= 1 for slot in backend._slots.values())
+    x, t, y = _inputs(11, seed=99)  # new inputs through the captured graphs (replay reads the refilled buffers)
+    np.testing.assert_array_equal(backend(x, t, y), expected_output(x, t, y))
+    with pytest.raises(ValueError, match=r"latent has shape \(2, 4, 8, 9\); this engine takes \(2, 4, 8, 8\)"):
+        backend(np.zeros((2, 4, 8, 9), np.float32), t[:2], y[:2])
+
+
+def test_backend_falls_back_to_plain_enqueue_when_capture_fails(sim):
+    backend = sim.make(fail_capture=True)
+    for seed in range(2):
+        x, t, y = _inputs(4, seed)
+        np.testing.assert_array_equal(backend(x, t, y), expected_output(x, t, y))
+    assert list(backend.graph_failures) == [4] and "capture failed" in backend.graph_failures[4]
+    assert backend._slots[4].graph_exec is None
+
+
+def test_backend_bounds_its_cached_batch_sizes_and_frees_everything(sim):
+    from runtime.tensorrt import MAX_CACHED_BATCHES
+    backend = sim.make()
+    for n in range(2, 9):
+        backend(*_inputs(n))
+    assert len(backend._slots) == MAX_CACHED_BATCHES and sorted(backend._slots) == [5, 6, 7, 8]
+    backend.close()
+    assert sim.cuda.memory == {} and sim.cuda.graphs_destroyed == 2 * 7  # graph + its executable per size
+    with pytest.raises(RuntimeError, match="closed"):
+        backend(*_inputs(2))
+
+
+def test_backend_drops_a_batch_size_it_could_not_bind(sim):
+    backend = sim.make()
+    allocated = set(sim.cuda.memory)  # scratch only
+    with pytest.raises(RuntimeError, match=r"TensorRT rejected shape \(9, 4, 8, 8\) for latent"):
+        backend._slot(9)  # outside the profile
+    assert 9 not in backend._slots and set(sim.cuda.memory) == allocated
+
+
+def test_backend_max_batch(sim):
+    assert sim.make().max_batch == 8
+    from runtime.tensorrt import TensorRTBackend
+    backend = sim.make()
+    assert TensorRTBackend(backend.plan, backend.entry, max_batch=100).max_batch == 8  # capped at the profile
+    assert TensorRTBackend(backend.plan, backend.entry, max_batch=3).max_batch == 3
+    with pytest.raises(ValueError, match="below the engine profile's minimum of 2 rows"):
+        TensorRTBackend(backend.plan, backend.entry, max_batch=1)
+
+
+def test_backend_null_engine_carries_tensorrts_message_and_the_rebuild_command(sim):
+    with pytest.raises(ArtifactError) as info:
+        sim.make(plan_bytes=b"garbage")
+    message = str(info.value)
+    assert "returned no engine" in message and "magic tag does not match" in message
+    assert "ditrt build engines/tiny --min-batch 1 --opt-batch 16 --max-batch 64 --opt-level 3" in message
+
+
+def test_backend_refuses_a_plan_that_does_not_match_its_entry(sim, tmp_path):
+    backend = sim.make()
+    (tmp_path / backend.plan.name).write_bytes(b"PLAN-replaced")
+    from runtime.tensorrt import TensorRTBackend
+    with pytest.raises(ArtifactError, match="does not match its sha256"):
+        TensorRTBackend(backend.plan, backend.entry)
+
+
+def test_backend_start_failure_and_wrong_io(sim):
+    with pytest.raises(TensorRTUnavailable, match="TensorRT cannot start on this GPU: CUDA initialization failure"):
+        sim.make(runtime_errors=["CUDA initialization failure with error: 35"])
+    with pytest.raises(ArtifactError, match="a ditrt denoiser takes"):
+        sim.make(names=("x", "t", "y"))
+
+
+def test_version_compatible_plans_allow_host_code_before_deserialising(sim):
+    backend = sim.make(version_compatible=True)
+    assert backend._trt_runtime.host_code_when_deserialising is True
+    assert sim.make()._trt_runtime.host_code_when_deserialising is False
+
+
+def _cuda_runtime_names_used() -> set[str]:
+    """cuda-python runtime members runtime/tensorrt.py uses: _cuda("name", ...) calls and rt.name chains."""
+    tree = ast.parse((ROOT / "runtime" / "tensorrt.py").read_text())
+    names = {node.args[0].value for node in ast.walk(tree)
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "_cuda"
+             and node.args and isinstance(node.args[0], ast.Constant)}
+    names |= {parts[parts.index("rt") + 1] for _, parts in _chains(tree) if "rt" in parts[:-1]}
+    return names
+
+
+def test_sim_cuda_covers_every_cuda_call_the_backend_makes():
+    used = _cuda_runtime_names_used()
+    assert {"cudaMemcpyAsync", "cudaStreamBeginCapture", "cudaGraphLaunch", "cudaMallocHost"} <= used
+    assert all(hasattr(SimCuda, name) for name in used), used - set(dir(SimCuda))
+
+
+@pytest.mark.skipif(not _importable("cuda.bindings"), reason="cuda-python is not installed")
+def test_cuda_calls_exist_in_cuda_python():
+    from cuda.bindings import runtime as cudart
+    missing = {name for name in _cuda_runtime_names_used() if not hasattr(cudart, name)}
+    assert not missing
+    assert hasattr(cudart.cudaStreamCaptureMode, "cudaStreamCaptureModeThreadLocal")
+    assert hasattr(cudart.cudaMemcpyKind, "cudaMemcpyHostToDevice")
