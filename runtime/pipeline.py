@@ -134,19 +134,33 @@ def _pair(noise) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Progress:
-    """A one-line progress bar on stderr (no dependency)."""
+    """Progress on stderr without dependencies: a redrawn bar on a terminal (at most 10 redraws a
+    second), one line per tenth of the loop elsewhere (CI logs)."""
 
     def __init__(self, total: int):
-        self.total, self.start = total, time.perf_counter()
+        self.total, self.start, self.last_draw, self.last_tenth = total, time.perf_counter(), 0.0, 0
+        self.tty = sys.stderr.isatty()
 
     def update(self, done: int) -> None:
-        rate = done / max(time.perf_counter() - self.start, 1e-9)
-        filled = int(30 * done / self.total)
-        sys.stderr.write(f"\rsampling [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} steps, {rate:.1f} steps/s")
+        now = time.perf_counter()
+        rate = done / max(now - self.start, 1e-9)
+        if self.tty:
+            if now - self.last_draw < 0.1 and done < self.total:
+                return
+            self.last_draw = now
+            filled = int(30 * done / self.total)
+            sys.stderr.write(f"\rsampling [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} steps, {rate:.1f} steps/s")
+        else:
+            tenth = 10 * done // self.total
+            if tenth == self.last_tenth:
+                return
+            self.last_tenth = tenth
+            sys.stderr.write(f"sampling {done}/{self.total} steps, {rate:.1f} steps/s\n")
         sys.stderr.flush()
 
     def close(self) -> None:
-        sys.stderr.write("\n")
+        if self.tty:
+            sys.stderr.write("\n")
 
 
 def load(artifact_dir: str | Path, backend: str = "auto", precision: str | None = None,
