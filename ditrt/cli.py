@@ -187,8 +187,11 @@ def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, seed, bac
     label_list = _int_list(labels, "--labels")
     with input_errors():
         pipe = runtime.load(artifact, backend=backend, precision=precision, threads=threads, max_batch=max_batch)
-        latents = pipe.sample(label_list, num_steps=steps, sampler=sampler, cfg_scale=cfg_scale, guidance=guidance,
-                              seed=seed, eta=eta, progress=progress)
+        try:
+            latents = pipe.sample(label_list, num_steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                                  guidance=guidance, seed=seed, eta=eta, progress=progress)
+        except RuntimeError as e:  # the backend failed mid-loop: a failed step, not bad input
+            raise click.ClickException(f"sampling failed on {pipe.backend.name}: {e}") from None
     save_npy_atomic(out_path, latents)
     s = pipe.last_stats
     click.echo(f"{len(label_list)} images x {s.steps} steps ({sampler}, cfg {cfg_scale} {guidance}) on {pipe.backend.name}: "
@@ -363,7 +366,7 @@ from runtime.trt_plan import HARDWARE_COMPAT as _HARDWARE_COMPAT  # noqa: E402  
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--min-batch", type=int, default=1, show_default=True, help="Smallest engine batch, in engine rows.")
-@click.option("--opt-batch", type=int, default=16, show_default=True, help="Engine batch TensorRT tunes for, in rows.")
+@click.option("--opt-batch", type=int, help="Engine batch TensorRT tunes for, in rows [16, within min..max].")
 @click.option("--max-batch", type=int, default=64, show_default=True,
               help="Largest engine batch, in rows. With guidance each image is 2 rows: 64 = 32 guided images per "
                    "call; the runtime chunks larger requests.")
@@ -390,6 +393,8 @@ def build(artifact, min_batch, opt_batch, max_batch, opt_level, timing_cache, ha
     from runtime.trt_plan import BuildFlags, EngineProfile, TensorRTUnavailable
     from exporter.trt_build import BuildError, build_engine
     with input_errors():
+        if opt_batch is None:
+            opt_batch = max(min_batch, min(16, max_batch))
         profile = EngineProfile(min_batch, opt_batch, max_batch)
         flags = BuildFlags(opt_level, hardware_compat, version_compatible, workspace,
                            str(timing_cache) if timing_cache else None)

@@ -44,6 +44,9 @@ def load_checkpoint(path: str | Path, **overrides) -> Checkpoint:
     if "x_embedder.proj.weight" in tensors:
         state_dict, fmt = tensors, source_format
     elif "pos_embed.proj.weight" in tensors or any(k.startswith("transformer_blocks.") for k in tensors):
+        if _DIFFUSERS_DIT_MARKER not in tensors:  # PixArt, SD3 and other diffusers transformers share the prefixes
+            raise CheckpointError(f"{path} is a diffusers-layout transformer but not a class-conditional DiT: "
+                                  f"it has no '{_DIFFUSERS_DIT_MARKER}'")
         state_dict = diffusers_to_official(tensors)
         fmt = "diffusers"
         overrides = {**_diffusers_config_overrides(path), **overrides}
@@ -80,7 +83,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], str, list[str]]:
             raise CheckpointError(f"unreadable safetensors file {path}: {e}") from None
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            # mmap: a 2.7 GB checkpoint is paged in, not read into a second copy in memory
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         detail = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
         if not detail:  # not a refusal: the bytes are no pickle at all
@@ -230,6 +234,7 @@ _BLOCK = {
     "blocks.{i}.mlp.fc1.{p}": "transformer_blocks.{i}.ff.net.0.proj.{p}",
     "blocks.{i}.mlp.fc2.{p}": "transformer_blocks.{i}.ff.net.2.{p}",
 }
+_DIFFUSERS_DIT_MARKER = "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"
 _DIFFUSERS_POS_EMBED = "pos_embed.pos_embed"  # a buffer; diffusers recomputes it and usually omits it
 
 

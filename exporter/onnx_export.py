@@ -45,6 +45,10 @@ class ExportError(RuntimeError):
     """Export or export-time validation failed; nothing was written."""
 
 
+class ExportOptionError(ValueError):
+    """Options that cannot work, refused before any work is done (the CLI's exit code 2)."""
+
+
 @dataclass
 class ExportSource:
     """Where the weights come from: a loaded checkpoint, or a named config with random init."""
@@ -80,16 +84,7 @@ def export_artifact(source: ExportSource, out_dir: str | Path, precisions: tuple
                     log: Callable[[str], None] = print) -> Manifest:
     """Write the artifact directory. The source model is used up: an fp16 export converts it in place."""
     out_dir = Path(out_dir)
-    if opset not in VALID_OPSETS:
-        raise ExportError(f"opset {opset} is not supported: torch.onnx (dynamo) writes valid graphs for opsets "
-                          f"{VALID_OPSETS.start}..{VALID_OPSETS.stop - 1}")
-    unknown = [p for p in precisions if p not in ("fp32", "fp16")]
-    if unknown or not precisions:
-        raise ExportError(f"unknown precision(s) {unknown or precisions}; use fp32 and/or fp16")
-    if fp32_blocks and "fp16" not in precisions:
-        raise ExportError("--fp32-blocks only applies to the fp16 graph; add fp16 to --precision")
-    if out_dir.exists() and not force:
-        raise ExportError(f"{out_dir} already exists; pass --force to overwrite it")
+    check_options(source.model.config, out_dir, precisions, opset, force, fp32_blocks)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
@@ -104,13 +99,40 @@ def export_artifact(source: ExportSource, out_dir: str | Path, precisions: tuple
     return Manifest(manifest_data, out_dir)
 
 
+def check_options(config: DiTConfig, out_dir: Path, precisions, opset: int, force: bool, fp32_blocks) -> None:
+    """Everything that can be refused before minutes of work is refused here."""
+    if opset not in VALID_OPSETS:
+        raise ExportOptionError(f"opset {opset} is not supported: torch.onnx (dynamo) writes valid graphs for opsets "
+                                f"{VALID_OPSETS.start}..{VALID_OPSETS.stop - 1}")
+    unknown = [p for p in precisions if p not in ("fp32", "fp16")]
+    if unknown or not precisions:
+        raise ExportOptionError(f"unknown precision(s) {unknown or precisions}; use fp32 and/or fp16")
+    if fp32_blocks and "fp16" not in precisions:
+        raise ExportOptionError("--fp32-blocks only applies to the fp16 graph; add fp16 to --precision")
+    bad = [i for i in fp32_blocks if not 0 <= i < config.depth]
+    if bad:
+        raise ExportOptionError(f"--fp32-blocks {bad} out of range: the model has blocks 0..{config.depth - 1}")
+    if out_dir.exists():
+        if not force:
+            raise ExportOptionError(f"{out_dir} already exists; pass --force to overwrite it")
+        if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file()):
+            # --force replaces an artifact, never an arbitrary folder (say --out engines by mistake).
+            raise ExportOptionError(f"{out_dir} is not a ditrt artifact (no {MANIFEST_NAME}); --force only replaces "
+                                    "artifacts or empty directories: choose another --out")
+
+
 def _replace_dir(new: Path, target: Path) -> None:
+    """Swap the finished directory into place; on failure the old artifact is put back."""
     if not target.exists():
         os.replace(new, target)
         return
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     os.replace(target, old)
-    os.replace(new, target)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

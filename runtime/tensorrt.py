@@ -139,10 +139,14 @@ def compatible_engine(manifest: Manifest) -> dict | None:
     if not manifest.data.get("engines"):
         return None  # nothing to choose from: do not import TensorRT or touch the GPU
     try:
-        return _choose(manifest, environment())[0]
+        entry, refusals = _choose(manifest, environment())
     except Exception as e:  # no TensorRT, no GPU, a malformed entry: all mean "not TensorRT"
-        log.debug("no TensorRT engine for %s: %s", manifest.directory, e)
+        log.warning("backend auto: no TensorRT for %s (%s); using ONNX Runtime", manifest.directory, e)
         return None
+    if entry is None:
+        log.warning("backend auto: no plan in %s fits this GPU and TensorRT; using ONNX Runtime. %s",
+                    manifest.directory, " ".join(refusals))
+    return entry
 
 
 def _capturing_logger(trt):
@@ -291,6 +295,9 @@ class TensorRTBackend:
     def _bind(self, slot: _Slot) -> None:
         """Scratch memory, input shapes, and a pinned host + a device buffer per tensor."""
         context, rows = slot.context, slot.rows
+        # Every context shares this one scratch buffer. That is safe only because calls are serialised:
+        # one lock, one stream, and a synchronize at the end of each _run. Overlapping calls would
+        # need a scratch buffer (and a stream) per context.
         context.set_device_memory(self._scratch, self._scratch_bytes)
         for name in INPUT_NAMES:
             if not context.set_input_shape(name, (rows, *self._dims[name])):

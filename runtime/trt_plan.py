@@ -13,7 +13,8 @@ Compatibility rules (TensorRT docs, "Engine Compatibility", 10.x/11.x, and the 1
 - ... unless built VERSION_COMPATIBLE: then it runs on the same or a newer TensorRT of the same
   major version, and across majors only for the pairs the support matrix lists (8 -> 10, 10 -> 11).
   The runtime must then set `engine_host_code_allowed` (the plan carries the lean runtime).
-- A plan runs only on the device type that built it (same compute capability and GPU model) ...
+- A plan runs only on GPUs of the compute capability that built it (another GPU model of the same
+  compute capability, H100 SXM vs PCIe say, runs it with a TensorRT warning and tactics timed elsewhere) ...
 - ... unless built with hardware compatibility AMPERE_PLUS (any GPU of compute capability >= 8.0)
   or SAME_COMPUTE_CAPABILITY (any GPU with the builder's compute capability).
 """
@@ -298,6 +299,9 @@ def check_engine_compat(entry: dict, trt_version: str, compute_capability, gpu_n
     if e.flags.hardware_compat != "none" and (e.compute_capability != here_cc or (gpu_name and e.gpu_name != gpu_name)):
         notes.append(f"hardware-compatible ({e.flags.hardware_compat}) plan from {e.gpu_name} "
                      f"(compute capability {cc_string(e.compute_capability)})")
+    elif gpu_name and e.gpu_name and gpu_name != e.gpu_name:
+        notes.append(f"built on {e.gpu_name}, running on {gpu_name} (same compute capability): TensorRT allows this "
+                     f"with a warning; tactics were timed on the other model, so rebuild here for the best speed")
     return Compat(True, f"{e.file}: " + ("; ".join(notes) if notes else "built for this GPU and TensorRT version"))
 
 
@@ -325,10 +329,7 @@ def _hardware_problems(e: EntryView, here_cc: tuple[int, int], gpu_name: str | N
         return [f"built on a GPU of compute capability {built_cc} ({e.gpu_name}), this GPU ({gpu_name or 'unknown'}) has "
                 f"{here}: the plan runs only on {'its compute capability' if level == 'same-cc' else 'the GPU type that built it'}"
                 + ("" if level == "same-cc" else " (unless built with --hardware-compat)")]
-    if level == "none" and gpu_name and e.gpu_name and gpu_name != e.gpu_name:
-        return [f"built on {e.gpu_name}, this is {gpu_name} (same compute capability {here}): TensorRT supports a plan "
-                f"only on the GPU model that built it (unless built with --hardware-compat same-cc)"]
-    return []
+    return []  # same compute capability, another GPU model (H100 SXM vs PCIe): TensorRT runs it with a warning
 
 
 def choose_engine(entries: Sequence[dict], trt_version: str, compute_capability, gpu_name: str | None,

@@ -160,6 +160,12 @@ def test_diffusers_missing_key(tmp_path, state_dict):
     assert "missing key transformer_blocks.1.attn1.to_v.bias" in _error(tmp_path / "d.bin", num_heads=4)
 
 
+def test_other_diffusers_transformers_are_not_a_dit(tmp_path):
+    torch.save({"pos_embed.proj.weight": torch.zeros(8, 4, 2, 2), "proj_out.weight": torch.zeros(4, 8),
+                "transformer_blocks.0.attn1.to_q.weight": torch.zeros(8, 8)}, tmp_path / "pixart.bin")
+    assert "not a class-conditional DiT" in _error(tmp_path / "pixart.bin")
+
+
 def test_corrupt_safetensors(tmp_path):
     (tmp_path / "w.safetensors").write_bytes((20).to_bytes(8, "little") + b'{"a": broken json}')
     assert "unreadable safetensors" in _error(tmp_path / "w.safetensors")

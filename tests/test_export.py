@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 
 from conftest import max_rel_err
 from exporter import onnx_export
-from exporter.onnx_export import ExportError, export_artifact, source_from_checkpoint
+from exporter.onnx_export import ExportError, ExportOptionError, export_artifact, source_from_checkpoint
 from exporter.trt_lint import lint_model
 from runtime.manifest import load_manifest
 
@@ -97,8 +97,10 @@ def test_existing_artifact_needs_force(tmp_path, tiny_checkpoint):
     out = tmp_path / "a"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ExportError, match="already exists; pass --force"):
+    with pytest.raises(ExportOptionError, match="already exists; pass --force"):
         export_artifact(source_from_checkpoint(tiny_checkpoint), out, ("fp32",), log=lambda m: None)
+    with pytest.raises(ExportOptionError, match="is not a ditrt artifact"):  # --force never wipes a folder
+        export_artifact(source_from_checkpoint(tiny_checkpoint), out, ("fp32",), force=True, log=lambda m: None)
     assert (out / "keep.txt").read_text() == "mine"
 
 
@@ -111,12 +113,15 @@ def test_failed_validation_leaves_nothing(tmp_path, tiny_checkpoint, monkeypatch
 
 def test_bad_options(tmp_path, tiny_checkpoint):
     src = source_from_checkpoint(tiny_checkpoint)
-    with pytest.raises(ExportError, match="opset 17 is not supported"):
+    with pytest.raises(ExportOptionError, match="opset 17 is not supported"):
         export_artifact(src, tmp_path / "a", opset=17, log=lambda m: None)
-    with pytest.raises(ExportError, match="unknown precision"):
+    with pytest.raises(ExportOptionError, match="unknown precision"):
         export_artifact(src, tmp_path / "a", ("bf16",), log=lambda m: None)
-    with pytest.raises(ExportError, match="only applies to the fp16 graph"):
+    with pytest.raises(ExportOptionError, match="only applies to the fp16 graph"):
         export_artifact(src, tmp_path / "a", ("fp32",), fp32_blocks=(0,), log=lambda m: None)
+    with pytest.raises(ExportOptionError, match=r"--fp32-blocks \[2\] out of range"):
+        export_artifact(src, tmp_path / "a", fp32_blocks=(2,), log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []
 
 
 def _ditrt(*args):
@@ -131,7 +136,7 @@ def test_cli_export_force_and_fp32_blocks(tmp_path, golden):
     manifest = load_manifest(out)
     assert list(manifest.data["graphs"]) == ["fp16"] and manifest.graph("fp16")["fp32_blocks"] == [0, 1]
     r = _ditrt("export", "--example", "--out", out, "--precision", "fp16")
-    assert r.returncode == 1 and "--force" in r.stderr
+    assert r.returncode == 2 and "--force" in r.stderr
     assert _ditrt("export", "--example", "--out", out, "--precision", "fp16", "--force").returncode == 0
     assert load_manifest(out).graph("fp16")["fp32_blocks"] == []
 
