@@ -3,9 +3,7 @@ saved golden) import no torch; exporter modules are imported inside the commands
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -346,16 +344,8 @@ def _activation_ranges(manifest, checkpoint, headroom, json_path) -> None:
 
 def save_npy_atomic(path: Path, array) -> None:
     import numpy as np
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with runtime.manifest.atomic_output(path, suffix=".npy") as f:
+        np.save(f, array)
 
 
 # ---- build --------------------------------------------------------------------------------------

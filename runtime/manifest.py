@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,16 +114,23 @@ def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write to a temporary file beside the target, then rename: never a half-written file."""
+@contextmanager
+def atomic_output(path: str | Path, suffix: str = ""):
+    """A binary file handle on a temporary name beside `path`, renamed onto it when the block ends
+    without error (removed otherwise): readers never see a half-written file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            yield f
         os.chmod(tmp, 0o644)  # mkstemp makes it private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    with atomic_output(path) as f:
+        f.write((json.dumps(data, indent=2) + "\n").encode())

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from .backends import Backend, run_batched
-from .manifest import ModelSpec
+from .manifest import ModelSpec, atomic_output
 from .noise import SeededNoise
 from .schedule import respaced_schedule
 
@@ -120,8 +120,6 @@ class Golden:
     meta: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
-        import os
-        import tempfile
         arrays: dict[str, np.ndarray] = {}
         meta = {**self.meta, "format": GOLDEN_FORMAT, "forward": [], "loops": []}
         for i, (case, out) in enumerate(self.forward):
@@ -133,17 +131,8 @@ class Golden:
                                   "cfg_scale": case.cfg_scale, "guidance": case.guidance})
             arrays.update({f"loop{i}_labels": case.labels, f"loop{i}_initial": case.initial,
                            f"loop{i}_step_noise": case.step_noise, f"loop{i}_output": out})
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_output(path, suffix=".npz") as f:
+            np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> "Golden":
