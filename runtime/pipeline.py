@@ -77,8 +77,7 @@ class Pipeline:
         rows = 2 * n if guided else n
         latent_in = np.empty((rows, *shape), dtype=np.float32)
         timestep_in = np.empty(rows, dtype=np.float32)
-        label_in = np.concatenate([labels, np.full(n, self.manifest.diffusion.null_class)]) if guided else labels
-        label_in = label_in.astype(np.int64)
+        label_in = np.concatenate([labels, np.full(n, self.manifest.diffusion.null_class, np.int64)]) if guided else labels
 
         step = partial(ddim_step, eta=eta) if sampler == "ddim" else SAMPLERS[sampler]
         x = source.initial()
