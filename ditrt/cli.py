@@ -318,10 +318,10 @@ def _integrity_checks(manifest, name: str) -> list:
     if name == "trt":
         return []
     results = []
-    for file, digest in manifest.graph(name.split("-")[1])["sha256"].items():
-        actual = runtime.manifest.sha256_file(manifest.directory / file)
-        results.append(CheckResult(name, f"sha256 {file}", file, actual == digest, "equal to the manifest",
-                                   {}, 0.0, None if actual == digest else f"sha256 {actual[:16]}... differs from the manifest's {digest[:16]}..."))
+    for file, (recorded, actual) in manifest.file_hashes(name.split("-")[1]).items():
+        error = (None if actual == recorded else "missing" if actual is None
+                 else f"sha256 {actual[:16]}... differs from the manifest's {recorded[:16]}...")
+        results.append(CheckResult(name, f"sha256 {file}", file, error is None, "equal to the manifest", {}, 0.0, error))
     return results
 
 

@@ -149,7 +149,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], **overrides) -> DiTConfig:
     if missing:
         raise CheckpointError(f"cannot infer the DiT config: missing keys {', '.join(missing)}")
     hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
-    depth = 1 + max((int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    depth = _depth(state_dict, r"blocks\.(\d+)\.")
     out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
     found = dict(hidden_size=hidden, in_channels=in_channels, patch_size=patch, depth=depth,
                  num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,

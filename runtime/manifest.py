@@ -16,7 +16,6 @@ from pathlib import Path
 SCHEMA = "ditrt.manifest"
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-PRECISIONS = ("fp32", "fp16")
 
 
 class ArtifactError(ValueError):
@@ -71,14 +70,22 @@ class Manifest:
     def engines(self) -> list[dict]:
         return self.data.setdefault("engines", [])
 
-    def verify_files(self, precision: str) -> None:
-        """Check that the graph's files exist and have the recorded sha256."""
+    def file_hashes(self, precision: str) -> dict[str, tuple[str, str | None]]:
+        """file -> (sha256 in the manifest, sha256 on disk or None when missing) for a graph."""
+        out = {}
         for name, digest in self.graph(precision)["sha256"].items():
             path = self.directory / name
-            if not path.is_file():
-                raise ArtifactError(f"{path} is listed in the manifest but missing")
-            if sha256_file(path) != digest:
-                raise ArtifactError(f"{path} does not match its sha256 in the manifest (corrupt or replaced); re-export")
+            out[name] = (digest, sha256_file(path) if path.is_file() else None)
+        return out
+
+    def verify_files(self, precision: str) -> None:
+        """Check that the graph's files exist and have the recorded sha256."""
+        for name, (recorded, actual) in self.file_hashes(precision).items():
+            if actual is None:
+                raise ArtifactError(f"{self.directory / name} is listed in the manifest but missing")
+            if actual != recorded:
+                raise ArtifactError(f"{self.directory / name} does not match its sha256 in the manifest "
+                                    "(corrupt or replaced); re-export")
 
     def save(self) -> None:
         write_json_atomic(self.directory / MANIFEST_NAME, self.data)
