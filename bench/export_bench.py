@@ -44,11 +44,11 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--precisions", default="fp32,fp16")
     args = parser.parse_args()
-    from exporter.model import named_config
+    from ditrt.exporter.model import named_config
     cfg = named_config(args.config, args.image_size)
     import torch
     with torch.device("meta"):
-        from exporter.model import DiT, count_parameters
+        from ditrt.exporter.model import DiT, count_parameters
         params = count_parameters(DiT(cfg))
     fp32_gib = params * 4 / 2**30
     rows = []

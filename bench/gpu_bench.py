@@ -44,7 +44,7 @@ def gpu_name() -> str | None:
     except ImportError:
         pass
     try:
-        from runtime.tensorrt import gpu_info
+        from ditrt.runtime.tensorrt import gpu_info
         return gpu_info().name
     except Exception:  # no cuda-python, no driver, no device
         return None
@@ -90,13 +90,13 @@ class TorchCudaGraphBackend:
 def make_backend(name: str, manifest, model, max_rows: int, log):
     """(backend, note); Unavailable with the reason when this machine cannot run it."""
     if name == "tensorrt":
-        from runtime.tensorrt import TensorRTBackend, compatible_engine, environment
-        from runtime.trt_plan import BuildFlags, EngineProfile, TensorRTUnavailable
+        from ditrt.runtime.tensorrt import TensorRTBackend, compatible_engine, environment
+        from ditrt.runtime.trt_plan import BuildFlags, EngineProfile, TensorRTUnavailable
         try:
             environment()  # TensorRT and a GPU, or the reason why not
             entry = compatible_engine(manifest)
             if entry is None or entry["profile"]["max"] < max_rows:
-                from exporter.trt_build import build_engine
+                from ditrt.runtime.trt_build import build_engine
                 log(f"building a TensorRT plan (1/16/{max_rows} engine rows) for this GPU ...")
                 build_engine(manifest.directory, EngineProfile(1, min(16, max_rows), max_rows), BuildFlags(), log=log)
                 manifest = _reload(manifest)
@@ -106,7 +106,7 @@ def make_backend(name: str, manifest, model, max_rows: int, log):
         return backend, f"{backend.plan.name}, parity max rel err {backend.entry['parity']['max_rel_err']:.2e}"
     if name == "onnxruntime-cuda":
         import onnxruntime as ort
-        from runtime.backends import OnnxRuntimeBackend
+        from ditrt.runtime.backends import OnnxRuntimeBackend
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise Unavailable(f"onnxruntime {ort.__version__} has no CUDA EP (pip uninstall onnxruntime && "
                               "pip install onnxruntime-gpu)")
@@ -114,7 +114,7 @@ def make_backend(name: str, manifest, model, max_rows: int, log):
     if model is None:
         raise Unavailable("PyTorch with CUDA is not installed")
     if name == "torch-eager":
-        from exporter.torch_backend import TorchBackend
+        from ditrt.exporter.torch_backend import TorchBackend
         return TorchBackend(model, "cuda"), "fp16 (sinusoid fp32)"
     return TorchCudaGraphBackend(model), "fp16 (sinusoid fp32), one graph per batch size"
 
@@ -124,7 +124,7 @@ class Unavailable(Exception):
 
 
 def _reload(manifest):
-    from runtime.manifest import load_manifest
+    from ditrt.runtime.manifest import load_manifest
     return load_manifest(manifest.directory)
 
 
@@ -146,7 +146,7 @@ def forward_ms(backend, rows: int, shape: tuple[int, ...], num_classes: int, rep
 def prepare(args, log):
     """(manifest, fp16 torch model on the GPU or None, description of the weights). The artifact is
     exported (fp16 graph only: what the GPU backends run) when it does not exist yet."""
-    from runtime.manifest import ArtifactError, load_manifest
+    from ditrt.runtime.manifest import ArtifactError, load_manifest
     try:
         import torch
         has_torch_cuda = torch.cuda.is_available()
@@ -161,12 +161,12 @@ def prepare(args, log):
     if has_torch_cuda or manifest is None:
         source = torch_source(args, manifest)
     if manifest is None:
-        from exporter.onnx_export import export_artifact
+        from ditrt.exporter.onnx_export import export_artifact
         log(f"exporting {artifact} (fp16 graph) ...")
         manifest = export_artifact(source, artifact, ("fp16",), log=log)
     model = None
     if has_torch_cuda:
-        from exporter.model import set_precision
+        from ditrt.exporter.model import set_precision
         model = set_precision(source.model, "fp16").to("cuda").eval()
     return manifest, model, args.checkpoint or "random init (timings do not depend on the weights)"
 
@@ -174,12 +174,12 @@ def prepare(args, log):
 def torch_source(args, manifest):
     """The PyTorch model: --checkpoint, else a random init of the artifact's config (or --config)."""
     try:
-        from exporter.model import DiTConfig, named_config
-        from exporter.onnx_export import source_from_checkpoint, source_from_random_init
+        from ditrt.exporter.model import DiTConfig, named_config
+        from ditrt.exporter.onnx_export import source_from_checkpoint, source_from_random_init
     except ImportError as e:
         raise SystemExit(f"exporting an artifact needs PyTorch ({e}): pass --artifact") from None
     if args.checkpoint:
-        from exporter.checkpoints import load_checkpoint
+        from ditrt.exporter.checkpoints import load_checkpoint
         return source_from_checkpoint(load_checkpoint(args.checkpoint))
     if manifest is not None:
         config = DiTConfig(**{k: manifest.data["model"][k] for k in DiTConfig.__dataclass_fields__})
@@ -215,7 +215,7 @@ def main() -> int:
         print("skipped: no GPU")
         return 0
     sys.path.insert(0, str(ROOT))
-    import runtime
+    from ditrt import runtime
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

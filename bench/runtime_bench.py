@@ -43,11 +43,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    import runtime
-    from exporter.model import named_config
-    from exporter.onnx_export import export_artifact, source_from_random_init
-    from exporter.torch_backend import TorchBackend
-    from runtime.backends import OnnxRuntimeBackend
+    from ditrt import runtime
+    from ditrt.exporter.model import named_config
+    from ditrt.exporter.onnx_export import export_artifact, source_from_random_init
+    from ditrt.exporter.torch_backend import TorchBackend
+    from ditrt.runtime.backends import OnnxRuntimeBackend
 
     torch.set_num_threads(args.threads)
     rows = []

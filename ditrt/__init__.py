@@ -1,4 +1,4 @@
 """ditrt: DiT to ONNX and TensorRT, with a torch-free CFG sampling runtime."""
-from runtime import __version__
+from ditrt.runtime import __version__
 
 __all__ = ["__version__"]

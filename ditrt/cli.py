@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-import runtime
+from ditrt import runtime
 
 EXAMPLE_CHECKPOINT = Path(__file__).resolve().parent.parent / "exporter" / "data" / "dit_tiny_official.pt"
 EXAMPLE_OVERRIDES = {"num_heads": 4}  # the golden tiny model: depth 2, hidden 64, 4 heads, 10 classes
@@ -40,7 +40,7 @@ def _int_list(value: str | None, what: str) -> list[int]:
 @contextmanager
 def input_errors():
     """Map the project's input errors to exit code 2 with their message."""
-    from runtime.trt_plan import TensorRTUnavailable
+    from ditrt.runtime.trt_plan import TensorRTUnavailable
     try:
         yield
     except TensorRTUnavailable as e:  # the environment, not the input: exit 1 with the install hint
@@ -68,8 +68,8 @@ def main() -> None:
 def inspect(checkpoint: Path, num_heads: int | None, input_size: int | None, as_json: bool) -> None:
     """Show a checkpoint's format, inferred config, parameters and GMACs per forward."""
     _require_torch("inspect")
-    from exporter.checkpoints import CheckpointError, describe, load_checkpoint
-    from exporter.model import get_2d_sincos_pos_embed, macs_per_forward
+    from ditrt.exporter.checkpoints import CheckpointError, describe, load_checkpoint
+    from ditrt.exporter.model import get_2d_sincos_pos_embed, macs_per_forward
     overrides = {k: v for k, v in (("num_heads", num_heads), ("input_size", input_size)) if v is not None}
     try:
         ckpt = load_checkpoint(checkpoint, **overrides)
@@ -100,7 +100,7 @@ def inspect(checkpoint: Path, num_heads: int | None, input_size: int | None, as_
 
 def _named(cfg) -> str | None:
     from dataclasses import replace
-    from exporter.model import DIT_CONFIGS
+    from ditrt.exporter.model import DIT_CONFIGS
     return next((name for name, c in DIT_CONFIGS.items()
                  if replace(c, input_size=cfg.input_size, num_classes=cfg.num_classes, learn_sigma=cfg.learn_sigma) == cfg), None)
 
@@ -125,9 +125,9 @@ def export(checkpoint, example, config_name, random_init, image_size, num_classe
            precision, fp32_blocks, force) -> None:
     """Export a checkpoint (or a random-init named config) to ONNX with a validated manifest."""
     _require_torch("export")
-    from exporter.checkpoints import CheckpointError, load_checkpoint
-    from exporter.model import named_config
-    from exporter.onnx_export import ExportError, export_artifact, source_from_checkpoint, source_from_random_init
+    from ditrt.exporter.checkpoints import CheckpointError, load_checkpoint
+    from ditrt.exporter.model import named_config
+    from ditrt.exporter.onnx_export import ExportError, export_artifact, source_from_checkpoint, source_from_random_init
 
     chosen = [bool(checkpoint), example, random_init]
     if sum(chosen) != 1:
@@ -225,7 +225,7 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
 
     Exit code 0: every check within bounds; 1: some check out of bounds; 2: usage or artifact error.
     """
-    from runtime import parity as P
+    from ditrt.runtime import parity as P
     modes = [bool(against), bool(save_golden), activation_ranges]
     if sum(modes) != 1:
         raise click.UsageError("give exactly one of --against, --save-golden or --activation-ranges")
@@ -240,14 +240,14 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
             return _activation_ranges(manifest, checkpoint, headroom, json_path)
         if save_golden:
             _require_torch("parity --save-golden")
-            from exporter.parity_reference import reference_golden
+            from ditrt.exporter.parity_reference import reference_golden
             golden = reference_golden(manifest, batch_list, steps, checkpoint, log=lambda m: click.echo(m, err=True))
             golden.save(save_golden)
             click.echo(f"saved {len(golden.forward)} forward and {len(golden.loops)} loop references to {save_golden}")
             return
         if against == "reference":
             _require_torch("parity --against reference")
-            from exporter.parity_reference import reference_golden
+            from ditrt.exporter.parity_reference import reference_golden
             golden = reference_golden(manifest, batch_list, steps, checkpoint, log=lambda m: click.echo(m, err=True))
         else:
             golden = P.Golden.load(against)
@@ -276,7 +276,7 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
 
 
 def _parity_thresholds(names, max_rel_errs, atol, rtol) -> dict:
-    from runtime.parity import BACKEND_PRECISION, DEFAULT_MAX_REL_ERR, Threshold
+    from ditrt.runtime.parity import BACKEND_PRECISION, DEFAULT_MAX_REL_ERR, Threshold
     overrides: dict[str, float] = {}
     for item in max_rel_errs:
         key, _, value = item.rpartition("=")
@@ -298,10 +298,10 @@ def _parity_thresholds(names, max_rel_errs, atol, rtol) -> dict:
 
 
 def _parity_backend(manifest, name: str, threads):
-    from runtime.backends import OnnxRuntimeBackend, onnxruntime_device
+    from ditrt.runtime.backends import OnnxRuntimeBackend, onnxruntime_device
     if name == "trt":
         try:
-            from runtime.tensorrt import TensorRTBackend
+            from ditrt.runtime.tensorrt import TensorRTBackend
             return TensorRTBackend.from_manifest(manifest)
         except (ImportError, RuntimeError) as e:
             raise InputError(f"backend trt is not available here: {e}") from None
@@ -314,7 +314,7 @@ def _parity_backend(manifest, name: str, threads):
 def _integrity_checks(manifest, name: str) -> list:
     """The graph files' sha256 against the manifest: a changed file is a failed check, and the
     numeric checks still run so the report shows what the change does."""
-    from runtime.parity import CheckResult
+    from ditrt.runtime.parity import CheckResult
     if name == "trt":
         return []
     results = []
@@ -327,7 +327,7 @@ def _integrity_checks(manifest, name: str) -> list:
 
 def _activation_ranges(manifest, checkpoint, headroom, json_path) -> None:
     _require_torch("parity --activation-ranges")
-    from exporter.parity_reference import activation_ranges, reference_model
+    from ditrt.exporter.parity_reference import activation_ranges, reference_model
     k = manifest.model.num_classes
     report = activation_ranges(reference_model(manifest, checkpoint), [0, 100, 250, 500, 750, 999],
                                [0, k // 2, k - 1, k], headroom=headroom)
@@ -350,7 +350,7 @@ def save_npy_atomic(path: Path, array) -> None:
 
 # ---- build --------------------------------------------------------------------------------------
 
-from runtime.trt_plan import HARDWARE_COMPAT as _HARDWARE_COMPAT  # noqa: E402  (pure: no TensorRT import)
+from ditrt.runtime.trt_plan import HARDWARE_COMPAT as _HARDWARE_COMPAT  # noqa: E402  (pure: no TensorRT import)
 
 
 @main.command()
@@ -380,8 +380,8 @@ def build(artifact, min_batch, opt_batch, max_batch, opt_level, timing_cache, ha
     pip install 'ditrt[trt]' and an NVIDIA GPU; torch is not needed.
     """
     import contextlib
-    from runtime.trt_plan import BuildFlags, EngineProfile, TensorRTUnavailable
-    from exporter.trt_build import BuildError, build_engine
+    from ditrt.runtime.trt_plan import BuildFlags, EngineProfile, TensorRTUnavailable
+    from ditrt.runtime.trt_build import BuildError, build_engine
     with input_errors():
         if opt_batch is None:
             opt_batch = max(min_batch, min(16, max_batch))

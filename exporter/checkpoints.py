@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.manifest import sha256_file
+from ditrt.runtime.manifest import sha256_file
 
 from .model import DIT_CONFIGS, DiT, DiTConfig, get_2d_sincos_pos_embed
 

@@ -21,10 +21,10 @@ import numpy as np
 import onnx
 import torch
 
-import runtime
-from runtime.backends import INPUT_NAMES, OUTPUT_NAME, OnnxRuntimeBackend
-from runtime.manifest import MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, Manifest, sha256_file, write_json_atomic
-from runtime.parity import compare
+from ditrt import runtime
+from ditrt.runtime.backends import INPUT_NAMES, OUTPUT_NAME, OnnxRuntimeBackend
+from ditrt.runtime.manifest import MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, Manifest, sha256_file, write_json_atomic
+from ditrt.runtime.parity import compare
 
 from .checkpoints import Checkpoint
 from .model import DiT, DiTConfig, count_parameters, macs_per_forward, set_precision

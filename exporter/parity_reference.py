@@ -8,9 +8,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from runtime.manifest import ArtifactError, Manifest
-from runtime.parity import Golden, make_golden
-from runtime.pipeline import Pipeline
+from ditrt.runtime.manifest import ArtifactError, Manifest
+from ditrt.runtime.parity import Golden, make_golden
+from ditrt.runtime.pipeline import Pipeline
 
 from .checkpoints import load_checkpoint
 from .model import DiT, DiTConfig, random_init

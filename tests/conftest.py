@@ -25,14 +25,14 @@ def golden_meta() -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint():
-    from exporter.checkpoints import load_checkpoint
+    from ditrt.exporter.checkpoints import load_checkpoint
     return load_checkpoint(TINY_CHECKPOINT, num_heads=4)
 
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory, tiny_checkpoint) -> Path:
     """The golden checkpoint exported to fp32 and fp16 ONNX (validated at export)."""
-    from exporter.onnx_export import export_artifact, source_from_checkpoint
+    from ditrt.exporter.onnx_export import export_artifact, source_from_checkpoint
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
     export_artifact(source_from_checkpoint(tiny_checkpoint), out, log=lambda m: None)
     return out

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_CHECKPOINT
-from exporter.checkpoints import (CheckpointError, diffusers_to_official, load_checkpoint, official_to_diffusers,
+from ditrt.exporter.checkpoints import (CheckpointError, diffusers_to_official, load_checkpoint, official_to_diffusers,
                                   save_diffusers)
 
 

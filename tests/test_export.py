@@ -9,10 +9,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import max_rel_err
-from exporter import onnx_export
-from exporter.onnx_export import ExportError, ExportOptionError, export_artifact, source_from_checkpoint
-from exporter.trt_lint import lint_model
-from runtime.manifest import load_manifest
+from ditrt.exporter import onnx_export
+from ditrt.exporter.onnx_export import ExportError, ExportOptionError, export_artifact, source_from_checkpoint
+from ditrt.exporter.trt_lint import lint_model
+from ditrt.runtime.manifest import load_manifest
 
 
 def _run(path, x, t, y):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import max_rel_err
-from exporter.model import (DIT_CONFIGS, DiT, DiTConfig, count_parameters, macs_per_forward, named_config,
+from ditrt.exporter.model import (DIT_CONFIGS, DiT, DiTConfig, count_parameters, macs_per_forward, named_config,
                             set_precision)
 
 

@@ -6,10 +6,10 @@ import sys
 import numpy as np
 import pytest
 
-import runtime
+from ditrt import runtime
 from conftest import max_rel_err
-from runtime.backends import run_batched
-from runtime.manifest import ArtifactError, load_manifest
+from ditrt.runtime.backends import run_batched
+from ditrt.runtime.manifest import ArtifactError, load_manifest
 
 LOOPS = [("ddpm", "10", "ddpm_samples"), ("ddim", "ddim10", "ddim_samples")]
 
@@ -28,7 +28,7 @@ def test_onnxruntime_fp32_reproduces_the_official_loops(tiny_artifact, golden, s
 
 @pytest.mark.parametrize("sampler,spec,key", LOOPS)
 def test_torch_reference_backend_reproduces_the_official_loops(tiny_artifact, tiny_checkpoint, golden, sampler, spec, key):
-    from exporter.torch_backend import TorchBackend
+    from ditrt.exporter.torch_backend import TorchBackend
     pipe = runtime.Pipeline(TorchBackend(tiny_checkpoint.build_model()), load_manifest(tiny_artifact))
     assert max_rel_err(_golden_loop(pipe, golden, sampler, spec), golden[key]) <= 1e-4
 
@@ -42,7 +42,7 @@ def test_fp16_graph_full_loop_deviation(tiny_artifact, golden, sampler, spec, ke
 
 
 def test_golden_timesteps_are_the_chains_we_run(golden):
-    from runtime.schedule import respaced_schedule
+    from ditrt.runtime.schedule import respaced_schedule
     assert list(respaced_schedule("10").timesteps[::-1]) == list(golden["ddpm_timesteps"])
     assert list(respaced_schedule("ddim10").timesteps[::-1]) == list(golden["ddim_timesteps"])
 
@@ -173,7 +173,7 @@ def test_runtime_imports_no_torch(tiny_artifact):
     code = f"""
 import sys
 sys.modules['torch'] = None  # any torch import now fails
-import runtime
+from ditrt import runtime
 pipe = runtime.load({str(tiny_artifact)!r}, backend='onnxruntime')
 x = pipe.sample([1, 2], num_steps=4, progress=False)
 assert x.shape == (2, 4, 8, 8)

@@ -4,8 +4,8 @@ off), and the masking at the last step."""
 import numpy as np
 import pytest
 
-from runtime.samplers import ddim_step, ddpm_step, guide
-from runtime.schedule import respaced_schedule
+from ditrt.runtime.samplers import ddim_step, ddpm_step, guide
+from ditrt.runtime.schedule import respaced_schedule
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((2, 4, 4, 4)).astype(np.float32)
@@ -16,7 +16,7 @@ NOISE = RNG.standard_normal((2, 4, 4, 4)).astype(np.float32)
 
 def official_tables(spec):
     """Written out again from dit-official-semantics.md (SpacedDiffusion + GaussianDiffusion)."""
-    from runtime.schedule import space_timesteps
+    from ditrt.runtime.schedule import space_timesteps
     base_ac = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
     keep = space_timesteps(1000, spec)
     ac = base_ac[keep]

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from runtime.schedule import ScheduleError, linear_betas, respaced_schedule, space_timesteps
+from ditrt.runtime.schedule import ScheduleError, linear_betas, respaced_schedule, space_timesteps
 
 BASE_AC = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
 

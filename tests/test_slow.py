@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-import runtime
+from ditrt import runtime
 
 
 @pytest.mark.slow

@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import runtime
-from runtime import trt_plan
-from runtime.manifest import ArtifactError, load_manifest
-from runtime.trt_plan import (BuildFlags, EngineProfile, TensorRTUnavailable, check_engine_compat, choose_engine,
+from ditrt import runtime
+from ditrt.runtime import trt_plan
+from ditrt.runtime.manifest import ArtifactError, load_manifest
+from ditrt.runtime.trt_plan import (BuildFlags, EngineProfile, TensorRTUnavailable, check_engine_compat, choose_engine,
                               chunk_plan, engine_entry, plan_filename)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
-TRT_MODULES = [ROOT / "runtime" / "tensorrt.py", ROOT / "exporter" / "trt_build.py"]
+TRT_MODULES = [ROOT / "runtime" / "tensorrt.py", ROOT / "runtime" / "trt_build.py"]
 H100 = "NVIDIA H100 80GB HBM3"
 
 
@@ -208,7 +208,7 @@ def test_messages():
 
 
 def test_engine_parity_bound_follows_the_fp16_graphs_export_bound():
-    from exporter.onnx_export import MAX_REL_ERR  # the engine inherits the graph's error, plus its own kernels'
+    from ditrt.exporter.onnx_export import MAX_REL_ERR  # the engine inherits the graph's error, plus its own kernels'
     assert MAX_REL_ERR["fp16"] <= trt_plan.FP16_PARITY_BOUND <= 2 * MAX_REL_ERR["fp16"]
 
 
@@ -221,7 +221,7 @@ SPEC = SimpleNamespace(in_channels=4, input_size=8)
 
 
 def test_polygraphy_loader_chain_is_strongly_typed_with_one_batch_profile(tmp_path):
-    from exporter.trt_build import engine_loader
+    from ditrt.runtime.trt_build import engine_loader
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
     cache = tmp_path / "timing.cache"
     loader = engine_loader(tmp_path / "denoiser.fp16.onnx", EngineProfile(2, 8, 16), BuildFlags(), SPEC, cache, FAKE_TRT)
@@ -243,7 +243,7 @@ def test_polygraphy_loader_chain_is_strongly_typed_with_one_batch_profile(tmp_pa
 
 @pytest.mark.parametrize("compat, level", [("ampere+", "AMPERE_PLUS"), ("same-cc", "SAME_COMPUTE_CAPABILITY")])
 def test_polygraphy_config_portability_and_workspace(compat, level):
-    from exporter.trt_build import config_kwargs
+    from ditrt.runtime.trt_build import config_kwargs
     from polygraphy.backend.trt import CreateConfig
     config = CreateConfig(**config_kwargs(EngineProfile(), BuildFlags(5, compat, True, 2.5), SPEC, "t.cache", FAKE_TRT))
     assert config.builder_optimization_level == 5 and config.hardware_compatibility_level == level
@@ -251,7 +251,7 @@ def test_polygraphy_config_portability_and_workspace(compat, level):
 
 
 def test_calling_the_loader_without_tensorrt_fails_cleanly(tmp_path):
-    from exporter.trt_build import engine_loader
+    from ditrt.runtime.trt_build import engine_loader
     pytest.importorskip("polygraphy")
     if _importable("tensorrt"):
         pytest.skip("TensorRT is installed here")
@@ -388,7 +388,7 @@ def no_tensorrt(monkeypatch):
 
 
 def test_runtime_and_build_modules_import_nothing_heavy():
-    code = ("import sys, runtime, runtime.tensorrt, runtime.trt_plan, exporter.trt_build, ditrt.cli\n"
+    code = ("import sys, ditrt.runtime, ditrt.runtime.tensorrt, ditrt.runtime.trt_plan, ditrt.runtime.trt_build, ditrt.cli\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorrt', 'polygraphy', 'cuda', 'torch'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
@@ -408,14 +408,14 @@ def artifact_with_engine(tmp_path, tiny_artifact):
 
 
 def test_auto_falls_back_to_onnxruntime_without_tensorrt(no_tensorrt, artifact_with_engine):
-    from runtime.tensorrt import compatible_engine
+    from ditrt.runtime.tensorrt import compatible_engine
     assert compatible_engine(load_manifest(artifact_with_engine)) is None
     pipe = runtime.load(artifact_with_engine, backend="auto")
     assert pipe.backend.name.startswith("onnxruntime")
 
 
 def test_auto_does_not_look_for_tensorrt_when_the_artifact_has_no_engine(monkeypatch, tiny_artifact):
-    import runtime.tensorrt as rt
+    import ditrt.runtime.tensorrt as rt
     calls = []
     monkeypatch.setattr(rt, "environment", lambda: calls.append(1))
     assert rt.compatible_engine(load_manifest(tiny_artifact)) is None and calls == []
@@ -427,7 +427,7 @@ def test_tensorrt_backend_without_tensorrt_says_how_to_install(no_tensorrt, tiny
 
 
 def test_engine_selection_and_rebuild_message_with_a_simulated_gpu(monkeypatch, artifact_with_engine):
-    import runtime.tensorrt as rt
+    import ditrt.runtime.tensorrt as rt
     gpu = rt.GpuInfo(H100, (9, 0), "580.65.06", "13.0", "13.0")
     monkeypatch.setattr(rt, "environment", lambda: rt.Environment("11.4.0.106", gpu))
     manifest = load_manifest(artifact_with_engine)
@@ -660,7 +660,7 @@ def expected_output(x, t, y):
 @pytest.fixture
 def sim(monkeypatch, tmp_path):
     """Install the stand-ins; returns a factory for a backend over a plan file with a manifest entry."""
-    import runtime.tensorrt as rt
+    import ditrt.runtime.tensorrt as rt
     state = SimpleNamespace(cuda=SimCuda())
 
     def make(plan_bytes=b"PLAN-sim", version_compatible=False, **trt_kwargs):
@@ -714,7 +714,7 @@ def test_backend_falls_back_to_plain_enqueue_when_capture_fails(sim):
 
 
 def test_backend_bounds_its_cached_batch_sizes_and_frees_everything(sim):
-    from runtime.tensorrt import MAX_CACHED_BATCHES
+    from ditrt.runtime.tensorrt import MAX_CACHED_BATCHES
     backend = sim.make()
     for n in range(2, 9):
         backend(*_inputs(n))
@@ -735,7 +735,7 @@ def test_backend_drops_a_batch_size_it_could_not_bind(sim):
 
 def test_backend_max_batch(sim):
     assert sim.make().max_batch == 8
-    from runtime.tensorrt import TensorRTBackend
+    from ditrt.runtime.tensorrt import TensorRTBackend
     backend = sim.make()
     assert TensorRTBackend(backend.plan, backend.entry, max_batch=100).max_batch == 8  # capped at the profile
     assert TensorRTBackend(backend.plan, backend.entry, max_batch=3).max_batch == 3
@@ -754,7 +754,7 @@ def test_backend_null_engine_carries_tensorrts_message_and_the_rebuild_command(s
 def test_backend_refuses_a_plan_that_does_not_match_its_entry(sim, tmp_path):
     backend = sim.make()
     (tmp_path / backend.plan.name).write_bytes(b"PLAN-replaced")
-    from runtime.tensorrt import TensorRTBackend
+    from ditrt.runtime.tensorrt import TensorRTBackend
     with pytest.raises(ArtifactError, match="does not match its sha256"):
         TensorRTBackend(backend.plan, backend.entry)
 

@@ -25,11 +25,11 @@ from typing import Callable
 
 import numpy as np
 
-import runtime
-from runtime.backends import OnnxRuntimeBackend, onnxruntime_device
-from runtime.manifest import Manifest, ModelSpec, load_manifest
-from runtime.parity import compare
-from runtime.trt_plan import (FP16_PARITY_BOUND, BuildFlags, EngineProfile, TensorRTUnavailable, engine_entry,
+from . import __version__ as _version
+from .backends import OnnxRuntimeBackend, onnxruntime_device
+from .manifest import Manifest, ModelSpec, load_manifest
+from .parity import compare
+from .trt_plan import (FP16_PARITY_BOUND, BuildFlags, EngineProfile, TensorRTUnavailable, engine_entry,
                               parity_batches, plan_filename, timing_cache_filename)
 
 __all__ = ["BuildError", "TensorRTUnavailable", "build_engine", "config_kwargs", "engine_loader", "require_toolchain"]
@@ -42,7 +42,7 @@ class BuildError(RuntimeError):
 def require_toolchain():
     """The tensorrt module, after checking that Polygraphy and cuda-python import too;
     TensorRTUnavailable (with the install hint) otherwise."""
-    from runtime.tensorrt import import_cudart, import_tensorrt
+    from .tensorrt import import_cudart, import_tensorrt
     trt = import_tensorrt()
     try:
         import polygraphy.backend.trt  # noqa: F401
@@ -89,7 +89,7 @@ def build_engine(artifact_dir: str | Path, profile: EngineProfile = EngineProfil
     graph = manifest.graph("fp16")  # ArtifactError naming the re-export when the artifact has no fp16 graph
     manifest.verify_files("fp16")
     trt = require_toolchain()
-    from runtime.tensorrt import environment
+    from .tensorrt import environment
     env = environment()
     name = plan_filename(env.gpu.sm, env.trt_version, flags.hardware_compat, flags.version_compatible)
     timing_cache = Path(flags.timing_cache) if flags.timing_cache else artifact_dir / timing_cache_filename(env.gpu.sm, env.trt_version)
@@ -118,7 +118,7 @@ def build_engine(artifact_dir: str | Path, profile: EngineProfile = EngineProfil
             flags=replace(flags, timing_cache=str(timing_cache)),
             in_channels=manifest.model.in_channels, input_size=manifest.model.input_size, graph=graph,
             build_seconds=seconds, built_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            versions={"ditrt": runtime.__version__, "polygraphy": polygraphy.__version__})
+            versions={"ditrt": _version, "polygraphy": polygraphy.__version__})
         del plan
         entry["parity"] = parity_check(tmp, entry, manifest, profile, log)
         if not entry["parity"]["passed"]:
@@ -172,7 +172,7 @@ def parity_check(plan_path: Path, entry: dict, manifest: Manifest, profile: Engi
                  log: Callable[[str], None]) -> dict:
     """The plan, through the runtime's TensorRT backend (plain enqueue, then CUDA graph replay),
     against ONNX Runtime on the fp32 graph (the fp16 graph when the artifact has no fp32 one)."""
-    from runtime.tensorrt import TensorRTBackend
+    from .tensorrt import TensorRTBackend
     reference_precision = "fp32" if "fp32" in manifest.data["graphs"] else "fp16"
     reference = OnnxRuntimeBackend(manifest.graph_path(reference_precision), onnxruntime_device())
     runs = []
