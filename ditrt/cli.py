@@ -10,14 +10,27 @@ from pathlib import Path
 import click
 
 from ditrt import runtime
+from ditrt.runtime.backends import BACKENDS, backend_ids
+from ditrt.runtime.errors import DitrtError
+from ditrt.runtime.files import atomic_output, write_json_atomic
+from ditrt.runtime.samplers import SAMPLERS
 
-EXAMPLE_CHECKPOINT = Path(__file__).resolve().parent.parent / "exporter" / "data" / "dit_tiny_official.pt"
 EXAMPLE_OVERRIDES = {"num_heads": 4}  # the golden tiny model: depth 2, hidden 64, 4 heads, 10 classes
+
+
+def example_checkpoint() -> Path:
+    import ditrt.exporter
+    return Path(ditrt.exporter.__file__).resolve().parent / "data" / "dit_tiny_official.pt"
 
 
 class InputError(click.ClickException):
     """Bad input (file, artifact, option value): exit code 2, like a usage error."""
     exit_code = 2
+
+
+class StepFailed(click.ClickException):
+    """A failed step (validation, build, a backend mid-loop, a missing toolchain): exit code 1."""
+    exit_code = 1
 
 
 def _require_torch(command: str) -> None:
@@ -38,15 +51,13 @@ def _int_list(value: str | None, what: str) -> list[int]:
 
 
 @contextmanager
-def input_errors():
-    """Map the project's input errors to exit code 2 with their message."""
-    from ditrt.runtime.trt_plan import TensorRTUnavailable
+def project_errors():
+    """The project's errors become their exit code with their message: InputError 2, StepError 1.
+    Anything else is a bug in ditrt and keeps its traceback."""
     try:
         yield
-    except TensorRTUnavailable as e:  # the environment, not the input: exit 1 with the install hint
-        raise click.ClickException(str(e)) from None
-    except (runtime.ArtifactError, runtime.ScheduleError, ValueError, FileNotFoundError) as e:
-        raise InputError(str(e)) from None
+    except DitrtError as e:
+        raise (InputError if e.exit_code == 2 else StepFailed)(str(e)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -68,13 +79,11 @@ def main() -> None:
 def inspect(checkpoint: Path, num_heads: int | None, input_size: int | None, as_json: bool) -> None:
     """Show a checkpoint's format, inferred config, parameters and GMACs per forward."""
     _require_torch("inspect")
-    from ditrt.exporter.checkpoints import CheckpointError, describe, load_checkpoint
+    from ditrt.exporter.checkpoints import describe, load_checkpoint
     from ditrt.exporter.model import get_2d_sincos_pos_embed, macs_per_forward
     overrides = {k: v for k, v in (("num_heads", num_heads), ("input_size", input_size)) if v is not None}
-    try:
+    with project_errors():
         ckpt = load_checkpoint(checkpoint, **overrides)
-    except CheckpointError as e:
-        raise InputError(str(e)) from None
     cfg = ckpt.config
     params = sum(t.numel() for t in ckpt.state_dict.values())
     grid = cfg.input_size // cfg.patch_size
@@ -125,9 +134,9 @@ def export(checkpoint, example, config_name, random_init, image_size, num_classe
            precision, fp32_blocks, force) -> None:
     """Export a checkpoint (or a random-init named config) to ONNX with a validated manifest."""
     _require_torch("export")
-    from ditrt.exporter.checkpoints import CheckpointError, load_checkpoint
+    from ditrt.exporter.checkpoints import load_checkpoint
     from ditrt.exporter.model import named_config
-    from ditrt.exporter.onnx_export import ExportError, export_artifact, source_from_checkpoint, source_from_random_init
+    from ditrt.exporter.onnx_export import export_artifact, source_from_checkpoint, source_from_random_init
 
     chosen = [bool(checkpoint), example, random_init]
     if sum(chosen) != 1:
@@ -138,14 +147,19 @@ def export(checkpoint, example, config_name, random_init, image_size, num_classe
         raise click.UsageError("--config only applies with --random-init (a checkpoint's config comes from its tensors)")
     if image_size is not None and not random_init:
         raise click.UsageError("--image-size only applies with --random-init (a checkpoint's latent size comes from its pos_embed)")
+    if num_heads is not None and num_heads < 1:
+        raise InputError(f"--num-heads must be a positive integer, got {num_heads}")
+    if image_size is not None and image_size < 8:
+        raise InputError(f"--image-size must be a positive multiple of 8 (pixels), got {image_size}")
     precisions = tuple(p.strip() for p in precision.split(",") if p.strip())
-    try:
+    with project_errors():
         if random_init:
-            cfg = named_config(config_name, image_size or 256, num_classes=num_classes)
+            cfg = named_config(config_name, 256 if image_size is None else image_size, num_classes=num_classes,
+                               **({"num_heads": num_heads} if num_heads else {}))
             source = source_from_random_init(cfg, seed, config_name if config_name.startswith("DiT-") else f"DiT-{config_name}")
             default_name = f"{source.config_name.replace('/', '-')}-{cfg.input_size * 8}-random"
         else:
-            path = EXAMPLE_CHECKPOINT if example else checkpoint
+            path = example_checkpoint() if example else checkpoint
             overrides = dict(EXAMPLE_OVERRIDES) if example else {}
             if num_heads:
                 overrides["num_heads"] = num_heads
@@ -154,59 +168,58 @@ def export(checkpoint, example, config_name, random_init, image_size, num_classe
         out_dir = out_dir or Path("engines") / default_name
         export_artifact(source, out_dir, precisions, opset, force, tuple(_int_list(fp32_blocks, "--fp32-blocks")),
                         log=lambda m: click.echo(m, err=True))
-    except (CheckpointError, ValueError) as e:
-        raise InputError(str(e)) from None
-    except ExportError as e:
-        raise click.ClickException(str(e)) from None
     click.echo(str(out_dir))
 
 
 # ---- sample -------------------------------------------------------------------------------------
 
+BACKEND_CHOICES = ["auto", *BACKENDS, *backend_ids()]
+
+
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--labels", required=True, help="Comma-separated class labels, one image each (e.g. 207,360).")
-@click.option("--steps", default="250", show_default=True, help="Steps: N, ddimN or section counts a,b,c.")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True)
-@click.option("--cfg-scale", type=float, default=4.0, show_default=True, help="Guidance scale; <= 1 runs no unconditional rows.")
-@click.option("--guidance", type=click.Choice(["official", "standard"]), default="official", show_default=True,
-              help="official: channels 0..2 (the released model's quirk); standard: all latent channels.")
-@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--backend", type=click.Choice(list(runtime.pipeline.BACKENDS)), default="auto", show_default=True)
+@click.option("--steps", help="Steps [the manifest's default, 250]: ddpm/ddim take N, ddimN or section counts a,b,c.")
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), help="Sampler [the manifest's default, ddpm].")
+@click.option("--cfg-scale", type=float, help="Guidance scale [manifest default, 4.0]; <= 1 runs no unconditional rows.")
+@click.option("--guidance", type=click.Choice(["official", "standard"]),
+              help="official: channels 0..2 (the released model's quirk); standard: all latent channels [manifest default].")
+@click.option("--eta", type=float, help="DDIM eta in [0, 1] [0]; only for samplers that take it.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Non-negative seed of the per-image noise.")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
+              help="auto, a backend kind, or KIND-PRECISION.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), help="Graph precision [fp16 on TensorRT, else fp32].")
 @click.option("--threads", type=int, help="ONNX Runtime CPU threads.")
-@click.option("--max-batch", type=int, help="Largest batch per backend call (bigger requests are chunked).")
+@click.option("--max-batch", type=int, help="Largest batch per backend call, in rows (bigger requests are chunked).")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("latents.npy"), show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, seed, backend, precision, threads, max_batch,
            out_path, progress) -> None:
     """Run the CFG sampling loop on an artifact and save latents (N, C, H, W) as .npy."""
     label_list = _int_list(labels, "--labels")
-    with input_errors():
+    with project_errors():
         pipe = runtime.load(artifact, backend=backend, precision=precision, threads=threads, max_batch=max_batch)
-        try:
-            latents = pipe.sample(label_list, num_steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                                  guidance=guidance, seed=seed, eta=eta, progress=progress)
-        except RuntimeError as e:  # the backend failed mid-loop: a failed step, not bad input
-            raise click.ClickException(f"sampling failed on {pipe.backend.name}: {e}") from None
-    save_npy_atomic(out_path, latents)
+        latents = pipe.sample(label_list, num_steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                              guidance=guidance, seed=seed, eta=eta, progress=progress)
+        save_npy_atomic(out_path, latents)
     s = pipe.last_stats
-    click.echo(f"{len(label_list)} images x {s.steps} steps ({sampler}, cfg {cfg_scale} {guidance}) on {pipe.backend.name}: "
+    d = pipe.manifest.defaults
+    click.echo(f"{len(label_list)} images x {s.steps} steps ({sampler or d.sampler}, cfg "
+               f"{d.cfg_scale if cfg_scale is None else cfg_scale} {guidance or d.guidance}) on {pipe.backend.name}: "
                f"{s.total_s:.2f} s, {s.steps_per_s:.2f} steps/s, runtime overhead {100 * s.overhead_fraction:.2f}% "
-               f"-> {out_path} {tuple(latents.shape)} (decode with the VAE after dividing by "
-               f"{pipe.manifest.diffusion.vae_scale_factor})")
+               f"-> {out_path} {tuple(latents.shape)}")
 
 # ---- parity -------------------------------------------------------------------------------------
 
-PARITY_BACKENDS = ("ort-fp32", "ort-fp16", "trt")
 
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--against", help="'reference' (the PyTorch model, needs torch) or a golden .npz saved with --save-golden.")
-@click.option("--backends", default="ort-fp32,ort-fp16", show_default=True, help=f"Comma-separated: {', '.join(PARITY_BACKENDS)}.")
-@click.option("--steps", type=int, default=25, show_default=True, help="Steps of the DDPM (N) and DDIM (ddimN) loop checks.")
+@click.option("--backends", default="onnxruntime-fp32,onnxruntime-fp16", show_default=True,
+              help=f"Comma-separated backend ids: {', '.join(backend_ids())} (a kind alone: its default precision).")
+@click.option("--steps", type=int, default=25, show_default=True,
+              help=f"Model calls of each sampler's loop check ({', '.join(SAMPLERS)}).")
 @click.option("--batch", "batches", default="1,3,8", show_default=True, help="Batch sizes of the per-forward checks.")
 @click.option("--max-rel-err", "max_rel_errs", multiple=True,
               help="Bound on max error relative to the reference's largest magnitude: X for every backend, or BACKEND=X. Repeatable.")
@@ -229,7 +242,7 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
     modes = [bool(against), bool(save_golden), activation_ranges]
     if sum(modes) != 1:
         raise click.UsageError("give exactly one of --against, --save-golden or --activation-ranges")
-    with input_errors():
+    with project_errors():
         manifest = runtime.load_manifest(artifact)
         batch_list = _int_list(batches, "--batch")
         if not batch_list or min(batch_list) < 1:
@@ -250,33 +263,46 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
             from ditrt.exporter.parity_reference import reference_golden
             golden = reference_golden(manifest, batch_list, steps, checkpoint, log=lambda m: click.echo(m, err=True))
         else:
+            ctx = click.get_current_context()
+            given = [f"--{name}" for name in ("steps", "batch") if ctx.get_parameter_source(
+                "batches" if name == "batch" else name) == click.core.ParameterSource.COMMANDLINE]
+            if given:
+                raise InputError(f"{' and '.join(given)} cannot apply to a golden file: it holds its own checks "
+                                 "(save another with --save-golden)")
             golden = P.Golden.load(against)
-            golden.check_matches(manifest.model)
+            golden.check_matches(manifest)
         names = [b.strip() for b in backends.split(",") if b.strip()]
-        unknown = [b for b in names if b not in PARITY_BACKENDS]
-        if unknown or not names:
-            raise InputError(f"unknown backend(s) {unknown}; use {', '.join(PARITY_BACKENDS)}")
-        thresholds = _parity_thresholds(names, max_rel_errs, atol, rtol)
-        instances = {name: _parity_backend(manifest, name, threads) for name in names}
+        if not names:
+            raise InputError(f"--backends needs at least one of {', '.join(backend_ids())}")
+        instances = {}  # (backend id, network) -> backend
+        for name in names:
+            for network in manifest.networks:
+                backend = runtime.create_backend(manifest, name, network=network, threads=threads, checkpoint=checkpoint)
+                instances[(backend.name, network)] = backend
+        thresholds = _parity_thresholds(sorted({b.name for b in instances.values()}), max_rel_errs, atol, rtol)
     results = []
-    for name, backend in instances.items():
-        click.echo(f"checking {name} ({backend.name}) ...", err=True)
-        results += _integrity_checks(manifest, name)
-        results += P.check_backend(name, backend, runtime.Pipeline(backend, manifest), golden, thresholds[name])
+    for (name, network), backend in instances.items():
+        click.echo(f"checking {name} on the {network} ...", err=True)
+        results += _integrity_checks(manifest, backend)
+        pipeline = runtime.Pipeline(backend, manifest) if network == "denoiser" else None
+        results += P.check_backend(name, backend, pipeline, golden, thresholds[name])
     click.echo(P.format_table(results))
     failed = [r for r in results if not r.passed]
-    meta = {"artifact": str(artifact), "against": against, "golden": golden.meta, "backends": names}
-    if json_path:
-        P.write_json(results, json_path, meta)
-    if junit_path:
-        P.write_junit(results, junit_path)
+    meta = {"artifact": str(artifact), "against": against, "golden": golden.meta, "backends": sorted(thresholds)}
+    with project_errors():
+        if json_path:
+            P.write_json(results, json_path, meta)
+        if junit_path:
+            P.write_junit(results, junit_path)
     click.echo(f"parity: {len(results) - len(failed)}/{len(results)} checks passed" +
                (f"; FAILED: {', '.join(f'{r.backend} {r.check}' for r in failed)}" if failed else ""))
     sys.exit(1 if failed else 0)
 
 
 def _parity_thresholds(names, max_rel_errs, atol, rtol) -> dict:
-    from ditrt.runtime.parity import BACKEND_PRECISION, DEFAULT_MAX_REL_ERR, Threshold
+    """Per backend id and check kind: --max-rel-err X / BACKEND=X, --atol/--rtol, or the defaults
+    of the backend's precision."""
+    from ditrt.runtime.parity import DEFAULT_MAX_REL_ERR, Threshold
     overrides: dict[str, float] = {}
     for item in max_rel_errs:
         key, _, value = item.rpartition("=")
@@ -286,42 +312,30 @@ def _parity_thresholds(names, max_rel_errs, atol, rtol) -> dict:
             raise InputError(f"--max-rel-err takes X or BACKEND=X, got {item!r}") from None
         for name in (names if not key else [key]):
             if name not in names:
-                raise InputError(f"--max-rel-err names backend {name!r}, which is not in --backends")
+                raise InputError(f"--max-rel-err names backend {name!r}, which is not in --backends ({', '.join(names)})")
             overrides[name] = bound
     table = {}
     for name in names:
-        defaults = DEFAULT_MAX_REL_ERR[BACKEND_PRECISION[name]]
+        defaults = DEFAULT_MAX_REL_ERR[name.rpartition("-")[2]]
         table[name] = {kind: (Threshold(atol=atol, rtol=rtol) if atol is not None or rtol is not None
                               else Threshold(max_rel_err=overrides.get(name, bound)))
                        for kind, bound in defaults.items()}
     return table
 
 
-def _parity_backend(manifest, name: str, threads):
-    from ditrt.runtime.backends import OnnxRuntimeBackend, onnxruntime_device
-    if name == "trt":
-        try:
-            from ditrt.runtime.tensorrt import TensorRTBackend
-            return TensorRTBackend.from_manifest(manifest)
-        except (ImportError, RuntimeError) as e:
-            raise InputError(f"backend trt is not available here: {e}") from None
-    path = manifest.graph_path(name.split("-")[1])
-    if not path.is_file():
-        raise InputError(f"{path} is listed in the manifest but missing")
-    return OnnxRuntimeBackend(path, onnxruntime_device(), threads)
-
-
-def _integrity_checks(manifest, name: str) -> list:
-    """The graph files' sha256 against the manifest: a changed file is a failed check, and the
-    numeric checks still run so the report shows what the change does."""
+def _integrity_checks(manifest, backend) -> list:
+    """The files a graph backend runs, against the manifest's sha256: a changed file is a failed
+    check, and the numeric checks still run so the report shows what the change does. (TensorRT
+    plans are checked when they load.)"""
     from ditrt.runtime.parity import CheckResult
-    if name == "trt":
+    if not backend.name.startswith("onnxruntime-"):
         return []
     results = []
-    for file, (recorded, actual) in manifest.file_hashes(name.split("-")[1]).items():
+    for file, (recorded, actual) in manifest.file_hashes(backend.network.name, backend.precision).items():
         error = (None if actual == recorded else "missing" if actual is None
                  else f"sha256 {actual[:16]}... differs from the manifest's {recorded[:16]}...")
-        results.append(CheckResult(name, f"sha256 {file}", file, error is None, "equal to the manifest", {}, 0.0, error))
+        results.append(CheckResult(backend.name, f"sha256 {file}", file, error is None, "equal to the manifest", {},
+                                   0.0, error))
     return results
 
 
@@ -338,13 +352,12 @@ def _activation_ranges(manifest, checkpoint, headroom, json_path) -> None:
     click.echo(f"flag above {report['flag_above']:.0f} (fp16 max {report['fp16_max']:.0f} / headroom {headroom:g}); "
                f"flagged blocks: {report['flagged_blocks'] or 'none'}; {report['suggestion']}")
     if json_path:
-        runtime.manifest.write_json_atomic(json_path, report)
-
+        write_json_atomic(json_path, report)
 
 
 def save_npy_atomic(path: Path, array) -> None:
     import numpy as np
-    with runtime.manifest.atomic_output(path, suffix=".npy") as f:
+    with atomic_output(path, suffix=".npy") as f:
         np.save(f, array)
 
 
@@ -355,11 +368,17 @@ from ditrt.runtime.trt_plan import HARDWARE_COMPAT as _HARDWARE_COMPAT  # noqa: 
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--min-batch", type=int, default=1, show_default=True, help="Smallest engine batch, in engine rows.")
-@click.option("--opt-batch", type=int, help="Engine batch TensorRT tunes for, in rows [16, within min..max].")
-@click.option("--max-batch", type=int, default=64, show_default=True,
-              help="Largest engine batch, in rows. With guidance each image is 2 rows: 64 = 32 guided images per "
-                   "call; the runtime chunks larger requests.")
+@click.option("--network", default="all", show_default=True,
+              help="Network to build: denoiser, decoder, or all of the artifact's networks.")
+@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+              help="Graph to build from (fp32: a strongly typed build of the fp32 graph).")
+@click.option("--decoder-precision", type=click.Choice(["fp16", "fp32"]),
+              help="Precision of the decoder plan [--precision]; fp32 avoids fp16 VAE overflow (NaN / black images).")
+@click.option("--min-batch", type=int, help="Smallest engine batch, in the network's unit [1].")
+@click.option("--opt-batch", type=int, help="Engine batch TensorRT tunes for [denoiser 16 rows, decoder 4 images].")
+@click.option("--max-batch", type=int,
+              help="Largest engine batch [denoiser 64 rows, decoder 8 images]. The denoiser counts rows: with "
+                   "guidance each image is 2 rows, so 64 = 32 guided images per call; the runtime chunks larger requests.")
 @click.option("--opt-level", type=int, default=3, show_default=True, help="Builder optimisation level, 0..5.")
 @click.option("--timing-cache", type=click.Path(path_type=Path),
               help="Timing cache file, read and updated [ARTIFACT/timing.<sm>.trt<version>.cache].")
@@ -371,36 +390,54 @@ from ditrt.runtime.trt_plan import HARDWARE_COMPAT as _HARDWARE_COMPAT  # noqa: 
 @click.option("--workspace", type=float, help="Builder workspace limit in GB [TensorRT's default].")
 @click.option("--skip-unavailable", is_flag=True,
               help="Where TensorRT or a GPU is missing, say so and exit 0 (for scripts that build where possible).")
-def build(artifact, min_batch, opt_batch, max_batch, opt_level, timing_cache, hardware_compat, version_compatible,
-          workspace, skip_unavailable) -> None:
-    """Build an fp16 TensorRT plan from ARTIFACT's fp16 graph and record it in the manifest.
+def build(artifact, network, precision, decoder_precision, min_batch, opt_batch, max_batch, opt_level, timing_cache,
+          hardware_compat, version_compatible, workspace, skip_unavailable) -> None:
+    """Build TensorRT plans from ARTIFACT's graphs and record them in the manifest.
 
     The network is strongly typed (TensorRT 11 has no fp16 flag: precision comes from the graph).
-    The plan is parity-checked against ONNX Runtime fp32 before it is recorded. Needs
+    Each plan is parity-checked against ONNX Runtime on the fp32 graph before it is recorded. Needs
     pip install 'ditrt[trt]' and an NVIDIA GPU; torch is not needed.
     """
     import contextlib
-    from ditrt.runtime.trt_plan import BuildFlags, EngineProfile, TensorRTUnavailable
-    from ditrt.runtime.trt_build import BuildError, build_engine
-    with input_errors():
-        if opt_batch is None:
-            opt_batch = max(min_batch, min(16, max_batch))
-        profile = EngineProfile(min_batch, opt_batch, max_batch)
+    from ditrt.runtime.trt_build import build_engine
+    from ditrt.runtime.trt_plan import BuildFlags, EngineProfile, TensorRTUnavailable, default_profile
+    with project_errors():
+        manifest = runtime.load_manifest(artifact)
+        networks = list(manifest.networks) if network == "all" else [manifest.network(network).name]
+        batch_options = [v for v in (min_batch, opt_batch, max_batch) if v is not None]
+        if batch_options and len(networks) > 1:
+            raise InputError(f"--min-batch/--opt-batch/--max-batch are in one network's unit; this artifact has "
+                             f"{', '.join(networks)}: add --network NAME")
         flags = BuildFlags(opt_level, hardware_compat, version_compatible, workspace,
                            str(timing_cache) if timing_cache else None)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # Polygraphy logs to stdout: keep stdout for the plan's path
-            entry = build_engine(artifact, profile, flags, log=lambda m: click.echo(m, err=True))
-    except runtime.ArtifactError as e:
-        raise InputError(str(e)) from None
-    except TensorRTUnavailable as e:
-        if skip_unavailable:
-            click.echo(f"skipped the TensorRT build: {e}", err=True)
-            return
-        raise click.ClickException(str(e)) from None
-    except BuildError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(str(Path(artifact) / entry["file"]))
+        jobs = []
+        for name in networks:
+            spec = manifest.network(name)
+            base = default_profile(spec)
+            low = base.min_rows if min_batch is None else min_batch
+            high = base.max_rows if max_batch is None else max_batch
+            opt = opt_batch if opt_batch is not None else max(low, min(base.opt_rows, high))
+            plan_precision = (decoder_precision or precision) if name == "decoder" else precision
+            jobs.append((name, plan_precision, EngineProfile(low, opt, high)))
+    built = []
+    for name, plan_precision, profile in jobs:
+        try:
+            with project_errors(), contextlib.redirect_stdout(sys.stderr):  # Polygraphy logs to stdout
+                built.append(build_engine(artifact, name, plan_precision, profile, flags,
+                                          log=lambda m: click.echo(m, err=True)))
+        except StepFailed as e:
+            if skip_unavailable and _is_unavailable(e):
+                click.echo(f"skipped the TensorRT build: {e.message}", err=True)
+                return
+            raise
+    for entry in built:
+        click.echo(str(Path(artifact) / entry["file"]))
+
+
+def _is_unavailable(error: click.ClickException) -> bool:
+    cause = error.__context__
+    from ditrt.runtime.trt_plan import TensorRTUnavailable
+    return isinstance(cause, TensorRTUnavailable)
 
 
 if __name__ == "__main__":

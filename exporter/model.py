@@ -9,54 +9,15 @@ changes that keep the numbers and make the graph exportable and CUDA-graph captu
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class DiTConfig:
-    input_size: int = 32  # latent side (image side / 8)
-    patch_size: int = 2
-    in_channels: int = 4
-    hidden_size: int = 1152
-    depth: int = 28
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    num_classes: int = 1000
-    learn_sigma: bool = True
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @property
-    def num_patches(self) -> int:
-        return (self.input_size // self.patch_size) ** 2
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
-
-    def validate(self) -> None:
-        problems = []
-        if self.input_size % self.patch_size:
-            problems.append(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
-        if self.hidden_size % self.num_heads:
-            problems.append(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.hidden_size % 4:
-            problems.append(f"hidden_size {self.hidden_size} must be divisible by 4 (2-D sin-cos pos_embed)")
-        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
-        if problems:
-            raise ValueError("invalid DiT config: " + "; ".join(problems))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from ditrt.runtime.config import DiTConfig
+from ditrt.runtime.errors import InputError
 
 
 # depth, hidden, heads of the official named configs; each with patch 2, 4 or 8.
@@ -72,9 +33,9 @@ def named_config(name: str, image_size: int = 256, **overrides) -> DiTConfig:
     """A named config (e.g. "DiT-XL/2") at an image size (latent side = image_size / 8)."""
     key = name if name.startswith("DiT-") else f"DiT-{name}"
     if key not in DIT_CONFIGS:
-        raise ValueError(f"unknown DiT config {name!r}; known: {', '.join(DIT_CONFIGS)}")
+        raise InputError(f"unknown DiT config {name!r}; known: {', '.join(DIT_CONFIGS)}")
     if image_size % 8:
-        raise ValueError(f"image size {image_size} is not a multiple of 8 (the VAE downsamples by 8)")
+        raise InputError(f"image size {image_size} is not a multiple of 8 (the VAE downsamples by 8)")
     cfg = replace(DIT_CONFIGS[key], input_size=image_size // 8, **overrides)
     cfg.validate()
     return cfg

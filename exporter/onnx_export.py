@@ -22,30 +22,29 @@ import onnx
 import torch
 
 from ditrt import runtime
-from ditrt.runtime.backends import INPUT_NAMES, OUTPUT_NAME, OnnxRuntimeBackend
-from ditrt.runtime.manifest import MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, Manifest, sha256_file, write_json_atomic
+from ditrt.runtime.backends import OnnxRuntimeBackend
+from ditrt.runtime.config import Defaults, DiTConfig, Diffusion
+from ditrt.runtime.errors import InputError, StepError
+from ditrt.runtime.files import sha256_file, write_json_atomic
+from ditrt.runtime.manifest import MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, Manifest
+from ditrt.runtime.networks import NetworkSpec, denoiser_spec
 from ditrt.runtime.parity import compare
 
 from .checkpoints import Checkpoint
-from .model import DiT, DiTConfig, count_parameters, macs_per_forward, set_precision
+from .model import DiT, count_parameters, macs_per_forward, set_precision
 from .trt_lint import lint_model
 
 DEFAULT_OPSET = 20
 VALID_OPSETS = range(18, 26)  # torch.onnx dynamo writes files checker and ORT accept only here
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to a .data file beside the graph
-# Bounds on max |onnx - torch fp32| / max |torch fp32| at export time.
-# fp32: same math, different kernels: 3e-7 (golden tiny) and 1.5e-6 (DiT-XL/2) measured.
-# fp16: unit roundoff 4.9e-4 through every block: 5.2e-4 (golden tiny) and 5.6e-4 (DiT-XL/2, random
-# init) measured; 5e-3 flags a real problem (a rounded sinusoid table cost 3e-2) without noise.
-MAX_REL_ERR = {"fp32": 1e-5, "fp16": 5e-3}
-VAE_SCALE_FACTOR = 0.18215
+VALIDATION_BATCHES = ((1, 1), (3, 2), (3, 3))  # (batch, seed) of the export-time checks
 
 
-class ExportError(RuntimeError):
+class ExportError(StepError):
     """Export or export-time validation failed; nothing was written."""
 
 
-class ExportOptionError(ValueError):
+class ExportOptionError(InputError):
     """Options that cannot work, refused before any work is done (the CLI's exit code 2)."""
 
 
@@ -57,8 +56,8 @@ class ExportSource:
     config_name: str | None = None
 
 
-class _Wrapper(torch.nn.Module):
-    """The graph interface: float32 latent and timestep, int64 labels in; float32 out. An fp16
+class _DenoiserGraph(torch.nn.Module):
+    """The denoiser's interface: float32 latent and timestep, int64 labels in; float32 out. An fp16
     model casts at its boundary (the timestep sinusoid stays float32 inside the model)."""
 
     def __init__(self, model: DiT):
@@ -139,36 +138,37 @@ def _replace_dir(new: Path, target: Path) -> None:
 def _export_into(source: ExportSource, tmp: Path, precisions, opset, fp32_blocks, log) -> dict:
     model = source.model.eval()
     config = model.config
-    cases = validation_inputs(config)
-    steps = len(precisions) * 2 + 2
-    step = _Steps(steps, log)
+    spec = denoiser_spec(config)
+    cases = [spec.example_inputs(batch, seed) for batch, seed in VALIDATION_BATCHES]
+    step = _Steps(len(precisions) * 2 + 2, log)
     with step("PyTorch fp32 reference outputs"):
         with torch.no_grad():
-            references = [model(*map(torch.from_numpy, case)).numpy() for case in cases]
+            references = [model(*(torch.from_numpy(c[n]) for n in spec.input_names)).numpy() for c in cases]
     graphs = {}
     for precision in sorted(precisions, key=("fp32", "fp16").index):
         blocks = tuple(sorted(set(fp32_blocks))) if precision == "fp16" else ()
         # fp16 comes last, so the model is converted in place: no second copy of the weights at the peak.
         net = model if precision == "fp32" else set_precision(model, "fp16", blocks)
-        with step(f"exporting {precision} graph (opset {opset})"):
-            files = _torch_export(net, tmp / f"denoiser.{precision}.onnx", opset)
-        with step(f"validating {precision} graph"):
-            validation = validate_graph(tmp / files[0], config, cases, references, precision)
-        parity = validation["onnxruntime_vs_torch_fp32"]
-        log(f"      ONNX Runtime vs PyTorch fp32: max rel err {parity['max_rel_err']:.2e} (bound {parity['bound']:g}); "
-            f"checker + strict shape inference ok; TensorRT lint ok ({len(validation['tensorrt_lint']['op_counts'])} op types)")
-        graphs[precision] = {
-            "file": files[0], "files": files,
-            "sha256": {name: sha256_file(tmp / name) for name in files},
-            "bytes": sum((tmp / name).stat().st_size for name in files),
-            "opset": opset,
-            "compute_dtype": "float32" if precision == "fp32" else "float16",
-            "float32_parts": ["timestep sinusoid", "LayerNormalization (stash_type 1)"] if precision == "fp16" else [],
-            "fp32_blocks": list(blocks),
-            "validation": validation,
-        }
+        with step(f"exporting {precision} denoiser graph (opset {opset})"):
+            files = torch_export(_DenoiserGraph(net), spec, tmp / f"denoiser.{precision}.onnx", opset)
+        with step(f"validating {precision} denoiser graph"):
+            validation = validate_graph(tmp / files[0], spec, cases, references, precision)
+        graphs[precision] = graph_entry(tmp, files, opset, precision, validation, log)
+        graphs[precision].update(
+            float32_parts=["timestep sinusoid", "LayerNormalization (stash_type 1)"] if precision == "fp16" else [],
+            fp32_blocks=list(blocks))
     with step("writing manifest"):
-        return build_manifest(source, config, graphs)
+        return build_manifest(source, config, {"denoiser": {**spec.to_manifest(), "graphs": graphs}})
+
+
+def graph_entry(directory: Path, files: list[str], opset: int, precision: str, validation: dict, log) -> dict:
+    """The manifest entry of one exported graph (any network)."""
+    parity = validation["onnxruntime_vs_reference"]
+    log(f"      ONNX Runtime vs PyTorch fp32: max rel err {parity['max_rel_err']:.2e} (bound {parity['bound']:g}); "
+        f"checker + strict shape inference ok; TensorRT lint ok ({len(validation['tensorrt_lint']['op_counts'])} op types)")
+    return {"file": files[0], "files": files, "sha256": {name: sha256_file(directory / name) for name in files},
+            "bytes": sum((directory / name).stat().st_size for name in files), "opset": opset,
+            "compute_dtype": "float32" if precision == "fp32" else "float16", "validation": validation}
 
 
 class _Steps:
@@ -186,24 +186,32 @@ class _Steps:
         self.log(f"[{self.done}/{self.total}] {what}: {time.perf_counter() - start:.1f} s")
 
 
-def _torch_export(model: DiT, path: Path, opset: int) -> list[str]:
-    """torch.onnx (dynamo) export with a dynamic batch axis; returns the files written."""
-    wrapper = _Wrapper(model).eval()
-    C, S = model.config.in_channels, model.config.input_size
-    example = (torch.randn(1, C, S, S), torch.tensor([500.0]), torch.tensor([0], dtype=torch.int64))
+def torch_export(module: torch.nn.Module, spec: NetworkSpec, path: Path, opset: int) -> list[str]:
+    """torch.onnx (dynamo) export of `module(*inputs)` with the spec's names and a dynamic batch
+    axis; returns the files written (the graph, then any external data)."""
+    module = module.eval()
+    example = tuple(_example_tensor(t) for t in spec.inputs)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     with _quiet_exporter():
         try:
             torch.onnx.export(
-                wrapper, example, str(path), dynamo=True, opset_version=opset, optimize=True,
-                input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
-                dynamic_shapes={name: {0: batch} for name in INPUT_NAMES},
+                module, example, str(path), dynamo=True, opset_version=opset, optimize=True,
+                input_names=list(spec.input_names), output_names=list(spec.output_names),
+                dynamic_shapes={name: {0: batch} for name in spec.input_names},
                 external_data=weight_bytes > EXTERNAL_DATA_BYTES)
         except Exception as e:
-            raise ExportError(f"torch.onnx export failed: {type(e).__name__}: {e}") from e
+            raise ExportError(f"torch.onnx export of the {spec.name} failed: {type(e).__name__}: {e}") from e
     _rename_batch_axis(path)
     return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name))
+
+
+def _example_tensor(t) -> torch.Tensor:
+    """A batch-1 example of an input: 500 for a float timestep (any value traces the same graph)."""
+    shape = t.concrete(1)
+    if t.dtype == "int64":
+        return torch.zeros(shape, dtype=torch.int64)
+    return torch.full(shape, 500.0) if len(shape) == 1 else torch.randn(shape)
 
 
 def _rename_batch_axis(path: Path) -> None:
@@ -236,21 +244,8 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def validation_inputs(config: DiTConfig, seed: int = 1234) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Batch 1 and batch 3 inputs spanning timesteps 0..999 (fractional included) and labels
-    (first, last, null)."""
-    rng = np.random.default_rng(seed)
-    C, S, K = config.in_channels, config.input_size, config.num_classes
-
-    def case(timesteps, labels):
-        n = len(timesteps)
-        return (rng.standard_normal((n, C, S, S), dtype=np.float32), np.array(timesteps, dtype=np.float32),
-                np.array(labels, dtype=np.int64))
-
-    return [case([999.0], [K - 1]), case([0.0, 487.5, 999.0], [0, K, K // 2]), case([1.0, 250.0, 750.0], [K, 1, K - 1])]
-
-
-def validate_graph(path: Path, config: DiTConfig, cases, references, precision: str) -> dict:
+def validate_graph(path: Path, spec: NetworkSpec, cases: list[dict], references: list[np.ndarray],
+                   precision: str) -> dict:
     """checker (full), strict shape inference, ONNX Runtime vs the PyTorch fp32 outputs, TRT lint."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
@@ -262,62 +257,41 @@ def validate_graph(path: Path, config: DiTConfig, cases, references, precision: 
     except Exception as e:
         raise ExportError(f"strict shape inference failed on {path.name}: {e}") from None
     out_dims = [d.dim_param or d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim]
-    want = ["batch", config.out_channels, config.input_size, config.input_size]
+    want = list(spec.primary_output.shape)
     if out_dims != want:
         raise ExportError(f"{path.name}: inferred output shape {out_dims}, expected {want}")
     lint = lint_model(graph)
     if not lint.ok:
         raise ExportError(f"{path.name} fails the TensorRT lint: " + "; ".join(lint.problems))
-    backend = OnnxRuntimeBackend(path)
+    backend = OnnxRuntimeBackend(path, spec, precision)
     runs = []
-    for (latent, timestep, label), ref in zip(cases, references):
-        metrics = compare(backend(latent, timestep, label), ref)
-        runs.append({"batch": len(latent), "timesteps": timestep.tolist(), "labels": label.tolist(), **metrics})
+    for feeds, ref in zip(cases, references):
+        metrics = compare(backend(feeds)[spec.output_names[0]], ref)
+        runs.append({"batch": len(ref), **{k: v.tolist() for k, v in feeds.items() if v.ndim == 1}, **metrics})
     worst = max(r["max_rel_err"] for r in runs)
-    bound = MAX_REL_ERR[precision]
+    bound = spec.export_bounds[precision]
     if not worst <= bound:
         raise ExportError(f"{path.name}: ONNX Runtime output differs from PyTorch fp32 by {worst:.3g} (max error "
                           f"relative to the largest magnitude), above the {precision} bound {bound:g}")
     return {"checker_full_check": True, "strict_shape_inference": True,
-            "onnxruntime_vs_torch_fp32": {"max_rel_err": worst, "bound": bound, "runs": runs},
+            "onnxruntime_vs_reference": {"reference": "PyTorch fp32", "max_rel_err": worst, "bound": bound, "runs": runs},
             "tensorrt_lint": lint.to_dict()}
 
 
-def build_manifest(source: ExportSource, config: DiTConfig, graphs: dict) -> dict:
+def build_manifest(source: ExportSource, config: DiTConfig, networks: dict) -> dict:
     import onnxruntime
     import onnxscript
-    C, S = config.in_channels, config.input_size
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": source.config_name, **config.to_dict(), "out_channels": config.out_channels,
-                  "image_size": S * 8, "parameters": count_parameters(source.model),
+                  "image_size": config.input_size * 8, "parameters": count_parameters(source.model),
                   "gmacs_per_forward": round(macs_per_forward(config) / 1e9, 3)},
         "source": source.description,
-        "diffusion": {
-            "num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
-            "variance": "learned_range" if config.learn_sigma else "fixed_large",
-            "null_class": config.null_class,
-            "guided_channels": {"official": 3, "standard": C},
-            "default_guidance": "official", "default_cfg_scale": 4.0, "default_sampler": "ddpm",
-            "default_steps": 250, "clip_denoised": False,
-            "vae_scale_factor": VAE_SCALE_FACTOR, "vae": "stabilityai/sd-vae-ft-mse",
-        },
-        "interface": {
-            "inputs": [
-                {"name": "latent", "dtype": "float32", "shape": ["batch", C, S, S]},
-                {"name": "timestep", "dtype": "float32", "shape": ["batch"],
-                 "meaning": "original-scale timesteps 0..999, fractional allowed"},
-                {"name": "class_label", "dtype": "int64", "shape": ["batch"],
-                 "meaning": f"0..{config.num_classes - 1}; {config.null_class} is the null class"},
-            ],
-            "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", config.out_channels, S, S],
-                         "meaning": f"channels 0..{C - 1} eps" + (f", {C}..{2 * C - 1} variance v" if config.learn_sigma else "")}],
-            "batch_axis": 0,
-            "guidance_rows": "conditional rows first, then the same latents with the null class",
-        },
-        "graphs": graphs,
+        "diffusion": Diffusion.official(config).to_dict(),
+        "defaults": Defaults().to_dict(),
+        "networks": networks,
         "versions": {"ditrt": runtime.__version__, "python": platform.python_version(), "torch": torch.__version__,
                      "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
                      "onnxruntime": onnxruntime.__version__},

@@ -8,12 +8,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ditrt.runtime.manifest import ArtifactError, Manifest
+from ditrt.runtime.errors import ArtifactError
+from ditrt.runtime.manifest import Manifest
 from ditrt.runtime.parity import Golden, make_golden
 from ditrt.runtime.pipeline import Pipeline
 
 from .checkpoints import load_checkpoint
-from .model import DiT, DiTConfig, random_init
+from .model import DiT, random_init
 from .torch_backend import TorchBackend
 
 FP16_MAX = 65504.0
@@ -22,7 +23,7 @@ FP16_MAX = 65504.0
 def reference_model(manifest: Manifest, checkpoint: str | Path | None = None) -> DiT:
     """The fp32 PyTorch model the artifact was exported from: its source checkpoint (sha256
     checked), `checkpoint` when given, or the same random init."""
-    config = DiTConfig(**{k: manifest.data["model"][k] for k in DiTConfig.__dataclass_fields__})
+    config = manifest.model
     source = manifest.data["source"]
     if checkpoint is None and source["kind"] == "random-init":
         return random_init(DiT(config), source["seed"])
@@ -41,10 +42,10 @@ def reference_model(manifest: Manifest, checkpoint: str | Path | None = None) ->
 
 def reference_golden(manifest: Manifest, batches: list[int], steps: int, checkpoint: str | Path | None = None,
                      log: Callable[[str], None] = lambda m: None) -> Golden:
-    backend = TorchBackend(reference_model(manifest, checkpoint))
+    backend = TorchBackend(reference_model(manifest, checkpoint), manifest.network("denoiser"))
     meta = {"reference": "PyTorch fp32 eager (exporter.model)", "torch": torch.__version__,
             "artifact_source": manifest.data["source"]}
-    return make_golden(backend, Pipeline(backend, manifest), manifest.model, batches, steps, meta, log)
+    return make_golden({"denoiser": backend}, Pipeline(backend, manifest), manifest, batches, steps, meta, log)
 
 
 BRANCHES = {  # name -> (module path inside a block, whether to record its input instead of its output)

@@ -1,8 +1,12 @@
-"""ditrt runtime: schedules, the CFG sampling loop and its backends. Imports no torch."""
-__version__ = "0.1.0"
+"""ditrt runtime: schedules, samplers, the CFG sampling loop and its backends. Imports no torch."""
+__version__ = "0.2.0"
 
-from .manifest import ArtifactError, Manifest, load_manifest  # noqa: E402
-from .pipeline import Pipeline, SampleStats, load  # noqa: E402
-from .schedule import ScheduleError  # noqa: E402
+from .backends import BACKENDS, create_backend  # noqa: E402
+from .errors import ArtifactError, BackendError, DitrtError, InputError, ScheduleError, StepError  # noqa: E402
+from .manifest import Manifest, load_manifest  # noqa: E402
+from .pipeline import Pipeline, SampleRun, SampleStats, load  # noqa: E402
+from .samplers import SAMPLERS  # noqa: E402
 
-__all__ = ["load", "Pipeline", "SampleStats", "Manifest", "load_manifest", "ArtifactError", "ScheduleError", "__version__"]
+__all__ = ["load", "Pipeline", "SampleRun", "SampleStats", "Manifest", "load_manifest", "create_backend", "BACKENDS",
+           "SAMPLERS", "DitrtError", "InputError", "StepError", "ArtifactError", "ScheduleError", "BackendError",
+           "__version__"]

@@ -1,73 +1,230 @@
-"""Backends: `backend(latent, timestep, class_label) -> model_output`, numpy in and out.
+"""Backends run one network: `backend(feeds) -> outputs`, named numpy tensors in and out (the
+network's spec says which). One registry, `BACKENDS`, names them for `runtime.load`, `ditrt
+parity`, the CLI and the benches: `<kind>-<precision>`, e.g. `onnxruntime-fp32`,
+`onnxruntime-fp16`, `tensorrt-fp16`, `torch-fp32` (a kind alone takes its default precision).
 
-latent float32 (B, C, H, W), timestep float32 (B,) original-scale, class_label int64 (B,);
-model_output float32 (B, out_channels, H, W). `max_batch` (None: unlimited) is the largest B
-one call takes; `run_batched` splits larger requests into chunks.
+`max_batch` (None: unlimited) is the most rows one call takes and `min_batch` the fewest;
+`run_chunked` is the one place that splits larger calls and pads smaller ones.
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
-INPUT_NAMES = ("latent", "timestep", "class_label")
-OUTPUT_NAME = "model_output"
+from .errors import ArtifactError, BackendError, InputError
+from .networks import NetworkSpec
 
 
 class Backend(Protocol):
-    name: str
+    name: str  # "<kind>-<precision>"
+    network: NetworkSpec
     max_batch: int | None
+    min_batch: int
 
-    def __call__(self, latent: np.ndarray, timestep: np.ndarray, class_label: np.ndarray) -> np.ndarray: ...
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-def run_batched(backend: Backend, latent: np.ndarray, timestep: np.ndarray, class_label: np.ndarray) -> np.ndarray:
-    limit = backend.max_batch
-    if not limit or len(latent) <= limit:
-        return backend(latent, timestep, class_label)
-    return np.concatenate([backend(latent[s:s + limit], timestep[s:s + limit], class_label[s:s + limit])
-                           for s in range(0, len(latent), limit)])
+# ---- chunking -----------------------------------------------------------------------------------
 
+def chunk_plan(rows: int, max_rows: int | None, min_rows: int = 1) -> list[tuple[int, int, int]]:
+    """(start, stop, call rows) per backend call for `rows` rows: calls hold at most max_rows rows;
+    a call below min_rows is padded up to it (engines reject smaller batches) and the padding rows
+    are dropped from the output."""
+    if rows < 1:
+        raise InputError(f"need at least one row, got {rows}")
+    max_rows = max_rows or rows
+    if not 1 <= min_rows <= max_rows:
+        raise InputError(f"invalid batch bounds: min {min_rows}, max {max_rows}")
+    return [(s, min(s + max_rows, rows), max(min(max_rows, rows - s), min_rows)) for s in range(0, rows, max_rows)]
+
+
+def run_chunked(backend: Backend, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run any number of rows through a backend within its batch bounds. Padding rows repeat the
+    chunk's first row, so they are always valid inputs (labels in range)."""
+    rows = len(next(iter(feeds.values())))
+    plan = chunk_plan(rows, backend.max_batch, getattr(backend, "min_batch", 1))
+    if len(plan) == 1 and plan[0][2] == rows:
+        return backend(feeds)
+    parts = []
+    for start, stop, call_rows in plan:
+        chunk = {}
+        for name, array in feeds.items():
+            part = array[start:stop]
+            if call_rows > stop - start:
+                part = np.concatenate([part, np.repeat(part[:1], call_rows - (stop - start), axis=0)])
+            chunk[name] = part
+        parts.append((stop - start, backend(chunk)))
+    return {name: np.concatenate([out[name][:n] for n, out in parts]) for name in parts[0][1]}
+
+
+# ---- ONNX Runtime -------------------------------------------------------------------------------
 
 class OnnxRuntimeBackend:
     """ONNX Runtime on the CPU EP, or the CUDA EP with IOBinding where onnxruntime-gpu is installed
     (it replaces the onnxruntime package; never install both)."""
 
-    def __init__(self, model_path: str | Path, device: str = "cpu", threads: int | None = None,
-                 max_batch: int | None = None):
+    def __init__(self, model_path: str | Path, network: NetworkSpec, precision: str = "fp32", device: str = "cpu",
+                 threads: int | None = None, max_batch: int | None = None, device_id: int = 0):
         import onnxruntime as ort
 
         if device not in ("cpu", "cuda"):
-            raise ValueError(f"unknown ONNX Runtime device {device!r}; use cpu or cuda")
+            raise InputError(f"unknown ONNX Runtime device {device!r}; use cpu or cuda")
         if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise RuntimeError("ONNX Runtime has no CUDA execution provider here: install onnxruntime-gpu "
+            raise BackendError("ONNX Runtime has no CUDA execution provider here: install onnxruntime-gpu "
                                "(pip uninstall onnxruntime && pip install 'ditrt[gpu]')")
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        if threads is not None:
+            options.intra_op_num_threads = check_threads(threads)
         # TF32 off: fp32 parity is the point of the fp32 graph.
-        providers = ([("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"]
+        providers = ([("CUDAExecutionProvider", {"use_tf32": 0, "device_id": device_id}), "CPUExecutionProvider"]
                      if device == "cuda" else ["CPUExecutionProvider"])
-        self.session = ort.InferenceSession(str(model_path), options, providers=providers)
-        self.device = device
-        self.max_batch = max_batch
-        self.name = f"onnxruntime-{device}"
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=providers)
+        except Exception as e:  # ORT's own exception types (Fail, InvalidGraph, ...) carry the reason
+            raise ArtifactError(f"ONNX Runtime cannot load {model_path}: {_ort_reason(e)}") from None
+        self.path = Path(model_path)
+        self.network = network
+        self.precision = precision
+        self.device, self.device_id = device, device_id
+        self.max_batch = check_max_batch(max_batch)
+        self.min_batch = 1
+        self.name = f"onnxruntime-{precision}"
         self._ort = ort
 
-    def __call__(self, latent: np.ndarray, timestep: np.ndarray, class_label: np.ndarray) -> np.ndarray:
-        feeds = dict(zip(INPUT_NAMES, (latent, timestep, class_label)))
-        if self.device == "cpu":
-            return self.session.run([OUTPUT_NAME], feeds)[0]
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.network.check_feeds(feeds)
+        try:
+            if self.device == "cpu":
+                return dict(zip(self.network.output_names, self.session.run(list(self.network.output_names), feeds)))
+            return self._run_cuda(feeds)
+        except Exception as e:
+            raise BackendError(f"ONNX Runtime failed running {self.path.name}: {_ort_reason(e)}") from None
+
+    def _run_cuda(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         binding = self.session.io_binding()
         for name, array in feeds.items():
-            binding.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0))
-        binding.bind_output(OUTPUT_NAME, "cuda", 0)
+            value = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", self.device_id)
+            binding.bind_ortvalue_input(name, value)
+        for name in self.network.output_names:
+            binding.bind_output(name, "cuda", self.device_id)
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return dict(zip(self.network.output_names, binding.copy_outputs_to_cpu()))
+
+
+def _ort_reason(e: Exception) -> str:
+    return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
 
 
 def onnxruntime_device() -> str:
     """cuda when onnxruntime-gpu with a usable CUDA EP is installed, else cpu."""
     import onnxruntime as ort
     return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+
+def check_threads(threads) -> int:
+    cores = os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= 4 * cores:
+        raise InputError(f"threads must be an integer from 1 to {4 * cores} (this machine has {cores} cores), got {threads!r}")
+    return int(threads)
+
+
+def check_max_batch(max_batch) -> int | None:
+    if max_batch is None:
+        return None
+    if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
+        raise InputError(f"max_batch must be a positive integer (or None for no limit), got {max_batch!r}")
+    return int(max_batch)
+
+
+# ---- the registry --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BackendKind:
+    name: str
+    summary: str
+    precisions: tuple[str, ...]
+    default_precision: str
+    # (manifest, network, precision, options) -> backend; options: threads, max_batch, checkpoint ...
+    create: Callable[..., Backend]
+    # does a usable engine of this kind exist for this network here (cheap, never raises)?
+    available: Callable[..., bool] = lambda manifest, network, precision: True
+
+
+def _onnxruntime(manifest, network: str, precision: str, threads=None, max_batch=None, **_) -> Backend:
+    path = manifest.graph_path(network, precision)
+    if not path.is_file():
+        raise ArtifactError(f"{path} is listed in the manifest but missing")
+    return OnnxRuntimeBackend(path, manifest.network(network), precision, onnxruntime_device(), threads, max_batch)
+
+
+def _tensorrt(manifest, network: str, precision: str, max_batch=None, **_) -> Backend:
+    from .tensorrt import TensorRTBackend
+    return TensorRTBackend.from_manifest(manifest, network=network, precision=precision, max_batch=max_batch)
+
+
+def _tensorrt_available(manifest, network: str, precision: str) -> bool:
+    from .tensorrt import compatible_engine
+    return compatible_engine(manifest, network, precision) is not None
+
+
+def _torch(manifest, network: str, precision: str, max_batch=None, checkpoint=None, device="cpu", **_) -> Backend:
+    try:
+        from ditrt.exporter.torch_backend import reference_backend
+    except ImportError as e:
+        raise BackendError(f"the torch backend needs PyTorch and ditrt[export] ({e})") from None
+    return reference_backend(manifest, network, precision, checkpoint=checkpoint, device=device, max_batch=max_batch)
+
+
+BACKENDS: dict[str, BackendKind] = {}
+
+
+def register_backend(kind: BackendKind) -> None:
+    BACKENDS[kind.name] = kind
+
+
+register_backend(BackendKind("onnxruntime", "ONNX Runtime (CUDA EP with onnxruntime-gpu, else CPU)", ("fp32", "fp16"),
+                             "fp32", _onnxruntime))
+register_backend(BackendKind("tensorrt", "TensorRT plans built by ditrt build", ("fp16", "fp32"), "fp16", _tensorrt,
+                             _tensorrt_available))
+register_backend(BackendKind("torch", "the PyTorch reference model (needs torch and the source weights)",
+                             ("fp32", "fp16"), "fp32", _torch))
+
+
+def parse_backend(text: str) -> tuple[BackendKind, str | None]:
+    """'onnxruntime-fp16' -> (onnxruntime, 'fp16'); 'tensorrt' -> (tensorrt, None)."""
+    name, _, precision = str(text).strip().partition("-")
+    if name not in BACKENDS:
+        raise InputError(f"unknown backend {text!r}; use auto or one of {', '.join(backend_ids())}")
+    kind = BACKENDS[name]
+    if precision and precision not in kind.precisions:
+        raise InputError(f"backend {name} runs {', '.join(kind.precisions)} graphs, not {precision!r}")
+    return kind, precision or None
+
+
+def backend_ids() -> list[str]:
+    return [f"{k.name}-{p}" for k in BACKENDS.values() for p in k.precisions]
+
+
+def create_backend(manifest, backend: str = "auto", precision: str | None = None, network: str = "denoiser",
+                   **options) -> Backend:
+    """One backend for one network of an artifact. backend "auto": TensorRT when a plan compatible
+    with this GPU and TensorRT exists for the network, else ONNX Runtime (fp32 unless asked)."""
+    manifest.network(network)
+    if precision is not None and precision not in ("fp32", "fp16"):
+        raise InputError(f"unknown precision {precision!r}; use fp32 or fp16")
+    if backend == "auto":
+        trt = BACKENDS["tensorrt"]
+        use_trt = trt.available(manifest, network, precision or trt.default_precision)
+        kind, chosen = (trt if use_trt else BACKENDS["onnxruntime"]), None
+    else:
+        kind, chosen = parse_backend(backend)
+    if chosen and precision and chosen != precision:
+        raise InputError(f"backend {backend} and precision {precision} disagree")
+    precision = chosen or precision or kind.default_precision
+    if precision not in kind.precisions:
+        raise InputError(f"backend {kind.name} runs {', '.join(kind.precisions)} graphs, not {precision}")
+    return kind.create(manifest, network, precision, **options)

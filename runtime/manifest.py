@@ -1,86 +1,118 @@
 """The artifact manifest: the contract with services that run the loop without reading Python.
 
 `manifest.json` is plain JSON (schema documented in engines/README.md). This module reads and
-checks it and gives typed access to the parts the runtime needs; the exporter writes it.
+validates it once, at load, and gives typed access to what the runtime uses: the model, the
+diffusion process, the defaults, and one spec, graph set and engine list per network. The
+exporter writes it; `ditrt build` adds engines.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
+from .config import DiTConfig, Defaults, Diffusion, read_defaults, read_diffusion, read_model
+from .errors import ArtifactError
+from .files import artifact_path, sha256_file, write_json_atomic
+from .networks import NetworkSpec
+
 SCHEMA = "ditrt.manifest"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-
-
-class ArtifactError(ValueError):
-    """A missing, corrupt or incompatible artifact, with the reason in the message."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    input_size: int
-    patch_size: int
-    in_channels: int
-    out_channels: int
-    hidden_size: int
-    depth: int
-    num_heads: int
-    num_classes: int
-    learn_sigma: bool
-
-
-@dataclass(frozen=True)
-class DiffusionSpec:
-    num_train_timesteps: int
-    beta_schedule: str
-    beta_start: float
-    beta_end: float
-    null_class: int
-    guided_channels: dict  # guidance name -> number of leading channels guided
-    default_guidance: str
-    vae_scale_factor: float
+PRECISIONS = ("fp32", "fp16")
 
 
 class Manifest:
     def __init__(self, data: dict, directory: Path):
+        from .samplers import SAMPLERS
         self.data = data
         self.directory = Path(directory)
-        m, d = data["model"], data["diffusion"]
-        self.model = ModelSpec(**{k: m[k] for k in ModelSpec.__dataclass_fields__})
-        self.diffusion = DiffusionSpec(**{k: d[k] for k in DiffusionSpec.__dataclass_fields__})
+        self.model: DiTConfig = read_model(data)
+        self.diffusion: Diffusion = read_diffusion(data, self.model)
+        self.defaults: Defaults = read_defaults(data, self.diffusion, SAMPLERS)
+        networks = data.get("networks")
+        if not isinstance(networks, dict) or "denoiser" not in networks:
+            raise ArtifactError("manifest field networks must be an object with at least a denoiser")
+        self.networks: dict[str, NetworkSpec] = {}
+        for name, section in networks.items():
+            spec = NetworkSpec.from_manifest(name, section)
+            if name == "denoiser":
+                spec = _with_classes(spec, self.model)
+            self.networks[name] = spec
+            for precision in self._graphs(name):
+                self._check_graph(name, precision)
+        if not isinstance(data.get("engines", []), list):
+            raise ArtifactError("manifest field engines must be a list")
 
-    def graph(self, precision: str) -> dict:
-        graphs = self.data["graphs"]
+    # ---- networks and graphs ------------------------------------------------------------------
+
+    def network(self, name: str = "denoiser") -> NetworkSpec:
+        if name not in self.networks:
+            hint = " (export with --vae DIR to add a decoder)" if name == "decoder" else ""
+            raise ArtifactError(f"{self.directory} has no {name} network{hint}; it has: {', '.join(self.networks)}")
+        return self.networks[name]
+
+    def _graphs(self, network: str) -> dict:
+        graphs = self.data["networks"][network].get("graphs")
+        if not isinstance(graphs, dict):
+            raise ArtifactError(f"manifest field networks.{network}.graphs must be an object")
+        return graphs
+
+    def precisions(self, network: str = "denoiser") -> list[str]:
+        self.network(network)
+        return list(self._graphs(network))
+
+    def graph(self, network: str, precision: str) -> dict:
+        self.network(network)
+        graphs = self._graphs(network)
         if precision not in graphs:
             have = ", ".join(graphs) or "none"
-            raise ArtifactError(f"{self.directory} has no {precision} graph (it has: {have}); "
-                                f"re-export with --precision {precision}")
+            raise ArtifactError(f"{self.directory} has no {precision} {network} graph (it has: {have}); "
+                                f"re-export with --precision {precision}" if have == "none" or precision in PRECISIONS
+                                else f"unknown precision {precision!r} for {network}; it has: {have}")
         return graphs[precision]
 
-    def graph_path(self, precision: str) -> Path:
-        return self.directory / self.graph(precision)["file"]
+    def _check_graph(self, network: str, precision: str) -> None:
+        where = f"networks.{network}.graphs.{precision}"
+        if precision not in PRECISIONS:
+            raise ArtifactError(f"manifest field {where}: unknown precision (use {', '.join(PRECISIONS)})")
+        graph = self._graphs(network)[precision]
+        if not isinstance(graph, dict):
+            raise ArtifactError(f"manifest field {where} must be an object")
+        artifact_path(self.directory, graph.get("file"), f"{where}.file")
+        hashes = graph.get("sha256")
+        if not isinstance(hashes, dict) or graph.get("file") not in hashes:
+            raise ArtifactError(f"manifest field {where}.sha256 must map every file (the graph's included) to its sha256")
+        for name, digest in hashes.items():
+            artifact_path(self.directory, name, f"{where}.sha256")
+            if not (isinstance(digest, str) and len(digest) == 64):
+                raise ArtifactError(f"manifest field {where}.sha256[{name!r}] is not a sha256 hex digest")
+
+    def graph_path(self, network: str, precision: str) -> Path:
+        return artifact_path(self.directory, self.graph(network, precision)["file"],
+                             f"networks.{network}.graphs.{precision}.file")
+
+    # ---- engines ----------------------------------------------------------------------------
 
     @property
     def engines(self) -> list[dict]:
         return self.data.setdefault("engines", [])
 
-    def file_hashes(self, precision: str) -> dict[str, tuple[str, str | None]]:
+    def engines_for(self, network: str) -> list[dict]:
+        return [e for e in self.engines if isinstance(e, dict) and e.get("network", "denoiser") == network]
+
+    # ---- integrity ----------------------------------------------------------------------------
+
+    def file_hashes(self, network: str, precision: str) -> dict[str, tuple[str, str | None]]:
         """file -> (sha256 in the manifest, sha256 on disk or None when missing) for a graph."""
         out = {}
-        for name, digest in self.graph(precision)["sha256"].items():
-            path = self.directory / name
+        for name, digest in self.graph(network, precision)["sha256"].items():
+            path = artifact_path(self.directory, name, f"networks.{network}.graphs.{precision}.sha256")
             out[name] = (digest, sha256_file(path) if path.is_file() else None)
         return out
 
-    def verify_files(self, precision: str) -> None:
+    def verify_files(self, network: str, precision: str) -> None:
         """Check that the graph's files exist and have the recorded sha256."""
-        for name, (recorded, actual) in self.file_hashes(precision).items():
+        for name, (recorded, actual) in self.file_hashes(network, precision).items():
             if actual is None:
                 raise ArtifactError(f"{self.directory / name} is listed in the manifest but missing")
             if actual != recorded:
@@ -89,6 +121,11 @@ class Manifest:
 
     def save(self) -> None:
         write_json_atomic(self.directory / MANIFEST_NAME, self.data)
+
+
+def _with_classes(spec: NetworkSpec, model: DiTConfig) -> NetworkSpec:
+    from dataclasses import replace
+    return replace(spec, num_classes=model.num_classes)
 
 
 def load_manifest(directory: str | Path) -> Manifest:
@@ -100,44 +137,42 @@ def load_manifest(directory: str | Path) -> Manifest:
         raise ArtifactError(f"{directory} is not a ditrt artifact: no {MANIFEST_NAME} (create one with `ditrt export`)")
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ArtifactError(f"unreadable manifest {path}: {e}") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise ArtifactError(f"{path} is not a ditrt manifest (schema {data.get('schema') if isinstance(data, dict) else None!r})")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise ArtifactError(f"{path} has manifest schema version {data.get('schema_version')}; this ditrt reads "
-                            f"version {SCHEMA_VERSION}: re-export the artifact with this ditrt")
+    version = data.get("schema_version")
+    if version == 1 and type(version) is int:
+        data = upgrade_schema_1(data)
+    elif version != SCHEMA_VERSION or type(version) is not int:
+        raise ArtifactError(f"{path} has manifest schema version {version!r}; this ditrt reads versions 1 and "
+                            f"{SCHEMA_VERSION}: re-export the artifact with this ditrt "
+                            f"({reexport_command(data, directory)})")
+    return Manifest(data, directory)
+
+
+def reexport_command(data: dict, directory: Path) -> str:
+    source = data.get("source") if isinstance(data.get("source"), dict) else {}
+    what = source.get("path") if source.get("kind") == "checkpoint" else "CHECKPOINT"
+    return f"ditrt export {what} --out {directory} --force"
+
+
+def upgrade_schema_1(data: dict) -> dict:
+    """A schema 1 manifest (ditrt 0.1: one network, graphs at the top, defaults inside
+    diffusion) as schema 2, in memory: the files and the numbers are the same."""
     try:
-        return Manifest(data, directory)
+        d, interface = data["diffusion"], data["interface"]
+        denoiser = {"inputs": interface["inputs"], "outputs": interface["outputs"], "batch_axis": 0,
+                    "batch_unit": "rows", "guidance_rows": interface.get("guidance_rows", ""), "graphs": data["graphs"]}
+        diffusion = {k: d[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "variance",
+                                       "null_class", "guided_channels")}
+        defaults = {"sampler": d.get("default_sampler", "ddpm"), "steps": d.get("default_steps", 250),
+                    "cfg_scale": d.get("default_cfg_scale", 4.0), "guidance": d.get("default_guidance", "official")}
     except (KeyError, TypeError) as e:
-        raise ArtifactError(f"{path} lacks a required field: {e}") from None
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@contextmanager
-def atomic_output(path: str | Path, suffix: str = ""):
-    """A binary file handle on a temporary name beside `path`, renamed onto it when the block ends
-    without error (removed otherwise): readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    with atomic_output(path) as f:
-        f.write((json.dumps(data, indent=2) + "\n").encode())
+        raise ArtifactError(f"schema 1 manifest lacks a required field ({e}); re-export with this ditrt") from None
+    upgraded = {k: v for k, v in data.items() if k not in ("graphs", "interface", "diffusion")}
+    upgraded.update(schema_version=SCHEMA_VERSION, upgraded_from_schema=1,
+                    diffusion={**diffusion, "prediction": "epsilon", "clip_denoised": d.get("clip_denoised", False)},
+                    defaults=defaults, networks={"denoiser": denoiser},
+                    engines=[{**e, "network": "denoiser"} for e in data.get("engines", []) if isinstance(e, dict)])
+    return upgraded

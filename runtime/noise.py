@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InputError
+
 
 class SeededNoise:
     def __init__(self, seed: int, num_images: int, shape: tuple[int, ...]):
@@ -31,12 +33,15 @@ class InjectedNoise:
         initial, steps = np.asarray(initial), np.asarray(steps)
         want_initial, want_steps = (num_images, *shape), (num_steps, num_images, *shape)
         if initial.shape != want_initial:
-            raise ValueError(f"injected initial noise has shape {initial.shape}; expected {want_initial}")
+            raise InputError(f"injected initial noise has shape {initial.shape}; expected {want_initial}")
         if steps.shape != want_steps:
-            raise ValueError(f"injected step noise has shape {steps.shape}; expected {want_steps} "
+            raise InputError(f"injected step noise has shape {steps.shape}; expected {want_steps} "
                              f"(steps, images, C, H, W)")
         self._initial = initial.astype(np.float32, copy=False)
         self._steps = steps.astype(np.float32, copy=False)
+        for what, array in (("initial", self._initial), ("step", self._steps)):
+            if not np.isfinite(array).all():
+                raise InputError(f"injected {what} noise contains NaN or inf (in float32)")
 
     def initial(self) -> np.ndarray:
         return self._initial.copy()

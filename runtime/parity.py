@@ -14,19 +14,19 @@ from typing import Callable
 
 import numpy as np
 
-from .backends import Backend, run_batched
-from .manifest import ModelSpec, atomic_output
+from .backends import Backend, run_chunked
+from .errors import InputError
+from .files import atomic_output, write_json_atomic
 from .noise import SeededNoise
-from .schedule import respaced_schedule
+from .samplers import SAMPLERS
 
-GOLDEN_FORMAT = "ditrt.golden/1"
+GOLDEN_FORMAT = "ditrt.golden/2"  # version 1 (denoiser inputs as latent/timestep/class_label) still loads
 # Default bounds on max |actual - reference| / max |reference|, by graph precision and check kind.
 # fp32: ~3e-7 per forward and ~5e-7 over 25-step loops measured; loops can amplify differences up to
 #   ~100x (golden README), hence 1e-4 for loops.
 # fp16: ~5e-4 per forward measured (golden tiny and DiT-XL/2), ~3e-4 over 25-step loops (errors
 #   partly average out); 5e-3 / 1e-2 leave a 10x margin and still catch real faults.
 DEFAULT_MAX_REL_ERR = {"fp32": {"forward": 1e-5, "loop": 1e-4}, "fp16": {"forward": 5e-3, "loop": 1e-2}}
-BACKEND_PRECISION = {"ort-fp32": "fp32", "ort-fp16": "fp16", "trt": "fp16", "torch-fp32": "fp32"}
 
 
 def compare(actual: np.ndarray, reference: np.ndarray) -> dict:
@@ -35,7 +35,7 @@ def compare(actual: np.ndarray, reference: np.ndarray) -> dict:
     actual = np.asarray(actual, dtype=np.float64)
     reference = np.asarray(reference, dtype=np.float64)
     if actual.shape != reference.shape:
-        raise ValueError(f"shape {actual.shape} does not match the reference's {reference.shape}")
+        raise InputError(f"shape {actual.shape} does not match the reference's {reference.shape}")
     finite = np.isfinite(actual)
     diff = np.where(finite, np.abs(actual - reference), np.inf)
     worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
@@ -56,16 +56,15 @@ def compare(actual: np.ndarray, reference: np.ndarray) -> dict:
 @dataclass
 class ForwardCase:
     name: str
-    latent: np.ndarray
-    timestep: np.ndarray
-    class_label: np.ndarray
+    network: str
+    feeds: dict[str, np.ndarray]
 
 
 @dataclass
 class LoopCase:
     name: str
     sampler: str
-    steps: str
+    steps: str | int
     labels: np.ndarray
     initial: np.ndarray
     step_noise: np.ndarray
@@ -73,37 +72,30 @@ class LoopCase:
     guidance: str = "official"
 
 
-def forward_cases(model: ModelSpec, batches: list[int], seed: int = 0) -> list[ForwardCase]:
-    """One case per batch size: timesteps from 0 to 999 (fractional in between), real labels on
-    even rows and the null class on odd rows."""
-    rng = np.random.default_rng([seed, 1])
-    C, S, K = model.in_channels, model.input_size, model.num_classes
-    cases = []
-    for b in batches:
-        t = np.linspace(0.0, 999.0, b) if b > 1 else np.array([999.0])
-        t[1:-1] += 0.25  # fractional timesteps are part of the interface
-        labels = np.array([K if i % 2 else (37 * i) % K for i in range(b)], dtype=np.int64)
-        cases.append(ForwardCase(f"forward batch {b}", rng.standard_normal((b, C, S, S), dtype=np.float32),
-                                 t.astype(np.float32), labels))
-    return cases
+def forward_cases(manifest, batches: list[int], seed: int = 0, networks: list[str] | None = None) -> list[ForwardCase]:
+    """One case per network and batch size, from each network's deterministic example inputs."""
+    return [ForwardCase(f"{name} forward batch {b}", name, spec.example_inputs(b, seed))
+            for name, spec in manifest.networks.items() if networks is None or name in networks for b in batches]
 
 
-def loop_cases(model: ModelSpec, steps: int, seed: int = 0, num_images: int = 2) -> list[LoopCase]:
-    """DDPM over `steps` and DDIM over `ddim{steps}`, official guidance at scale 4, injected noise."""
-    K, shape = model.num_classes, (model.in_channels, model.input_size, model.input_size)
-    labels = np.array([(1 + 7 * i) % K for i in range(num_images)], dtype=np.int64)
+def loop_cases(manifest, steps: int, seed: int = 0, num_images: int = 2) -> list[LoopCase]:
+    """One loop per registered sampler (its own step spec for `steps` model calls), official
+    guidance at scale 4, injected noise."""
+    model = manifest.model
+    labels = np.array([(1 + 7 * i) % model.num_classes for i in range(num_images)], dtype=np.int64)
     cases = []
-    for sampler, spec in (("ddpm", str(steps)), ("ddim", f"ddim{steps}")):
-        noise = SeededNoise(seed, num_images, shape)
-        k = len(respaced_schedule(spec))
+    for sampler in SAMPLERS.values():
+        spec = sampler.parity_steps(steps)
+        k = len(sampler.schedule(manifest.diffusion, spec))
+        noise = SeededNoise(seed, num_images, model.latent_shape)
         initial = noise.initial()
-        cases.append(LoopCase(f"loop {sampler} {spec}", sampler, spec, labels, initial,
+        cases.append(LoopCase(f"loop {sampler.name} {spec}", sampler.name, spec, labels, initial,
                               np.stack([noise.step(i) for i in range(k)])))
     return cases
 
 
 def run_forward(backend: Backend, case: ForwardCase) -> np.ndarray:
-    return run_batched(backend, case.latent, case.timestep, case.class_label)
+    return run_chunked(backend, case.feeds)[backend.network.output_names[0]]
 
 
 def run_loop(pipeline, case: LoopCase) -> np.ndarray:
@@ -123,9 +115,9 @@ class Golden:
         arrays: dict[str, np.ndarray] = {}
         meta = {**self.meta, "format": GOLDEN_FORMAT, "forward": [], "loops": []}
         for i, (case, out) in enumerate(self.forward):
-            meta["forward"].append(case.name)
-            arrays.update({f"forward{i}_latent": case.latent, f"forward{i}_timestep": case.timestep,
-                           f"forward{i}_class_label": case.class_label, f"forward{i}_output": out})
+            meta["forward"].append({"name": case.name, "network": case.network, "inputs": list(case.feeds)})
+            arrays.update({f"forward{i}_{name}": value for name, value in case.feeds.items()})
+            arrays[f"forward{i}_output"] = out
         for i, (case, out) in enumerate(self.loops):
             meta["loops"].append({"name": case.name, "sampler": case.sampler, "steps": case.steps,
                                   "cfg_scale": case.cfg_scale, "guidance": case.guidance})
@@ -138,46 +130,57 @@ class Golden:
     def load(cls, path: str | Path) -> "Golden":
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"golden file not found: {path}")
+            raise InputError(f"golden file not found: {path}")
         try:
             with np.load(path, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}
             meta = json.loads(str(data["meta"]))
         except Exception as e:
-            raise ValueError(f"unreadable golden file {path}: {e}") from None
-        if meta.get("format") != GOLDEN_FORMAT:
-            raise ValueError(f"{path} is not a ditrt golden file (format {meta.get('format')!r}); "
+            raise InputError(f"unreadable golden file {path}: {e}") from None
+        version = meta.get("format") if isinstance(meta, dict) else None
+        if version not in (GOLDEN_FORMAT, "ditrt.golden/1"):
+            raise InputError(f"{path} is not a ditrt golden file (format {version!r}); "
                              "make one with `ditrt parity ARTIFACT --save-golden PATH`")
-        forward = [(ForwardCase(name, data[f"forward{i}_latent"], data[f"forward{i}_timestep"],
-                                data[f"forward{i}_class_label"]), data[f"forward{i}_output"])
-                   for i, name in enumerate(meta["forward"])]
-        loops = [(LoopCase(m["name"], m["sampler"], m["steps"], data[f"loop{i}_labels"], data[f"loop{i}_initial"],
-                           data[f"loop{i}_step_noise"], m["cfg_scale"], m["guidance"]), data[f"loop{i}_output"])
-                 for i, m in enumerate(meta["loops"])]
+        try:
+            forward = [(_forward_case(data, i, entry), data[f"forward{i}_output"]) for i, entry in enumerate(meta["forward"])]
+            loops = [(LoopCase(m["name"], m["sampler"], m["steps"], data[f"loop{i}_labels"], data[f"loop{i}_initial"],
+                               data[f"loop{i}_step_noise"], m["cfg_scale"], m["guidance"]), data[f"loop{i}_output"])
+                     for i, m in enumerate(meta["loops"])]
+        except (KeyError, TypeError) as e:
+            raise InputError(f"golden file {path} is incomplete: {e} is missing") from None
+        if not forward and not loops:
+            raise InputError(f"golden file {path} holds no checks (its forward and loop lists are empty)")
         return cls(forward, loops, {k: v for k, v in meta.items() if k not in ("forward", "loops")})
 
-    def check_matches(self, model: ModelSpec) -> None:
+    def check_matches(self, manifest) -> None:
+        model = manifest.model
         want = {"in_channels": model.in_channels, "input_size": model.input_size, "out_channels": model.out_channels,
                 "num_classes": model.num_classes}
         have = self.meta.get("model", {})
         differs = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         if differs:
-            raise ValueError("the golden file was made for another model: " +
+            raise InputError("the golden file was made for another model: " +
                              ", ".join(f"{k} {a} (golden) vs {b} (artifact)" for k, (a, b) in differs.items()))
 
 
-def make_golden(forward_backend: Backend, pipeline, model: ModelSpec, batches: list[int], steps: int,
+def _forward_case(data: dict, i: int, entry) -> ForwardCase:
+    if isinstance(entry, str):  # format 1: denoiser inputs under fixed names
+        entry = {"name": entry, "network": "denoiser", "inputs": ["latent", "timestep", "class_label"]}
+    return ForwardCase(entry["name"], entry["network"], {name: data[f"forward{i}_{name}"] for name in entry["inputs"]})
+
+
+def make_golden(forward_backends: dict[str, Backend], pipeline, manifest, batches: list[int], steps: int,
                 meta: dict, log: Callable[[str], None] = lambda m: None) -> Golden:
-    """Run the reference once over the check set."""
+    """Run the reference once over the check set: `forward_backends` by network name."""
     forward = []
-    for case in forward_cases(model, batches):
+    for case in forward_cases(manifest, batches, networks=list(forward_backends)):
         log(f"reference: {case.name}")
-        forward.append((case, run_forward(forward_backend, case)))
+        forward.append((case, run_forward(forward_backends[case.network], case)))
     loops = []
-    for case in loop_cases(model, steps):
+    for case in loop_cases(manifest, steps):
         log(f"reference: {case.name}")
         loops.append((case, run_loop(pipeline, case)))
-    model_meta = {k: getattr(model, k) for k in ("in_channels", "input_size", "out_channels", "num_classes")}
+    model_meta = {k: getattr(manifest.model, k) for k in ("in_channels", "input_size", "out_channels", "num_classes")}
     return Golden(forward, loops, {**meta, "model": model_meta, "batches": batches, "steps": steps})
 
 
@@ -218,10 +221,13 @@ def check_backend(name: str, backend: Backend, pipeline, golden: Golden,
                   thresholds: dict[str, Threshold]) -> list[CheckResult]:
     """Every forward and loop check of the golden file on one backend. `thresholds` by kind."""
     results = []
-    checks = [("forward", case, ref, lambda c=case: run_forward(backend, c)) for case, ref in golden.forward]
-    checks += [("loop", case, ref, lambda c=case: run_loop(pipeline, c)) for case, ref in golden.loops]
+    network = backend.network.name
+    checks = [("forward", case, ref, lambda c=case: run_forward(backend, c))
+              for case, ref in golden.forward if case.network == network]
+    if pipeline is not None:
+        checks += [("loop", case, ref, lambda c=case: run_loop(pipeline, c)) for case, ref in golden.loops]
     for kind, case, ref, run in checks:
-        output = "model_output" if kind == "forward" else "latents"
+        output = backend.network.output_names[0] if kind == "forward" else "latents"
         start = time.perf_counter()
         try:
             actual = run()
@@ -250,7 +256,6 @@ def format_table(results: list[CheckResult]) -> str:
 
 
 def write_json(results: list[CheckResult], path: str | Path, meta: dict) -> None:
-    from .manifest import write_json_atomic
     write_json_atomic(Path(path), {"passed": all(r.passed for r in results), **meta,
                                    "checks": [asdict(r) for r in results]})
 
@@ -274,6 +279,5 @@ def write_junit(results: list[CheckResult], path: str | Path) -> None:
                 ET.SubElement(case, "failure", message=message).text = detail
             else:
                 ET.SubElement(case, "system-out").text = detail
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+    with atomic_output(path, suffix=".xml") as f:
+        ET.ElementTree(root).write(f, encoding="utf-8", xml_declaration=True)

@@ -1,22 +1,29 @@
-"""The class-conditional sampling loop with classifier-free guidance, over any backend."""
+"""The class-conditional sampling loop with classifier-free guidance, over any backend.
+
+A `Pipeline` holds what is shared and read-only: the manifest, the backend and a schedule cache.
+Everything one request changes lives in its `SampleRun` (labels, noise, the current latents, the
+sampler's state), so concurrent `sample` calls on one pipeline from several threads return exactly
+what sequential calls return, and a batching scheduler can step many runs through one backend
+call (`feeds()` of several runs concatenated, `advance()` each with its rows of the output).
+Backends serialise their own calls where the engine needs it (TensorRT holds a lock).
+"""
 from __future__ import annotations
 
 import sys
 import time
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .backends import Backend, OnnxRuntimeBackend, onnxruntime_device, run_batched
-from .manifest import ArtifactError, Manifest, load_manifest
+from .backends import Backend, create_backend, run_chunked
+from .config import Diffusion
+from .errors import InputError, StepError
+from .manifest import Manifest, load_manifest
 from .noise import InjectedNoise, SeededNoise
-from .samplers import SAMPLERS, ddim_step, guide
-from .schedule import Schedule, ScheduleError, respaced_schedule
-
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+from .samplers import Sampler, get_sampler, guide
 
 
 @dataclass
@@ -36,99 +43,158 @@ class SampleStats:
         return (self.total_s - self.backend_s) / self.total_s if self.total_s else 0.0
 
 
-@lru_cache(maxsize=32)
-def _schedule(spec: str) -> Schedule:
-    return respaced_schedule(spec)
+@lru_cache(maxsize=64)
+def _schedule(sampler: str, diffusion_key: tuple, steps) -> object:
+    return get_sampler(sampler).schedule(_DIFFUSIONS[diffusion_key], steps)
+
+
+_DIFFUSIONS: dict[tuple, Diffusion] = {}
+
+
+def schedule_for(sampler: Sampler, diffusion: Diffusion, steps):
+    """The sampler's schedule for a step spec, cached per (sampler, diffusion, steps)."""
+    key = (diffusion.num_train_timesteps, diffusion.beta_schedule, diffusion.beta_start, diffusion.beta_end,
+           diffusion.variance)
+    _DIFFUSIONS.setdefault(key, diffusion)
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer, str)):
+        raise InputError(f"num_steps must be an int or a step spec string ({sampler.steps_help}), got {steps!r}")
+    return _schedule(sampler.name, key, steps if isinstance(steps, str) else int(steps))
 
 
 class Pipeline:
-    def __init__(self, backend: Backend, manifest: Manifest):
-        d = manifest.diffusion
-        if (d.beta_schedule, d.num_train_timesteps) != ("linear", 1000):
-            raise ArtifactError(f"unsupported diffusion schedule {d.beta_schedule!r} over {d.num_train_timesteps} "
-                                "steps: the official DiT uses 'linear' over 1000")
+    def __init__(self, backend: Backend, manifest: Manifest, decoder: Backend | None = None):
+        if backend.network.name != "denoiser":
+            raise InputError(f"a pipeline samples with the denoiser, not the {backend.network.name}")
         self.backend = backend
+        self.decoder = decoder
         self.manifest = manifest
         self.last_stats: SampleStats | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        m = self.manifest.model
-        return (m.in_channels, m.input_size, m.input_size)
+        return self.manifest.model.latent_shape
 
-    def sample(self, class_labels: Sequence[int] | np.ndarray, num_steps: int | str = 250, sampler: str = "ddpm",
-               cfg_scale: float = 4.0, guidance: str = "official", seed: int = 0, eta: float = 0.0,
-               noise: tuple[np.ndarray, np.ndarray] | None = None, progress: bool = True) -> np.ndarray:
+    def start(self, class_labels: Sequence[int] | np.ndarray, num_steps: int | str | None = None,
+              sampler: str | None = None, cfg_scale: float | None = None, guidance: str | None = None,
+              seed: int = 0, eta: float | None = None,
+              noise: tuple[np.ndarray, np.ndarray] | None = None) -> "SampleRun":
+        """A validated run, ready to step; None means the manifest's default."""
+        return SampleRun(self, class_labels, num_steps, sampler, cfg_scale, guidance, seed, eta, noise)
+
+    def sample(self, class_labels: Sequence[int] | np.ndarray, num_steps: int | str | None = None,
+               sampler: str | None = None, cfg_scale: float | None = None, guidance: str | None = None,
+               seed: int = 0, eta: float | None = None, noise: tuple[np.ndarray, np.ndarray] | None = None,
+               progress: bool = True) -> np.ndarray:
         """Latents (N, C, H, W) float32 for N class labels. See README for the conventions."""
-        labels = self._check_labels(class_labels)
-        sched = self._check_steps(num_steps)
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; use {' or '.join(SAMPLERS)}")
-        guided_channels = self._guided_channels(guidance)
-        if not np.isfinite(cfg_scale):
-            raise ValueError(f"cfg_scale must be finite, got {cfg_scale}")
-        if sampler == "ddim" and not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta must be in [0, 1], got {eta}")
-        n, shape, steps = len(labels), self.latent_shape, len(sched)
-        source = (SeededNoise(seed, n, shape) if noise is None
-                  else InjectedNoise(*_pair(noise), num_images=n, shape=shape, num_steps=steps))
-
-        guided = cfg_scale > 1.0  # as the official sample_ddp.py: no unconditional rows at scale <= 1
-        rows = 2 * n if guided else n
-        latent_in = np.empty((rows, *shape), dtype=np.float32)
-        timestep_in = np.empty(rows, dtype=np.float32)
-        label_in = np.concatenate([labels, np.full(n, self.manifest.diffusion.null_class, np.int64)]) if guided else labels
-
-        step = partial(ddim_step, eta=eta) if sampler == "ddim" else SAMPLERS[sampler]
-        x = source.initial()
-        bar = _Progress(steps) if progress else None
+        run = self.start(class_labels, num_steps, sampler, cfg_scale, guidance, seed, eta, noise)
+        bar = _Progress(run.total_steps) if progress else None
         start, backend_s = time.perf_counter(), 0.0
-        for k, i in enumerate(range(steps - 1, -1, -1)):
-            latent_in[:n] = x
-            if guided:
-                latent_in[n:] = x
-            timestep_in.fill(sched.timesteps[i])
+        while not run.done:
+            feeds = run.feeds()
             t0 = time.perf_counter()
-            out = run_batched(self.backend, latent_in, timestep_in, label_in)
+            outputs = run_chunked(self.backend, feeds)
             backend_s += time.perf_counter() - t0
-            model_out = guide(out[:n], out[n:], cfg_scale, guided_channels) if guided else out
-            x = step(x, model_out, sched, i, source.step(k))
+            run.advance(outputs["model_output"])
             if bar:
-                bar.update(k + 1)
-        self.last_stats = SampleStats(steps, rows, time.perf_counter() - start, backend_s)
+                bar.update(run.steps_done)
         if bar:
             bar.close()
-        return x
+        self.last_stats = SampleStats(run.total_steps, run.rows, time.perf_counter() - start, backend_s)
+        return run.result
 
-    def _check_labels(self, class_labels) -> np.ndarray:
-        labels = np.asarray(class_labels)
-        if labels.ndim != 1 or labels.size == 0:
-            raise ValueError(f"class_labels must be a non-empty 1-D sequence of ints, got shape {labels.shape}")
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"class_labels must be integers, got {labels.dtype}")
-        num_classes = self.manifest.model.num_classes
-        bad = labels[(labels < 0) | (labels >= num_classes)]
-        if bad.size:
-            raise ValueError(f"class labels {sorted(set(bad.tolist()))} out of range: this model has classes "
-                             f"0..{num_classes - 1} (the null class {num_classes} is added by guidance)")
-        return labels.astype(np.int64)
 
-    @staticmethod
-    def _check_steps(num_steps) -> Schedule:
-        if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer, str)):
-            raise ScheduleError(f"num_steps must be an int or a respacing spec string, got {num_steps!r}")
-        return _schedule(str(num_steps).strip())
+class SampleRun:
+    """One request's sampling loop, stepped from outside: `feeds()` are this step's denoiser rows
+    ([x; x] with labels [y; null] under guidance), `advance(model_output)` applies guidance and the
+    sampler step. Nothing here is shared with other runs."""
 
-    def _guided_channels(self, guidance: str) -> int:
-        table = self.manifest.diffusion.guided_channels
-        if guidance not in table:
-            raise ValueError(f"unknown guidance {guidance!r}; use {' or '.join(table)}")
-        return int(table[guidance])
+    def __init__(self, pipeline: Pipeline, class_labels, num_steps, sampler, cfg_scale, guidance, seed, eta, noise):
+        manifest = pipeline.manifest
+        defaults, diffusion = manifest.defaults, manifest.diffusion
+        self.labels = _check_labels(class_labels, manifest.model.num_classes)
+        self.sampler = get_sampler(sampler if sampler is not None else defaults.sampler)
+        self.options = self.sampler.bind(eta=eta)
+        self.schedule = schedule_for(self.sampler, diffusion, num_steps if num_steps is not None else defaults.steps)
+        guidance = guidance if guidance is not None else defaults.guidance
+        if guidance not in diffusion.guided_channels:
+            raise InputError(f"unknown guidance {guidance!r}; use {' or '.join(diffusion.guided_channels)}")
+        self.guided_channels = int(diffusion.guided_channels[guidance])
+        self.cfg_scale = _check_cfg_scale(defaults.cfg_scale if cfg_scale is None else cfg_scale)
+        n, shape, steps = len(self.labels), manifest.model.latent_shape, len(self.schedule)
+        if noise is None:
+            self.noise = SeededNoise(_check_seed(seed), n, shape)
+        else:
+            self.noise = InjectedNoise(*_pair(noise), num_images=n, shape=shape, num_steps=steps)
+        self.guided = self.cfg_scale > 1.0  # as the official sample_ddp.py: no unconditional rows at scale <= 1
+        self.rows = 2 * n if self.guided else n
+        self.label_rows = (np.concatenate([self.labels, np.full(n, diffusion.null_class, np.int64)]) if self.guided
+                           else self.labels)
+        self.backend_name = pipeline.backend.name
+        self.total_steps, self.steps_done = steps, 0
+        self.x = self.noise.initial()
+        self.state = None
+
+    @property
+    def done(self) -> bool:
+        return self.steps_done >= self.total_steps
+
+    @property
+    def timestep(self) -> float:
+        return float(self.schedule.model_timesteps[self.steps_done])
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        latent = np.concatenate([self.x, self.x]) if self.guided else self.x
+        return {"latent": latent, "timestep": np.full(self.rows, self.timestep, dtype=np.float32),
+                "class_label": self.label_rows}
+
+    def advance(self, model_output: np.ndarray) -> None:
+        n, k = len(self.labels), self.steps_done
+        out = guide(model_output[:n], model_output[n:], self.cfg_scale, self.guided_channels) if self.guided else model_output
+        noise = self.noise.step(k) if self.sampler.uses_noise else None
+        self.x, self.state = self.sampler.step(self.x, out, self.schedule, k, noise, self.state, **self.options)
+        if not np.isfinite(self.x).all():
+            raise StepError(f"sampling produced NaN or inf at step {k + 1}/{self.total_steps} (timestep "
+                            f"{self.timestep:g}) on {self.backend_name}; the model output or cfg_scale "
+                            f"{self.cfg_scale:g} overflows float32")
+        self.steps_done += 1
+
+    @property
+    def result(self) -> np.ndarray:
+        if not self.done:
+            raise InputError(f"this run has done {self.steps_done} of {self.total_steps} steps")
+        return self.x
+
+
+def _check_labels(class_labels, num_classes: int) -> np.ndarray:
+    labels = np.asarray(class_labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise InputError(f"class_labels must be a non-empty 1-D sequence of ints, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"class_labels must be integers, got {labels.dtype}")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise InputError(f"class labels {sorted(set(bad.tolist()))} out of range: this model has classes "
+                         f"0..{num_classes - 1} (the null class {num_classes} is added by guidance)")
+    return labels.astype(np.int64)
+
+
+def _check_cfg_scale(cfg_scale) -> float:
+    # Checked in float32, the dtype guidance uses: 1e39 is finite in float64 but inf in float32.
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float, np.floating)) \
+            or not np.isfinite(_float32(cfg_scale)):
+        raise InputError(f"cfg_scale must be a finite float32 number, got {cfg_scale!r}")
+    return float(cfg_scale)
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
 
 
 def _pair(noise) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(noise, (tuple, list)) or len(noise) != 2:
-        raise ValueError("noise must be None or a tuple (initial (N,C,H,W), steps (K,N,C,H,W))")
+        raise InputError("noise must be None or a tuple (initial (N,C,H,W), steps (K,N,C,H,W))")
     return noise[0], noise[1]
 
 
@@ -164,24 +230,15 @@ class _Progress:
 
 def load(artifact_dir: str | Path, backend: str = "auto", precision: str | None = None,
          threads: int | None = None, max_batch: int | None = None) -> Pipeline:
-    """A pipeline over an exported artifact. precision None: fp16 on TensorRT, fp32 on ONNX Runtime.
-    backend="auto" takes TensorRT when a plan compatible with this GPU and TensorRT exists, else ONNX
+    """A pipeline over an exported artifact. backend: "auto", a kind ("onnxruntime", "tensorrt")
+    or an id ("onnxruntime-fp16"); precision None: fp16 on TensorRT, fp32 on ONNX Runtime.
+    "auto" takes TensorRT when a plan compatible with this GPU and TensorRT exists, else ONNX
     Runtime (CUDA EP when onnxruntime-gpu is installed, else CPU)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
-    if precision not in (None, "fp32", "fp16"):
-        raise ValueError(f"unknown precision {precision!r}; use fp32 or fp16")
     manifest = load_manifest(artifact_dir)
-    if backend == "auto":
-        from .tensorrt import compatible_engine
-        backend = "tensorrt" if precision in (None, "fp16") and compatible_engine(manifest) else "onnxruntime"
-    if backend == "tensorrt":
-        if precision == "fp32":
-            raise ArtifactError("TensorRT engines are built from the fp16 graph; use precision='fp16' or the "
-                                "onnxruntime backend for fp32")
-        from .tensorrt import TensorRTBackend
-        return Pipeline(TensorRTBackend.from_manifest(manifest, max_batch=max_batch), manifest)
-    path = manifest.graph_path(precision or "fp32")
-    if not path.is_file():
-        raise ArtifactError(f"{path} is listed in the manifest but missing")
-    return Pipeline(OnnxRuntimeBackend(path, onnxruntime_device(), threads, max_batch), manifest)
+    denoiser = create_backend(manifest, backend, precision, "denoiser", threads=threads, max_batch=max_batch)
+    return Pipeline(denoiser, manifest)
+
+
+def _float32(value) -> np.float32:
+    with np.errstate(over="ignore"):  # an overflow is the answer (inf), not a warning
+        return np.float32(value)

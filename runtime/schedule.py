@@ -10,24 +10,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-NUM_TRAIN_TIMESTEPS = 1000
-BETA_START, BETA_END = 1e-4, 0.02
-
-
-class ScheduleError(ValueError):
-    """An impossible step specification."""
-
-
-def linear_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
-    """The official "linear" schedule, scaled to the number of training steps (1000 -> 1e-4..0.02)."""
-    scale = 1000 / num_timesteps
-    return np.linspace(scale * BETA_START, scale * BETA_END, num_timesteps, dtype=np.float64)
+from .config import Diffusion
+from .errors import ScheduleError
 
 
 def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
     """The official `space_timesteps`: "N" (N evenly spaced steps, 0 and the last included),
     "ddimN" (smallest integer stride giving N steps) or "a,b,c" (sections of equal length)."""
     if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+        spec = str(int(spec))
+    elif isinstance(spec, str) and spec.strip().isdigit():
         spec = str(int(spec))
     if not isinstance(spec, str) or not spec.strip():
         raise ScheduleError(f"step spec must be an int or a string like '250', 'ddim50' or '10,20,30'; got {spec!r}")
@@ -79,12 +71,18 @@ class Schedule:
     posterior_mean_coef2: np.ndarray
     log_betas: np.ndarray
     fixed_large_log_variance: np.ndarray  # the variance when learn_sigma is off
+    variance: str = "learned_range"  # the diffusion's variance type: learned_range or fixed_large
 
     def __len__(self) -> int:
         return len(self.timesteps)
 
+    @property
+    def model_timesteps(self) -> np.ndarray:
+        """The timesteps the model is called with, in call order (noisiest first)."""
+        return self.timesteps[::-1]
 
-def schedule_from_betas(betas: np.ndarray, timesteps: np.ndarray) -> Schedule:
+
+def schedule_from_betas(betas: np.ndarray, timesteps: np.ndarray, variance: str = "learned_range") -> Schedule:
     """The official GaussianDiffusion tables for a beta sequence."""
     betas = np.asarray(betas, dtype=np.float64)
     if len(betas) < 2:
@@ -107,15 +105,20 @@ def schedule_from_betas(betas: np.ndarray, timesteps: np.ndarray) -> Schedule:
         posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
         log_betas=np.log(betas),
         fixed_large_log_variance=np.log(np.append(posterior_variance[1], betas[1:])),
+        variance=variance,
     )
 
 
-def respaced_schedule(spec: str | int, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Schedule:
-    """The official SpacedDiffusion: keep the chosen timesteps, beta_i = 1 - ac[t_i] / ac[t_{i-1}]."""
-    keep = space_timesteps(num_timesteps, spec)
-    base_ac = np.cumprod(1.0 - linear_betas(num_timesteps))
+def respaced_schedule(diffusion: Diffusion, spec: str | int) -> Schedule:
+    """The official SpacedDiffusion over the manifest's training process: keep the chosen
+    timesteps, beta_i = 1 - ac[t_i] / ac[t_{i-1}], then rebuild every table on that chain."""
+    n = diffusion.num_train_timesteps
+    keep = space_timesteps(n, spec)
+    if keep[-1] >= n:
+        raise ScheduleError(f"step spec {spec!r} asks for timesteps beyond the {n} training steps")
+    base_ac = diffusion.alphas_cumprod()
     betas, last = [], 1.0
     for t in keep:
         betas.append(1 - base_ac[t] / last)
         last = base_ac[t]
-    return schedule_from_betas(np.array(betas), np.array(keep))
+    return schedule_from_betas(np.array(betas), np.array(keep), diffusion.variance)

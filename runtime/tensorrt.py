@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -23,10 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from .backends import INPUT_NAMES, OUTPUT_NAME
-from .manifest import ArtifactError, Manifest
-from .trt_plan import (BuildFlags, EngineProfile, TensorRTUnavailable, build_command, chunk_plan, choose_engine,
-                       null_engine_message, no_engine_message, read_entry, sm_name)
+from .backends import check_max_batch, run_chunked
+from .errors import ArtifactError, BackendError, InputError
+from .files import sha256_file
+from .manifest import Manifest
+from .networks import NetworkSpec
+from .trt_plan import (BuildFlags, TensorRTUnavailable, build_command, choose_engine, default_profile,
+                       null_engine_message, no_engine_message, read_entry, sm_name, EngineProfile)
 
 log = logging.getLogger("ditrt.tensorrt")
 MAX_CACHED_BATCHES = 4  # static batch sizes kept (buffers + CUDA graph); a sampling run uses 1 or 2
@@ -51,7 +53,7 @@ def import_cudart():
     return cudart
 
 
-class CudaError(RuntimeError):
+class CudaError(BackendError):
     pass
 
 
@@ -126,20 +128,21 @@ def environment() -> Environment:
     return Environment(trt.__version__, gpu_info())
 
 
-def _choose(manifest: Manifest, env: Environment) -> tuple[dict | None, list[str]]:
-    graphs = manifest.data.get("graphs", {})
-    return choose_engine(manifest.engines, env.trt_version, env.gpu.compute_capability, env.gpu.name,
+def _choose(manifest: Manifest, env: Environment, network: str, precision: str) -> tuple[dict | None, list[str]]:
+    entries = [e for e in manifest.engines_for(network) if e.get("precision", "fp16") == precision]
+    graph = manifest.data["networks"][network]["graphs"].get(precision, {})
+    return choose_engine(entries, env.trt_version, env.gpu.compute_capability, env.gpu.name,
                          exists=lambda f: (manifest.directory / f).is_file(), artifact=str(manifest.directory),
-                         graph_sha256=graphs.get("fp16", {}).get("sha256"))
+                         graph_sha256=graph.get("sha256"))
 
 
-def compatible_engine(manifest: Manifest) -> dict | None:
-    """The manifest's best plan entry for this GPU and TensorRT whose file exists, else None.
-    Never raises: backend="auto" uses it to fall back to ONNX Runtime."""
-    if not manifest.data.get("engines"):
+def compatible_engine(manifest: Manifest, network: str = "denoiser", precision: str = "fp16") -> dict | None:
+    """The manifest's best plan entry for this network, GPU and TensorRT whose file exists, else
+    None. Never raises: backend="auto" uses it to fall back to ONNX Runtime."""
+    if not manifest.engines_for(network):
         return None  # nothing to choose from: do not import TensorRT or touch the GPU
     try:
-        entry, refusals = _choose(manifest, environment())
+        entry, refusals = _choose(manifest, environment(), network, precision)
     except Exception as e:  # no TensorRT, no GPU, a malformed entry: all mean "not TensorRT"
         log.warning("backend auto: no TensorRT for %s (%s); using ONNX Runtime", manifest.directory, e)
         return None
@@ -184,43 +187,55 @@ class _Slot:
 
 
 class TensorRTBackend:
-    """The runtime's backend protocol (numpy in, float32 numpy out) over a TensorRT plan."""
+    """The runtime's backend protocol (named numpy tensors in and out) over a TensorRT plan of one
+    network. `entry` is the plan's manifest entry: its sha256 is checked before deserialising."""
 
-    def __init__(self, plan: str | Path, entry: dict | None = None, max_batch: int | None = None,
-                 cuda_graphs: bool = True, artifact: str | None = None):
+    def __init__(self, plan: str | Path, network: NetworkSpec, entry: dict | None = None,
+                 max_batch: int | None = None, cuda_graphs: bool = True, artifact: str | None = None,
+                 allow_host_code: bool = False):
         plan = Path(plan)
         view = read_entry(entry) if entry else None
-        self.rebuild_hint = (build_command(artifact or str(plan.parent), view.profile, view.flags) if view
-                             else f"ditrt build {artifact or plan.parent}")
+        self.network = network
+        self.rebuild_hint = (build_command(artifact or str(plan.parent), view.profile, view.flags, view.network,
+                                           view.precision) if view
+                             else f"ditrt build {artifact or plan.parent} --network {network.name}")
         trt = self._trt = import_tensorrt()
         self._cuda = _Cuda()
         self.gpu = gpu_info()  # before trt.Runtime: a Runtime made without a usable driver crashes on first use
         try:
+            if entry and sha256_file(plan) != entry.get("sha256"):
+                raise ArtifactError(f"{plan} does not match its sha256 in the manifest (corrupt or replaced); "
+                                    f"rebuild it with: {self.rebuild_hint}")
             data = plan.read_bytes()
         except OSError as e:
             raise ArtifactError(f"cannot read TensorRT plan {plan}: {e}; rebuild it with: {self.rebuild_hint}") from None
-        if entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise ArtifactError(f"{plan} does not match its sha256 in the manifest (corrupt or replaced); "
-                                f"rebuild it with: {self.rebuild_hint}")
         self._trt_logger = _capturing_logger(trt)
         self._trt_runtime = trt.Runtime(self._trt_logger)
         if self._trt_logger.errors:
             raise TensorRTUnavailable("TensorRT cannot start on this GPU: " + "; ".join(self._trt_logger.errors))
         if view and view.flags.version_compatible:
-            # The plan embeds TensorRT's lean runtime (host code); we built it, so we trust it.
+            # The plan embeds TensorRT's lean runtime (host code that runs in this process): only for
+            # a plan whose sha256 matched its entry (above), and only when the caller trusts it.
+            if not allow_host_code:
+                raise ArtifactError(f"{plan} is a version-compatible plan: running it executes host code embedded in "
+                                    "the plan. Allow it explicitly for plans you built or trust "
+                                    "(allow_host_code=True, --allow-plan-host-code), or rebuild without "
+                                    "--version-compatible")
             self._trt_runtime.engine_host_code_allowed = True
         self._engine = self._trt_runtime.deserialize_cuda_engine(data)
         del data
         if self._engine is None:
             raise ArtifactError(null_engine_message(str(plan), self._trt_logger.errors, self.rebuild_hint))
         self._dtypes, self._dims = self._read_io(plan)
-        bounds = self._engine.get_tensor_profile_shape(INPUT_NAMES[0], 0)  # [min, opt, max] of profile 0
+        bounds = self._engine.get_tensor_profile_shape(network.input_names[0], 0)  # [min, opt, max] of profile 0
         self.profile = EngineProfile(int(bounds[0][0]), int(bounds[1][0]), int(bounds[2][0]))
         self.max_batch = self._max_batch(max_batch)
+        self.min_batch = self.profile.min_rows
         self.cuda_graphs = cuda_graphs
         self.graph_failures: dict[int, str] = {}  # batch rows -> why capture failed (those run without a graph)
         self.plan, self.entry = plan, entry
-        self.name = "tensorrt-fp16"
+        self.precision = view.precision if view else "fp16"
+        self.name = f"tensorrt-{self.precision}"
         self._lock = threading.Lock()
         self._slots: OrderedDict[int, _Slot] = OrderedDict()
         self._stream = self._cuda("cudaStreamCreateWithFlags", self._cuda.rt.cudaStreamNonBlocking)
@@ -229,15 +244,18 @@ class TensorRTBackend:
         self._scratch = self._cuda("cudaMalloc", self._scratch_bytes)
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, max_batch: int | None = None, **kwargs) -> "TensorRTBackend":
+    def from_manifest(cls, manifest: Manifest, network: str = "denoiser", precision: str = "fp16",
+                      max_batch: int | None = None, **kwargs) -> "TensorRTBackend":
+        spec = manifest.network(network)
         env = environment()
-        entry, reasons = _choose(manifest, env)
+        entry, reasons = _choose(manifest, env, network, precision)
         if entry is None:
-            default = build_command(str(manifest.directory), EngineProfile(), BuildFlags())
-            raise ArtifactError(no_engine_message(str(manifest.directory), manifest.engines, reasons, env.trt_version,
-                                                  env.gpu.compute_capability, env.gpu.name, default))
-        return cls(manifest.directory / entry["file"], entry, max_batch=max_batch, artifact=str(manifest.directory),
-                   **kwargs)
+            default = build_command(str(manifest.directory), default_profile(spec), BuildFlags(), network, precision)
+            raise ArtifactError(no_engine_message(str(manifest.directory), manifest.engines_for(network), reasons,
+                                                  env.trt_version, env.gpu.compute_capability, env.gpu.name, default))
+        from .files import artifact_path
+        plan = artifact_path(manifest.directory, entry["file"], "engines[].file")
+        return cls(plan, spec, entry, max_batch=max_batch, artifact=str(manifest.directory), **kwargs)
 
     # ---- set-up -----------------------------------------------------------------------------------
 
@@ -255,18 +273,19 @@ class TensorRTBackend:
                 raise ArtifactError(f"{plan}: tensor {name} has unsupported type {dtype}; rebuild it with: {self.rebuild_hint}")
             dtypes[name] = np.dtype(numpy_of[dtype])
             dims[name] = tuple(int(d) for d in engine.get_tensor_shape(name))[1:]  # batch axis first, dynamic
-        if inputs != set(INPUT_NAMES) or set(dtypes) != {*INPUT_NAMES, OUTPUT_NAME}:
-            raise ArtifactError(f"{plan} has inputs {sorted(inputs)} and tensors {sorted(dtypes)}; a ditrt denoiser "
-                                f"takes {list(INPUT_NAMES)} and returns {OUTPUT_NAME}: rebuild it with: {self.rebuild_hint}")
+        spec = self.network
+        if inputs != set(spec.input_names) or set(dtypes) != {*spec.input_names, *spec.output_names}:
+            raise ArtifactError(f"{plan} has inputs {sorted(inputs)} and tensors {sorted(dtypes)}; the {spec.name} "
+                                f"takes {list(spec.input_names)} and returns {list(spec.output_names)}: rebuild it "
+                                f"with: {self.rebuild_hint}")
         return dtypes, dims
 
     def _max_batch(self, requested: int | None) -> int:
+        requested = check_max_batch(requested)
         if requested is None:
             return self.profile.max_rows
-        if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)) or requested < 1:
-            raise ValueError(f"max_batch must be a positive integer, got {requested!r}")
         if requested < self.profile.min_rows:
-            raise ValueError(f"max_batch {requested} is below the engine profile's minimum of {self.profile.min_rows} "
+            raise InputError(f"max_batch {requested} is below the engine profile's minimum of {self.profile.min_rows} "
                              f"rows; rebuild with a smaller --min-batch")
         if requested > self.profile.max_rows:
             log.info("max_batch %d capped to the engine profile's maximum %d rows", requested, self.profile.max_rows)
@@ -282,7 +301,7 @@ class TensorRTBackend:
         trt = self._trt
         context = self._engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if context is None:
-            raise RuntimeError(f"TensorRT could not create an execution context: {self._errors()}")
+            raise BackendError(f"TensorRT could not create an execution context: {self._errors()}")
         slot = _Slot(rows, context)
         try:
             self._bind(slot)
@@ -299,18 +318,19 @@ class TensorRTBackend:
         # one lock, one stream, and a synchronize at the end of each _run. Overlapping calls would
         # need a scratch buffer (and a stream) per context.
         context.set_device_memory(self._scratch, self._scratch_bytes)
-        for name in INPUT_NAMES:
+        for name in self.network.input_names:
             if not context.set_input_shape(name, (rows, *self._dims[name])):
-                raise RuntimeError(f"TensorRT rejected shape {(rows, *self._dims[name])} for {name}: {self._errors()}")
-        for name in (*INPUT_NAMES, OUTPUT_NAME):
-            shape = (rows, *self._dims[name]) if name != OUTPUT_NAME else tuple(context.get_tensor_shape(name))
+                raise BackendError(f"TensorRT rejected shape {(rows, *self._dims[name])} for {name}: {self._errors()}")
+        for name in (*self.network.input_names, *self.network.output_names):
+            shape = ((rows, *self._dims[name]) if name in self.network.input_names
+                     else tuple(context.get_tensor_shape(name)))
             nbytes = int(np.prod(shape)) * self._dtypes[name].itemsize
             slot.host_ptr[name] = self._cuda("cudaMallocHost", nbytes)  # pinned: truly async copies
             slot.device_ptr[name] = self._cuda("cudaMalloc", nbytes)
             slot.host[name] = np.frombuffer((ctypes.c_char * nbytes).from_address(slot.host_ptr[name]),
                                             dtype=self._dtypes[name]).reshape(shape)
             if not context.set_tensor_address(name, slot.device_ptr[name]):
-                raise RuntimeError(f"TensorRT rejected the address of {name}: {self._errors()}")
+                raise BackendError(f"TensorRT rejected the address of {name}: {self._errors()}")
 
     def _errors(self) -> str:
         """TensorRT's latest logged errors, for messages."""
@@ -340,36 +360,37 @@ class TensorRTBackend:
 
     # ---- running ----------------------------------------------------------------------------------
 
-    def __call__(self, latent: np.ndarray, timestep: np.ndarray, class_label: np.ndarray) -> np.ndarray:
-        arrays = (latent, timestep, class_label)
-        n = len(latent)
-        for name, array in zip(INPUT_NAMES, arrays):
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(next(iter(feeds.values())))
+        for name in self.network.input_names:
             want = (n, *self._dims[name])
-            if np.shape(array) != want:
-                raise ValueError(f"{name} has shape {np.shape(array)}; this engine takes {want}")
+            if name not in feeds or np.shape(feeds[name]) != want:
+                raise InputError(f"{name} has shape {np.shape(feeds.get(name))}; this engine takes {want}")
+        if not self.min_batch <= n <= self.max_batch:
+            return run_chunked(self, feeds)  # the one chunker: calls back with in-profile batches
         with self._lock:
-            outs = [self._run([a[start:stop] for a in arrays], rows)
-                    for start, stop, rows in chunk_plan(n, self.max_batch, self.profile.min_rows)]
-        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+            return self._run(feeds, n)
 
-    def _run(self, arrays: list[np.ndarray], rows: int) -> np.ndarray:
+    def _run(self, feeds: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
         if self._engine is None:
-            raise RuntimeError("this TensorRT backend is closed")
-        slot, n = self._slot(rows), len(arrays[0])
+            raise BackendError("this TensorRT backend is closed")
+        slot = self._slot(rows)
         h2d, d2h = self._cuda.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self._cuda.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        for name, array in zip(INPUT_NAMES, arrays):
+        for name in self.network.input_names:
             host = slot.host[name]
-            np.copyto(host[:n], array, casting="unsafe")  # e.g. float64 timesteps -> the engine's float32
-            host[n:] = host[0]  # padding rows up to the profile minimum: any valid row (labels stay in range)
+            np.copyto(host, feeds[name], casting="unsafe")  # e.g. float64 timesteps -> the engine's float32
             self._cuda("cudaMemcpyAsync", slot.device_ptr[name], slot.host_ptr[name], host.nbytes, h2d, self._stream)
         if slot.graph_exec is not None:
             self._cuda("cudaGraphLaunch", slot.graph_exec, self._stream)
         elif not slot.context.execute_async_v3(int(self._stream)):
-            raise RuntimeError(f"TensorRT execution failed: {self._errors()}")
-        out = slot.host[OUTPUT_NAME]
-        self._cuda("cudaMemcpyAsync", slot.host_ptr[OUTPUT_NAME], slot.device_ptr[OUTPUT_NAME], out.nbytes, d2h, self._stream)
+            raise BackendError(f"TensorRT execution failed: {self._errors()}")
+        results = {}
+        for name in self.network.output_names:
+            out = slot.host[name]
+            self._cuda("cudaMemcpyAsync", slot.host_ptr[name], slot.device_ptr[name], out.nbytes, d2h, self._stream)
         self._cuda("cudaStreamSynchronize", self._stream)
-        result = out[:n].astype(np.float32, copy=True)  # pinned buffers are reused: never hand them out
+        for name in self.network.output_names:  # pinned buffers are reused: never hand them out
+            results[name] = slot.host[name].astype(np.float32, copy=True)
         slot.runs += 1
         if slot.runs == 1 and self.cuda_graphs:
             try:
@@ -377,7 +398,7 @@ class TensorRTBackend:
             except Exception as e:  # some engines are not capturable: run those without a graph
                 self.graph_failures[rows] = str(e)
                 log.warning("CUDA graph capture failed at %d rows (%s); running without a graph", rows, e)
-        return result
+        return results
 
     # ---- teardown ---------------------------------------------------------------------------------
 

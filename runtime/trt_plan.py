@@ -26,11 +26,12 @@ import shlex
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, NamedTuple, Sequence
 
+from .errors import InputError, StepError
+
 INSTALL_HINT = ("TensorRT engines need TensorRT, Polygraphy and cuda-python: pip install 'ditrt[trt]', "
                 "and an NVIDIA GPU with its driver. Without them, use the ONNX Runtime backend "
                 "(--backend onnxruntime).")
 
-PLAN_PREFIX = "denoiser.fp16"
 HARDWARE_COMPAT = ("none", "ampere+", "same-cc")
 OPT_LEVELS = range(0, 6)  # IBuilderConfig.builder_optimization_level: 0..5, TensorRT's default 3
 # Version-compatible plans across major versions: only these (builder major, runtime major) pairs
@@ -42,9 +43,16 @@ AMPERE = (8, 0)
 # fp16 kernels (fused attention, its own GEMM tactics and reformats), so the engine gets twice that.
 # Not yet measured on a GPU: the first `ditrt build` records the real figure in the manifest.
 FP16_PARITY_BOUND = 1e-2
+# fp32 plans (a strongly typed build of the fp32 graph, e.g. a VAE decoder that overflows fp16):
+# TensorRT allows TF32 for fp32 matmuls and convolutions by default (10-bit mantissa, ~5e-4 per op).
+FP32_PARITY_BOUND = 5e-3
 
 
-class TensorRTUnavailable(RuntimeError):
+def parity_bound(precision: str) -> float:
+    return FP16_PARITY_BOUND if precision == "fp16" else FP32_PARITY_BOUND
+
+
+class TensorRTUnavailable(StepError):
     """tensorrt, polygraphy or cuda-python is missing, or there is no usable NVIDIA GPU: the
     message says which, and how to install what is missing."""
 
@@ -70,9 +78,9 @@ class EngineProfile:
     def __post_init__(self) -> None:
         for flag, value in (("--min-batch", self.min_rows), ("--opt-batch", self.opt_rows), ("--max-batch", self.max_rows)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{flag} must be a positive integer (engine rows), got {value!r}")
+                raise InputError(f"{flag} must be a positive integer (engine rows), got {value!r}")
         if not self.min_rows <= self.opt_rows <= self.max_rows:
-            raise ValueError(f"the batch profile needs min <= opt <= max, got --min-batch {self.min_rows} "
+            raise InputError(f"the batch profile needs min <= opt <= max, got --min-batch {self.min_rows} "
                              f"--opt-batch {self.opt_rows} --max-batch {self.max_rows}")
 
     @classmethod
@@ -87,13 +95,6 @@ class EngineProfile:
     def calls_per_step(self, images: int, guided: bool) -> int:
         return math.ceil(rows_for_images(images, guided) / self.max_rows)
 
-    def shapes(self, in_channels: int, input_size: int) -> dict[str, tuple[tuple[int, ...], ...]]:
-        """(min, opt, max) shape per engine input, for polygraphy's Profile.add."""
-        def rows(b: int) -> dict[str, tuple[int, ...]]:
-            return {"latent": (b, in_channels, input_size, input_size), "timestep": (b,), "class_label": (b,)}
-        per_bound = [rows(b) for b in (self.min_rows, self.opt_rows, self.max_rows)]
-        return {name: tuple(bound[name] for bound in per_bound) for name in per_bound[0]}
-
     def to_dict(self) -> dict:
         return {"min": self.min_rows, "opt": self.opt_rows, "max": self.max_rows}
 
@@ -105,15 +106,10 @@ class EngineProfile:
         return ["--min-batch", str(self.min_rows), "--opt-batch", str(self.opt_rows), "--max-batch", str(self.max_rows)]
 
 
-def chunk_plan(rows: int, max_rows: int, min_rows: int = 1) -> list[tuple[int, int, int]]:
-    """How the runtime runs `rows` rows: (start, stop, engine rows) per call. Calls hold at most
-    max_rows rows; a call below the profile's min_rows is padded up to it (the engine rejects it
-    otherwise), and the padding rows are dropped from the output."""
-    if rows < 1:
-        raise ValueError(f"need at least one row, got {rows}")
-    if not 1 <= min_rows <= max_rows:
-        raise ValueError(f"invalid profile bounds min {min_rows}, max {max_rows}")
-    return [(s, min(s + max_rows, rows), max(min(max_rows, rows - s), min_rows)) for s in range(0, rows, max_rows)]
+def default_profile(network) -> EngineProfile:
+    """The profile `ditrt build` uses when none is given: 1/16/64 rows for the denoiser (32 guided
+    images per call), 1/4/8 images for a decoder (its activations are 64x a latent's)."""
+    return EngineProfile() if network.batch_unit == "rows" else EngineProfile(1, 4, 8)
 
 
 def parity_batches(profile: EngineProfile) -> list[int]:
@@ -135,12 +131,12 @@ class BuildFlags:
 
     def __post_init__(self) -> None:
         if isinstance(self.opt_level, bool) or not isinstance(self.opt_level, int) or self.opt_level not in OPT_LEVELS:
-            raise ValueError(f"--opt-level must be an integer {OPT_LEVELS.start}..{OPT_LEVELS.stop - 1}, got {self.opt_level!r}")
+            raise InputError(f"--opt-level must be an integer {OPT_LEVELS.start}..{OPT_LEVELS.stop - 1}, got {self.opt_level!r}")
         if self.hardware_compat not in HARDWARE_COMPAT:
-            raise ValueError(f"--hardware-compat must be one of {', '.join(HARDWARE_COMPAT)}, got {self.hardware_compat!r}")
+            raise InputError(f"--hardware-compat must be one of {', '.join(HARDWARE_COMPAT)}, got {self.hardware_compat!r}")
         if self.workspace_gb is not None and not (isinstance(self.workspace_gb, (int, float))
                                                   and math.isfinite(self.workspace_gb) and self.workspace_gb > 0):
-            raise ValueError(f"--workspace must be a positive number of GB, got {self.workspace_gb!r}")
+            raise InputError(f"--workspace must be a positive number of GB, got {self.workspace_gb!r}")
 
     @property
     def workspace_bytes(self) -> int | None:
@@ -162,8 +158,11 @@ class BuildFlags:
         return args
 
 
-def build_command(artifact: str, profile: EngineProfile, flags: BuildFlags) -> str:
-    return " ".join(["ditrt", "build", shlex.quote(str(artifact)), *profile.cli_args(), *flags.cli_args()])
+def build_command(artifact: str, profile: EngineProfile, flags: BuildFlags, network: str = "denoiser",
+                  precision: str = "fp16") -> str:
+    """The `ditrt build` command that makes this plan again."""
+    return " ".join(["ditrt", "build", shlex.quote(str(artifact)), "--network", network,
+                     *(["--precision", precision] if precision != "fp16" else []), *profile.cli_args(), *flags.cli_args()])
 
 
 # ---- names and versions ---------------------------------------------------------------------------
@@ -181,7 +180,7 @@ def parse_compute_capability(cc) -> tuple[int, int]:
             return int(m[1]), int(m[2])
         if m := _SM.match(cc.strip()):
             return int(m[1]), int(m[2])
-    raise ValueError(f"not a compute capability: {cc!r} (expected e.g. '9.0', (9, 0) or 'sm90')")
+    raise InputError(f"not a compute capability: {cc!r} (expected e.g. '9.0', (9, 0) or 'sm90')")
 
 
 def sm_name(cc) -> str:
@@ -196,7 +195,7 @@ def cc_string(cc) -> str:
 def parse_version(version: str) -> tuple[int, ...]:
     """TensorRT version "11.4.0.106" -> (11, 4, 0, 106); missing trailing parts count as 0."""
     if not isinstance(version, str) or not _VERSION.match(version.strip()):
-        raise ValueError(f"not a TensorRT version: {version!r} (expected e.g. '11.4.0.106')")
+        raise InputError(f"not a TensorRT version: {version!r} (expected e.g. '11.4.0.106')")
     parts = tuple(int(p) for p in version.strip().split("."))
     return parts + (0,) * (4 - len(parts))
 
@@ -204,17 +203,20 @@ def parse_version(version: str) -> tuple[int, ...]:
 _FLAG_TAGS = {"ampere+": "ampereplus", "same-cc": "samecc"}
 
 
-def plan_filename(sm: str, trt_version: str, hardware_compat: str = "none", version_compatible: bool = False) -> str:
+def plan_filename(network: str, precision: str, sm: str, trt_version: str, hardware_compat: str = "none",
+                  version_compatible: bool = False) -> str:
     """denoiser.fp16.sm90.trt11.4.0.106.plan; portable builds add .ampereplus / .samecc and .vc so
-    that they never overwrite the plain plan for the same GPU and TensorRT."""
+    that they never overwrite the plain plan for the same network, GPU and TensorRT."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", str(network)) or precision not in ("fp16", "fp32"):
+        raise InputError(f"not a network / precision pair: {network!r} {precision!r}")
     if not isinstance(sm, str) or not _SM.match(sm):
-        raise ValueError(f"not an SM name: {sm!r} (expected e.g. 'sm90' for compute capability 9.0)")
+        raise InputError(f"not an SM name: {sm!r} (expected e.g. 'sm90' for compute capability 9.0)")
     parse_version(trt_version)
     if hardware_compat not in HARDWARE_COMPAT:
-        raise ValueError(f"hardware_compat must be one of {', '.join(HARDWARE_COMPAT)}, got {hardware_compat!r}")
+        raise InputError(f"hardware_compat must be one of {', '.join(HARDWARE_COMPAT)}, got {hardware_compat!r}")
     tags = [_FLAG_TAGS[hardware_compat]] if hardware_compat in _FLAG_TAGS else []
     tags += ["vc"] if version_compatible else []
-    return ".".join([PLAN_PREFIX, sm, f"trt{trt_version.strip()}", *tags, "plan"])
+    return ".".join([network, precision, sm, f"trt{trt_version.strip()}", *tags, "plan"])
 
 
 def timing_cache_filename(sm: str, trt_version: str) -> str:
@@ -224,23 +226,25 @@ def timing_cache_filename(sm: str, trt_version: str) -> str:
 
 # ---- manifest entries -----------------------------------------------------------------------------
 
-def engine_entry(*, file: str, sha256: str, size: int, trt_version: str, gpu_name: str, compute_capability,
-                 driver_version: str | None, cuda_driver_version: str | None, cuda_runtime_version: str | None,
-                 profile: EngineProfile, flags: BuildFlags, in_channels: int, input_size: int, graph: dict,
+def engine_entry(*, network, precision: str, file: str, sha256: str, size: int, trt_version: str, gpu_name: str,
+                 compute_capability, driver_version: str | None, cuda_driver_version: str | None,
+                 cuda_runtime_version: str | None, profile: EngineProfile, flags: BuildFlags, graph: dict,
                  build_seconds: float, built_utc: str, parity: dict | None = None,
                  versions: dict | None = None) -> dict:
-    """The manifest `engines` entry for one plan (schema in engines/README.md)."""
+    """The manifest `engines` entry for one plan of one network (a NetworkSpec; schema in
+    engines/README.md)."""
+    unit = ("engine rows (2 per image under guidance)" if network.batch_unit == "rows" else network.batch_unit)
     return {
-        "file": file, "sha256": sha256, "bytes": int(size), "precision": "fp16",
+        "network": network.name, "file": file, "sha256": sha256, "bytes": int(size), "precision": precision,
         "graph": {"file": graph["file"], "sha256": dict(graph["sha256"])},
         "tensorrt": {"version": trt_version, "strongly_typed": True},
         "gpu": {"name": gpu_name, "compute_capability": cc_string(compute_capability), "sm": sm_name(compute_capability)},
         "cuda": {"driver_version": driver_version, "driver_cuda_version": cuda_driver_version,
                  "runtime_cuda_version": cuda_runtime_version},
-        "profile": {**profile.to_dict(), "axis": "batch", "unit": "engine rows (2 per image under guidance)",
-                    "guided_images_per_call": profile.images_per_call(True),
+        "profile": {**profile.to_dict(), "axis": "batch", "unit": unit,
+                    **({"guided_images_per_call": profile.images_per_call(True)} if network.batch_unit == "rows" else {}),
                     "shapes": {name: [list(s) for s in bounds]
-                               for name, bounds in profile.shapes(in_channels, input_size).items()}},
+                               for name, bounds in network.profile_shapes(*profile.to_dict().values()).items()}},
         "build": {**flags.to_dict(), "seconds": round(float(build_seconds), 3)},
         "built_utc": built_utc,
         "parity": parity,
@@ -250,6 +254,8 @@ def engine_entry(*, file: str, sha256: str, size: int, trt_version: str, gpu_nam
 
 class EntryView(NamedTuple):
     """The fields of an engines entry the compatibility rules read."""
+    network: str
+    precision: str
     file: str
     trt_version: tuple[int, ...]
     trt_version_text: str
@@ -260,16 +266,16 @@ class EntryView(NamedTuple):
 
 
 def read_entry(entry: dict) -> EntryView:
-    """Typed view of an entry; ValueError naming the missing or bad field."""
+    """Typed view of an entry; InputError naming the missing or bad field."""
     try:
         build = entry["build"]
         flags = BuildFlags(opt_level=build["opt_level"], hardware_compat=build["hardware_compat"],
                            version_compatible=bool(build["version_compatible"]), workspace_gb=build.get("workspace_gb"))
-        return EntryView(entry["file"], parse_version(entry["tensorrt"]["version"]), entry["tensorrt"]["version"],
+        return EntryView(entry.get("network", "denoiser"), entry.get("precision", "fp16"), entry["file"], parse_version(entry["tensorrt"]["version"]), entry["tensorrt"]["version"],
                          parse_compute_capability(entry["gpu"]["compute_capability"]), entry["gpu"].get("name"),
                          EngineProfile.from_dict(entry["profile"]), flags)
     except (KeyError, TypeError) as e:
-        raise ValueError(f"engines entry {entry.get('file', '?') if isinstance(entry, dict) else entry!r} "
+        raise InputError(f"engines entry {entry.get('file', '?') if isinstance(entry, dict) else entry!r} "
                          f"lacks a field or has a bad one: {e}") from None
 
 
@@ -287,12 +293,12 @@ def check_engine_compat(entry: dict, trt_version: str, compute_capability, gpu_n
         e = read_entry(entry)
         here_version = parse_version(trt_version)
         here_cc = parse_compute_capability(compute_capability)
-    except ValueError as err:
+    except InputError as err:
         return Compat(False, f"{err}; rebuild with `ditrt build {shlex.quote(str(artifact))}`")
     problems = _version_problems(e, here_version, trt_version) + _hardware_problems(e, here_cc, gpu_name)
     if problems:
         return Compat(False, f"{e.file}: " + "; ".join(problems) + ". Rebuild it on this machine with: "
-                      + build_command(artifact, e.profile, e.flags))
+                      + build_command(artifact, e.profile, e.flags, e.network, e.precision))
     notes = []
     if e.trt_version != here_version:
         notes.append(f"version-compatible plan from TensorRT {e.trt_version_text} on {trt_version}")
@@ -346,11 +352,11 @@ def choose_engine(entries: Sequence[dict], trt_version: str, compute_capability,
         ok, reason = check_engine_compat(entry, trt_version, compute_capability, gpu_name, artifact)
         if ok:
             e = read_entry(entry)
-            rebuild = build_command(artifact, e.profile, e.flags)
+            rebuild = build_command(artifact, e.profile, e.flags, e.network, e.precision)
             if not exists(e.file):
                 ok, reason = False, f"{e.file}: listed in the manifest but the file is missing; rebuild it with: {rebuild}"
             elif graph_sha256 is not None and entry.get("graph", {}).get("sha256") != graph_sha256:
-                ok, reason = False, f"{e.file}: built from another fp16 graph than the artifact's; rebuild it with: {rebuild}"
+                ok, reason = False, f"{e.file}: built from another graph than the artifact's; rebuild it with: {rebuild}"
         if ok:
             candidates.append(entry)
         else:

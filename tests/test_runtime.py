@@ -8,8 +8,9 @@ import pytest
 
 from ditrt import runtime
 from conftest import max_rel_err
-from ditrt.runtime.backends import run_batched
-from ditrt.runtime.manifest import ArtifactError, load_manifest
+from ditrt.runtime.backends import run_chunked
+from ditrt.runtime.errors import ArtifactError
+from ditrt.runtime.manifest import load_manifest
 
 LOOPS = [("ddpm", "10", "ddpm_samples"), ("ddim", "ddim10", "ddim_samples")]
 
@@ -28,8 +29,8 @@ def test_onnxruntime_fp32_reproduces_the_official_loops(tiny_artifact, golden, s
 
 @pytest.mark.parametrize("sampler,spec,key", LOOPS)
 def test_torch_reference_backend_reproduces_the_official_loops(tiny_artifact, tiny_checkpoint, golden, sampler, spec, key):
-    from ditrt.exporter.torch_backend import TorchBackend
-    pipe = runtime.Pipeline(TorchBackend(tiny_checkpoint.build_model()), load_manifest(tiny_artifact))
+    pipe = runtime.Pipeline(runtime.create_backend(load_manifest(tiny_artifact), "torch-fp32"), load_manifest(tiny_artifact))
+    assert pipe.backend.name == "torch-fp32"
     assert max_rel_err(_golden_loop(pipe, golden, sampler, spec), golden[key]) <= 1e-4
 
 
@@ -42,9 +43,11 @@ def test_fp16_graph_full_loop_deviation(tiny_artifact, golden, sampler, spec, ke
 
 
 def test_golden_timesteps_are_the_chains_we_run(golden):
+    from ditrt.runtime.config import DiTConfig, Diffusion
     from ditrt.runtime.schedule import respaced_schedule
-    assert list(respaced_schedule("10").timesteps[::-1]) == list(golden["ddpm_timesteps"])
-    assert list(respaced_schedule("ddim10").timesteps[::-1]) == list(golden["ddim_timesteps"])
+    official = Diffusion.official(DiTConfig())
+    assert list(respaced_schedule(official, "10").model_timesteps) == list(golden["ddpm_timesteps"])
+    assert list(respaced_schedule(official, "ddim10").model_timesteps) == list(golden["ddim_timesteps"])
 
 
 def test_seeded_sampling_is_reproducible_across_runs_and_chunking(tiny_artifact):
@@ -67,26 +70,45 @@ def test_an_image_does_not_depend_on_its_batch(tiny_artifact):
 
 
 class Recording:
-    """A real ONNX Runtime backend with a batch limit, recording each call's batch size."""
+    """A real ONNX Runtime backend with batch bounds, recording the feeds of each call."""
 
-    def __init__(self, backend, max_batch):
-        self.backend, self.max_batch, self.name, self.calls = backend, max_batch, "recording", []
+    def __init__(self, backend, max_batch, min_batch=1):
+        self.backend, self.max_batch, self.min_batch, self.calls = backend, max_batch, min_batch, []
+        self.name, self.network = "recording", backend.network
 
-    def __call__(self, latent, timestep, label):
-        self.calls.append(len(latent))
-        return self.backend(latent, timestep, label)
+    def __call__(self, feeds):
+        self.calls.append({k: v.copy() for k, v in feeds.items()})
+        return self.backend(feeds)
 
 
-def test_run_batched_splits_and_concatenates(tiny_artifact):
-    backend = runtime.load(tiny_artifact, backend="onnxruntime").backend
+def _feeds(n):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((5, 4, 8, 8), dtype=np.float32)
-    t = np.linspace(0, 999, 5).astype(np.float32)
-    y = np.arange(5)
+    return {"latent": rng.standard_normal((n, 4, 8, 8), dtype=np.float32),
+            "timestep": np.linspace(0, 999, n).astype(np.float32), "class_label": np.arange(n) % 11}
+
+
+def test_run_chunked_splits_and_concatenates(tiny_artifact):
+    backend = runtime.load(tiny_artifact, backend="onnxruntime").backend
+    feeds = _feeds(5)
     chunked = Recording(backend, 2)
-    out = run_batched(chunked, x, t, y)
-    assert chunked.calls == [2, 2, 1] and out.shape == (5, 8, 8, 8)
-    np.testing.assert_allclose(out, backend(x, t, y), rtol=1e-6, atol=1e-6)
+    out = run_chunked(chunked, feeds)["model_output"]
+    assert [len(c["latent"]) for c in chunked.calls] == [2, 2, 1] and out.shape == (5, 8, 8, 8)
+    np.testing.assert_allclose(out, backend(feeds)["model_output"], rtol=1e-6, atol=1e-6)
+
+
+def test_run_chunked_pads_small_calls_with_valid_rows(tiny_artifact):
+    """An engine whose profile starts at 4 rows gets 4: the padding repeats a real row (labels in
+    range, finite latents) and is dropped from the output."""
+    backend = runtime.load(tiny_artifact, backend="onnxruntime").backend
+    feeds = _feeds(6)
+    padded = Recording(backend, max_batch=4, min_batch=4)
+    out = run_chunked(padded, feeds)["model_output"]
+    assert [len(c["latent"]) for c in padded.calls] == [4, 4] and out.shape == (6, 8, 8, 8)
+    last = padded.calls[1]
+    for name in feeds:
+        np.testing.assert_array_equal(last[name][:2], feeds[name][4:])
+        np.testing.assert_array_equal(last[name][2:], np.repeat(feeds[name][4:5], 2, axis=0))
+    np.testing.assert_allclose(out, backend(feeds)["model_output"], rtol=1e-6, atol=1e-6)
 
 
 def test_scale_at_most_one_runs_no_unconditional_rows(tiny_artifact):
@@ -120,10 +142,15 @@ def test_ddim_eta_uses_the_noise(tiny_artifact):
     (dict(class_labels=[1], num_steps=0), "must be positive"),
     (dict(class_labels=[1], num_steps="ddim300"), "no integer stride"),
     (dict(class_labels=[1], num_steps=1001), "cannot take 1001 steps"),
-    (dict(class_labels=[1], num_steps=2.5), "must be an int or a respacing spec"),
+    (dict(class_labels=[1], num_steps=2.5), "must be an int or a step spec"),
     (dict(class_labels=[1], sampler="euler"), "unknown sampler"),
     (dict(class_labels=[1], guidance="all"), "unknown guidance"),
-    (dict(class_labels=[1], sampler="ddim", eta=2.0), "eta must be in"),
+    (dict(class_labels=[1], sampler="ddim", eta=2.0), r"eta must be a number in \[0, 1\]"),
+    (dict(class_labels=[1], sampler="ddpm", eta=0.5), "eta applies to ddim only; ddpm takes no eta"),
+    (dict(class_labels=[1], cfg_scale=1e39), "cfg_scale must be a finite float32 number"),
+    (dict(class_labels=[1], seed=-1), "seed must be a non-negative integer"),
+    (dict(class_labels=[1], num_steps=3, noise=(np.full((1, 4, 8, 8), np.nan), np.zeros((3, 1, 4, 8, 8)))),
+     "injected initial noise contains NaN"),
     (dict(class_labels=[1], num_steps=3, noise=(np.zeros((1, 4, 8, 8)), np.zeros((2, 1, 4, 8, 8)))),
      r"step noise has shape \(2, 1, 4, 8, 8\); expected \(3, 1, 4, 8, 8\)"),
     (dict(class_labels=[1, 2], num_steps=3, noise=(np.zeros((1, 4, 8, 8)), np.zeros((3, 2, 4, 8, 8)))),
@@ -131,7 +158,7 @@ def test_ddim_eta_uses_the_noise(tiny_artifact):
 ])
 def test_bad_sample_arguments(tiny_artifact, kwargs, message):
     pipe = runtime.load(tiny_artifact, backend="onnxruntime")
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(runtime.InputError, match=message):
         pipe.sample(progress=False, **kwargs)
 
 
@@ -153,7 +180,7 @@ def test_bad_artifacts(tmp_path, tiny_artifact):
     (tmp_path / "manifest.json").write_text(json.dumps(data))  # graphs listed but not present here
     with pytest.raises(ArtifactError, match="listed in the manifest but missing"):
         runtime.load(tmp_path, backend="onnxruntime")
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(runtime.InputError, match="unknown backend"):
         runtime.load(tiny_artifact, backend="tvm")
 
 
@@ -166,7 +193,7 @@ def test_corrupt_graph_is_caught_by_its_hash(tmp_path, tiny_artifact):
     data[-100] ^= 0xFF
     graph.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="does not match its sha256"):
-        load_manifest(art).verify_files("fp32")
+        load_manifest(art).verify_files("denoiser", "fp32")
 
 
 def test_runtime_imports_no_torch(tiny_artifact):

@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 
 from ditrt.runtime.samplers import ddim_step, ddpm_step, guide
+from ditrt.runtime.config import DiTConfig, Diffusion
 from ditrt.runtime.schedule import respaced_schedule
+
+OFFICIAL = Diffusion.official(DiTConfig())
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((2, 4, 4, 4)).astype(np.float32)
@@ -50,7 +53,7 @@ def test_ddpm_step(i, learn_sigma):
         log_var = T["fixed_large"][i]
     want = mean + (i != 0) * np.exp(0.5 * log_var) * NOISE
     out = np.concatenate([EPS, V], axis=1) if learn_sigma else EPS
-    got = ddpm_step(X, out, respaced_schedule("50"), i, NOISE)
+    got = ddpm_step(X, out, respaced_schedule(OFFICIAL, "50"), i, NOISE)
     assert got.dtype == np.float32 and rel(got, want) < 1e-5
 
 
@@ -64,10 +67,10 @@ def test_ddim_step(i, eta):
     a, a_prev = T["ac"][i], T["ac_prev"][i]
     sigma = eta * np.sqrt((1 - a_prev) / (1 - a)) * np.sqrt(1 - a / a_prev)
     want = x0 * np.sqrt(a_prev) + np.sqrt(1 - a_prev - sigma**2) * eps + (i != 0) * sigma * NOISE
-    got = ddim_step(X, np.concatenate([EPS, V], axis=1), respaced_schedule("ddim50"), i, NOISE, eta)
+    got = ddim_step(X, np.concatenate([EPS, V], axis=1), respaced_schedule(OFFICIAL, "ddim50"), i, NOISE, eta)
     assert got.dtype == np.float32 and rel(got, want) < 1e-5
     if eta > 0 and i > 0:  # the noise really enters
-        assert rel(ddim_step(X, EPS, respaced_schedule("ddim50"), i, NOISE * 0, eta), want) > 1e-4
+        assert rel(ddim_step(X, EPS, respaced_schedule(OFFICIAL, "ddim50"), i, NOISE * 0, eta), want) > 1e-4
 
 
 def test_guide_channels():

@@ -2,7 +2,10 @@
 import numpy as np
 import pytest
 
-from ditrt.runtime.schedule import ScheduleError, linear_betas, respaced_schedule, space_timesteps
+from ditrt.runtime.config import DiTConfig, Diffusion
+from ditrt.runtime.schedule import ScheduleError, respaced_schedule, space_timesteps
+
+OFFICIAL = Diffusion.official(DiTConfig())
 
 BASE_AC = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
 
@@ -34,7 +37,7 @@ def test_known_edges():
 
 @pytest.mark.parametrize("spec", ["250", "100", "50", "ddim50", "ddim25", "10,20,30"])
 def test_respaced_tables_match_the_formulas(spec):
-    sched = respaced_schedule(spec)
+    sched = respaced_schedule(OFFICIAL, spec)
     t = np.array(expected_timesteps(spec))
     assert list(sched.timesteps) == list(t)
     # Respacing keeps alphas_cumprod at the kept timesteps exactly (up to float64 rounding).
@@ -52,11 +55,11 @@ def test_respaced_tables_match_the_formulas(spec):
 
 
 def test_sqrt_recip_at_t999_on_the_250_step_chain():
-    assert respaced_schedule("250").sqrt_recip_alphas_cumprod[-1] == pytest.approx(157.41, abs=0.01)
+    assert respaced_schedule(OFFICIAL, "250").sqrt_recip_alphas_cumprod[-1] == pytest.approx(157.41, abs=0.01)
 
 
 def test_linear_betas():
-    b = linear_betas()
+    b = OFFICIAL.betas()
     assert b.dtype == np.float64 and len(b) == 1000 and b[0] == 1e-4 and b[-1] == 0.02
 
 
@@ -67,4 +70,4 @@ def test_linear_betas():
 ])
 def test_impossible_specs_are_named(spec, message):
     with pytest.raises(ScheduleError, match=message):
-        respaced_schedule(spec)
+        respaced_schedule(OFFICIAL, spec)

@@ -19,9 +19,16 @@ from click.testing import CliRunner
 
 from ditrt import runtime
 from ditrt.runtime import trt_plan
-from ditrt.runtime.manifest import ArtifactError, load_manifest
+from ditrt.runtime.backends import chunk_plan
+from ditrt.runtime.config import DiTConfig
+from ditrt.runtime.errors import ArtifactError
+from ditrt.runtime.manifest import load_manifest
+from ditrt.runtime.networks import denoiser_spec
 from ditrt.runtime.trt_plan import (BuildFlags, EngineProfile, TensorRTUnavailable, check_engine_compat, choose_engine,
-                              chunk_plan, engine_entry, plan_filename)
+                                    engine_entry, plan_filename)
+
+TINY = DiTConfig(input_size=8, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+DENOISER = denoiser_spec(TINY)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -62,7 +69,7 @@ def test_profile_validation(bounds, message):
 
 
 def test_profile_shapes_for_polygraphy():
-    shapes = EngineProfile(2, 16, 64).shapes(in_channels=4, input_size=32)
+    shapes = denoiser_spec(DiTConfig(input_size=32)).profile_shapes(2, 16, 64)
     assert shapes == {"latent": ((2, 4, 32, 32), (16, 4, 32, 32), (64, 4, 32, 32)),
                       "timestep": ((2,), (16,), (64,)), "class_label": ((2,), (16,), (64,))}
 
@@ -72,6 +79,7 @@ def test_chunk_plan_chunks_above_max_and_pads_below_min():
     assert chunk_plan(130, 64) == [(0, 64, 64), (64, 128, 64), (128, 130, 2)]
     assert chunk_plan(3, 64, min_rows=4) == [(0, 3, 4)]  # padded up to the profile minimum
     assert chunk_plan(9, 4, min_rows=2) == [(0, 4, 4), (4, 8, 4), (8, 9, 2)]
+    assert chunk_plan(9, None) == [(0, 9, 9)]  # no limit
     with pytest.raises(ValueError):
         chunk_plan(0, 64)
 
@@ -83,12 +91,15 @@ def test_parity_batches_stay_inside_the_profile():
 
 
 def test_plan_filenames():
-    assert plan_filename("sm90", "11.4.0.106") == "denoiser.fp16.sm90.trt11.4.0.106.plan"
-    assert plan_filename("sm120", "11.4.0") == "denoiser.fp16.sm120.trt11.4.0.plan"
-    assert plan_filename("sm86", "10.13.0.35", "ampere+", True) == "denoiser.fp16.sm86.trt10.13.0.35.ampereplus.vc.plan"
-    assert plan_filename("sm89", "11.4.0.106", "same-cc") == "denoiser.fp16.sm89.trt11.4.0.106.samecc.plan"
+    assert plan_filename("denoiser", "fp16", "sm90", "11.4.0.106") == "denoiser.fp16.sm90.trt11.4.0.106.plan"
+    assert plan_filename("denoiser", "fp16", "sm120", "11.4.0") == "denoiser.fp16.sm120.trt11.4.0.plan"
+    assert (plan_filename("denoiser", "fp16", "sm86", "10.13.0.35", "ampere+", True)
+            == "denoiser.fp16.sm86.trt10.13.0.35.ampereplus.vc.plan")
+    assert plan_filename("denoiser", "fp16", "sm89", "11.4.0.106", "same-cc") == "denoiser.fp16.sm89.trt11.4.0.106.samecc.plan"
+    assert plan_filename("decoder", "fp32", "sm90", "11.4.0.106") == "decoder.fp32.sm90.trt11.4.0.106.plan"
     assert trt_plan.timing_cache_filename("sm90", "11.4.0.106") == "timing.sm90.trt11.4.0.106.cache"
-    for bad in [("9.0", "11.4.0"), ("sm90", "eleven"), ("sm90", "11")]:
+    for bad in [("denoiser", "fp16", "9.0", "11.4.0"), ("denoiser", "fp16", "sm90", "eleven"),
+                ("denoiser", "fp16", "sm90", "11"), ("../x", "fp16", "sm90", "11.4"), ("denoiser", "int8", "sm90", "11.4")]:
         with pytest.raises(ValueError):
             plan_filename(*bad)
 
@@ -120,10 +131,11 @@ def entry(trt_version="11.4.0.106", cc=(9, 0), gpu=H100, hardware_compat="none",
           file=None, built_utc="2026-11-01T00:00:00+00:00", graph_sha256=None) -> dict:
     profile, flags = EngineProfile(), BuildFlags(3, hardware_compat, version_compatible)
     return engine_entry(
-        file=file or plan_filename(trt_plan.sm_name(cc), trt_version, hardware_compat, version_compatible),
+        network=DENOISER, precision="fp16",
+        file=file or plan_filename("denoiser", "fp16", trt_plan.sm_name(cc), trt_version, hardware_compat, version_compatible),
         sha256="0" * 64, size=1, trt_version=trt_version, gpu_name=gpu, compute_capability=cc,
         driver_version="580.65.06", cuda_driver_version="13.0", cuda_runtime_version="13.0", profile=profile,
-        flags=flags, in_channels=4, input_size=8,
+        flags=flags,
         graph={"file": "denoiser.fp16.onnx", "sha256": graph_sha256 or {"denoiser.fp16.onnx": "a" * 64}},
         build_seconds=1.0, built_utc=built_utc)
 
@@ -131,6 +143,7 @@ def entry(trt_version="11.4.0.106", cc=(9, 0), gpu=H100, hardware_compat="none",
 def test_entry_schema_is_plain_json():
     e = entry()
     assert json.loads(json.dumps(e)) == e
+    assert e["network"] == "denoiser" and e["precision"] == "fp16"
     assert e["tensorrt"] == {"version": "11.4.0.106", "strongly_typed": True}
     assert e["gpu"] == {"name": H100, "compute_capability": "9.0", "sm": "sm90"}
     assert e["profile"]["max"] == 64 and e["profile"]["guided_images_per_call"] == 32
@@ -164,7 +177,8 @@ def test_compatibility_rules(kwargs, here, ok, words):
     if not ok:  # every refusal says exactly what to run, with the plan's own profile and flags
         flags = entry(**kwargs)["build"]
         command = result.reason.split("Rebuild it on this machine with: ")[1]
-        assert command.startswith("ditrt build engines/xl --min-batch 1 --opt-batch 16 --max-batch 64 --opt-level 3")
+        assert command.startswith("ditrt build engines/xl --network denoiser --min-batch 1 --opt-batch 16 --max-batch 64 "
+                                  "--opt-level 3")
         assert ("--version-compatible" in command) == flags["version_compatible"]
         assert (f"--hardware-compat {flags['hardware_compat']}" in command) == (flags["hardware_compat"] != "none")
 
@@ -193,13 +207,13 @@ def test_choose_engine_prefers_exact_native_newest_and_skips_missing_files():
     assert best["file"] == "c.plan" and sum("file is missing" in r for r in reasons) == 2
     assert choose_engine([older_vc], *here, exists=lambda f: True)[0]["file"] == "d.plan"
     best, reasons = choose_engine([exact_new], *here, exists=lambda f: True, graph_sha256={"denoiser.fp16.onnx": "b" * 64})
-    assert best is None and "built from another fp16 graph" in reasons[0]
+    assert best is None and "built from another graph" in reasons[0]
 
 
 def test_messages():
     msg = trt_plan.no_engine_message("engines/xl", [], [], "11.4.0.106", (9, 0), H100,
                                      trt_plan.build_command("engines/xl", EngineProfile(), BuildFlags()))
-    assert "engines/xl has no TensorRT engine" in msg and "ditrt build engines/xl --min-batch 1" in msg
+    assert "engines/xl has no TensorRT engine" in msg and "ditrt build engines/xl --network denoiser --min-batch 1" in msg
     msg = trt_plan.null_engine_message("x.plan", ["Serialization assertion failed: magic tag"], "ditrt build engines/xl")
     assert "returned no engine" in msg and "magic tag" in msg and "ditrt build engines/xl" in msg
     assert "TensorRT logged no error" in trt_plan.null_engine_message("x.plan", [], "ditrt build a")
@@ -208,8 +222,8 @@ def test_messages():
 
 
 def test_engine_parity_bound_follows_the_fp16_graphs_export_bound():
-    from ditrt.exporter.onnx_export import MAX_REL_ERR  # the engine inherits the graph's error, plus its own kernels'
-    assert MAX_REL_ERR["fp16"] <= trt_plan.FP16_PARITY_BOUND <= 2 * MAX_REL_ERR["fp16"]
+    bound = DENOISER.export_bounds["fp16"]  # the engine inherits the graph's error, plus its own kernels'
+    assert bound <= trt_plan.parity_bound("fp16") == trt_plan.FP16_PARITY_BOUND <= 2 * bound
 
 
 # ---- Polygraphy build configuration (real Polygraphy objects, no TensorRT needed) -------------------
@@ -217,7 +231,7 @@ def test_engine_parity_bound_follows_the_fp16_graphs_export_bound():
 FAKE_TRT = SimpleNamespace(  # stands in for the enums tensorrt would supply
     HardwareCompatibilityLevel=SimpleNamespace(AMPERE_PLUS="AMPERE_PLUS", SAME_COMPUTE_CAPABILITY="SAME_COMPUTE_CAPABILITY"),
     MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"))
-SPEC = SimpleNamespace(in_channels=4, input_size=8)
+SPEC = DENOISER
 
 
 def test_polygraphy_loader_chain_is_strongly_typed_with_one_batch_profile(tmp_path):
@@ -400,7 +414,7 @@ def artifact_with_engine(tmp_path, tiny_artifact):
     out = tmp_path / "tiny"
     shutil.copytree(tiny_artifact, out)
     manifest = load_manifest(out)
-    e = entry(graph_sha256=manifest.graph("fp16")["sha256"])
+    e = entry(graph_sha256=manifest.graph("denoiser", "fp16")["sha256"])
     (out / e["file"]).write_bytes(b"")
     manifest.data["engines"] = [e]
     manifest.save()
@@ -438,7 +452,8 @@ def test_engine_selection_and_rebuild_message_with_a_simulated_gpu(monkeypatch, 
         rt.TensorRTBackend.from_manifest(manifest)
     message = str(info.value)
     assert "no TensorRT plan in" in message and "built with TensorRT 11.4.0.106, this is TensorRT 11.5.0.3" in message
-    assert f"ditrt build {artifact_with_engine} --min-batch 1 --opt-batch 16 --max-batch 64 --opt-level 3" in message
+    assert (f"ditrt build {artifact_with_engine} --network denoiser --min-batch 1 --opt-batch 16 --max-batch 64 "
+            "--opt-level 3") in message
 
 
 def test_cli_build_without_tensorrt_prints_the_install_hint(no_tensorrt, tiny_artifact):
@@ -476,10 +491,10 @@ def test_cli_build_rejects_an_artifact_without_fp16_graph(tmp_path, tiny_artifac
     out = tmp_path / "fp32only"
     shutil.copytree(tiny_artifact, out)
     manifest = load_manifest(out)
-    del manifest.data["graphs"]["fp16"]
+    del manifest.data["networks"]["denoiser"]["graphs"]["fp16"]
     manifest.save()
     result = CliRunner().invoke(main, ["build", str(out)])
-    assert result.exit_code == 2 and "has no fp16 graph" in result.output and "--precision fp16" in result.output
+    assert result.exit_code == 2 and "has no fp16 denoiser graph" in result.output and "--precision fp16" in result.output
     assert CliRunner().invoke(main, ["build", str(tmp_path / "missing")]).exit_code == 2
 
 
@@ -506,7 +521,9 @@ class SimCuda:
         self.graphs_destroyed = 0
 
     def _alloc(self, nbytes):
-        buf = ctypes.create_string_buffer(max(int(nbytes), 1))
+        # Filled with 0xFF, as a debugging allocator would: an int64 label read from memory nobody
+        # wrote is -1, which the simulated engine rejects.
+        buf = ctypes.create_string_buffer(b"\xff" * max(int(nbytes), 1), max(int(nbytes), 1))
         self.memory[ctypes.addressof(buf)] = buf
         return 0, ctypes.addressof(buf)
 
@@ -553,8 +570,18 @@ class SimCuda:
     cudaGetLastError = staticmethod(lambda: (0,))
 
 
-def sim_tensorrt(cuda: SimCuda, runtime_errors=(), fail_capture=False, names=("latent", "timestep", "class_label")):
-    """A tensorrt stand-in whose engine computes out[:, :4] = 2 latent + t / 1000, out[:, 4:] = label."""
+def formula(feeds):
+    """The default simulated network: out[:, :4] = 2 latent + t / 1000, out[:, 4:] = label."""
+    x, t, y = feeds["latent"], feeds["timestep"], feeds["class_label"]
+    return {"model_output": np.concatenate([2 * x + t[:, None, None, None] / 1000,
+                                            np.broadcast_to(y[:, None, None, None], (len(y), 4, 8, 8)).astype(np.float32)],
+                                           axis=1)}
+
+
+def sim_tensorrt(cuda: SimCuda, runtime_errors=(), fail_capture=False, names=("latent", "timestep", "class_label"),
+                 compute=formula, profile=(2, 4, 8), num_classes=10):
+    """A tensorrt stand-in for the tiny denoiser whose engine runs `compute(feeds) -> outputs`
+    on its device buffers and rejects labels outside 0..num_classes in any row it is given."""
     Severity = enum.IntEnum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE")
     DataType = enum.Enum("DataType", "FLOAT HALF INT64 INT32")
     TensorIOMode = enum.Enum("TensorIOMode", "INPUT OUTPUT")
@@ -562,6 +589,7 @@ def sim_tensorrt(cuda: SimCuda, runtime_errors=(), fail_capture=False, names=("l
     io = {names[0]: (DataType.FLOAT, (-1, 4, 8, 8)), names[1]: (DataType.FLOAT, (-1,)),
           names[2]: (DataType.INT64, (-1,)), "model_output": (DataType.FLOAT, (-1, 8, 8, 8))}
     dtype = {DataType.FLOAT: np.float32, DataType.INT64: np.int64}
+    low, opt, high = profile
 
     class ILogger:
         def __init__(self):
@@ -581,7 +609,7 @@ def sim_tensorrt(cuda: SimCuda, runtime_errors=(), fail_capture=False, names=("l
             assert memory in cuda.memory and size >= 256
 
         def set_input_shape(self, name, shape):
-            if not 2 <= shape[0] <= 8:
+            if not low <= shape[0] <= high:
                 return False  # outside the profile
             self.shapes[name] = tuple(shape)
             return True
@@ -597,10 +625,11 @@ def sim_tensorrt(cuda: SimCuda, runtime_errors=(), fail_capture=False, names=("l
             rows, addr = self.shapes[names[0]][0], dict(self.addresses)  # what a graph bakes in
 
             def run():
-                x, t, y = (view(addr[n], (rows, *io[n][1][1:]), dtype[io[n][0]]) for n in names)
-                out = view(addr["model_output"], (rows, 8, 8, 8), np.float32)
-                out[:, :4] = 2 * x + t[:, None, None, None] / 1000
-                out[:, 4:] = y[:, None, None, None]
+                feeds = {std: view(addr[n], (rows, *io[n][1][1:]), dtype[io[n][0]]).copy()
+                         for std, n in zip(("latent", "timestep", "class_label"), names)}
+                labels = feeds["class_label"]
+                assert ((labels >= 0) & (labels <= num_classes)).all(), f"engine got labels {labels}"
+                view(addr["model_output"], (rows, 8, 8, 8), np.float32)[:] = compute(feeds)["model_output"]
 
             if cuda.capture is None:
                 run()
@@ -627,7 +656,7 @@ def sim_tensorrt(cuda: SimCuda, runtime_errors=(), fail_capture=False, names=("l
             return io[name][1]
 
         def get_tensor_profile_shape(self, name, profile_index):
-            return [(b, *io[name][1][1:]) for b in (2, 4, 8)]
+            return [(b, *io[name][1][1:]) for b in (low, opt, high)]
 
         def create_execution_context(self, strategy):
             assert strategy is Strategy.USER_MANAGED
@@ -652,35 +681,33 @@ def sim_tensorrt(cuda: SimCuda, runtime_errors=(), fail_capture=False, names=("l
                            classes={"Runtime": Runtime, "ICudaEngine": Engine, "IExecutionContext": Context})
 
 
-def expected_output(x, t, y):
-    return np.concatenate([2 * x + t[:, None, None, None] / 1000,
-                           np.broadcast_to(y[:, None, None, None], (len(y), 4, 8, 8)).astype(np.float32)], axis=1)
-
-
 @pytest.fixture
 def sim(monkeypatch, tmp_path):
     """Install the stand-ins; returns a factory for a backend over a plan file with a manifest entry."""
     import ditrt.runtime.tensorrt as rt
     state = SimpleNamespace(cuda=SimCuda())
 
-    def make(plan_bytes=b"PLAN-sim", version_compatible=False, **trt_kwargs):
+    def install(**trt_kwargs):
         state.trt = sim_tensorrt(state.cuda, **trt_kwargs)
         monkeypatch.setattr(rt, "import_tensorrt", lambda: state.trt)
         monkeypatch.setattr(rt, "import_cudart", lambda: state.cuda)
+
+    def make(plan_bytes=b"PLAN-sim", version_compatible=False, allow_host_code=False, **trt_kwargs):
+        install(**trt_kwargs)
         plan = tmp_path / "denoiser.fp16.sm90.trt11.4.0.106.plan"
         plan.write_bytes(plan_bytes)
         e = entry(version_compatible=version_compatible, file=plan.name)
         e["sha256"] = hashlib.sha256(plan_bytes).hexdigest()
-        return rt.TensorRTBackend(plan, e, artifact="engines/tiny")
+        return rt.TensorRTBackend(plan, DENOISER, e, artifact="engines/tiny", allow_host_code=allow_host_code)
 
-    state.make = make
+    state.install, state.make = install, make
     return state
 
 
 def _inputs(n, seed=0):
     rng = np.random.default_rng([seed, n])
-    return (rng.standard_normal((n, 4, 8, 8), dtype=np.float32), rng.uniform(0, 999, n).astype(np.float32),
-            rng.integers(0, 11, n).astype(np.int64))
+    return {"latent": rng.standard_normal((n, 4, 8, 8), dtype=np.float32),
+            "timestep": rng.uniform(0, 999, n).astype(np.float32), "class_label": rng.integers(0, 11, n).astype(np.int64)}
 
 
 def test_sim_stand_ins_only_use_real_tensorrt_members(sim):
@@ -692,23 +719,24 @@ def test_sim_stand_ins_only_use_real_tensorrt_members(sim):
 
 def test_backend_chunks_pads_and_replays_cuda_graphs(sim):
     backend = sim.make()
-    assert (backend.profile.min_rows, backend.profile.max_rows, backend.max_batch) == (2, 8, 8)
+    assert (backend.profile.min_rows, backend.profile.max_rows, backend.max_batch, backend.min_batch) == (2, 8, 8, 2)
     for n in (1, 5, 11, 5, 1):  # 1: padded to the profile's 2 rows; 11: chunks of 8 and 3
-        x, t, y = _inputs(n, seed=n * 7 + len(backend._slots))
-        np.testing.assert_array_equal(backend(x, t, y), expected_output(x, t, y))
+        feeds = _inputs(n, seed=n * 7 + len(backend._slots))
+        np.testing.assert_array_equal(backend(feeds)["model_output"], formula(feeds)["model_output"])
     assert sorted(backend._slots) == [2, 3, 5, 8] and not backend.graph_failures
     assert all(slot.graph_exec is not None and slot.runs >= 1 for slot in backend._slots.values())
-    x, t, y = _inputs(11, seed=99)  # new inputs through the captured graphs (replay reads the refilled buffers)
-    np.testing.assert_array_equal(backend(x, t, y), expected_output(x, t, y))
+    feeds = _inputs(11, seed=99)  # new inputs through the captured graphs (replay reads the refilled buffers)
+    np.testing.assert_array_equal(backend(feeds)["model_output"], formula(feeds)["model_output"])
+    bad = {**_inputs(2), "latent": np.zeros((2, 4, 8, 9), np.float32)}
     with pytest.raises(ValueError, match=r"latent has shape \(2, 4, 8, 9\); this engine takes \(2, 4, 8, 8\)"):
-        backend(np.zeros((2, 4, 8, 9), np.float32), t[:2], y[:2])
+        backend(bad)
 
 
 def test_backend_falls_back_to_plain_enqueue_when_capture_fails(sim):
     backend = sim.make(fail_capture=True)
     for seed in range(2):
-        x, t, y = _inputs(4, seed)
-        np.testing.assert_array_equal(backend(x, t, y), expected_output(x, t, y))
+        feeds = _inputs(4, seed)
+        np.testing.assert_array_equal(backend(feeds)["model_output"], formula(feeds)["model_output"])
     assert list(backend.graph_failures) == [4] and "capture failed" in backend.graph_failures[4]
     assert backend._slots[4].graph_exec is None
 
@@ -717,12 +745,12 @@ def test_backend_bounds_its_cached_batch_sizes_and_frees_everything(sim):
     from ditrt.runtime.tensorrt import MAX_CACHED_BATCHES
     backend = sim.make()
     for n in range(2, 9):
-        backend(*_inputs(n))
+        backend(_inputs(n))
     assert len(backend._slots) == MAX_CACHED_BATCHES and sorted(backend._slots) == [5, 6, 7, 8]
     backend.close()
     assert sim.cuda.memory == {} and sim.cuda.graphs_destroyed == 2 * 7  # graph + its executable per size
     with pytest.raises(RuntimeError, match="closed"):
-        backend(*_inputs(2))
+        backend(_inputs(2))
 
 
 def test_backend_drops_a_batch_size_it_could_not_bind(sim):
@@ -737,10 +765,12 @@ def test_backend_max_batch(sim):
     assert sim.make().max_batch == 8
     from ditrt.runtime.tensorrt import TensorRTBackend
     backend = sim.make()
-    assert TensorRTBackend(backend.plan, backend.entry, max_batch=100).max_batch == 8  # capped at the profile
-    assert TensorRTBackend(backend.plan, backend.entry, max_batch=3).max_batch == 3
+    assert TensorRTBackend(backend.plan, DENOISER, backend.entry, max_batch=100).max_batch == 8  # capped at the profile
+    assert TensorRTBackend(backend.plan, DENOISER, backend.entry, max_batch=3).max_batch == 3
     with pytest.raises(ValueError, match="below the engine profile's minimum of 2 rows"):
-        TensorRTBackend(backend.plan, backend.entry, max_batch=1)
+        TensorRTBackend(backend.plan, DENOISER, backend.entry, max_batch=1)
+    with pytest.raises(ValueError, match="max_batch must be a positive integer"):
+        TensorRTBackend(backend.plan, DENOISER, backend.entry, max_batch=0)
 
 
 def test_backend_null_engine_carries_tensorrts_message_and_the_rebuild_command(sim):
@@ -748,7 +778,7 @@ def test_backend_null_engine_carries_tensorrts_message_and_the_rebuild_command(s
         sim.make(plan_bytes=b"garbage")
     message = str(info.value)
     assert "returned no engine" in message and "magic tag does not match" in message
-    assert "ditrt build engines/tiny --min-batch 1 --opt-batch 16 --max-batch 64 --opt-level 3" in message
+    assert "ditrt build engines/tiny --network denoiser --min-batch 1 --opt-batch 16 --max-batch 64 --opt-level 3" in message
 
 
 def test_backend_refuses_a_plan_that_does_not_match_its_entry(sim, tmp_path):
@@ -756,20 +786,85 @@ def test_backend_refuses_a_plan_that_does_not_match_its_entry(sim, tmp_path):
     (tmp_path / backend.plan.name).write_bytes(b"PLAN-replaced")
     from ditrt.runtime.tensorrt import TensorRTBackend
     with pytest.raises(ArtifactError, match="does not match its sha256"):
-        TensorRTBackend(backend.plan, backend.entry)
+        TensorRTBackend(backend.plan, DENOISER, backend.entry)
 
 
 def test_backend_start_failure_and_wrong_io(sim):
     with pytest.raises(TensorRTUnavailable, match="TensorRT cannot start on this GPU: CUDA initialization failure"):
         sim.make(runtime_errors=["CUDA initialization failure with error: 35"])
-    with pytest.raises(ArtifactError, match="a ditrt denoiser takes"):
+    with pytest.raises(ArtifactError, match="the denoiser takes"):
         sim.make(names=("x", "t", "y"))
 
 
-def test_version_compatible_plans_allow_host_code_before_deserialising(sim):
-    backend = sim.make(version_compatible=True)
+def test_version_compatible_plans_run_host_code_only_when_allowed(sim):
+    with pytest.raises(ArtifactError, match="version-compatible plan: running it executes host code"):
+        sim.make(version_compatible=True)
+    backend = sim.make(version_compatible=True, allow_host_code=True)
     assert backend._trt_runtime.host_code_when_deserialising is True
     assert sim.make()._trt_runtime.host_code_when_deserialising is False
+
+
+def test_engine_padding_rows_hold_valid_labels(sim):
+    """One image under the 2-row profile minimum: the padding row must be a real row (the engine
+    asserts every label it gets is in range; memory nobody wrote reads as label -1)."""
+    backend = sim.make(profile=(4, 4, 8))
+    feeds = _inputs(1)
+    np.testing.assert_array_equal(backend(feeds)["model_output"], formula(feeds)["model_output"])
+
+
+# ---- the build -> parity gate -> record path, on simulated TensorRT ---------------------------------
+
+@pytest.fixture
+def sim_build(sim, monkeypatch, tmp_path, tiny_artifact):
+    """`build_engine` on a copy of the tiny artifact with simulated TensorRT: the "builder" returns
+    plan bytes, and the simulated engine computes the real fp32 graph (ONNX Runtime) times
+    (1 + error), so the parity gate sees a known deviation."""
+    import ditrt.runtime.tensorrt as rt
+    import ditrt.runtime.trt_build as tb
+    from ditrt.runtime.backends import OnnxRuntimeBackend
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    manifest = load_manifest(art)
+    reference = OnnxRuntimeBackend(manifest.graph_path("denoiser", "fp32"), manifest.network("denoiser"))
+    state = SimpleNamespace(art=art, error=1e-3)
+
+    def compute(feeds):
+        return {"model_output": reference(feeds)["model_output"] * np.float32(1 + state.error)}
+
+    sim.install(compute=compute, profile=(1, 2, 4))
+    monkeypatch.setattr(tb, "require_toolchain", lambda: sim.trt)
+    gpu = rt.GpuInfo(H100, (9, 0), "580.65.06", "13.0", "13.0")
+    monkeypatch.setattr(rt, "environment", lambda: rt.Environment("11.4.0.106", gpu))
+    monkeypatch.setattr(rt, "gpu_info", lambda: gpu)
+    monkeypatch.setattr(tb, "engine_loader", lambda *args: (lambda: b"PLAN-built"))
+    sys.modules.setdefault("polygraphy", SimpleNamespace(__version__="0.53.6"))
+    return state
+
+
+def test_build_records_a_plan_that_passes_its_gate_and_keeps_other_engines(sim_build):
+    from ditrt.runtime.trt_build import build_engine
+    other = entry(file="denoiser.fp16.sm80.trt11.4.0.106.plan", cc=(8, 0), gpu="NVIDIA A100")
+    manifest = load_manifest(sim_build.art)
+    manifest.data["engines"] = [other]
+    manifest.save()
+    e = build_engine(sim_build.art, "denoiser", "fp16", EngineProfile(1, 2, 4), log=lambda m: None)
+    assert e["parity"]["passed"] and 5e-4 < e["parity"]["max_rel_err"] < 2e-3  # the simulated 1e-3 deviation
+    assert e["parity"]["reference"] == "onnxruntime-fp32 on denoiser.fp32.onnx"
+    assert (sim_build.art / e["file"]).read_bytes() == b"PLAN-built"
+    recorded = load_manifest(sim_build.art).engines
+    assert [r["file"] for r in recorded] == [other["file"], e["file"]]  # the other GPU's plan stays
+    assert recorded[1]["sha256"] == hashlib.sha256(b"PLAN-built").hexdigest()
+    pipe = runtime.load(sim_build.art, backend="tensorrt")  # and the runtime picks it up
+    assert pipe.backend.name == "tensorrt-fp16" and pipe.sample([1, 2], num_steps=4, progress=False).shape == (2, 4, 8, 8)
+
+
+def test_build_discards_a_plan_that_fails_its_gate(sim_build):
+    from ditrt.runtime.trt_build import BuildError, build_engine
+    sim_build.error = 0.05  # 5%: far outside the fp16 bound
+    with pytest.raises(BuildError, match=r"failed its parity check against onnxruntime-fp32 on denoiser.fp32.onnx"):
+        build_engine(sim_build.art, "denoiser", "fp16", EngineProfile(1, 2, 4), log=lambda m: None)
+    assert load_manifest(sim_build.art).engines == []
+    assert not any(p.suffix in (".plan", ".tmp") for p in sim_build.art.iterdir()), list(sim_build.art.iterdir())
 
 
 def _cuda_runtime_names_used() -> set[str]:

@@ -1,0 +1,39 @@
+"""The project's errors: one base class, and two kinds that decide the CLI's exit code.
+
+- `InputError` (exit 2): the caller's input cannot work: an option value, a file, an artifact or
+  manifest, a checkpoint. Fix the input and run again.
+- `StepError` (exit 1): the input was fine but a step failed: export validation, a TensorRT
+  build, a backend failing mid-loop, a missing toolchain (TensorRT, a GPU).
+
+Anything else that escapes is a bug in ditrt and is reported as one (a traceback), never as bad
+input. `InputError` is also a `ValueError` and `StepError` a `RuntimeError`, so callers that
+catch the built-in kinds keep working.
+"""
+from __future__ import annotations
+
+
+class DitrtError(Exception):
+    """Base of every error ditrt raises on purpose."""
+    exit_code = 1
+
+
+class InputError(DitrtError, ValueError):
+    """Bad input: options, files, artifacts, manifests, checkpoints (exit code 2)."""
+    exit_code = 2
+
+
+class StepError(DitrtError, RuntimeError):
+    """A step failed on valid input (exit code 1)."""
+    exit_code = 1
+
+
+class ArtifactError(InputError):
+    """A missing, corrupt or incompatible artifact or manifest, with the reason in the message."""
+
+
+class ScheduleError(InputError):
+    """An impossible step specification for the chosen sampler."""
+
+
+class BackendError(StepError):
+    """A backend (ONNX Runtime, TensorRT, a callback) failed while running a network."""
