@@ -37,7 +37,7 @@ def _require_torch(command: str) -> None:
     try:
         import torch  # noqa: F401
     except ImportError:
-        raise click.ClickException(f"`ditrt {command}` needs PyTorch (the runtime does not): "
+        raise StepFailed(f"`ditrt {command}` needs PyTorch (the runtime does not): "
                                    "pip install torch==2.13.0 (CPU) or a CUDA build, then pip install 'ditrt[export]'") from None
 
 
@@ -51,13 +51,18 @@ def _int_list(value: str | None, what: str) -> list[int]:
 
 
 @contextmanager
-def project_errors():
-    """The project's errors become their exit code with their message: InputError 2, StepError 1.
-    Anything else is a bug in ditrt and keeps its traceback."""
+def project_errors(all_input: bool = False):
+    """The project's errors become their exit code with their message: InputError 2, StepError 1
+    (with `all_input`, every error is 2: `parity` keeps 1 for numbers out of bounds). Anything else
+    is a bug in ditrt and keeps its traceback."""
     try:
         yield
     except DitrtError as e:
-        raise (InputError if e.exit_code == 2 else StepFailed)(str(e)) from None
+        raise (InputError if all_input or e.exit_code == 2 else StepFailed)(str(e)) from None
+    except StepFailed as e:
+        if all_input:
+            raise InputError(e.message) from None
+        raise
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -191,14 +196,17 @@ BACKEND_CHOICES = ["auto", *BACKENDS, *backend_ids()]
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), help="Graph precision [fp16 on TensorRT, else fp32].")
 @click.option("--threads", type=int, help="ONNX Runtime CPU threads.")
 @click.option("--max-batch", type=int, help="Largest batch per backend call, in rows (bigger requests are chunked).")
+@click.option("--allow-plan-host-code", is_flag=True,
+              help="Let a version-compatible TensorRT plan run the host code it embeds (only plans you trust).")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("latents.npy"), show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, seed, backend, precision, threads, max_batch,
-           out_path, progress) -> None:
+           allow_plan_host_code, out_path, progress) -> None:
     """Run the CFG sampling loop on an artifact and save latents (N, C, H, W) as .npy."""
     label_list = _int_list(labels, "--labels")
     with project_errors():
-        pipe = runtime.load(artifact, backend=backend, precision=precision, threads=threads, max_batch=max_batch)
+        pipe = runtime.load(artifact, backend=backend, precision=precision, threads=threads, max_batch=max_batch,
+                            allow_plan_host_code=allow_plan_host_code)
         latents = pipe.sample(label_list, num_steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                               guidance=guidance, seed=seed, eta=eta, progress=progress)
         save_npy_atomic(out_path, latents)
@@ -242,7 +250,7 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
     modes = [bool(against), bool(save_golden), activation_ranges]
     if sum(modes) != 1:
         raise click.UsageError("give exactly one of --against, --save-golden or --activation-ranges")
-    with project_errors():
+    with project_errors(all_input=True):
         manifest = runtime.load_manifest(artifact)
         batch_list = _int_list(batches, "--batch")
         if not batch_list or min(batch_list) < 1:

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from ditrt.runtime.manifest import sha256_file
+from ditrt.runtime.errors import InputError
+from ditrt.runtime.files import sha256_file
 
 from .model import DIT_CONFIGS, DiT, DiTConfig, get_2d_sincos_pos_embed
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used, with the reason in the message."""
 
 

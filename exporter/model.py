@@ -233,10 +233,10 @@ def set_precision(model: DiT, precision: str, fp32_blocks: tuple[int, ...] = ())
     if precision == "fp32":
         return model.float()
     if precision != "fp16":
-        raise ValueError(f"unknown precision {precision!r}; use fp32 or fp16")
+        raise InputError(f"unknown precision {precision!r}; use fp32 or fp16")
     bad = [i for i in fp32_blocks if not 0 <= i < len(model.blocks)]
     if bad:
-        raise ValueError(f"--fp32-blocks {bad} out of range: the model has blocks 0..{len(model.blocks) - 1}")
+        raise InputError(f"--fp32-blocks {bad} out of range: the model has blocks 0..{len(model.blocks) - 1}")
     model.half()
     for i in fp32_blocks:
         model.blocks[i].float()

@@ -161,9 +161,10 @@ def _onnxruntime(manifest, network: str, precision: str, threads=None, max_batch
     return OnnxRuntimeBackend(path, manifest.network(network), precision, onnxruntime_device(), threads, max_batch)
 
 
-def _tensorrt(manifest, network: str, precision: str, max_batch=None, **_) -> Backend:
+def _tensorrt(manifest, network: str, precision: str, max_batch=None, allow_plan_host_code=False, **_) -> Backend:
     from .tensorrt import TensorRTBackend
-    return TensorRTBackend.from_manifest(manifest, network=network, precision=precision, max_batch=max_batch)
+    return TensorRTBackend.from_manifest(manifest, network=network, precision=precision, max_batch=max_batch,
+                                         allow_host_code=allow_plan_host_code)
 
 
 def _tensorrt_available(manifest, network: str, precision: str) -> bool:

@@ -229,13 +229,16 @@ class _Progress:
 
 
 def load(artifact_dir: str | Path, backend: str = "auto", precision: str | None = None,
-         threads: int | None = None, max_batch: int | None = None) -> Pipeline:
+         threads: int | None = None, max_batch: int | None = None, allow_plan_host_code: bool = False) -> Pipeline:
     """A pipeline over an exported artifact. backend: "auto", a kind ("onnxruntime", "tensorrt")
     or an id ("onnxruntime-fp16"); precision None: fp16 on TensorRT, fp32 on ONNX Runtime.
     "auto" takes TensorRT when a plan compatible with this GPU and TensorRT exists, else ONNX
-    Runtime (CUDA EP when onnxruntime-gpu is installed, else CPU)."""
+    Runtime (CUDA EP when onnxruntime-gpu is installed, else CPU). `allow_plan_host_code` lets a
+    version-compatible TensorRT plan (whose sha256 matched) run the host code it embeds: only for
+    plans you built or trust."""
     manifest = load_manifest(artifact_dir)
-    denoiser = create_backend(manifest, backend, precision, "denoiser", threads=threads, max_batch=max_batch)
+    denoiser = create_backend(manifest, backend, precision, "denoiser", threads=threads, max_batch=max_batch,
+                              allow_plan_host_code=allow_plan_host_code)
     return Pipeline(denoiser, manifest)
 
 

@@ -193,7 +193,7 @@ def test_inspect_reports_problems_with_exit_code_2(tmp_path):
 
 def test_version_and_help():
     r = _ditrt("--version")
-    assert r.returncode == 0 and "0.1.0" in r.stdout
+    assert r.returncode == 0 and "0.2.0" in r.stdout
     for command in ("inspect", "export", "sample", "build", "parity"):
         r = _ditrt(command, "--help")
         assert r.returncode == 0 and "Usage" in r.stdout, command

@@ -23,26 +23,28 @@ def _run(path, x, t, y):
 def test_graph_interface_and_manifest(tiny_artifact):
     manifest = load_manifest(tiny_artifact)
     for precision in ("fp32", "fp16"):
-        manifest.verify_files(precision)
-        graph = onnx.load(str(manifest.graph_path(precision)))
+        manifest.verify_files("denoiser", precision)
+        graph = onnx.load(str(manifest.graph_path("denoiser", precision)))
         io = {v.name: (v.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
               for v in [*graph.graph.input, *graph.graph.output]}
         assert io == {"latent": (TensorProto.FLOAT, ["batch", 4, 8, 8]), "timestep": (TensorProto.FLOAT, ["batch"]),
                       "class_label": (TensorProto.INT64, ["batch"]), "model_output": (TensorProto.FLOAT, ["batch", 8, 8, 8])}
         ops = {n.op_type for n in graph.graph.node}
         assert "LayerNormalization" in ops and "Einsum" not in ops and not any("Sequence" in o for o in ops)
-        validation = manifest.graph(precision)["validation"]
+        validation = manifest.graph("denoiser", precision)["validation"]
         assert validation["checker_full_check"] and validation["strict_shape_inference"] and validation["tensorrt_lint"]["ok"]
-        assert {r["batch"] for r in validation["onnxruntime_vs_torch_fp32"]["runs"]} == {1, 3}
+        assert {r["batch"] for r in validation["onnxruntime_vs_reference"]["runs"]} == {1, 3}
     d = manifest.data
-    assert d["schema_version"] == 1 and d["diffusion"]["null_class"] == 10
-    assert d["diffusion"]["guided_channels"] == {"official": 3, "standard": 4} and d["diffusion"]["vae_scale_factor"] == 0.18215
+    assert d["schema_version"] == 2 and d["diffusion"]["null_class"] == 10
+    assert d["diffusion"]["guided_channels"] == {"official": 3, "standard": 4}
+    assert d["defaults"] == {"sampler": "ddpm", "steps": 250, "cfg_scale": 4.0, "guidance": "official"}
+    assert [t["name"] for t in d["networks"]["denoiser"]["inputs"]] == ["latent", "timestep", "class_label"]
     assert d["source"]["kind"] == "checkpoint" and len(d["source"]["sha256"]) == 64
     assert set(d["versions"]) >= {"torch", "onnx", "onnxruntime", "ditrt"}
 
 
 def test_fp16_graph_computes_in_fp16_with_float32_sinusoid(tiny_artifact):
-    graph = onnx.load(str(load_manifest(tiny_artifact).graph_path("fp16")))
+    graph = onnx.load(str(load_manifest(tiny_artifact).graph_path("denoiser", "fp16")))
     float32_inits = [list(i.dims) for i in graph.graph.initializer if i.data_type == TensorProto.FLOAT]
     assert float32_inits == [[1, 128]]  # only the timestep frequencies; every weight is fp16
     types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(graph).graph.value_info}
@@ -54,7 +56,7 @@ def test_fp16_graph_computes_in_fp16_with_float32_sinusoid(tiny_artifact):
 def test_graphs_reproduce_golden_forward(tiny_artifact, golden, precision, bound):
     # fp16 bound: fp16 unit roundoff is 4.9e-4 and the error barely grows through the two blocks:
     # measured ~1e-3 against the official outputs (5e-4 against our own fp32 export).
-    out = _run(load_manifest(tiny_artifact).graph_path(precision), golden["forward_x"], golden["forward_t"], golden["forward_y"])
+    out = _run(load_manifest(tiny_artifact).graph_path("denoiser", precision), golden["forward_x"], golden["forward_t"], golden["forward_y"])
     err = max_rel_err(out, golden["forward_out"])
     print(f"{precision} ONNX graph vs official forward: {err:.2e}")
     assert err <= bound
@@ -69,7 +71,7 @@ def test_one_artifact_serves_batches_1_3_8(tiny_artifact, tiny_checkpoint, batch
     y = rng.integers(0, 11, batch)
     with torch.no_grad():
         ref = tiny_checkpoint.build_model()(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
-    assert max_rel_err(_run(load_manifest(tiny_artifact).graph_path("fp32"), x, t, y), ref) <= 1e-5
+    assert max_rel_err(_run(load_manifest(tiny_artifact).graph_path("denoiser", "fp32"), x, t, y), ref) <= 1e-5
 
 
 def _graph_with(op: str, domain: str = "", opset: int = 20) -> onnx.ModelProto:
@@ -105,7 +107,8 @@ def test_existing_artifact_needs_force(tmp_path, tiny_checkpoint):
 
 
 def test_failed_validation_leaves_nothing(tmp_path, tiny_checkpoint, monkeypatch):
-    monkeypatch.setitem(onnx_export.MAX_REL_ERR, "fp16", 1e-9)  # no fp16 graph can meet this
+    from ditrt.runtime import networks
+    monkeypatch.setitem(networks.DENOISER_EXPORT_BOUNDS, "fp16", 1e-9)  # no fp16 graph can meet this
     with pytest.raises(ExportError, match="above the fp16 bound"):
         export_artifact(source_from_checkpoint(tiny_checkpoint), tmp_path / "a", ("fp32", "fp16"), log=lambda m: None)
     assert list(tmp_path.iterdir()) == []  # neither the artifact nor its temporary directory
@@ -134,11 +137,11 @@ def test_cli_export_force_and_fp32_blocks(tmp_path, golden):
     assert r.returncode == 0, r.stderr
     assert "[1/4] PyTorch fp32 reference outputs" in r.stderr and "TensorRT lint ok" in r.stderr
     manifest = load_manifest(out)
-    assert list(manifest.data["graphs"]) == ["fp16"] and manifest.graph("fp16")["fp32_blocks"] == [0, 1]
+    assert manifest.precisions("denoiser") == ["fp16"] and manifest.graph("denoiser", "fp16")["fp32_blocks"] == [0, 1]
     r = _ditrt("export", "--example", "--out", out, "--precision", "fp16")
     assert r.returncode == 2 and "--force" in r.stderr
     assert _ditrt("export", "--example", "--out", out, "--precision", "fp16", "--force").returncode == 0
-    assert load_manifest(out).graph("fp16")["fp32_blocks"] == []
+    assert load_manifest(out).graph("denoiser", "fp16")["fp32_blocks"] == []
 
 
 def test_cli_usage_errors(tmp_path):

@@ -12,7 +12,8 @@ import pytest
 
 from ditrt import runtime
 from conftest import max_rel_err
-from ditrt.runtime.manifest import ArtifactError, load_manifest
+from ditrt.runtime.errors import ArtifactError
+from ditrt.runtime.manifest import load_manifest
 from ditrt.runtime.trt_plan import FP16_PARITY_BOUND, BuildFlags, EngineProfile, TensorRTUnavailable
 
 pytestmark = pytest.mark.gpu
@@ -35,7 +36,7 @@ def _build(tiny_artifact, tmp_path_factory, name: str, flags: BuildFlags):
     from ditrt.runtime.trt_build import build_engine
     out = tmp_path_factory.mktemp(name) / "tiny"
     shutil.copytree(tiny_artifact, out)
-    return out, build_engine(out, PROFILE, flags, log=print)
+    return out, build_engine(out, "denoiser", "fp16", PROFILE, flags, log=print)
 
 
 @pytest.fixture(scope="module")
@@ -85,20 +86,19 @@ def test_chunking_and_cuda_graphs_do_not_change_results(built):
     manifest = load_manifest(out)
     rng = np.random.default_rng(0)
     rows = 11  # above the profile's max of 8: chunked into 8 + 3
-    x = rng.standard_normal((rows, 4, 8, 8), dtype=np.float32)
-    t = np.linspace(999, 0, rows).astype(np.float32)
-    y = (np.arange(rows) % 11).astype(np.int64)
+    feeds = {"latent": rng.standard_normal((rows, 4, 8, 8), dtype=np.float32),
+             "timestep": np.linspace(999, 0, rows).astype(np.float32), "class_label": (np.arange(rows) % 11).astype(np.int64)}
     with TensorRTBackend.from_manifest(manifest) as graphs, \
             TensorRTBackend.from_manifest(manifest, cuda_graphs=False) as plain, \
             TensorRTBackend.from_manifest(manifest, max_batch=2) as small:
         assert graphs.max_batch == 8 and small.max_batch == 2
-        reference = plain(x, t, y)
+        reference = plain(feeds)["model_output"]
         scale = np.abs(reference).max()
         # Same plan, same batch sizes: same kernels, so a graph replay reproduces the plain enqueue.
-        np.testing.assert_allclose(graphs(x, t, y), reference, rtol=0, atol=1e-6 * scale)
-        np.testing.assert_allclose(graphs(x, t, y), reference, rtol=0, atol=1e-6 * scale)  # graph replay
+        np.testing.assert_allclose(graphs(feeds)["model_output"], reference, rtol=0, atol=1e-6 * scale)
+        np.testing.assert_allclose(graphs(feeds)["model_output"], reference, rtol=0, atol=1e-6 * scale)  # graph replay
         # Other batch sizes may pick other fp16 kernels: within the engine's fp16 bound.
-        assert np.abs(small(x, t, y) - reference).max() <= FP16_PARITY_BOUND * scale
+        assert np.abs(small(feeds)["model_output"] - reference).max() <= FP16_PARITY_BOUND * scale
         assert set(graphs._slots) == {8, 3} and set(small._slots) == {2, 1}
 
 
@@ -123,10 +123,10 @@ def test_corrupt_plan_gives_tensorrts_own_error(built, tmp_path):
     plan.write_bytes(bytes(data))
     corrupt = {**entry, "sha256": hashlib.sha256(bytes(data)).hexdigest()}
     with pytest.raises(ArtifactError, match="returned no engine") as info:
-        TensorRTBackend(plan, corrupt, artifact=str(out))
+        TensorRTBackend(plan, load_manifest(out).network("denoiser"), corrupt, artifact=str(out))
     assert "TensorRT said" in str(info.value) and "ditrt build" in str(info.value)
     with pytest.raises(ArtifactError, match="does not match its sha256"):
-        TensorRTBackend(plan, entry, artifact=str(out))
+        TensorRTBackend(plan, load_manifest(out).network("denoiser"), entry, artifact=str(out))
 
 
 def test_portable_build_runs_and_rebuild_replaces_its_entry(trt_env, tiny_artifact, tmp_path_factory, golden):
@@ -135,9 +135,11 @@ def test_portable_build_runs_and_rebuild_replaces_its_entry(trt_env, tiny_artifa
     flags = BuildFlags(opt_level=0, hardware_compat=hardware, version_compatible=True)
     out, entry = _build(tiny_artifact, tmp_path_factory, "portable", flags)
     assert entry["file"].endswith(".vc.plan") and entry["build"]["version_compatible"]
-    pipe = runtime.load(out, backend="tensorrt")  # the runtime sets engine_host_code_allowed for it
+    with pytest.raises(ArtifactError, match="executes host code"):
+        runtime.load(out, backend="tensorrt")  # an explicit allowance is needed
+    pipe = runtime.load(out, backend="tensorrt", allow_plan_host_code=True)
     assert max_rel_err(_golden_ddpm(pipe, golden), golden["ddpm_samples"]) <= FP16_PARITY_BOUND
-    again = build_engine(out, PROFILE, BuildFlags(opt_level=1, hardware_compat=hardware, version_compatible=True),
+    again = build_engine(out, "denoiser", "fp16", PROFILE, BuildFlags(opt_level=1, hardware_compat=hardware, version_compatible=True),
                          log=print)
     engines = load_manifest(out).engines
     assert len(engines) == 1 and engines[0]["file"] == again["file"] and engines[0]["build"]["opt_level"] == 1
@@ -148,7 +150,7 @@ def test_build_without_fp16_graph_is_an_input_error(trt_env, tiny_artifact, tmp_
     copy = tmp_path / "tiny"
     shutil.copytree(tiny_artifact, copy)
     manifest = load_manifest(copy)
-    del manifest.data["graphs"]["fp16"]
+    del manifest.data["networks"]["denoiser"]["graphs"]["fp16"]
     manifest.save()
-    with pytest.raises(ArtifactError, match="no fp16 graph"):
-        build_engine(copy, PROFILE, BuildFlags(), log=print)
+    with pytest.raises(ArtifactError, match="no fp16 denoiser graph"):
+        build_engine(copy, "denoiser", "fp16", PROFILE, BuildFlags(), log=print)

@@ -39,15 +39,15 @@ def test_passes_on_a_correct_artifact_against_the_reference(tiny_artifact, tmp_p
     assert "parity: 10/10 checks passed" in r.stdout
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] is True and len(report["checks"]) == 10
-    forward = [c for c in report["checks"] if c["check"].startswith("forward")]
+    forward = [c for c in report["checks"] if c["check"].startswith("denoiser forward")]
     assert all(set(c["metrics"]) >= {"max_abs_err", "max_rel_err", "cosine", "worst_index"} for c in forward)
-    assert {c["check"] for c in report["checks"]} >= {"forward batch 1", "forward batch 3", "loop ddpm 4", "loop ddim ddim4"}
+    assert {c["check"] for c in report["checks"]} >= {"denoiser forward batch 1", "denoiser forward batch 3", "loop ddpm 4", "loop ddim ddim4"}
 
 
 def test_golden_file_holds_inputs_noise_and_outputs(golden_file, tiny_artifact):
     golden = Golden.load(golden_file)
-    timesteps = np.concatenate([case.timestep for case, _ in golden.forward])
-    labels = np.concatenate([case.class_label for case, _ in golden.forward])
+    timesteps = np.concatenate([case.feeds["timestep"] for case, _ in golden.forward])
+    labels = np.concatenate([case.feeds["class_label"] for case, _ in golden.forward])
     assert timesteps.min() == 0 and timesteps.max() == 999 and np.any(timesteps % 1 != 0)
     assert 10 in labels and np.any(labels < 10)  # null class and real classes
     assert [c.sampler for c, _ in golden.loops] == ["ddpm", "ddim"]
@@ -59,7 +59,7 @@ def test_against_golden_needs_no_torch(golden_file, tiny_artifact, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "checks passed" in r.stdout
     r = _ditrt("parity", tiny_artifact, "--against", "reference", no_torch=True)
-    assert r.returncode == 1 and "needs PyTorch" in r.stderr
+    assert r.returncode == 2 and "needs PyTorch" in r.stderr  # parity: 1 only for numbers out of bounds
 
 
 def _corrupt(artifact, tmp_path):
@@ -79,7 +79,7 @@ def _corrupt(artifact, tmp_path):
 
 def test_fails_with_exit_1_naming_output_and_worst_element(golden_file, tiny_artifact, tmp_path):
     bad = _corrupt(tiny_artifact, tmp_path)
-    r = _ditrt("parity", bad, "--against", golden_file, "--backends", "ort-fp32", "--junit", tmp_path / "j.xml",
+    r = _ditrt("parity", bad, "--against", golden_file, "--backends", "onnxruntime-fp32", "--junit", tmp_path / "j.xml",
                "--json", tmp_path / "j.json")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "FAIL" in r.stdout and "model_output[" in r.stdout and "latents[" in r.stdout
@@ -95,29 +95,29 @@ def test_fails_with_exit_1_naming_output_and_worst_element(golden_file, tiny_art
 
 
 def test_junit_has_one_testcase_per_check_per_backend(golden_file, tiny_artifact, tmp_path):
-    r = _ditrt("parity", tiny_artifact, "--against", golden_file, "--backends", "ort-fp32,ort-fp16",
+    r = _ditrt("parity", tiny_artifact, "--against", golden_file, "--backends", "onnxruntime-fp32,onnxruntime-fp16",
                "--junit", tmp_path / "ok.xml")
     assert r.returncode == 0
     root = ET.parse(tmp_path / "ok.xml").getroot()
     assert root.tag == "testsuites" and root.get("failures") == "0"
-    assert [s.get("name") for s in root.findall("testsuite")] == ["ditrt.parity.ort-fp32", "ditrt.parity.ort-fp16"]
+    assert [s.get("name") for s in root.findall("testsuite")] == ["ditrt.parity.onnxruntime-fp32", "ditrt.parity.onnxruntime-fp16"]
     assert all(len(s.findall("testcase")) == int(s.get("tests")) == 5 for s in root.findall("testsuite"))
 
 
 def test_threshold_flags_override_defaults(golden_file, tiny_artifact):
-    r = _ditrt("parity", tiny_artifact, "--against", golden_file, "--backends", "ort-fp16", "--max-rel-err", "ort-fp16=1e-7")
+    r = _ditrt("parity", tiny_artifact, "--against", golden_file, "--backends", "onnxruntime-fp16", "--max-rel-err", "onnxruntime-fp16=1e-7")
     assert r.returncode == 1 and "max rel err <= 1e-07" in r.stdout
-    r = _ditrt("parity", tiny_artifact, "--against", golden_file, "--backends", "ort-fp32", "--atol", "1e-3", "--rtol", "1e-3")
+    r = _ditrt("parity", tiny_artifact, "--against", golden_file, "--backends", "onnxruntime-fp32", "--atol", "1e-3", "--rtol", "1e-3")
     assert r.returncode == 0 and "atol 0.001 + rtol 0.001" in r.stdout
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--backends", "ort-fp32"], "exactly one of"),
+    (["--backends", "onnxruntime-fp32"], "exactly one of"),
     (["--against", "missing.npz"], "golden file not found"),
     (["--against", "reference", "--backends", "onnx"], "unknown backend"),
-    (["--against", "reference", "--max-rel-err", "trt=0.1"], "not in --backends"),
+    (["--against", "reference", "--max-rel-err", "tensorrt-fp16=0.1"], "not in --backends"),
     (["--against", "reference", "--batch", "0"], "positive batch sizes"),
-    (["--against", "reference", "--backends", "trt"], "backend trt is not available"),
+    (["--against", "reference", "--backends", "tensorrt"], "TensorRT is not installed"),
 ])
 def test_usage_and_artifact_errors_exit_2(tiny_artifact, args, message):
     r = _ditrt("parity", tiny_artifact, *args)
@@ -134,7 +134,7 @@ def test_golden_for_another_model_is_refused(golden_file, tmp_path):
     r = _ditrt("export", "--config", "DiT-S/8", "--random-init", "--image-size", "64", "--num-classes", "3",
                "--precision", "fp32", "--out", art)
     assert r.returncode == 0, r.stderr
-    r = _ditrt("parity", art, "--against", golden_file, "--backends", "ort-fp32")
+    r = _ditrt("parity", art, "--against", golden_file, "--backends", "onnxruntime-fp32")
     assert r.returncode == 2 and "made for another model" in r.stderr
 
 

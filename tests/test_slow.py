@@ -15,11 +15,12 @@ def test_dit_xl2_fp16_export_with_external_data(tmp_path):
                         "--image-size", "256", "--precision", "fp16", "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     manifest = runtime.load_manifest(out)
-    graph = manifest.graph("fp16")
+    graph = manifest.graph("denoiser", "fp16")
     assert graph["files"] == ["denoiser.fp16.onnx", "denoiser.fp16.onnx.data"]  # 1.26 GB of weights: external
-    assert graph["validation"]["onnxruntime_vs_torch_fp32"]["max_rel_err"] <= 5e-3
+    assert graph["validation"]["onnxruntime_vs_reference"]["max_rel_err"] <= 5e-3
     assert manifest.data["model"]["parameters"] == 675_129_632
-    manifest.verify_files("fp16")
+    manifest.verify_files("denoiser", "fp16")
     pipe = runtime.load(out, backend="onnxruntime", precision="fp16")
-    x = pipe.backend(np.zeros((1, 4, 32, 32), np.float32), np.array([999.0], np.float32), np.array([207]))
+    x = pipe.backend({"latent": np.zeros((1, 4, 32, 32), np.float32), "timestep": np.array([999.0], np.float32),
+                      "class_label": np.array([207])})["model_output"]
     assert x.shape == (1, 8, 32, 32) and np.isfinite(x).all()

@@ -1,0 +1,289 @@
+"""The artifact model: the manifest is the single source of truth (edits change results or are
+refused by name), schema 1 artifacts still load, one registry per extension point, one error
+base class with exit codes by kind."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ditrt import runtime
+from ditrt.runtime.errors import ArtifactError, BackendError, InputError, StepError
+from ditrt.runtime.manifest import load_manifest, upgrade_schema_1
+from ditrt.runtime.files import sha256_file
+from ditrt.runtime.samplers import SAMPLERS
+from conftest import ROOT
+
+NOISE_SEED = 5
+
+
+@pytest.fixture
+def edit(tmp_path, tiny_artifact):
+    """A copy of the tiny artifact and a function that rewrites one manifest field."""
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+
+    def change(*path, value=None, delete=False):
+        data = json.loads((art / "manifest.json").read_text())
+        node = data
+        for key in path[:-1]:
+            node = node[key]
+        if delete:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+        (art / "manifest.json").write_text(json.dumps(data))
+        return art
+
+    change.art = art
+    return change
+
+
+def _sample(art, **kwargs):
+    return runtime.load(art, backend="onnxruntime").sample([3, 7], num_steps=kwargs.pop("num_steps", 10),
+                                                           seed=NOISE_SEED, progress=False, **kwargs)
+
+
+def test_editing_the_diffusion_section_changes_the_result(edit):
+    base = _sample(edit.art)
+    np.testing.assert_array_equal(_sample(edit.art), base)  # deterministic
+    edit("diffusion", "beta_start", value=2e-4)
+    art = edit("diffusion", "beta_end", value=0.03)
+    assert not np.allclose(_sample(art), base)
+    edit("diffusion", "beta_start", value=0.3)
+    art = edit("diffusion", "beta_end", value=0.9)  # alphas_cumprod underflows: refused at the first step
+    with pytest.raises(StepError, match="NaN or inf at step 1/10"):
+        _sample(art)
+    edit("diffusion", "beta_start", value=1e-4)
+    art = edit("diffusion", "beta_end", value=0.02)
+    np.testing.assert_array_equal(_sample(art), base)
+    art = edit("diffusion", "variance", value="fixed_large")  # the v channels are no longer used
+    assert not np.allclose(_sample(art), base)
+    art = edit("diffusion", "num_train_timesteps", value=500)
+    assert runtime.load(art, backend="onnxruntime").sample([1], num_steps=10, progress=False).shape == (1, 4, 8, 8)
+
+
+def test_the_manifest_defaults_are_used(edit):
+    base = _sample(edit.art)
+    art = edit("defaults", "guidance", value="standard")
+    assert not np.allclose(_sample(art), base)
+    np.testing.assert_array_equal(_sample(art, guidance="official"), base)  # an explicit argument wins
+    edit("defaults", "guidance", value="official")
+    ddim = _sample(edit.art, sampler="ddim")
+    art = edit("defaults", "sampler", value="ddim")
+    np.testing.assert_array_equal(_sample(art), ddim)
+    art = edit("defaults", "steps", value="ddim5")
+    pipe = runtime.load(art, backend="onnxruntime")
+    pipe.sample([1], progress=False)
+    assert pipe.last_stats.steps == 5
+    art = edit("defaults", "cfg_scale", value=1.0)
+    pipe = runtime.load(art, backend="onnxruntime")
+    pipe.sample([1], num_steps=3, progress=False)
+    assert pipe.last_stats.model_rows == 1  # cfg 1: no unconditional rows
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("diffusion", "null_class"), 3, "diffusion.null_class is 3, but the null class of a DiT is model.num_classes = 10"),
+    (("diffusion", "guided_channels", "official"), 100, r"diffusion.guided_channels.official is 100, outside 1..4"),
+    (("diffusion", "guided_channels", "official"), -1, "outside 1..4"),
+    (("diffusion", "guided_channels", "official"), 0, "outside 1..4"),
+    (("diffusion", "guided_channels", "official"), "3", "must be an integer"),
+    (("diffusion", "beta_schedule"), "cosine", "diffusion.beta_schedule is 'cosine'; this runtime supports 'linear'"),
+    (("diffusion", "variance"), "learned", "diffusion.variance is 'learned'"),
+    (("diffusion", "clip_denoised"), True, "diffusion.clip_denoised is True"),
+    (("diffusion", "beta_end"), 1.5, "0 < beta_start <= beta_end < 1"),
+    (("diffusion", "prediction"), "v_prediction", "diffusion.prediction is 'v_prediction'"),
+    (("schema_version",), True, "schema version True"),
+    (("schema_version",), 3, "re-export the artifact with this ditrt"),
+    (("model", "input_size"), "8", "model.input_size must be an integer"),
+    (("model", "input_size"), 10**9, "model.input_size is 1000000000, outside"),
+    (("model", "learn_sigma"), False, "model.out_channels is 8, but in_channels 4 with learn_sigma False gives 4"),
+    (("defaults", "sampler"), "euler", "defaults.sampler is 'euler'"),
+    (("defaults", "guidance"), "all", "defaults.guidance is 'all'"),
+    (("networks", "denoiser", "graphs", "fp32", "file"), "../denoiser.fp32.onnx", "points outside the artifact"),
+    (("networks", "denoiser", "graphs", "fp32", "file"), "/etc/passwd", "points outside the artifact"),
+    (("networks", "denoiser", "graphs", "fp32", "file"), 7, "must be a file name inside the artifact"),
+    (("networks", "denoiser", "graphs"), [], "networks.denoiser.graphs must be an object"),
+    (("networks", "denoiser", "inputs"), [], "networks.denoiser.inputs must be a non-empty list"),
+    (("networks",), {}, "networks must be an object with at least a denoiser"),
+])
+def test_manifest_values_the_runtime_cannot_honour_are_refused_by_name(edit, path, value, message):
+    art = edit(*path, value=value)
+    with pytest.raises(ArtifactError, match=message):
+        runtime.load(art, backend="onnxruntime")
+
+
+def test_a_missing_field_is_named(edit):
+    art = edit("diffusion", "beta_end", delete=True)
+    with pytest.raises(ArtifactError, match="diffusion.beta_end must be a finite number, got None"):
+        load_manifest(art)
+
+
+def test_a_symbolic_link_out_of_the_artifact_is_refused(edit, tmp_path):
+    outside = tmp_path / "elsewhere.onnx"
+    shutil.copy(edit.art / "denoiser.fp32.onnx", outside)
+    (edit.art / "denoiser.fp32.onnx").unlink()
+    (edit.art / "denoiser.fp32.onnx").symlink_to(outside)
+    with pytest.raises(ArtifactError, match="resolves outside the artifact"):
+        load_manifest(edit.art)
+
+
+def test_fuzzed_manifests_load_cleanly_or_raise_project_errors(tiny_artifact, tmp_path):
+    """Random type and value mutations of every field: a clean load or an ArtifactError, nothing else."""
+    original = json.loads((tiny_artifact / "manifest.json").read_text())
+    rng = np.random.default_rng(0)
+    paths = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, path + (k,))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, path + (i,))
+        paths.append(path)
+
+    walk(original, ())
+    replacements = [None, True, -1, 0, 10**12, 1.5, float("nan"), "x", [], {}, [1, 2], {"a": 1}]
+    art = tmp_path / "fuzz"
+    shutil.copytree(tiny_artifact, art)
+    for trial in range(250):
+        data = json.loads(json.dumps(original))
+        path = paths[rng.integers(len(paths))]
+        if not path:
+            continue
+        node = data
+        for key in path[:-1]:
+            node = node[key]
+        if rng.random() < 0.2 and isinstance(node, dict):
+            del node[path[-1]]
+        else:
+            node[path[-1]] = replacements[rng.integers(len(replacements))]
+        (art / "manifest.json").write_text(json.dumps(data))
+        try:
+            load_manifest(art)
+        except ArtifactError:
+            pass
+
+
+def test_schema_1_artifacts_load_and_sample_the_same(tmp_path, tiny_artifact):
+    """A manifest written by ditrt 0.1 (tests/data), over this export's graph files."""
+    art = tmp_path / "v1"
+    shutil.copytree(tiny_artifact, art)
+    v1 = json.loads((ROOT / "tests" / "data" / "manifest_schema1.json").read_text())
+    assert v1["schema_version"] == 1 and "graphs" in v1 and "networks" not in v1
+    for precision, graph in v1["graphs"].items():  # same graph files, this export's bytes
+        graph["sha256"] = {name: sha256_file(art / name) for name in graph["sha256"]}
+    (art / "manifest.json").write_text(json.dumps(v1))
+    manifest = load_manifest(art)
+    assert manifest.data["schema_version"] == 2 and manifest.data["upgraded_from_schema"] == 1
+    assert manifest.defaults.sampler == "ddpm" and manifest.diffusion.variance == "learned_range"
+    np.testing.assert_array_equal(_sample(art), _sample(tiny_artifact))
+    assert upgrade_schema_1(v1)["networks"]["denoiser"]["graphs"] == v1["graphs"]
+
+
+def test_sampler_registry_drives_cli_choices_and_parity_cases(tiny_artifact):
+    from ditrt.cli import sample
+    from ditrt.runtime.parity import loop_cases
+    choices = next(p for p in sample.params if p.name == "sampler").type.choices
+    assert list(choices) == list(SAMPLERS)
+    cases = loop_cases(load_manifest(tiny_artifact), 4)
+    assert [c.sampler for c in cases] == list(SAMPLERS)
+
+
+def test_a_multistep_sampler_plugs_in_through_the_registry(tiny_artifact, monkeypatch):
+    """A sampler that carries state between steps: the loop hands each step the state the previous
+    step returned, per run."""
+    from ditrt.runtime import samplers
+    seen = []
+
+    def step(x, model_output, sched, k, noise, state):
+        seen.append((k, state))
+        return x * np.float32(0.5), (state or 0) + 1
+
+    toy = samplers.Sampler("toy", "halves x", samplers._respaced, step, samplers.RESPACING_HELP, parity_steps=str,
+                           uses_noise=False)
+    monkeypatch.setitem(samplers.SAMPLERS, "toy", toy)
+    pipe = runtime.load(tiny_artifact, backend="onnxruntime")
+    out = pipe.sample([1], num_steps=4, sampler="toy", seed=1, progress=False)
+    start = pipe.start([1], num_steps=4, sampler="toy", seed=1).x
+    np.testing.assert_array_equal(out, start * np.float32(0.5 ** 4))
+    assert seen == [(0, None), (1, 1), (2, 2), (3, 3)]
+    with pytest.raises(InputError, match="eta applies to ddim only; toy takes no eta"):
+        pipe.sample([1], num_steps=4, sampler="toy", eta=0.1, progress=False)
+
+
+def test_backend_registry_names_are_shared(tiny_artifact):
+    from ditrt.runtime.backends import BACKENDS, backend_ids, parse_backend
+    assert set(BACKENDS) == {"onnxruntime", "tensorrt", "torch"}
+    assert "onnxruntime-fp16" in backend_ids() and "tensorrt-fp16" in backend_ids()
+    manifest = load_manifest(tiny_artifact)
+    for name in ("onnxruntime-fp32", "onnxruntime-fp16", "torch-fp32"):
+        assert runtime.create_backend(manifest, name).name == name
+    assert runtime.load(tiny_artifact, backend="onnxruntime", precision="fp16").backend.name == "onnxruntime-fp16"
+    with pytest.raises(InputError, match="runs fp32, fp16 graphs, not 'int8'"):
+        parse_backend("onnxruntime-int8")
+
+
+def test_cuda_io_binding_binds_inputs_and_outputs_on_the_chosen_device(tiny_artifact):
+    """The CUDA EP path, with a recording stand-in for ONNX Runtime's IOBinding (no GPU here)."""
+    from ditrt.runtime.backends import OnnxRuntimeBackend
+    backend = runtime.create_backend(load_manifest(tiny_artifact), "onnxruntime-fp32")
+    calls = []
+
+    class Binding:
+        def bind_ortvalue_input(self, name, value):
+            calls.append(("input", name, value))
+
+        def bind_output(self, name, device, device_id):
+            calls.append(("output", name, (device, device_id)))
+
+        def copy_outputs_to_cpu(self):
+            return [np.zeros((2, 8, 8, 8), np.float32)]
+
+    class Session:
+        def io_binding(self):
+            return Binding()
+
+        def run_with_iobinding(self, binding):
+            calls.append(("run",))
+
+    class OrtValue:
+        @staticmethod
+        def ortvalue_from_numpy(array, device, device_id):
+            return (device, device_id, array.shape)
+
+    backend.session, backend.device, backend.device_id = Session(), "cuda", 1
+    backend._ort = type("ort", (), {"OrtValue": OrtValue})
+    feeds = {"latent": np.zeros((2, 4, 8, 8), np.float32), "timestep": np.zeros(2, np.float32),
+             "class_label": np.zeros(2, np.int64)}
+    out = OnnxRuntimeBackend.__call__(backend, feeds)
+    assert out["model_output"].shape == (2, 8, 8, 8)
+    assert [c[2][:2] for c in calls if c[0] == "input"] == [("cuda", 1)] * 3
+    assert [c[2] for c in calls if c[0] == "output"] == [("cuda", 1)]
+
+
+def test_error_kinds_decide_exit_codes(tiny_artifact, monkeypatch, tmp_path):
+    from ditrt import cli
+    assert issubclass(ArtifactError, InputError) and issubclass(BackendError, StepError)
+    assert InputError.exit_code == 2 and StepError.exit_code == 1
+    r = CliRunner().invoke(cli.main, ["sample", str(tiny_artifact), "--labels", "1", "--steps", "ddim300",
+                                      "--out", str(tmp_path / "a.npy")])
+    assert r.exit_code == 2 and "no integer stride" in r.output
+
+    def failing_backend(self, feeds):
+        raise BackendError("ONNX Runtime failed running denoiser.fp32.onnx: simulated")
+
+    monkeypatch.setattr(runtime.backends.OnnxRuntimeBackend, "__call__", failing_backend)
+    r = CliRunner().invoke(cli.main, ["sample", str(tiny_artifact), "--labels", "1", "--steps", "4",
+                                      "--backend", "onnxruntime", "--out", str(tmp_path / "b.npy")])
+    assert r.exit_code == 1 and "simulated" in r.output and not (tmp_path / "b.npy").exists()
+
+    def bug(self, feeds):
+        raise KeyError("a bug in ditrt")
+
+    monkeypatch.setattr(runtime.backends.OnnxRuntimeBackend, "__call__", bug)
+    r = CliRunner().invoke(cli.main, ["sample", str(tiny_artifact), "--labels", "1", "--steps", "4",
+                                      "--backend", "onnxruntime", "--out", str(tmp_path / "c.npy")])
+    assert r.exit_code == 1 and isinstance(r.exception, KeyError)  # a bug, not "bad input" (2)
