@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .config import Diffusion
+from .dpm_solver import dpm_schedule, dpmpp_2m_step
 from .errors import InputError
 from .schedule import Schedule, respaced_schedule
 
@@ -143,6 +144,15 @@ register_sampler(Sampler("ddpm", "the official DDPM loop (learned-range or fixed
                          RESPACING_HELP, parity_steps=str))
 register_sampler(Sampler("ddim", "the official DDIM loop (eta 0 deterministic)", _respaced, _ddim, RESPACING_HELP,
                          parity_steps=lambda n: f"ddim{n}", options={"eta": 0.0}))
+
+
+def _dpm_schedule(diffusion: Diffusion, steps):
+    return dpm_schedule(diffusion.alphas_cumprod(), steps)
+
+
+register_sampler(Sampler("dpm++2m", "DPM-Solver++(2M), data prediction, midpoint: diffusers' DPMSolverMultistepScheduler "
+                         "defaults (linspace timesteps, lower-order final, final sigma 0)", _dpm_schedule, dpmpp_2m_step,
+                         "the number of model calls, e.g. 25", parity_steps=int, uses_noise=False))
 
 
 def get_sampler(name: str) -> Sampler:
