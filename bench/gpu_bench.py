@@ -3,18 +3,19 @@
     python bench/gpu_bench.py                                   # DiT-XL/2, 256 px, random init
     python bench/gpu_bench.py --artifact engines/xl --checkpoint DiT-XL-2-256x256.pt
 
-Backends, each run on its own (the others freed) and skipped with the reason when unavailable:
-  tensorrt          the artifact's fp16 plan for this GPU (built here, 1/16/64 engine rows, when
-                    the artifact has none that covers the batches); CUDA graph per batch size
-  onnxruntime-cuda  the fp16 graph on the CUDA EP (needs onnxruntime-gpu)
-  torch-eager       the PyTorch reference in fp16 (timestep sinusoid fp32), eager
-  torch-cuda-graph  the same model replayed from one CUDA graph per batch size
+Backends (ids of the runtime's registry, ditrt.runtime.backends.BACKENDS, plus one derived variant),
+each run on its own (the others freed) and reported "unavailable: <reason>" when this machine cannot:
+  tensorrt-fp16         the artifact's fp16 plan for this GPU (built here, 1/16/64 engine rows, when
+                        the artifact has none that covers the batches); CUDA graph per batch size
+  onnxruntime-fp16      the fp16 graph on the CUDA EP (needs onnxruntime-gpu)
+  torch-fp16            the PyTorch reference in fp16 (timestep sinusoid fp32), eager
+  torch-fp16-cudagraph  the same model replayed from one CUDA graph per batch size (this bench's own)
 Per forward: median of --repeats calls at each engine batch (2, 16, 64 rows), numpy in and out as
 the runtime calls a backend (host copies included). Full loop: --images images (8) with CFG 4.0
 (2 engine rows per image) over 250 DDPM steps through runtime.Pipeline, the deployed loop.
 Weights do not change the timings: without --checkpoint the model is a random init.
-Writes bench/results/gpu_bench_<gpu>.json and prints a table. Without a GPU: prints
-"skipped: no GPU" and exits 0.
+Writes bench/results/gpu_bench_<gpu>.json (or --out) and prints a table. When no requested backend
+can run here (no GPU): prints each one's reason and "skipped: no GPU", exports nothing and exits 0.
 """
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report  # noqa: E402
 
-BACKENDS = ("tensorrt", "onnxruntime-cuda", "torch-eager", "torch-cuda-graph")
+# The registry's ids (ditrt.runtime.backends.BACKENDS), plus the one variant it has not: the bench's
+# own CUDA-graph wrapper around the torch reference, named after the id it derives from.
+BACKENDS = ("tensorrt-fp16", "onnxruntime-fp16", "torch-fp16", "torch-fp16-cudagraph")
+RENAMED = {"tensorrt": "tensorrt-fp16", "onnxruntime-cuda": "onnxruntime-fp16", "torch-eager": "torch-fp16",
+           "torch-cuda-graph": "torch-fp16-cudagraph"}  # the names before the registry
 
 
 def gpu_name() -> str | None:
@@ -50,21 +55,28 @@ def gpu_name() -> str | None:
         return None
 
 
+class Unavailable(Exception):
+    pass
+
+
 class TorchCudaGraphBackend:
     """The PyTorch reference replayed from one CUDA graph per batch size (static input tensors,
-    PyTorch's capture recipe: warm up on a side stream, then capture)."""
+    PyTorch's capture recipe: warm up on a side stream, then capture). The runtime's backend
+    protocol: named numpy tensors in and out, as the network spec says."""
 
-    def __init__(self, model, max_batch: int | None = None):
+    def __init__(self, model, network, max_batch: int | None = None, precision: str = "fp16"):
         import torch
-        self.torch, self.model, self.max_batch = torch, model, max_batch
-        self.name = "torch-cuda-graph-fp16"
+        self.torch, self.model = torch, model.eval()
+        self.network = network
+        self.max_batch = max_batch
+        self.min_batch = 1
+        self.precision = precision
+        self.name = f"torch-{precision}-cudagraph"
         self._graphs: dict[int, tuple] = {}
 
-    def _capture(self, latent_shape: tuple[int, ...]):
+    def _capture(self, rows: int):
         torch = self.torch
-        n = latent_shape[0]
-        static = (torch.zeros(latent_shape, device="cuda"), torch.zeros(n, device="cuda"),
-                  torch.zeros(n, dtype=torch.int64, device="cuda"))
+        static = [torch.from_numpy(np.zeros(t.concrete(rows), t.numpy_dtype)).to("cuda") for t in self.network.inputs]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.no_grad(), torch.cuda.stream(side):
@@ -76,51 +88,89 @@ class TorchCudaGraphBackend:
             out = self.model(*static)
         return graph, static, out
 
-    def __call__(self, latent: np.ndarray, timestep: np.ndarray, class_label: np.ndarray) -> np.ndarray:
-        n = len(latent)
-        if n not in self._graphs:
-            self._graphs[n] = self._capture(latent.shape)
-        graph, static, out = self._graphs[n]
-        for dst, src in zip(static, (latent, timestep, class_label)):
-            dst.copy_(self.torch.from_numpy(np.ascontiguousarray(src)))
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = self.network.check_feeds(feeds)
+        if rows not in self._graphs:
+            self._graphs[rows] = self._capture(rows)
+        graph, static, out = self._graphs[rows]
+        for dst, name in zip(static, self.network.input_names):
+            dst.copy_(self.torch.from_numpy(np.ascontiguousarray(feeds[name])))
         graph.replay()
-        return out.float().cpu().numpy()
+        return {self.network.output_names[0]: out.float().cpu().numpy()}
 
 
-def make_backend(name: str, manifest, model, max_rows: int, log):
-    """(backend, note); Unavailable with the reason when this machine cannot run it."""
-    if name == "tensorrt":
-        from ditrt.runtime.tensorrt import TensorRTBackend, compatible_engine, environment
-        from ditrt.runtime.trt_plan import BuildFlags, EngineProfile, TensorRTUnavailable
+def unavailable_reason(name: str) -> str | None:
+    """Why this machine cannot run a backend at all (checked before any artifact is exported), or None."""
+    if name == "tensorrt-fp16":
+        from ditrt.runtime.trt_plan import TensorRTUnavailable
         try:
+            from ditrt.runtime.tensorrt import environment
             environment()  # TensorRT and a GPU, or the reason why not
-            entry = compatible_engine(manifest)
-            if entry is None or entry["profile"]["max"] < max_rows:
-                from ditrt.runtime.trt_build import build_engine
-                log(f"building a TensorRT plan (1/16/{max_rows} engine rows) for this GPU ...")
-                build_engine(manifest.directory, EngineProfile(1, min(16, max_rows), max_rows), BuildFlags(), log=log)
+        except TensorRTUnavailable as e:
+            return e.missing
+        except Exception as e:  # a driver that fails in another way
+            return f"TensorRT cannot start ({type(e).__name__}: {e})"
+        return None
+    if name == "onnxruntime-fp16":
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            return f"onnxruntime is not installed ({e})"
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return (f"onnxruntime {ort.__version__} has no CUDA EP (pip uninstall onnxruntime && "
+                    "pip install onnxruntime-gpu)")
+        return None
+    try:
+        import torch
+    except ImportError as e:
+        return f"PyTorch is not installed ({e})"
+    if not torch.cuda.is_available():
+        return f"PyTorch {torch.__version__} has no usable CUDA device"
+    try:
+        import ditrt.exporter.torch_backend  # noqa: F401
+    except ImportError as e:
+        return f"the torch backend needs ditrt[export] ({e})"
+    return None
+
+
+def make_backend(name: str, manifest, args, batches: list[int], log):
+    """(backend, note); Unavailable with the reason when this machine cannot run it."""
+    from ditrt.runtime import create_backend
+    from ditrt.runtime.trt_plan import TensorRTUnavailable
+    low, high = min(batches), max(batches)
+    if name in ("tensorrt-fp16", "onnxruntime-fp16") and "fp16" not in manifest.precisions("denoiser"):
+        raise Unavailable(f"{manifest.directory} has no fp16 denoiser graph (re-export with the fp16 precision)")
+    if name == "tensorrt-fp16":
+        from ditrt.runtime.tensorrt import compatible_engine
+        try:
+            entry = compatible_engine(manifest, "denoiser", "fp16")
+            if entry is None or entry["profile"]["min"] > low or entry["profile"]["max"] < high:
+                from ditrt.runtime.trt_build import build_engine, require_toolchain
+                from ditrt.runtime.trt_plan import BuildFlags, EngineProfile
+                require_toolchain()
+                log(f"building a TensorRT plan (1/{min(16, high)}/{high} engine rows) for this GPU ...")
+                build_engine(manifest.directory, "denoiser", "fp16", EngineProfile(1, min(16, high), high), BuildFlags(),
+                             log=log)
                 manifest = _reload(manifest)
-            backend = TensorRTBackend.from_manifest(manifest)
+            backend = create_backend(manifest, name, network="denoiser", max_batch=high)
         except TensorRTUnavailable as e:
             raise Unavailable(e.missing) from None
-        return backend, f"{backend.plan.name}, parity max rel err {backend.entry['parity']['max_rel_err']:.2e}"
-    if name == "onnxruntime-cuda":
-        import onnxruntime as ort
-        from ditrt.runtime.backends import OnnxRuntimeBackend
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise Unavailable(f"onnxruntime {ort.__version__} has no CUDA EP (pip uninstall onnxruntime && "
-                              "pip install onnxruntime-gpu)")
-        return OnnxRuntimeBackend(manifest.graph_path("fp16"), "cuda"), "fp16 graph, IOBinding"
-    if model is None:
-        raise Unavailable("PyTorch with CUDA is not installed")
-    if name == "torch-eager":
-        from ditrt.exporter.torch_backend import TorchBackend
-        return TorchBackend(model, "cuda"), "fp16 (sinusoid fp32)"
-    return TorchCudaGraphBackend(model), "fp16 (sinusoid fp32), one graph per batch size"
-
-
-class Unavailable(Exception):
-    pass
+        parity = (backend.entry or {}).get("parity", {}).get("max_rel_err")
+        return backend, f"{backend.plan.name}" + (f", parity max rel err {parity:.2e}" if parity is not None else "")
+    if name == "onnxruntime-fp16":
+        backend = create_backend(manifest, name, network="denoiser", max_batch=high)
+        if getattr(backend, "device", None) != "cuda":  # the registry falls back to the CPU EP
+            raise Unavailable("ONNX Runtime would run on the CPU EP here (no CUDA EP)")
+        return backend, "fp16 graph, CUDA EP, IOBinding"
+    if name == "torch-fp16":
+        return (create_backend(manifest, name, network="denoiser", device="cuda", checkpoint=args.checkpoint,
+                               max_batch=high), "fp16 (sinusoid fp32), eager")
+    if name == "torch-fp16-cudagraph":
+        eager = create_backend(manifest, "torch-fp16", network="denoiser", device="cuda", checkpoint=args.checkpoint,
+                               max_batch=high)
+        return (TorchCudaGraphBackend(eager.model, eager.network, high, eager.precision),
+                "fp16 (sinusoid fp32), one CUDA graph per batch size")
+    raise Unavailable(f"unknown backend {name!r}")
 
 
 def _reload(manifest):
@@ -128,62 +178,54 @@ def _reload(manifest):
     return load_manifest(manifest.directory)
 
 
-def forward_ms(backend, rows: int, shape: tuple[int, ...], num_classes: int, repeats: int) -> list[float]:
+def example_feeds(network, rows: int) -> dict[str, np.ndarray]:
+    """Random denoiser feeds: latents, timesteps in 0..999, labels including the null class."""
     rng = np.random.default_rng(rows)
-    x = rng.standard_normal((rows, *shape), dtype=np.float32)
-    t = rng.uniform(0, 999, rows).astype(np.float32)
-    y = rng.integers(0, num_classes + 1, rows).astype(np.int64)
+    latent, timestep, label = (network.inputs[i] for i in range(3))
+    return {latent.name: rng.standard_normal(latent.concrete(rows), dtype=np.float32),
+            timestep.name: rng.uniform(0, 999, rows).astype(timestep.numpy_dtype),
+            label.name: rng.integers(0, network.num_classes + 1, rows).astype(label.numpy_dtype)}
+
+
+def forward_ms(backend, rows: int, repeats: int) -> list[float]:
+    from ditrt.runtime.backends import run_chunked
+    feeds = example_feeds(backend.network, rows)
     for _ in range(3):  # warm-up: CUDA graph capture, lazy allocations, autotuning
-        backend(x, t, y)
+        run_chunked(backend, feeds)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        backend(x, t, y)
+        run_chunked(backend, feeds)
         times.append(1e3 * (time.perf_counter() - start))
     return times
 
 
 def prepare(args, log):
-    """(manifest, fp16 torch model on the GPU or None, description of the weights). The artifact is
-    exported (fp16 graph only: what the GPU backends run) when it does not exist yet."""
+    """(manifest, description of the weights). The artifact is exported (fp16 graph only: what the
+    GPU backends run) when it does not exist yet."""
     from ditrt.runtime.manifest import ArtifactError, load_manifest
-    try:
-        import torch
-        has_torch_cuda = torch.cuda.is_available()
-    except ImportError:
-        has_torch_cuda = False
     artifact = Path(args.artifact or ROOT / "engines" / f"bench-{args.config.replace('/', '-')}-{args.image_size}-random")
     try:
         manifest = load_manifest(artifact)
     except ArtifactError:
-        manifest = None
-    source = None
-    if has_torch_cuda or manifest is None:
-        source = torch_source(args, manifest)
-    if manifest is None:
+        if args.artifact and Path(args.artifact).exists():
+            raise
         from ditrt.exporter.onnx_export import export_artifact
         log(f"exporting {artifact} (fp16 graph) ...")
-        manifest = export_artifact(source, artifact, ("fp16",), log=log)
-    model = None
-    if has_torch_cuda:
-        from ditrt.exporter.model import set_precision
-        model = set_precision(source.model, "fp16").to("cuda").eval()
-    return manifest, model, args.checkpoint or "random init (timings do not depend on the weights)"
+        manifest = export_artifact(torch_source(args), artifact, ("fp16",), log=log)
+    return manifest, args.checkpoint or "random init (timings do not depend on the weights)"
 
 
-def torch_source(args, manifest):
-    """The PyTorch model: --checkpoint, else a random init of the artifact's config (or --config)."""
+def torch_source(args):
+    """The PyTorch model to export: --checkpoint, else a random init of --config."""
     try:
-        from ditrt.exporter.model import DiTConfig, named_config
+        from ditrt.exporter.model import named_config
         from ditrt.exporter.onnx_export import source_from_checkpoint, source_from_random_init
     except ImportError as e:
         raise SystemExit(f"exporting an artifact needs PyTorch ({e}): pass --artifact") from None
     if args.checkpoint:
         from ditrt.exporter.checkpoints import load_checkpoint
         return source_from_checkpoint(load_checkpoint(args.checkpoint))
-    if manifest is not None:
-        config = DiTConfig(**{k: manifest.data["model"][k] for k in DiTConfig.__dataclass_fields__})
-        return source_from_random_init(config, 0, manifest.data["model"].get("name"))
     return source_from_random_init(named_config(args.config, args.image_size), 0, args.config)
 
 
@@ -208,63 +250,81 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--cfg-scale", type=float, default=4.0)
-    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--backends", default=",".join(BACKENDS), help=f"Comma-separated, of: {', '.join(BACKENDS)}.")
+    parser.add_argument("--out", type=Path, help="Result file [bench/results/gpu_bench_<gpu>.json].")
     args = parser.parse_args()
-    name = gpu_name()
-    if name is None:
-        print("skipped: no GPU")
-        return 0
+    names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for b in names:
+        if b not in BACKENDS:
+            hint = f" (renamed {RENAMED[b]})" if b in RENAMED else ""
+            parser.error(f"unknown backend {b!r}{hint}; use {', '.join(BACKENDS)}")
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+    if not batches or min(batches) < 1:
+        parser.error(f"--batches must be positive engine rows, got {args.batches!r}")
     sys.path.insert(0, str(ROOT))
     from ditrt import runtime
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    batches = [int(b) for b in args.batches.split(",")]
-    manifest, model, weights = prepare(args, log)
-    m = manifest.model
-    shape = (m.in_channels, m.input_size, m.input_size)
     rows = []
-    for backend_name in args.backends.split(","):
+    reasons = {b: unavailable_reason(b) for b in names}
+    for b, reason in reasons.items():
+        if reason:
+            rows.append({"backend": b, "measure": "unavailable", "note": reason})
+            log(f"{b}: unavailable: {reason}")
+    name = gpu_name()
+    if name is None or all(reasons.values()):
+        print("skipped: no GPU" if name is None else f"skipped: no requested backend can run on {name}")
+        return 0
+
+    manifest, weights = prepare(args, log)
+    m = manifest.model
+    for backend_name in (b for b in names if not reasons[b]):
+        backend = pipe = None
         try:
-            backend, note = make_backend(backend_name, manifest, model, max(batches), log)
-        except Exception as e:  # unavailable here, or failed to set up: the other backends still run
-            what = "skipped" if isinstance(e, Unavailable) else f"failed ({type(e).__name__})"
+            backend, note = make_backend(backend_name, manifest, args, batches, log)
+            log(f"{backend.name}: {note}")
+            for b in batches:
+                times = forward_ms(backend, b, args.repeats)
+                median = statistics.median(times)
+                rows.append({"backend": backend.name, "measure": "forward", "rows": b, "median_ms": median,
+                             "min_ms": min(times), "rows_per_s": 1e3 * b / median, "note": note})
+                log(f"  forward at {b} rows: {median:.2f} ms")
+            pipe = runtime.Pipeline(backend, manifest)
+            labels = np.arange(args.images) % m.num_classes
+            pipe.sample(labels, num_steps=2, cfg_scale=args.cfg_scale, progress=False)  # warm the loop's batch size
+            pipe.sample(labels, num_steps=args.steps, cfg_scale=args.cfg_scale, seed=0, progress=False)
+            s = pipe.last_stats
+            rows.append({"backend": backend.name, "measure": f"loop {args.images} images x {s.steps} steps",
+                         "rows": s.model_rows, "total_s": s.total_s, "images_per_s": args.images / s.total_s,
+                         "steps_per_s": s.steps_per_s, "overhead_pct": 100 * s.overhead_fraction, "note": note})
+            log(f"  loop: {s.total_s:.2f} s, {args.images / s.total_s:.2f} images/s")
+        except Exception as e:  # unavailable here, or failed: the other backends still run
+            what = "unavailable" if isinstance(e, Unavailable) else f"failed ({type(e).__name__})"
             rows.append({"backend": backend_name, "measure": what, "note": str(e)})
             log(f"{backend_name}: {what}: {e}")
-            continue
-        log(f"{backend_name} ({backend.name}): {note}")
-        for b in batches:
-            times = forward_ms(backend, b, shape, m.num_classes, args.repeats)
-            median = statistics.median(times)
-            rows.append({"backend": backend_name, "measure": "forward", "rows": b, "median_ms": median,
-                         "min_ms": min(times), "rows_per_s": 1e3 * b / median, "note": note})
-            log(f"  forward at {b} rows: {median:.2f} ms")
-        pipe = runtime.Pipeline(backend, manifest)
-        labels = np.arange(args.images) % m.num_classes
-        pipe.sample(labels, num_steps=2, cfg_scale=args.cfg_scale, progress=False)  # warm the loop's batch size
-        pipe.sample(labels, num_steps=args.steps, cfg_scale=args.cfg_scale, seed=0, progress=False)
-        s = pipe.last_stats
-        rows.append({"backend": backend_name, "measure": f"loop {args.images} images x {s.steps} steps", "rows": s.model_rows,
-                     "total_s": s.total_s, "images_per_s": args.images / s.total_s, "steps_per_s": s.steps_per_s,
-                     "overhead_pct": 100 * s.overhead_fraction, "note": note})
-        log(f"  loop: {s.total_s:.2f} s, {args.images / s.total_s:.2f} images/s")
-        if hasattr(backend, "close"):
-            backend.close()
-        del backend, pipe
-        gc.collect()
-        if model is not None:
-            import torch
-            torch.cuda.empty_cache()
+        finally:
+            if backend is not None and hasattr(backend, "close"):
+                backend.close()
+            del backend, pipe
+            gc.collect()
+            if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+                sys.modules["torch"].cuda.empty_cache()
 
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     report(f"gpu_bench_{slug}", rows,
            ["backend", "measure", "rows", "median_ms", "rows_per_s", "total_s", "images_per_s", "overhead_pct", "note"],
            {"gpu": name, "config": args.config, "image_size": args.image_size, "weights": weights,
             "artifact": str(manifest.directory), "steps": args.steps, "cfg_scale": args.cfg_scale, "images": args.images,
-            "sampler": "ddpm", "versions": versions(),
-            "notes": "forward times include host<->device copies (numpy in/out, as the runtime calls a backend); "
-                     "engine rows = 2 x images under guidance"})
+            "sampler": "ddpm", "backends": names, "versions": versions(),
+            "notes": "backend: ids of ditrt.runtime.backends.BACKENDS (torch-fp16-cudagraph: this bench's CUDA-graph "
+                     "wrapper of torch-fp16); forward times include host<->device copies (numpy in/out, as the "
+                     "runtime calls a backend); engine rows = 2 x images under guidance"},
+           out=args.out)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""ONNX Runtime (CPU) vs PyTorch eager (CPU) per-forward time, and the runtime's own per-step
+"""ONNX Runtime (`onnxruntime-fp32`, CPU EP) vs PyTorch eager (`torch-fp32`, CPU) per-forward time, and the runtime's own per-step
 overhead (time outside the backend), for random-init DiT configs.
 
     python bench/runtime_bench.py --configs DiT-S/2,DiT-B/2 --batches 1,8
@@ -40,13 +40,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--loop-steps", type=int, default=10)
+    parser.add_argument("--out", type=Path, help="Result file [bench/results/runtime_bench.json].")
     args = parser.parse_args()
 
     import torch
     from ditrt import runtime
     from ditrt.exporter.model import named_config
     from ditrt.exporter.onnx_export import export_artifact, source_from_random_init
-    from ditrt.exporter.torch_backend import TorchBackend
     from ditrt.runtime.backends import OnnxRuntimeBackend
 
     torch.set_num_threads(args.threads)
@@ -58,19 +58,23 @@ def main() -> None:
             print(f"exporting {name} (fp32) ...", flush=True)
             art = Path(tmp) / name.replace("/", "-")
             manifest = export_artifact(source, art, ("fp32",), log=lambda m: None)
-            ort_backend = OnnxRuntimeBackend(manifest.graph_path("fp32"), "cpu", args.threads)
-            torch_backend = TorchBackend(source.model)
+            network = manifest.network("denoiser")
+            # The CPU EP on purpose (create_backend would take the CUDA EP where onnxruntime-gpu is installed).
+            ort_backend = OnnxRuntimeBackend(manifest.graph_path("denoiser", "fp32"), network, "fp32", "cpu",
+                                             args.threads)
+            torch_backend = runtime.create_backend(manifest, "torch-fp32", network="denoiser", device="cpu")
+            names = {"onnxruntime_ms": ort_backend.name, "torch_eager_ms": torch_backend.name}
             rng = np.random.default_rng(0)
             for batch in map(int, args.batches.split(",")):
-                x = rng.standard_normal((batch, cfg.in_channels, cfg.input_size, cfg.input_size), dtype=np.float32)
-                t = rng.uniform(0, 999, batch).astype(np.float32)
-                y = rng.integers(0, cfg.num_classes, batch)
+                feeds = {"latent": rng.standard_normal(network.inputs[0].concrete(batch), dtype=np.float32),
+                         "timestep": rng.uniform(0, 999, batch).astype(np.float32),
+                         "class_label": rng.integers(0, cfg.num_classes, batch).astype(np.int64)}
                 for backend in (ort_backend, torch_backend):  # warm-up
-                    backend(x, t, y)
+                    backend(feeds)
                 ort_s, torch_s = [], []
                 for _ in range(args.repeats):  # interleaved: both see the same machine state
-                    ort_s += timed(lambda: ort_backend(x, t, y), 1)
-                    torch_s += timed(lambda: torch_backend(x, t, y), 1)
+                    ort_s += timed(lambda: ort_backend(feeds), 1)
+                    torch_s += timed(lambda: torch_backend(feeds), 1)
                 ort_ms, torch_ms = 1e3 * statistics.median(ort_s), 1e3 * statistics.median(torch_s)
                 rows.append({"config": name, "measure": "forward", "batch": batch, "onnxruntime_ms": ort_ms,
                              "torch_eager_ms": torch_ms, "torch_over_ort": torch_ms / ort_ms})
@@ -87,8 +91,10 @@ def main() -> None:
     report("runtime_bench", rows, ["config", "measure", "batch", "onnxruntime_ms", "torch_eager_ms", "torch_over_ort",
                                    "overhead_ms", "overhead_pct"],
            {"threads": args.threads, "repeats": args.repeats, "image_size": args.image_size,
-            "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
-            "note": "medians over interleaved repeats; torch_over_ort > 1 means ONNX Runtime is faster"})
+            "backends": names, "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
+            "note": "medians over interleaved repeats; torch_over_ort > 1 means ONNX Runtime is faster; "
+                    "backends: the registry id behind each timing column (onnxruntime on the CPU EP)"},
+           out=args.out)
 
 
 if __name__ == "__main__":
