@@ -196,17 +196,19 @@ BACKEND_CHOICES = ["auto", *BACKENDS, *backend_ids()]
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), help="Graph precision [fp16 on TensorRT, else fp32].")
 @click.option("--threads", type=int, help="ONNX Runtime CPU threads.")
 @click.option("--max-batch", type=int, help="Largest batch per backend call, in rows (bigger requests are chunked).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check every file the backend reads against the manifest's sha256 first.")
 @click.option("--allow-plan-host-code", is_flag=True,
               help="Let a version-compatible TensorRT plan run the host code it embeds (only plans you trust).")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("latents.npy"), show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, seed, backend, precision, threads, max_batch,
-           allow_plan_host_code, out_path, progress) -> None:
+           verify, allow_plan_host_code, out_path, progress) -> None:
     """Run the CFG sampling loop on an artifact and save latents (N, C, H, W) as .npy."""
     label_list = _int_list(labels, "--labels")
     with project_errors():
         pipe = runtime.load(artifact, backend=backend, precision=precision, threads=threads, max_batch=max_batch,
-                            allow_plan_host_code=allow_plan_host_code)
+                            allow_plan_host_code=allow_plan_host_code, verify=verify)
         latents = pipe.sample(label_list, num_steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                               guidance=guidance, seed=seed, eta=eta, progress=progress)
         save_npy_atomic(out_path, latents)
@@ -216,6 +218,27 @@ def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, seed, bac
                f"{d.cfg_scale if cfg_scale is None else cfg_scale} {guidance or d.guidance}) on {pipe.backend.name}: "
                f"{s.total_s:.2f} s, {s.steps_per_s:.2f} steps/s, runtime overhead {100 * s.overhead_fraction:.2f}% "
                f"-> {out_path} {tuple(latents.shape)}")
+
+# ---- verify -------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+def verify(artifact) -> None:
+    """Check every file of ARTIFACT (graphs, external data, TensorRT plans) against the manifest.
+
+    Exit code 0: everything matches; 1: a file is missing or changed; 2: the artifact or its
+    manifest is unusable.
+    """
+    with project_errors():
+        results = runtime.load_manifest(artifact).verify_all()
+    width = max(len(str(name)) for name, _, _ in results)
+    for name, what, problem in results:
+        click.echo(f"{str(name):<{width}}  {what:<28} {'ok' if problem is None else 'FAIL: ' + problem}")
+    failed = [name for name, _, problem in results if problem]
+    click.echo(f"verify: {len(results) - len(failed)}/{len(results)} files match the manifest" +
+               (f"; FAILED: {', '.join(map(str, failed))}" if failed else ""))
+    sys.exit(1 if failed else 0)
+
 
 # ---- parity -------------------------------------------------------------------------------------
 

@@ -65,6 +65,10 @@ def load_checkpoint(path: str | Path, **overrides) -> Checkpoint:
         notes.append("pos_embed is not stored in this diffusers file: recomputed from the sin-cos formula "
                      "(the official checkpoints' EMA-touched values can differ slightly)")
     check_state_dict(state_dict, config, path)
+    non_finite = [k for k, v in state_dict.items() if not torch.isfinite(v).all()]
+    if non_finite:
+        raise CheckpointError(f"{path} has NaN or inf weights in {', '.join(non_finite[:8])}"
+                              + (f" and {len(non_finite) - 8} more" if len(non_finite) > 8 else ""))
     return Checkpoint(state_dict, config, fmt, path, sha256_file(path), notes)
 
 
@@ -83,11 +87,9 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], str, list[str]]:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"unreadable safetensors file {path}: {e}") from None
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            # mmap: a 2.7 GB checkpoint is paged in, not read into a second copy in memory
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        obj = _torch_load(path)
     except pickle.UnpicklingError as e:
-        detail = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
+        detail = next((line.strip() for line in str(e).splitlines() if "unsupported global" in line.lower()), "")
         if not detail:  # not a refusal: the bytes are no pickle at all
             raise CheckpointError(f"unreadable checkpoint {path}: not a PyTorch or safetensors file, or truncated") from None
         raise CheckpointError(
@@ -97,6 +99,19 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], str, list[str]]:
         raise CheckpointError(f"unreadable checkpoint {path}: not a PyTorch (zip) or safetensors file, "
                               f"or truncated ({type(e).__name__})") from None
     return _unwrap(obj, path)
+
+
+def _torch_load(path: Path):
+    """weights_only loading (argparse.Namespace allowed for training checkpoints). mmap pages a
+    2.7 GB checkpoint in instead of reading a second copy; legacy (non-zip) files cannot be mapped,
+    so they are read normally."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zipfile" not in str(e).lower():
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -119,9 +134,16 @@ def _unwrap(obj, path: Path) -> tuple[dict[str, torch.Tensor], str, list[str]]:
     elif "model" in obj and isinstance(obj["model"], dict) and not isinstance(obj["model"], torch.Tensor):
         raise CheckpointError(f"{path} is a training checkpoint without 'ema' weights (keys: {', '.join(sorted(obj))}); "
                               "the official sampler uses EMA weights")
+    not_strings = [repr(k) for k in obj if not isinstance(k, str)]
+    if not_strings:
+        raise CheckpointError(f"{path} is not a state dict: keys must be strings, got {', '.join(not_strings[:5])}")
     not_tensors = sorted(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
         raise CheckpointError(f"{path} is not a flat state dict: non-tensor entries {', '.join(map(str, not_tensors[:10]))}")
+    not_dense = sorted(k for k, v in obj.items() if v.layout != torch.strided)
+    if not_dense:
+        raise CheckpointError(f"{path} holds sparse or other non-dense tensors ({', '.join(not_dense[:5])}); "
+                              "a DiT state dict is dense")
     prefixes = [p for p in ("module.", "_orig_mod.") if obj and all(k.startswith(p) for k in obj)]
     for p in prefixes:  # DDP / torch.compile wrappers
         obj = {k[len(p):]: v for k, v in obj.items()}
@@ -149,6 +171,12 @@ def infer_config(state_dict: dict[str, torch.Tensor], **overrides) -> DiTConfig:
     missing = [k for k in needed if k not in state_dict]
     if missing:
         raise CheckpointError(f"cannot infer the DiT config: missing keys {', '.join(missing)}")
+    for key in needed:
+        if 0 in state_dict[key].shape:
+            raise CheckpointError(f"{key} has an empty shape {tuple(state_dict[key].shape)}")
+    if state_dict["x_embedder.proj.weight"].ndim != 4:
+        raise CheckpointError(f"x_embedder.proj.weight has shape {tuple(state_dict['x_embedder.proj.weight'].shape)}; "
+                              "a DiT patch embedding is a 4-D convolution kernel (hidden, C, p, p)")
     hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
     depth = _depth(state_dict, r"blocks\.(\d+)\.")
     out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
@@ -298,11 +326,15 @@ def _diffusers_config_overrides(path: Path) -> dict:
         cfg = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"unreadable diffusers config {config_path}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"diffusers config {config_path} is not a JSON object")
     overrides = {}
-    if "num_attention_heads" in cfg:
-        overrides["num_heads"] = int(cfg["num_attention_heads"])
-    if "sample_size" in cfg:
-        overrides["input_size"] = int(cfg["sample_size"])
+    for key, name in (("num_attention_heads", "num_heads"), ("sample_size", "input_size")):
+        if key in cfg:
+            value = cfg[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CheckpointError(f"diffusers config {config_path}: {key} must be a positive integer, got {value!r}")
+            overrides[name] = value
     return overrides
 
 

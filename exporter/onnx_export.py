@@ -5,6 +5,7 @@ renamed into place only when every step passed."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import platform
@@ -25,7 +26,7 @@ from ditrt import runtime
 from ditrt.runtime.backends import OnnxRuntimeBackend
 from ditrt.runtime.config import Defaults, DiTConfig, Diffusion
 from ditrt.runtime.errors import InputError, StepError
-from ditrt.runtime.files import sha256_file, write_json_atomic
+from ditrt.runtime.files import claimed_output, listed_files, sha256_file, swap_into_place, write_json_atomic
 from ditrt.runtime.manifest import MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, Manifest
 from ditrt.runtime.networks import NetworkSpec, denoiser_spec
 from ditrt.runtime.parity import compare
@@ -83,17 +84,17 @@ def export_artifact(source: ExportSource, out_dir: str | Path, precisions: tuple
                     log: Callable[[str], None] = print) -> Manifest:
     """Write the artifact directory. The source model is used up: an fp16 export converts it in place."""
     out_dir = Path(out_dir)
-    check_options(source.model.config, out_dir, precisions, opset, force, fp32_blocks)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
-    try:
-        manifest_data = _export_into(source, tmp, precisions, opset, fp32_blocks, log)
-        write_json_atomic(tmp / MANIFEST_NAME, manifest_data)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with claimed_output(out_dir, log):  # a racing export to the same --out fails here, at once
+        check_options(source.model.config, out_dir, precisions, opset, force, fp32_blocks)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
+        try:
+            manifest_data = _export_into(source, tmp, precisions, opset, fp32_blocks, log)
+            write_json_atomic(tmp / MANIFEST_NAME, manifest_data)
+            swap_into_place(tmp, out_dir, _old_listed(out_dir), log)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     log(f"wrote {out_dir} ({', '.join(precisions)})")
     return Manifest(manifest_data, out_dir)
 
@@ -120,19 +121,12 @@ def check_options(config: DiTConfig, out_dir: Path, precisions, opset: int, forc
                                     "artifacts or empty directories: choose another --out")
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap the finished directory into place; on failure the old artifact is put back."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, old)
+def _old_listed(out_dir: Path) -> set[str]:
+    """The files the artifact being replaced owns (its manifest's); everything else is kept."""
     try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        return listed_files(json.loads((out_dir / MANIFEST_NAME).read_text()))
+    except (OSError, ValueError):
+        return {MANIFEST_NAME}
 
 
 def _export_into(source: ExportSource, tmp: Path, precisions, opset, fp32_blocks, log) -> dict:

@@ -28,6 +28,8 @@ def reference_model(manifest: Manifest, checkpoint: str | Path | None = None) ->
     if checkpoint is None and source["kind"] == "random-init":
         return random_init(DiT(config), source["seed"])
     path = Path(checkpoint or source["path"])
+    if checkpoint is not None and not path.is_file():
+        raise ArtifactError(f"--checkpoint {path}: file not found")
     if not path.is_file():
         raise ArtifactError(f"the artifact's source checkpoint {path} is not on this machine; pass --checkpoint PATH "
                             "(or compare against a golden file saved where it was)")

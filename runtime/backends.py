@@ -154,17 +154,20 @@ class BackendKind:
     available: Callable[..., bool] = lambda manifest, network, precision: True
 
 
-def _onnxruntime(manifest, network: str, precision: str, threads=None, max_batch=None, **_) -> Backend:
+def _onnxruntime(manifest, network: str, precision: str, threads=None, max_batch=None, verify=True, **_) -> Backend:
     path = manifest.graph_path(network, precision)
     if not path.is_file():
         raise ArtifactError(f"{path} is listed in the manifest but missing")
+    if verify:  # every file the session reads (graph and external data), against the manifest
+        manifest.verify_files(network, precision)
     return OnnxRuntimeBackend(path, manifest.network(network), precision, onnxruntime_device(), threads, max_batch)
 
 
-def _tensorrt(manifest, network: str, precision: str, max_batch=None, allow_plan_host_code=False, **_) -> Backend:
+def _tensorrt(manifest, network: str, precision: str, max_batch=None, allow_plan_host_code=False, verify=True,
+              **_) -> Backend:
     from .tensorrt import TensorRTBackend
     return TensorRTBackend.from_manifest(manifest, network=network, precision=precision, max_batch=max_batch,
-                                         allow_host_code=allow_plan_host_code)
+                                         allow_host_code=allow_plan_host_code, verify=verify)
 
 
 def _tensorrt_available(manifest, network: str, precision: str) -> bool:
@@ -225,7 +228,10 @@ def create_backend(manifest, backend: str = "auto", precision: str | None = None
         kind, chosen = parse_backend(backend)
     if chosen and precision and chosen != precision:
         raise InputError(f"backend {backend} and precision {precision} disagree")
-    precision = chosen or precision or kind.default_precision
+    if not (chosen or precision):  # the kind's default, or what the artifact has (an fp16-only export)
+        have = manifest.precisions(network)
+        precision = kind.default_precision if kind.default_precision in have or not have else have[0]
+    precision = chosen or precision
     if precision not in kind.precisions:
         raise InputError(f"backend {kind.name} runs {', '.join(kind.precisions)} graphs, not {precision}")
     return kind.create(manifest, network, precision, **options)

@@ -37,6 +37,7 @@ class Manifest:
             spec = NetworkSpec.from_manifest(name, section)
             if name == "denoiser":
                 spec = _with_classes(spec, self.model)
+                _check_denoiser_io(spec, self.model)
             self.networks[name] = spec
             for precision in self._graphs(name):
                 self._check_graph(name, precision)
@@ -119,8 +120,42 @@ class Manifest:
                 raise ArtifactError(f"{self.directory / name} does not match its sha256 in the manifest "
                                     "(corrupt or replaced); re-export")
 
+    def verify_all(self) -> list[tuple[str, str, str | None]]:
+        """(file, what it is, problem or None) for every file the manifest names: each network's
+        graphs (with external data) and each engine's plan."""
+        results = []
+        for network in self.networks:
+            for precision in self.precisions(network):
+                for name, (recorded, actual) in self.file_hashes(network, precision).items():
+                    results.append((name, f"{network} {precision} graph", _problem(recorded, actual)))
+        for i, entry in enumerate(self.engines):
+            name = entry.get("file") if isinstance(entry, dict) else None
+            path = artifact_path(self.directory, name, f"engines[{i}].file")
+            actual = sha256_file(path) if path.is_file() else None
+            results.append((name, f"{entry.get('network', 'denoiser')} TensorRT plan", _problem(entry.get("sha256"), actual)))
+        return results
+
     def save(self) -> None:
         write_json_atomic(self.directory / MANIFEST_NAME, self.data)
+
+
+def _problem(recorded: str | None, actual: str | None) -> str | None:
+    if actual is None:
+        return "missing"
+    if actual != recorded:
+        return f"sha256 {actual[:16]}... differs from the manifest's {str(recorded)[:16]}... (corrupt or replaced)"
+    return None
+
+
+def _check_denoiser_io(spec: NetworkSpec, model: DiTConfig) -> None:
+    """The denoiser's tensors must agree with the model section (a hand edit of one alone would
+    feed the graph shapes it rejects)."""
+    want = {"latent": ["batch", *model.latent_shape], "timestep": ["batch"], "class_label": ["batch"]}
+    have = {t.name: list(t.shape) for t in spec.inputs}
+    out = list(spec.outputs[0].shape)
+    if have != want or out != ["batch", model.out_channels, model.input_size, model.input_size]:
+        raise ArtifactError(f"manifest field networks.denoiser inputs {have} / output {out} do not match the model "
+                            f"section (inputs {want}, output {['batch', model.out_channels, model.input_size, model.input_size]})")
 
 
 def _with_classes(spec: NetworkSpec, model: DiTConfig) -> NetworkSpec:

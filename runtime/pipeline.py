@@ -229,16 +229,19 @@ class _Progress:
 
 
 def load(artifact_dir: str | Path, backend: str = "auto", precision: str | None = None,
-         threads: int | None = None, max_batch: int | None = None, allow_plan_host_code: bool = False) -> Pipeline:
+         threads: int | None = None, max_batch: int | None = None, allow_plan_host_code: bool = False,
+         verify: bool = True) -> Pipeline:
     """A pipeline over an exported artifact. backend: "auto", a kind ("onnxruntime", "tensorrt")
     or an id ("onnxruntime-fp16"); precision None: fp16 on TensorRT, fp32 on ONNX Runtime.
     "auto" takes TensorRT when a plan compatible with this GPU and TensorRT exists, else ONNX
     Runtime (CUDA EP when onnxruntime-gpu is installed, else CPU). `allow_plan_host_code` lets a
     version-compatible TensorRT plan (whose sha256 matched) run the host code it embeds: only for
-    plans you built or trust."""
+    plans you built or trust. `verify` (default on) checks every file a backend reads against the
+    manifest's sha256 before use; hashes are cached per (path, size, mtime), so loading the same
+    artifact again does not rehash it. verify=False is the documented opt-out."""
     manifest = load_manifest(artifact_dir)
     denoiser = create_backend(manifest, backend, precision, "denoiser", threads=threads, max_batch=max_batch,
-                              allow_plan_host_code=allow_plan_host_code)
+                              allow_plan_host_code=allow_plan_host_code, verify=verify)
     return Pipeline(denoiser, manifest)
 
 

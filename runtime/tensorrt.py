@@ -192,7 +192,7 @@ class TensorRTBackend:
 
     def __init__(self, plan: str | Path, network: NetworkSpec, entry: dict | None = None,
                  max_batch: int | None = None, cuda_graphs: bool = True, artifact: str | None = None,
-                 allow_host_code: bool = False):
+                 allow_host_code: bool = False, verify: bool = True):
         plan = Path(plan)
         view = read_entry(entry) if entry else None
         self.network = network
@@ -203,7 +203,8 @@ class TensorRTBackend:
         self._cuda = _Cuda()
         self.gpu = gpu_info()  # before trt.Runtime: a Runtime made without a usable driver crashes on first use
         try:
-            if entry and sha256_file(plan) != entry.get("sha256"):
+            verified = bool(entry) and verify and sha256_file(plan) == entry.get("sha256")
+            if entry and verify and not verified:
                 raise ArtifactError(f"{plan} does not match its sha256 in the manifest (corrupt or replaced); "
                                     f"rebuild it with: {self.rebuild_hint}")
             data = plan.read_bytes()
@@ -216,11 +217,11 @@ class TensorRTBackend:
         if view and view.flags.version_compatible:
             # The plan embeds TensorRT's lean runtime (host code that runs in this process): only for
             # a plan whose sha256 matched its entry (above), and only when the caller trusts it.
-            if not allow_host_code:
+            if not (allow_host_code and verified):
                 raise ArtifactError(f"{plan} is a version-compatible plan: running it executes host code embedded in "
                                     "the plan. Allow it explicitly for plans you built or trust "
-                                    "(allow_host_code=True, --allow-plan-host-code), or rebuild without "
-                                    "--version-compatible")
+                                    "(allow_host_code=True, --allow-plan-host-code; only with sha256 verification "
+                                    "on), or rebuild without --version-compatible")
             self._trt_runtime.engine_host_code_allowed = True
         self._engine = self._trt_runtime.deserialize_cuda_engine(data)
         del data
