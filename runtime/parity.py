@@ -23,7 +23,7 @@ from .samplers import SAMPLERS
 GOLDEN_FORMAT = "ditrt.golden/2"  # version 1 (denoiser inputs as latent/timestep/class_label) still loads
 # Default bounds on max |actual - reference| / max |reference|, by graph precision and check kind.
 # fp32: ~3e-7 per forward and ~5e-7 over 25-step loops measured; loops can amplify differences up to
-#   ~100x (golden README), hence 1e-4 for loops.
+#   ~100x (tests/golden/README.md), hence 1e-4 for loops.
 # fp16: ~5e-4 per forward measured (golden tiny and DiT-XL/2), ~3e-4 over 25-step loops (errors
 #   partly average out); 5e-3 / 1e-2 leave a 10x margin and still catch real faults.
 DEFAULT_MAX_REL_ERR = {"fp32": {"forward": 1e-5, "loop": 1e-4}, "fp16": {"forward": 5e-3, "loop": 1e-2}}

@@ -63,7 +63,7 @@ def test_fp32_blocks_stay_float32(tiny_checkpoint, golden):
 
 
 def _official_param_count(cfg: DiTConfig) -> int:
-    """From the official state-dict shapes (dit-official-semantics.md), written out independently."""
+    """From the official state-dict shapes (docs/official-semantics.md), written out independently."""
     D, p, C, K = cfg.hidden_size, cfg.patch_size, cfg.in_channels, cfg.num_classes
     T, M, out = (cfg.input_size // p) ** 2, int(D * cfg.mlp_ratio), cfg.out_channels
     block = (3 * D * D + 3 * D) + (D * D + D) + (M * D + M) + (D * M + D) + (6 * D * D + 6 * D)

@@ -18,7 +18,7 @@ NOISE = RNG.standard_normal((2, 4, 4, 4)).astype(np.float32)
 
 
 def official_tables(spec):
-    """Written out again from dit-official-semantics.md (SpacedDiffusion + GaussianDiffusion)."""
+    """Written out again from docs/official-semantics.md (SpacedDiffusion + GaussianDiffusion)."""
     from ditrt.runtime.schedule import space_timesteps
     base_ac = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
     keep = space_timesteps(1000, spec)

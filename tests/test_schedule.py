@@ -1,4 +1,4 @@
-"""Schedules against values computed here from the official formulas (dit-official-semantics.md)."""
+"""Schedules against values computed here from the official formulas (docs/official-semantics.md)."""
 import numpy as np
 import pytest
 
