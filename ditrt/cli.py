@@ -200,24 +200,95 @@ BACKEND_CHOICES = ["auto", *BACKENDS, *backend_ids()]
               help="Check every file the backend reads against the manifest's sha256 first.")
 @click.option("--allow-plan-host-code", is_flag=True,
               help="Let a version-compatible TensorRT plan run the host code it embeds (only plans you trust).")
-@click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("latents.npy"), show_default=True)
+@click.option("--decoder-precision", type=click.Choice(["fp32", "fp16"]),
+              help="Decoder graph precision [fp32 on ONNX Runtime, fp16 on TensorRT]; fp32 avoids fp16 VAE overflow.")
+@click.option("--out", "out_path", type=click.Path(path_type=Path),
+              help="A .png grid (as sample.py writes it; needs a decoder) or .npy latents "
+                   "[sample.png with a decoder, else latents.npy].")
+@click.option("--out-dir", type=click.Path(path_type=Path),
+              help="Also write one PNG per image, 000000.png ... (as sample_ddp.py names them; needs a decoder).")
+@click.option("--latents", "latents_path", type=click.Path(path_type=Path), help="Also keep the latents as .npy.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, seed, backend, precision, threads, max_batch,
-           verify, allow_plan_host_code, out_path, progress) -> None:
-    """Run the CFG sampling loop on an artifact and save latents (N, C, H, W) as .npy."""
+           verify, allow_plan_host_code, decoder_precision, out_path, out_dir, latents_path, progress) -> None:
+    """Run the CFG sampling loop on an artifact; write a PNG grid (and per-image PNGs) with its
+    decoder, and/or the latents (N, C, H, W) float32 as .npy."""
     label_list = _int_list(labels, "--labels")
     with project_errors():
+        manifest = runtime.load_manifest(artifact)
+        has_decoder = "decoder" in manifest.networks
+        out_path = out_path or Path("sample.png" if has_decoder else "latents.npy")
+        wants_images = out_path.suffix.lower() == ".png" or out_dir is not None
+        if out_path.suffix.lower() not in (".png", ".npy"):
+            raise runtime.InputError(f"--out {out_path}: use a .png (image grid) or .npy (latents) file name")
         pipe = runtime.load(artifact, backend=backend, precision=precision, threads=threads, max_batch=max_batch,
-                            allow_plan_host_code=allow_plan_host_code, verify=verify)
+                            allow_plan_host_code=allow_plan_host_code, verify=verify, decoder=wants_images and has_decoder,
+                            decoder_precision=decoder_precision if wants_images and has_decoder else None)
         latents = pipe.sample(label_list, num_steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                               guidance=guidance, seed=seed, eta=eta, progress=progress)
-        save_npy_atomic(out_path, latents)
+        written = []
+        keep = latents_path or (out_path if out_path.suffix.lower() == ".npy" else None)
+        if wants_images and not has_decoder:
+            keep = keep or out_path.with_suffix(".npy")
+            save_npy_atomic(keep, latents)
+            raise runtime.InputError(f"{artifact} has no decoder network, so no images can be written (export with "
+                                     f"--vae DIR to add one); the latents were written to {keep}")
+        if keep:
+            save_npy_atomic(keep, latents)
+            written.append(f"{keep} {tuple(latents.shape)}")
+        if wants_images:
+            written += _write_images(pipe.decoder, latents, out_path if out_path.suffix.lower() == ".png" else None, out_dir)
     s = pipe.last_stats
     d = pipe.manifest.defaults
     click.echo(f"{len(label_list)} images x {s.steps} steps ({sampler or d.sampler}, cfg "
                f"{d.cfg_scale if cfg_scale is None else cfg_scale} {guidance or d.guidance}) on {pipe.backend.name}: "
                f"{s.total_s:.2f} s, {s.steps_per_s:.2f} steps/s, runtime overhead {100 * s.overhead_fraction:.2f}% "
-               f"-> {out_path} {tuple(latents.shape)}")
+               f"-> {', '.join(written)}")
+
+
+def _write_images(decoder, latents, grid_path: Path | None, out_dir: Path | None) -> list[str]:
+    """Decode (with a progress line) and write the grid and/or the per-image PNGs."""
+    import time
+    from ditrt.runtime import images
+    from ditrt.runtime.pipeline import decode
+    start = time.perf_counter()
+    click.echo(f"decoding {len(latents)} images on {decoder.name} ...", err=True)
+    decoded = decode(decoder, latents)
+    click.echo(f"decoded {len(latents)} images {tuple(decoded.shape[1:])} in {time.perf_counter() - start:.2f} s", err=True)
+    written = []
+    if grid_path is not None:
+        images.write_png(grid_path, images.grid(decoded))
+        written.append(f"{grid_path} (grid of {len(decoded)})")
+    if out_dir is not None:
+        paths = images.write_per_image(out_dir, images.to_uint8(decoded))
+        written.append(f"{out_dir}/{paths[0].name}..{paths[-1].name}")
+    return written
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("latents", type=click.Path(path_type=Path))
+@click.option("--out", "out_path", type=click.Path(path_type=Path), help="PNG grid, as sample.py writes it.")
+@click.option("--out-dir", type=click.Path(path_type=Path), help="One PNG per image, 000000.png ...")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
+@click.option("--decoder-precision", type=click.Choice(["fp32", "fp16"]), help="Decoder graph precision.")
+@click.option("--threads", type=int, help="ONNX Runtime CPU threads.")
+@click.option("--verify/--no-verify", default=True, show_default=True)
+def decode(artifact, latents, out_path, out_dir, backend, decoder_precision, threads, verify) -> None:
+    """Decode saved latents (N, C, H, W) .npy with ARTIFACT's VAE decoder into PNGs."""
+    import numpy as np
+    if out_path is None and out_dir is None:
+        raise click.UsageError("give --out GRID.png and/or --out-dir DIR")
+    with project_errors():
+        manifest = runtime.load_manifest(artifact)
+        manifest.network("decoder")
+        try:
+            array = np.load(latents, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise runtime.InputError(f"cannot read latents {latents}: {e}") from None
+        decoder = runtime.create_backend(manifest, backend, decoder_precision, "decoder", threads=threads, verify=verify)
+        click.echo(", ".join(_write_images(decoder, array, out_path, out_dir)))
+
 
 # ---- verify -------------------------------------------------------------------------------------
 

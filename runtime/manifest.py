@@ -38,6 +38,8 @@ class Manifest:
             if name == "denoiser":
                 spec = _with_classes(spec, self.model)
                 _check_denoiser_io(spec, self.model)
+            elif name == "decoder":
+                _check_decoder_io(spec, self.model)
             self.networks[name] = spec
             for precision in self._graphs(name):
                 self._check_graph(name, precision)
@@ -156,6 +158,19 @@ def _check_denoiser_io(spec: NetworkSpec, model: DiTConfig) -> None:
     if have != want or out != ["batch", model.out_channels, model.input_size, model.input_size]:
         raise ArtifactError(f"manifest field networks.denoiser inputs {have} / output {out} do not match the model "
                             f"section (inputs {want}, output {['batch', model.out_channels, model.input_size, model.input_size]})")
+
+
+def _check_decoder_io(spec: NetworkSpec, model: DiTConfig) -> None:
+    have = list(spec.inputs[0].shape)
+    if len(spec.inputs) != 1 or have != ["batch", *model.latent_shape]:
+        raise ArtifactError(f"manifest field networks.decoder.inputs {have} does not take the denoiser's latents "
+                            f"{['batch', *model.latent_shape]}")
+    out = list(spec.outputs[0].shape)
+    if len(out) != 4 or out[1] != 3:
+        raise ArtifactError(f"manifest field networks.decoder.outputs[0].shape {out} is not an RGB image batch")
+    factor = spec.extra.get("scaling_factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1e3:
+        raise ArtifactError(f"manifest field networks.decoder.scaling_factor must be a positive number, got {factor!r}")
 
 
 def _with_classes(spec: NetworkSpec, model: DiTConfig) -> NetworkSpec:

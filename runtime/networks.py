@@ -156,7 +156,15 @@ def _denoiser_examples(spec: NetworkSpec, batch: int, seed: int) -> dict[str, np
             "timestep": t.astype(np.float32), "class_label": labels}
 
 
-_EXAMPLES = {"denoiser": _denoiser_examples}
+def _decoder_examples(spec: NetworkSpec, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """DiT-scale latents, what the sampler hands over: DiT trains on VAE latents times the scaling
+    factor (about unit variance), so standard normals."""
+    rng = np.random.default_rng([seed, batch, 7])
+    latent = spec.inputs[0]
+    return {latent.name: rng.standard_normal(latent.concrete(batch), dtype=np.float32)}
+
+
+_EXAMPLES = {"denoiser": _denoiser_examples, "decoder": _decoder_examples}
 
 
 def register_examples(network: str, generator) -> None:

@@ -102,6 +102,16 @@ class Pipeline:
         self.last_stats = SampleStats(run.total_steps, run.rows, time.perf_counter() - start, backend_s)
         return run.result
 
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Images (N, 3, H, W) float32 from DiT-scale latents (N, C, h, w), as the official scripts'
+        `vae.decode(latents / scaling_factor).sample` (the decoder graph divides; not clamped).
+        Chunked by the decoder's max batch; NaN/inf output is an error naming the network."""
+        if self.decoder is None:
+            if "decoder" in self.manifest.networks:
+                raise InputError("this pipeline was loaded without its decoder (runtime.load(..., decoder=True))")
+            self.manifest.network("decoder")  # ArtifactError: the artifact has no decoder, with the export hint
+        return decode(self.decoder, latents)
+
 
 class SampleRun:
     """One request's sampling loop, stepped from outside: `feeds()` are this step's denoiser rows
@@ -163,6 +173,22 @@ class SampleRun:
         if not self.done:
             raise InputError(f"this run has done {self.steps_done} of {self.total_steps} steps")
         return self.x
+
+
+def decode(decoder: Backend, latents: np.ndarray) -> np.ndarray:
+    """Images (N, 3, H, W) float32 from a decoder backend: chunked by its max batch, refused when
+    the latents or the images are not finite (naming the network and its precision)."""
+    from .images import check_finite
+    latents = np.asarray(latents)
+    want = decoder.network.inputs[0]
+    if latents.ndim != 4 or latents.shape[1:] != want.concrete(1)[1:] or not np.issubdtype(latents.dtype, np.floating):
+        raise InputError(f"latents have shape {latents.shape} ({latents.dtype}); the decoder takes float "
+                         f"(N, {', '.join(map(str, want.concrete(1)[1:]))})")
+    if not np.isfinite(latents).all():
+        raise InputError("latents contain NaN or inf")
+    images = run_chunked(decoder, {want.name: latents.astype(np.float32, copy=False)})[decoder.network.output_names[0]]
+    check_finite(images, "decoder", decoder.precision)
+    return images
 
 
 def _check_labels(class_labels, num_classes: int) -> np.ndarray:
@@ -230,7 +256,8 @@ class _Progress:
 
 def load(artifact_dir: str | Path, backend: str = "auto", precision: str | None = None,
          threads: int | None = None, max_batch: int | None = None, allow_plan_host_code: bool = False,
-         verify: bool = True) -> Pipeline:
+         verify: bool = True, decoder: bool | None = None, decoder_precision: str | None = None,
+         decoder_max_batch: int | None = None) -> Pipeline:
     """A pipeline over an exported artifact. backend: "auto", a kind ("onnxruntime", "tensorrt")
     or an id ("onnxruntime-fp16"); precision None: fp16 on TensorRT, fp32 on ONNX Runtime.
     "auto" takes TensorRT when a plan compatible with this GPU and TensorRT exists, else ONNX
@@ -238,11 +265,23 @@ def load(artifact_dir: str | Path, backend: str = "auto", precision: str | None 
     version-compatible TensorRT plan (whose sha256 matched) run the host code it embeds: only for
     plans you built or trust. `verify` (default on) checks every file a backend reads against the
     manifest's sha256 before use; hashes are cached per (path, size, mtime), so loading the same
-    artifact again does not rehash it. verify=False is the documented opt-out."""
+    artifact again does not rehash it. verify=False is the documented opt-out.
+    `decoder` None loads the artifact's VAE decoder when it has one (True requires it, False skips
+    it), on the same backend kind, in `decoder_precision` (None: the kind's default; fp32 avoids
+    the fp16 overflow VAE decoders are known for)."""
     manifest = load_manifest(artifact_dir)
     denoiser = create_backend(manifest, backend, precision, "denoiser", threads=threads, max_batch=max_batch,
                               allow_plan_host_code=allow_plan_host_code, verify=verify)
-    return Pipeline(denoiser, manifest)
+    decoder_backend = None
+    if decoder or (decoder is None and "decoder" in manifest.networks):
+        manifest.network("decoder")
+        kind = backend if backend == "auto" else str(backend).partition("-")[0]  # the kind, its own precision
+        decoder_backend = create_backend(manifest, kind, decoder_precision, "decoder", threads=threads,
+                                         max_batch=decoder_max_batch, allow_plan_host_code=allow_plan_host_code,
+                                         verify=verify)
+    elif decoder_precision is not None:
+        raise InputError("decoder_precision given, but no decoder is loaded")
+    return Pipeline(denoiser, manifest, decoder_backend)
 
 
 def _float32(value) -> np.float32:
