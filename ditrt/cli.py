@@ -134,9 +134,13 @@ def _named(cfg) -> str | None:
 @click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset (18..25).")
 @click.option("--precision", default="fp32,fp16", show_default=True, help="Graphs to write: fp32, fp16 or both.")
 @click.option("--fp32-blocks", default="", help="Block indices kept float32 in the fp16 graph, e.g. 0,27.")
+@click.option("--vae", "vae_dir", type=click.Path(path_type=Path),
+              help="A diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema): adds its decoder as a second network "
+                   "[--example embeds a small one].")
+@click.option("--no-vae", is_flag=True, help="With --example: export the denoiser only.")
 @click.option("--force", is_flag=True, help="Overwrite an existing artifact directory.")
 def export(checkpoint, example, config_name, random_init, image_size, num_classes, seed, num_heads, out_dir, opset,
-           precision, fp32_blocks, force) -> None:
+           precision, fp32_blocks, vae_dir, no_vae, force) -> None:
     """Export a checkpoint (or a random-init named config) to ONNX with a validated manifest."""
     _require_torch("export")
     from ditrt.exporter.checkpoints import load_checkpoint
@@ -171,8 +175,15 @@ def export(checkpoint, example, config_name, random_init, image_size, num_classe
             source = source_from_checkpoint(load_checkpoint(path, **overrides))
             default_name = "example" if example else Path(path).stem
         out_dir = out_dir or Path("engines") / default_name
+        if vae_dir and no_vae:
+            raise InputError("give --vae DIR or --no-vae, not both")
+        vae = None
+        if vae_dir or (example and not no_vae):
+            from ditrt.exporter.vae import load_vae
+            vae = load_vae(vae_dir or example_checkpoint().parent / "example_vae",
+                           in_channels=source.model.config.in_channels)
         export_artifact(source, out_dir, precisions, opset, force, tuple(_int_list(fp32_blocks, "--fp32-blocks")),
-                        log=lambda m: click.echo(m, err=True))
+                        log=lambda m: click.echo(m, err=True), vae=vae)
     click.echo(str(out_dir))
 
 

@@ -81,8 +81,9 @@ def source_from_random_init(config: DiTConfig, seed: int = 0, config_name: str |
 
 def export_artifact(source: ExportSource, out_dir: str | Path, precisions: tuple[str, ...] = ("fp32", "fp16"),
                     opset: int = DEFAULT_OPSET, force: bool = False, fp32_blocks: tuple[int, ...] = (),
-                    log: Callable[[str], None] = print) -> Manifest:
-    """Write the artifact directory. The source model is used up: an fp16 export converts it in place."""
+                    log: Callable[[str], None] = print, vae=None) -> Manifest:
+    """Write the artifact directory. The source model is used up: an fp16 export converts it in place.
+    `vae` (a LoadedVae from exporter.vae.load_vae) adds the decoder network, in the same precisions."""
     out_dir = Path(out_dir)
     with claimed_output(out_dir, log):  # a racing export to the same --out fails here, at once
         check_options(source.model.config, out_dir, precisions, opset, force, fp32_blocks)
@@ -90,6 +91,13 @@ def export_artifact(source: ExportSource, out_dir: str | Path, precisions: tuple
         tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
         try:
             manifest_data = _export_into(source, tmp, precisions, opset, fp32_blocks, log)
+            if vae is not None:
+                from .decoder_export import export_decoder
+                if vae.latent_channels != source.model.config.in_channels:
+                    raise ExportOptionError(f"the VAE has {vae.latent_channels} latent channels, the DiT takes "
+                                            f"{source.model.config.in_channels}")
+                manifest_data["networks"]["decoder"] = export_decoder(vae, tmp, source.model.config.input_size,
+                                                                      precisions, opset, log)
             write_json_atomic(tmp / MANIFEST_NAME, manifest_data)
             swap_into_place(tmp, out_dir, _old_listed(out_dir), log)
         except BaseException:

@@ -42,12 +42,31 @@ def reference_model(manifest: Manifest, checkpoint: str | Path | None = None) ->
     return ckpt.build_model()
 
 
+def reference_decoder(manifest: Manifest, precision: str = "fp32"):
+    """The decoder network's source VAE folder (sha256 checked) as the exported module."""
+    from .vae import DecoderGraph, load_vae
+    source = manifest.network("decoder").extra.get("source", {})
+    folder = Path(source.get("path", ""))
+    if not folder.is_dir():
+        raise ArtifactError(f"the decoder's source VAE folder {folder} is not on this machine (compare against a "
+                            "golden file saved where it was)")
+    loaded = load_vae(folder, in_channels=manifest.model.in_channels)
+    if loaded.sha256 != source.get("sha256"):
+        raise ArtifactError(f"{loaded.weights_path} changed since the export (sha256 differs from the manifest's); "
+                            "re-export")
+    return DecoderGraph(loaded, precision)
+
+
 def reference_golden(manifest: Manifest, batches: list[int], steps: int, checkpoint: str | Path | None = None,
                      log: Callable[[str], None] = lambda m: None) -> Golden:
     backend = TorchBackend(reference_model(manifest, checkpoint), manifest.network("denoiser"))
+    forward = {"denoiser": backend}
+    if "decoder" in manifest.networks:
+        from .torch_backend import DecoderBackend
+        forward["decoder"] = DecoderBackend(reference_decoder(manifest), manifest.network("decoder"))
     meta = {"reference": "PyTorch fp32 eager (exporter.model)", "torch": torch.__version__,
             "artifact_source": manifest.data["source"]}
-    return make_golden({"denoiser": backend}, Pipeline(backend, manifest), manifest, batches, steps, meta, log)
+    return make_golden(forward, Pipeline(backend, manifest), manifest, batches, steps, meta, log)
 
 
 BRANCHES = {  # name -> (module path inside a block, whether to record its input instead of its output)

@@ -35,10 +35,24 @@ class TorchBackend:
 def reference_backend(manifest: Manifest, network: str, precision: str, checkpoint: str | Path | None = None,
                       device: str = "cpu", max_batch: int | None = None) -> TorchBackend:
     """The artifact's source model in PyTorch (the registry's `torch` backend)."""
-    from .parity_reference import reference_model
+    from .parity_reference import reference_decoder, reference_model
+    if network == "decoder":  # diffusers' AutoencoderKL, as the official scripts decode
+        return DecoderBackend(reference_decoder(manifest, precision), manifest.network("decoder"), device, max_batch,
+                              precision)
     if network != "denoiser":
-        raise InputError(f"the torch backend runs the denoiser; the {network} reference is diffusers' model")
+        raise InputError(f"the torch backend has no reference for the {network} network")
     model = reference_model(manifest, checkpoint)
     if precision == "fp16":
         model = set_precision(model, "fp16")
     return TorchBackend(model, manifest.network("denoiser"), device, max_batch, precision)
+
+
+class DecoderBackend(TorchBackend):
+    """The VAE decoder reference (exporter.vae.DecoderGraph over diffusers' AutoencoderKL)."""
+
+    def __init__(self, graph, network: NetworkSpec, device: str = "cpu", max_batch: int | None = None,
+                 precision: str = "fp32"):
+        self.model = graph.eval().to(device)
+        self.device = torch.device(device)
+        self.network, self.max_batch, self.min_batch, self.precision = network, max_batch, 1, precision
+        self.name = f"torch-{precision}"

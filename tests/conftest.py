@@ -41,3 +41,14 @@ def tiny_artifact(tmp_path_factory, tiny_checkpoint) -> Path:
 def max_rel_err(actual: np.ndarray, reference: np.ndarray) -> float:
     """Max abs error relative to the reference's largest magnitude (the project's parity metric)."""
     return float(np.abs(np.asarray(actual, np.float64) - reference).max() / np.abs(reference).max())
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact_with_vae(tmp_path_factory, tiny_checkpoint) -> Path:
+    """The golden checkpoint and the golden small VAE (exporter/data/example_vae) in one artifact."""
+    from ditrt.exporter.onnx_export import export_artifact, source_from_checkpoint
+    from ditrt.exporter.vae import load_vae
+    out = tmp_path_factory.mktemp("artifacts") / "tiny_vae"
+    export_artifact(source_from_checkpoint(tiny_checkpoint), out, log=lambda m: None,
+                    vae=load_vae(ROOT / "exporter" / "data" / "example_vae", in_channels=4))
+    return out
