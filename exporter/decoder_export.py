@@ -12,10 +12,11 @@ import onnx
 import torch
 
 from ditrt.runtime.files import sha256_file
+from ditrt.runtime.networks import BATCH, NetworkSpec, TensorSpec
 from ditrt.runtime.parity import compare
 
-from .onnx_export import (DEFAULT_OPSET, EXTERNAL_DATA_BYTES, VALID_OPSETS, ExportError, ExportOptionError, _quiet_exporter,
-                          _rename_batch_axis, _Steps)
+from .onnx_export import (DEFAULT_OPSET, VALID_OPSETS, ExportError, ExportOptionError, _Steps, check_graph_file,
+                          torch_export)
 from .trt_lint import lint_model
 from .vae import DecoderGraph, LoadedVae
 
@@ -129,38 +130,22 @@ def _export_into(loaded: LoadedVae, out_dir: Path, latent_size: int, precisions,
 
 
 def _export_graph(net: DecoderGraph, path: Path, channels: int, latent_size: int, opset: int, written: list) -> list[str]:
-    """torch.onnx (dynamo) export with a dynamic batch axis; returns the files written. The example
-    has batch 2, not 1: torch.export specialises size-1 dimensions."""
-    example = (torch.randn(2, channels, latent_size, latent_size),)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    """The shared torch.onnx export with a dynamic batch axis; the example has batch 2, not 1:
+    torch.export specialises size-1 dimensions (diffusers' Upsample2D branches on the batch)."""
+    spec = NetworkSpec("decoder", (TensorSpec(INPUT_NAME, "float32", (BATCH, channels, latent_size, latent_size)),),
+                       (TensorSpec(OUTPUT_NAME, "float32", (BATCH, 3, latent_size * 8, latent_size * 8)),), "images")
     before = set(path.parent.iterdir())
-    with _quiet_exporter():
-        try:
-            torch.onnx.export(net, example, str(path), dynamo=True, opset_version=opset, optimize=True,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_shapes={INPUT_NAME: {0: batch}}, external_data=weight_bytes > EXTERNAL_DATA_BYTES)
-        except Exception as e:
-            raise ExportError(f"torch.onnx export of the decoder failed: {type(e).__name__}: {e}") from e
-        finally:
-            written += sorted(set(path.parent.iterdir()) - before)
-    _rename_batch_axis(path)
-    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name))
+    try:
+        return torch_export(net, spec, path, opset, example_batch=2)
+    finally:
+        written += sorted(set(path.parent.iterdir()) - before)
 
 
 def validate_decoder_graph(path: Path, latent_chw: tuple[int, int], image_chw: tuple[int, int], cases, references,
                            precision: str) -> dict:
     """checker (full), strict shape inference (and the output shape), float32 normalisation in the
     fp16 graph, ONNX Runtime vs the PyTorch fp32 images, TensorRT lint."""
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"onnx.checker rejected {path.name}: {e}") from None
-    graph = onnx.load(str(path), load_external_data=False)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(graph, check_type=True, strict_mode=True, data_prop=True)
-    except Exception as e:
-        raise ExportError(f"strict shape inference failed on {path.name}: {e}") from None
+    graph, inferred = check_graph_file(path)
     (C, h), (c_out, H) = latent_chw, image_chw
     for value, want in ((inferred.graph.input[0], ["batch", C, h, h]), (inferred.graph.output[0], ["batch", c_out, H, H])):
         dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]

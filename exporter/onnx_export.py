@@ -188,11 +188,12 @@ class _Steps:
         self.log(f"[{self.done}/{self.total}] {what}: {time.perf_counter() - start:.1f} s")
 
 
-def torch_export(module: torch.nn.Module, spec: NetworkSpec, path: Path, opset: int) -> list[str]:
+def torch_export(module: torch.nn.Module, spec: NetworkSpec, path: Path, opset: int, example_batch: int = 1) -> list[str]:
     """torch.onnx (dynamo) export of `module(*inputs)` with the spec's names and a dynamic batch
-    axis; returns the files written (the graph, then any external data)."""
+    axis; returns the files written (the graph, then any external data). Modules whose code
+    branches on a size-1 batch need an `example_batch` of 2 (torch.export specialises size 1)."""
     module = module.eval()
-    example = tuple(_example_tensor(t) for t in spec.inputs)
+    example = tuple(_example_tensor(t, example_batch) for t in spec.inputs)
     batch = torch.export.Dim("batch", min=1, max=4096)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     with _quiet_exporter():
@@ -208,9 +209,9 @@ def torch_export(module: torch.nn.Module, spec: NetworkSpec, path: Path, opset: 
     return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name))
 
 
-def _example_tensor(t) -> torch.Tensor:
-    """A batch-1 example of an input: 500 for a float timestep (any value traces the same graph)."""
-    shape = t.concrete(1)
+def _example_tensor(t, batch: int = 1) -> torch.Tensor:
+    """An example of an input: 500 for a float timestep (any value traces the same graph)."""
+    shape = t.concrete(batch)
     if t.dtype == "int64":
         return torch.zeros(shape, dtype=torch.int64)
     return torch.full(shape, 500.0) if len(shape) == 1 else torch.randn(shape)
@@ -249,15 +250,7 @@ def _quiet_exporter():
 def validate_graph(path: Path, spec: NetworkSpec, cases: list[dict], references: list[np.ndarray],
                    precision: str) -> dict:
     """checker (full), strict shape inference, ONNX Runtime vs the PyTorch fp32 outputs, TRT lint."""
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"onnx.checker rejected {path.name}: {e}") from None
-    graph = onnx.load(str(path), load_external_data=False)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(graph, check_type=True, strict_mode=True, data_prop=True)
-    except Exception as e:
-        raise ExportError(f"strict shape inference failed on {path.name}: {e}") from None
+    graph, inferred = check_graph_file(path)
     out_dims = [d.dim_param or d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim]
     want = list(spec.primary_output.shape)
     if out_dims != want:
@@ -278,6 +271,21 @@ def validate_graph(path: Path, spec: NetworkSpec, cases: list[dict], references:
     return {"checker_full_check": True, "strict_shape_inference": True,
             "onnxruntime_vs_reference": {"reference": "PyTorch fp32", "max_rel_err": worst, "bound": bound, "runs": runs},
             "tensorrt_lint": lint.to_dict()}
+
+
+def check_graph_file(path: Path) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """onnx.checker (full check, by path: works above 2 GB) and strict shape inference; returns the
+    graph (without external data) and its inferred form."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"onnx.checker rejected {path.name}: {e}") from None
+    graph = onnx.load(str(path), load_external_data=False)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(graph, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as e:
+        raise ExportError(f"strict shape inference failed on {path.name}: {e}") from None
+    return graph, inferred
 
 
 def build_manifest(source: ExportSource, config: DiTConfig, networks: dict) -> dict:
