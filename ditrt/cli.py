@@ -554,5 +554,48 @@ def _is_unavailable(error: click.ClickException) -> bool:
     return isinstance(cause, TensorRTUnavailable)
 
 
+# ---- serve --------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--max-batch", type=int, help="Most rows per backend call [the backend's limit]; requests join while they fit.")
+@click.option("--max-queue", type=int, default=64, show_default=True, help="Waiting requests before 429.")
+@click.option("--policy", type=click.Choice(["step", "serial", "request"]), default="step", show_default=True,
+              help="step: continuous batching; serial: one request at a time; request: whole-request batches.")
+@click.option("--timeout", type=float, help="Per-request timeout in seconds [none].")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
+@click.option("--threads", type=int, help="ONNX Runtime CPU threads.")
+@click.option("--ray", "use_ray", is_flag=True, help="Deploy on Ray Serve (pip install 'ditrt[ray]').")
+@click.option("--replicas", type=int, default=1, show_default=True, help="Ray Serve replicas, each with its own scheduler.")
+@click.option("--address", help="Ray cluster address (auto: the running cluster) [a local Ray].")
+def serve(artifact, host, port, max_batch, max_queue, policy, timeout, backend, threads, use_ray, replicas, address):
+    """Serve class-conditional sampling over HTTP: POST /v1/samples, GET /v1/health, GET /v1/model."""
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        from ditrt import serve as serving
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise InputError(f"ditrt serve needs fastapi and uvicorn: pip install 'ditrt[serve]' ({e})") from None
+    options = dict(backend=backend, threads=threads, max_batch=max_batch, max_queue=max_queue, policy=policy,
+                   timeout=timeout)
+    with project_errors():
+        if use_ray:
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                raise runtime.InputError("--ray needs Ray Serve: pip install 'ditrt[ray]'") from None
+            click.echo(f"ditrt serve on Ray Serve: {replicas} replica(s) at http://{host}:{port}", err=True)
+            serving.serve_ray(artifact, address=address, replicas=replicas, host=host, port=port, **options)
+            return
+        batcher = serving.make_batcher(artifact, **options)
+        click.echo(f"ditrt serve {artifact} on {batcher.pipeline.backend.name} (policy {policy}, max batch "
+                   f"{batcher.max_batch}) at http://{host}:{port}", err=True)
+    serving.serve_uvicorn(batcher, host, port)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -37,3 +37,15 @@ class ScheduleError(InputError):
 
 class BackendError(StepError):
     """A backend (ONNX Runtime, TensorRT, a callback) failed while running a network."""
+
+
+class QueueFull(InputError):
+    """A batching scheduler's queue is at its limit; retry later (HTTP 429)."""
+
+
+class RequestTimeout(StepError, TimeoutError):
+    """A request did not finish within its timeout."""
+
+
+class SchedulerClosed(StepError):
+    """The batching scheduler was closed before the request finished (or it was submitted after)."""
