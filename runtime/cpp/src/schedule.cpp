@@ -1,0 +1,153 @@
+#include "schedule.hpp"
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <limits>
+#include <set>
+
+#include "error.hpp"
+
+namespace ditrt_core {
+namespace {
+
+const char* kSpecHelp = "' is not 'N', 'ddimN' or comma-separated section counts";
+
+std::string strip(const std::string& s) {
+    size_t b = 0, e = s.size();
+    while (b < e && std::isspace(static_cast<unsigned char>(s[b]))) ++b;
+    while (e > b && std::isspace(static_cast<unsigned char>(s[e - 1]))) --e;
+    return s.substr(b, e - b);
+}
+
+// Python's int(text) for the forms a step count takes: surrounding whitespace, an optional sign,
+// digits with single underscores between them. Saturates instead of overflowing: a huge count is
+// still a count, and the caller reports that it does not fit.
+int64_t parse_count(const std::string& text, const std::string& spec) {
+    const std::string s = strip(text);
+    size_t i = 0;
+    bool negative = false;
+    if (i < s.size() && (s[i] == '+' || s[i] == '-')) negative = s[i++] == '-';
+    bool digit_before = false;
+    int64_t value = 0;
+    for (; i < s.size(); ++i) {
+        const char c = s[i];
+        if (c == '_' && digit_before && i + 1 < s.size() && std::isdigit(static_cast<unsigned char>(s[i + 1]))) continue;
+        if (!std::isdigit(static_cast<unsigned char>(c))) { digit_before = false; break; }
+        digit_before = true;
+        const int64_t max = std::numeric_limits<int64_t>::max();
+        value = value > (max - (c - '0')) / 10 ? max : value * 10 + (c - '0');
+    }
+    if (i != s.size() || !digit_before) throw Error(Status::Schedule, "step spec '" + spec + kSpecHelp);
+    if (negative) value = -value;
+    if (value < 1) throw Error(Status::Schedule, "step spec '" + spec + "': step counts must be positive");
+    return value;
+}
+
+std::vector<std::string> split_commas(const std::string& s) {
+    std::vector<std::string> parts;
+    size_t start = 0;
+    for (size_t comma; (comma = s.find(',', start)) != std::string::npos; start = comma + 1)
+        parts.push_back(s.substr(start, comma - start));
+    parts.push_back(s.substr(start));
+    return parts;
+}
+
+std::vector<int64_t> ddim_steps(int64_t num_timesteps, const std::string& spec) {
+    const int64_t count = parse_count(spec.substr(4), spec);
+    for (int64_t stride = 1; stride < num_timesteps; ++stride) {
+        if ((num_timesteps + stride - 1) / stride == count) {  // len(range(0, N, stride))
+            std::vector<int64_t> steps;
+            for (int64_t t = 0; t < num_timesteps; t += stride) steps.push_back(t);
+            return steps;
+        }
+    }
+    throw Error(Status::Schedule, "'" + spec + "': no integer stride gives exactly " + std::to_string(count) +
+                                      " of " + std::to_string(num_timesteps) + " steps");
+}
+
+}  // namespace
+
+std::vector<int64_t> space_timesteps(int64_t num_timesteps, const std::string& raw_spec) {
+    const std::string spec = strip(raw_spec);
+    if (spec.empty())
+        throw Error(Status::Schedule, "step spec must be a string like '250', 'ddim50' or '10,20,30'; got '" +
+                                          raw_spec + "'");
+    if (spec.rfind("ddim", 0) == 0) return ddim_steps(num_timesteps, spec);
+    std::vector<int64_t> sections;
+    for (const auto& part : split_commas(spec)) sections.push_back(parse_count(part, spec));
+    const int64_t n = int64_t(sections.size());
+    const int64_t size_per = num_timesteps / n, extra = num_timesteps % n;
+    std::set<int64_t> steps;  // sorted(set(...)) as the official code
+    int64_t start = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t size = size_per + (i < extra ? 1 : 0), count = sections[size_t(i)];
+        if (size < count)
+            throw Error(Status::Schedule, "'" + spec + "': cannot take " + std::to_string(count) +
+                                              " steps from a section of " + std::to_string(size) + " timesteps");
+        const double stride = count <= 1 ? 1.0 : double(size - 1) / double(count - 1);
+        double position = 0.0;  // accumulated, not multiplied: the official rounding
+        for (int64_t j = 0; j < count; ++j) {
+            // Python's round(): half to even, which nearbyint gives in the default rounding mode.
+            steps.insert(start + int64_t(std::nearbyint(position)));
+            position += stride;
+        }
+        start += size;
+    }
+    return {steps.begin(), steps.end()};
+}
+
+std::vector<double> linspace(double start, double stop, int64_t num) {
+    std::vector<double> y(size_t(std::max<int64_t>(num, 0)));
+    if (num == 1) y[0] = start;
+    if (num < 2) return y;
+    const double step = (stop - start) / double(num - 1);
+    for (int64_t i = 0; i < num; ++i) y[size_t(i)] = double(i) * step + start;
+    y.back() = stop;
+    return y;
+}
+
+Schedule schedule_from_betas(const std::vector<double>& betas, const std::vector<int64_t>& timesteps) {
+    const size_t n = betas.size();
+    if (n < 2)
+        throw Error(Status::Schedule, "the official sampler needs at least 2 steps (its clipped posterior "
+                                      "variance is taken from step 1)");
+    Schedule s;
+    s.timesteps = timesteps;
+    s.betas = betas;
+    auto table = [n](auto f) { std::vector<double> v(n); for (size_t i = 0; i < n; ++i) v[i] = f(i); return v; };
+    std::vector<double> alphas = table([&](size_t i) { return 1.0 - betas[i]; });
+    s.alphas_cumprod.resize(n);
+    double product = 1.0;
+    for (size_t i = 0; i < n; ++i) s.alphas_cumprod[i] = product *= alphas[i];
+    const auto& ac = s.alphas_cumprod;
+    s.alphas_cumprod_prev = table([&](size_t i) { return i == 0 ? 1.0 : ac[i - 1]; });
+    const auto& prev = s.alphas_cumprod_prev;
+    // Each expression keeps numpy's left-to-right evaluation order, so the float64 values agree.
+    s.posterior_variance = table([&](size_t i) { return betas[i] * (1.0 - prev[i]) / (1.0 - ac[i]); });
+    const auto& pv = s.posterior_variance;
+    s.sqrt_recip_alphas_cumprod = table([&](size_t i) { return std::sqrt(1.0 / ac[i]); });
+    s.sqrt_recipm1_alphas_cumprod = table([&](size_t i) { return std::sqrt(1.0 / ac[i] - 1); });
+    s.posterior_log_variance_clipped = table([&](size_t i) { return std::log(i == 0 ? pv[1] : pv[i]); });
+    s.posterior_mean_coef1 = table([&](size_t i) { return betas[i] * std::sqrt(prev[i]) / (1.0 - ac[i]); });
+    s.posterior_mean_coef2 = table([&](size_t i) { return (1.0 - prev[i]) * std::sqrt(alphas[i]) / (1.0 - ac[i]); });
+    s.log_betas = table([&](size_t i) { return std::log(betas[i]); });
+    s.fixed_large_log_variance = table([&](size_t i) { return std::log(i == 0 ? pv[1] : betas[i]); });
+    return s;
+}
+
+Schedule respaced_schedule(const std::vector<double>& base_betas, const std::string& spec) {
+    const std::vector<int64_t> keep = space_timesteps(int64_t(base_betas.size()), spec);
+    std::vector<double> base_ac(base_betas.size());
+    double product = 1.0;
+    for (size_t i = 0; i < base_betas.size(); ++i) base_ac[i] = product *= (1.0 - base_betas[i]);
+    std::vector<double> betas;
+    double last = 1.0;
+    for (int64_t t : keep) {
+        betas.push_back(1 - base_ac[size_t(t)] / last);
+        last = base_ac[size_t(t)];
+    }
+    return schedule_from_betas(betas, keep);
+}
+
+}  // namespace ditrt_core
