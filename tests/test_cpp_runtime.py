@@ -73,35 +73,15 @@ def _library(build: Path) -> Path:
 
 # ---- the artifact -----------------------------------------------------------------------------------
 
-def _upgrade_to_schema2(data: dict) -> dict:
-    """TEMPORARY, until the exporter on main writes manifest schema 2: the schema-1 manifest this
-    worktree's exporter writes, rewritten to schema 2 as engines/README.md describes it (same files,
-    same numbers). Drop it when `ditrt export` writes schema 2."""
-    assert data["schema_version"] == 1, "the exporter writes schema 2 now: drop _upgrade_to_schema2"
-    out = {k: v for k, v in data.items() if k not in ("graphs", "interface")}
-    d = dict(data["diffusion"])
-    out["defaults"] = {"sampler": d.pop("default_sampler"), "steps": d.pop("default_steps"),
-                       "cfg_scale": d.pop("default_cfg_scale"), "guidance": d.pop("default_guidance")}
-    d["prediction"] = "epsilon"
-    out["diffusion"] = d
-    iface = data["interface"]
-    out["networks"] = {"denoiser": {"inputs": iface["inputs"], "outputs": iface["outputs"],
-                                    "batch_axis": iface["batch_axis"], "batch_unit": "rows",
-                                    "graphs": data["graphs"]}}
-    out["engines"] = [{**e, "network": "denoiser"} for e in data.get("engines", [])]
-    out["schema_version"] = 2
-    return out
-
-
 @pytest.fixture(scope="session")
-def cpp_artifact(tiny_artifact, tmp_path_factory) -> Path:
-    """The tiny golden artifact with a schema-2 manifest (a copy: the Python runtime of this
-    worktree still reads the schema-1 original)."""
-    out = tmp_path_factory.mktemp("cpp") / "tiny2"
-    shutil.copytree(tiny_artifact, out)
-    data = json.loads((tiny_artifact / "manifest.json").read_text())
-    (out / "manifest.json").write_text(json.dumps(_upgrade_to_schema2(data), indent=2))
-    return out
+def cpp_artifact(tiny_artifact) -> Path:
+    """The tiny golden artifact (manifest schema 2, as `ditrt export` writes it)."""
+    return tiny_artifact
+
+
+from ditrt.runtime.config import DiTConfig, Diffusion  # noqa: E402
+
+_OFFICIAL = Diffusion.official(DiTConfig())
 
 
 # ---- the C++ unit tests against Python's values ---------------------------------------------------------
@@ -120,10 +100,10 @@ def _python_values() -> dict:
         except schedule.ScheduleError as e:
             respacing.append({"n": n, "spec": spec, "error": str(e)})
 
-    names = [f for f in schedule.Schedule.__dataclass_fields__ if f != "timesteps"]
+    names = [f for f in schedule.Schedule.__dataclass_fields__ if f not in ("timesteps", "variance")]
     schedules = {}
     for spec in ("250", "ddim50", "10,20,30", "10"):
-        s = schedule.respaced_schedule(spec)
+        s = schedule.respaced_schedule(_OFFICIAL, spec)
         schedules[spec] = {"timesteps": s.timesteps.tolist(), **{k: getattr(s, k).tolist() for k in names}}
 
     rng = np.random.default_rng(123)
@@ -136,7 +116,7 @@ def _python_values() -> dict:
         x = rng.standard_normal((2, 4, 3, 3), dtype=np.float32)
         mo = rng.standard_normal((2, out_channels, 3, 3), dtype=np.float32)
         noise = rng.standard_normal((2, 4, 3, 3), dtype=np.float32)
-        sched = schedule.respaced_schedule(spec)
+        sched = schedule.respaced_schedule(_OFFICIAL, spec)
         got = (samplers.ddim_step(x, mo, sched, i, noise, eta=eta) if sampler == "ddim"
                else samplers.ddpm_step(x, mo, sched, i, noise))
         steps.append({"name": name, "sampler": sampler, "spec": spec, "i": i, "eta": eta, "shape": list(x.shape),
@@ -346,12 +326,12 @@ def test_cpp_reproduces_the_official_golden_loops(cpp_pipe, golden, sampler, spe
     ("ddim", "ddim5", 0.6, 1.5, "standard", [0, 9, 4]), ("ddpm", "3,4", 0.0, 1.0, "official", [5])])
 def test_cpp_equals_the_python_runtime(cpp_pipe, tiny_artifact, sampler, spec, eta, cfg, guidance, labels):
     from ditrt import runtime
-    k = len(__import__("ditrt.runtime.schedule", fromlist=["x"]).respaced_schedule(spec))
+    k = len(__import__("ditrt.runtime.schedule", fromlist=["x"]).respaced_schedule(_OFFICIAL, spec))
     rng = np.random.default_rng(11)
     noise = (rng.standard_normal((len(labels), 4, 8, 8), dtype=np.float32),
              rng.standard_normal((k, len(labels), 4, 8, 8), dtype=np.float32))
     python = runtime.load(tiny_artifact, backend="onnxruntime").sample(
-        labels, num_steps=spec, sampler=sampler, eta=eta, cfg_scale=cfg, guidance=guidance, noise=noise, progress=False)
+        labels, num_steps=spec, sampler=sampler, eta=eta if sampler == "ddim" else None, cfg_scale=cfg, guidance=guidance, noise=noise, progress=False)
     status, out = cpp_pipe.sample(labels, steps=spec, sampler=sampler, eta=eta, cfg_scale=cfg, guidance=guidance, noise=noise)
     assert status == 0, cpp_pipe.lib.error()
     diff, rel = float(np.abs(out - python).max()), max_rel_err(out, python)
