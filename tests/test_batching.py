@@ -85,7 +85,6 @@ def test_rows_at_their_own_timesteps_in_one_call(pipe):
             return backend(feeds)
     spy_pipe = runtime.Pipeline(Spy(), pipe.manifest)
     with StepBatcher(spy_pipe, policy="step") as b:
-        b.close  # noqa: B018
         f1 = b.submit([1], num_steps=10, sampler="ddpm", seed=1)
         f2 = b.submit([2], num_steps=4, sampler="ddim", seed=2)
         r1, r2 = f1.result(60), f2.result(60)
