@@ -100,11 +100,22 @@ def write_png(path: str | Path, array) -> Path:
         raise ImageError(f"write_png: {path} exists and is not a regular file")
     if path.is_dir():  # a dangling name is fine; a directory never is
         raise ImageError(f"write_png: {path} is a directory")
-    from PIL import Image
-    image = Image.fromarray(np.ascontiguousarray(array))
+    data = png_bytes(array)
     with atomic_output(path, suffix=".png") as f:
-        image.save(f, format="PNG")
+        f.write(data)
     return path
+
+
+def png_bytes(array) -> bytes:
+    """An (H, W, 3) or (H, W) uint8 array encoded as PNG (Pillow)."""
+    import io
+    from PIL import Image
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+        raise ImageError(f"png_bytes: expected a uint8 (H, W, 3) or (H, W) array, got {array.dtype} {array.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def read_png(path: str | Path) -> np.ndarray:

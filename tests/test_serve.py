@@ -185,3 +185,14 @@ def test_ray_serve_one_request(tiny_artifact):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_png_format_returns_the_decoded_grid(tiny_artifact_with_vae):
+    from ditrt.runtime import images
+    vae_pipe = runtime.load(tiny_artifact_with_vae, backend="onnxruntime-fp32", threads=1)
+    with Server(StepBatcher(vae_pipe)) as server:
+        r = httpx.post(f"{server.url}/v1/samples", json={"labels": [3, 7], "steps": 5, "seed": 2, "format": "png"},
+                       timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+    expected = images.grid(vae_pipe.decode(vae_pipe.sample([3, 7], num_steps=5, seed=2, progress=False)))
+    np.testing.assert_array_equal(images.read_png(io.BytesIO(r.content)), expected)
