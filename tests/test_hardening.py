@@ -296,3 +296,20 @@ def test_an_fp16_only_artifact_samples_with_its_fp16_graph(tmp_path):
 def test_a_missing_checkpoint_option_says_not_found(art):
     r = ditrt("parity", art, "--against", "reference", "--checkpoint", "missing.pt")
     assert r.returncode == 2 and "--checkpoint missing.pt: file not found" in r.stderr
+
+
+def test_integrity_covers_the_files_actually_used(art):
+    """The graph's own file must be among the hashed files: a manifest that hashes only other
+    names is refused, so verification always covers what ONNX Runtime opens."""
+    data = json.loads((art / "manifest.json").read_text())
+    graph = data["networks"]["denoiser"]["graphs"]["fp32"]
+    graph["sha256"] = {"unrelated.bin": "0" * 64}
+    (art / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=r"sha256 must map every file \(the graph's included\)"):
+        load_manifest(art)
+
+
+def test_out_on_a_filesystem_that_refuses_files_is_a_clear_error(art):
+    """/proc accepts no new files, even from root (a read-only disk behaves the same way)."""
+    r = ditrt("sample", art, "--labels", "1", "--steps", "3", "--out", "/proc/ditrt-test.npy", "--no-progress")
+    assert r.returncode == 2 and "cannot write /proc/ditrt-test.npy" in r.stderr and no_traceback(r), r.stderr
