@@ -454,6 +454,7 @@ def _integrity_checks(manifest, backend) -> list:
 
 
 def _activation_ranges(manifest, checkpoint, headroom, json_path) -> None:
+    import numpy as np
     _require_torch("parity --activation-ranges")
     from ditrt.exporter.parity_reference import activation_ranges, reference_model
     k = manifest.model.num_classes
@@ -465,6 +466,16 @@ def _activation_ranges(manifest, checkpoint, headroom, json_path) -> None:
         click.echo("  ".join(f"{b[c]:>9.4g}" if isinstance(b[c], float) else f"{b[c]!s:>9}" for c in cols))
     click.echo(f"flag above {report['flag_above']:.0f} (fp16 max {report['fp16_max']:.0f} / headroom {headroom:g}); "
                f"flagged blocks: {report['flagged_blocks'] or 'none'}; {report['suggestion']}")
+    if "decoder" in manifest.networks:
+        from ditrt.exporter.parity_reference import decoder_activation_ranges, reference_decoder
+        spec = manifest.network("decoder")
+        latents = np.concatenate([spec.example_inputs(4, seed)[spec.input_names[0]] * scale
+                                  for seed, scale in ((0, 1.0), (1, 3.0))])  # typical and 3-sigma latents
+        decoder = decoder_activation_ranges(reference_decoder(manifest), latents, headroom)
+        for row in decoder["stages"]:
+            click.echo(f"decoder {row['stage']:>16}  max |activation| {row['max_abs']:>10.4g}  {row['status']}")
+        click.echo(f"decoder: flagged stages: {decoder['flagged_stages'] or 'none'}; {decoder['suggestion']}")
+        report = {**report, "decoder": decoder}
     if json_path:
         write_json_atomic(json_path, report)
 

@@ -119,3 +119,37 @@ def activation_ranges(model: DiT, timesteps: list[float], labels: list[int], see
             "flag_above": limit, "blocks": blocks, "flagged_blocks": flagged,
             "suggestion": (f"ditrt export ... --fp32-blocks {','.join(map(str, flagged))}" if flagged
                            else "every block stays well inside the fp16 range")}
+
+
+def decoder_activation_ranges(graph, latents: np.ndarray, headroom: float = 8.0) -> dict:
+    """Largest |activation| at each stage of the VAE decoder (post_quant_conv, conv_in, the mid
+    block, each up block, the output conv) over DiT-scale `latents`, run in fp32, flagged like
+    the denoiser's blocks. fp16 VAE decoders are the best-known source of NaN / black images: a
+    flagged stage means build the decoder in fp32 (--decoder-precision fp32)."""
+    stages = {"post_quant_conv": graph.post_quant_conv, "conv_in": graph.decoder.conv_in,
+              "mid_block": graph.decoder.mid_block,
+              **{f"up_block {i}": block for i, block in enumerate(graph.decoder.up_blocks)},
+              "conv_out": graph.decoder.conv_out}
+    peaks: dict[str, float] = {}
+    hooks = []
+    for name, module in stages.items():
+        if module is None:
+            continue
+
+        def record(mod, inputs, output, name=name):
+            peaks[name] = max(peaks.get(name, 0.0), float(output.detach().abs().max()))
+        hooks.append(module.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            graph.float()(torch.from_numpy(np.asarray(latents, np.float32)))
+    finally:
+        for h in hooks:
+            h.remove()
+    limit = FP16_MAX / headroom
+    rows = [{"stage": name, "max_abs": value, "fraction_of_fp16_max": value / FP16_MAX,
+             "status": "overflow" if value >= FP16_MAX else "near" if value >= limit else "ok"}
+            for name, value in peaks.items()]
+    flagged = [r["stage"] for r in rows if r["status"] != "ok"]
+    return {"fp16_max": FP16_MAX, "headroom": headroom, "flag_above": limit, "stages": rows, "flagged_stages": flagged,
+            "suggestion": ("build the decoder in fp32: ditrt build ARTIFACT --decoder-precision fp32" if flagged
+                           else "every decoder stage stays well inside the fp16 range")}

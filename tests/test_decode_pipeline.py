@@ -116,3 +116,13 @@ def test_parity_covers_the_decoder(tiny_artifact_with_vae, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     checks = json.loads((tmp_path / "r.json").read_text())["checks"]
     assert {c["check"] for c in checks} >= {"decoder forward batch 1", "decoder forward batch 2", "sha256 decoder.fp16.onnx"}
+
+
+def test_activation_ranges_cover_the_decoder(tiny_artifact_with_vae, tmp_path):
+    r = ditrt("parity", tiny_artifact_with_vae, "--activation-ranges", "--json", tmp_path / "a.json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "a.json").read_text())["decoder"]
+    assert [s["stage"] for s in report["stages"]][:3] == ["post_quant_conv", "conv_in", "mid_block"]
+    assert report["flagged_stages"] == [] and all(s["max_abs"] > 0 for s in report["stages"])
+    r = ditrt("parity", tiny_artifact_with_vae, "--activation-ranges", "--headroom", "1e6")
+    assert "--decoder-precision fp32" in r.stdout
