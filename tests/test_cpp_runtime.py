@@ -75,13 +75,9 @@ def _library(build: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def cpp_artifact(tiny_artifact) -> Path:
-    """The tiny golden artifact (manifest schema 2, as `ditrt export` writes it)."""
+    """The tiny golden artifact (manifest schema 2, as the exporter writes it)."""
+    assert json.loads((tiny_artifact / "manifest.json").read_text())["schema_version"] == 2
     return tiny_artifact
-
-
-from ditrt.runtime.config import DiTConfig, Diffusion  # noqa: E402
-
-_OFFICIAL = Diffusion.official(DiTConfig())
 
 
 # ---- the C++ unit tests against Python's values ---------------------------------------------------------
@@ -89,6 +85,10 @@ _OFFICIAL = Diffusion.official(DiTConfig())
 def _python_values() -> dict:
     """Values the Python runtime computes, which the GoogleTest suite reads (DITRT_TEST_VALUES)."""
     from ditrt.runtime import samplers, schedule, trt_plan
+    from ditrt.runtime.config import Diffusion
+
+    def diffusion(variance="learned_range"):  # the official training process, as the manifest states it
+        return Diffusion(1000, "linear", 1e-4, 0.02, variance, 10, {"official": 3, "standard": 4})
 
     respacing = []
     for n, spec in [(1000, s) for s in ("250", "ddim50", "10,20,30", "10", "1000", "ddim1000", "7", "ddim3",
@@ -103,24 +103,28 @@ def _python_values() -> dict:
     names = [f for f in schedule.Schedule.__dataclass_fields__ if f not in ("timesteps", "variance")]
     schedules = {}
     for spec in ("250", "ddim50", "10,20,30", "10"):
-        s = schedule.respaced_schedule(_OFFICIAL, spec)
+        s = schedule.respaced_schedule(diffusion(), spec)
         schedules[spec] = {"timesteps": s.timesteps.tolist(), **{k: getattr(s, k).tolist() for k in names}}
 
     rng = np.random.default_rng(123)
     steps, guides = [], []
-    for name, sampler, spec, i, eta, out_channels in [
-            ("ddpm learned mid", "ddpm", "250", 120, 0.0, 8), ("ddpm learned first", "ddpm", "250", 249, 0.0, 8),
-            ("ddpm last", "ddpm", "10", 0, 0.0, 8), ("ddpm fixed large", "ddpm", "10,20,30", 17, 0.0, 4),
-            ("ddim eta 0", "ddim", "ddim50", 30, 0.0, 8), ("ddim eta 0.7", "ddim", "ddim50", 30, 0.7, 8),
-            ("ddim eta 1 last", "ddim", "ddim50", 0, 1.0, 8)]:
+    for name, sampler, spec, i, eta, out_channels, variance in [
+            ("ddpm learned mid", "ddpm", "250", 120, 0.0, 8, "learned_range"),
+            ("ddpm learned first", "ddpm", "250", 249, 0.0, 8, "learned_range"),
+            ("ddpm last", "ddpm", "10", 0, 0.0, 8, "learned_range"),
+            ("ddpm fixed large, no v channels", "ddpm", "10,20,30", 17, 0.0, 4, "fixed_large"),
+            ("ddpm fixed large ignores v", "ddpm", "10,20,30", 17, 0.0, 8, "fixed_large"),
+            ("ddim eta 0", "ddim", "ddim50", 30, 0.0, 8, "learned_range"),
+            ("ddim eta 0.7", "ddim", "ddim50", 30, 0.7, 8, "learned_range"),
+            ("ddim eta 1 last", "ddim", "ddim50", 0, 1.0, 8, "learned_range")]:
         x = rng.standard_normal((2, 4, 3, 3), dtype=np.float32)
         mo = rng.standard_normal((2, out_channels, 3, 3), dtype=np.float32)
         noise = rng.standard_normal((2, 4, 3, 3), dtype=np.float32)
-        sched = schedule.respaced_schedule(_OFFICIAL, spec)
+        sched = schedule.respaced_schedule(diffusion(variance), spec)
         got = (samplers.ddim_step(x, mo, sched, i, noise, eta=eta) if sampler == "ddim"
                else samplers.ddpm_step(x, mo, sched, i, noise))
         steps.append({"name": name, "sampler": sampler, "spec": spec, "i": i, "eta": eta, "shape": list(x.shape),
-                      "out_channels": out_channels, "learned": out_channels == 8, "x": x.ravel().tolist(),
+                      "out_channels": out_channels, "learned": variance == "learned_range", "x": x.ravel().tolist(),
                       "model_output": mo.ravel().tolist(), "noise": noise.ravel().tolist(),
                       "expected": got.astype(np.float32).ravel().tolist()})
     for scale, channels in ((4.0, 3), (1.5, 4), (0.3, 2)):
@@ -326,7 +330,7 @@ def test_cpp_reproduces_the_official_golden_loops(cpp_pipe, golden, sampler, spe
     ("ddim", "ddim5", 0.6, 1.5, "standard", [0, 9, 4]), ("ddpm", "3,4", 0.0, 1.0, "official", [5])])
 def test_cpp_equals_the_python_runtime(cpp_pipe, tiny_artifact, sampler, spec, eta, cfg, guidance, labels):
     from ditrt import runtime
-    k = len(__import__("ditrt.runtime.schedule", fromlist=["x"]).respaced_schedule(_OFFICIAL, spec))
+    k = len(runtime.schedule.space_timesteps(1000, spec))
     rng = np.random.default_rng(11)
     noise = (rng.standard_normal((len(labels), 4, 8, 8), dtype=np.float32),
              rng.standard_normal((k, len(labels), 4, 8, 8), dtype=np.float32))

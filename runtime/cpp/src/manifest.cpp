@@ -122,8 +122,9 @@ EngineEntry read_engine(const json& e, size_t index, const std::string& director
     out.file = e["file"].get<std::string>();
     check_confined(directory, at + ".file", out.file);  // a reader rule: fatal
     try {
-        out.network = string(e, "network");
-        out.sha256 = string(e, "sha256");
+        // Defaults as runtime/trt_plan.py read_entry; a missing sha256 fails verification at load.
+        out.network = e.contains("network") ? string(e, "network") : "denoiser";
+        if (e.contains("sha256")) out.sha256 = string(e, "sha256");
         out.trt_version = string(e, "tensorrt.version");
         const json& cc = field(e, "gpu.compute_capability");
         out.compute_capability = cc.is_string() ? cc.get<std::string>() : cc.dump();
