@@ -122,8 +122,6 @@ def _export_into(loaded: LoadedVae, out_dir: Path, latent_size: int, precisions,
         "batch_axis": 0,
         "batch_unit": "images",
         "scaling_factor": loaded.scaling_factor,
-        "latent_size": h,
-        "image_size": H,
         "source": loaded.source(),
         "graphs": graphs,
     }
