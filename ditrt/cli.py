@@ -525,7 +525,7 @@ def build(artifact, network, precision, decoder_precision, min_batch, opt_batch,
     """
     import contextlib
     from ditrt.runtime.trt_build import build_engine
-    from ditrt.runtime.trt_plan import BuildFlags, EngineProfile, TensorRTUnavailable, default_profile
+    from ditrt.runtime.trt_plan import BuildFlags, EngineProfile, default_profile
     with project_errors():
         manifest = runtime.load_manifest(artifact)
         networks = list(manifest.networks) if network == "all" else [manifest.network(network).name]

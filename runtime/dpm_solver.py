@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InputError
 from .schedule import ScheduleError
 
 NAME = "dpm++2m"
@@ -86,7 +87,7 @@ def dpmpp_2m_step(x: np.ndarray, model_output: np.ndarray, sched: DpmSchedule, k
     the guided output; only its first x.shape[1] channels (eps) are used. `noise` is ignored (the
     2M solver is deterministic); `state` is the x0 returned by call k - 1 (None at k = 0)."""
     if k > 0 and state is None:
-        raise ValueError(f"{NAME} call {k} needs the state returned by call {k - 1}")
+        raise InputError(f"{NAME} call {k} needs the state returned by call {k - 1}")
     eps = model_output[:, :x.shape[1]]
     x0 = (x - np.float32(sched.sigma_t[k]) * eps) / np.float32(sched.alpha_t[k])
     h = sched.lambdas[k + 1] - sched.lambdas[k]
