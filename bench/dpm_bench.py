@@ -64,7 +64,8 @@ def main() -> None:
     import onnxruntime
     from ditrt import runtime
     from ditrt.exporter.model import named_config
-    from ditrt.exporter.onnx_export import export_artifact, source_from_random_init
+    from ditrt.exporter.artifact import export_artifact
+    from ditrt.exporter.denoiser import source_from_random_init
 
     dpm_steps = sorted({*map(int, args.dpm_steps.split(",")), args.timed_dpm_steps})
     cfg = named_config(args.config, args.image_size)
@@ -80,8 +81,8 @@ def main() -> None:
         export_artifact(source_from_random_init(cfg, args.seed, args.config), art, precisions=("fp32",),
                         log=lambda m: None)
         pipe = runtime.load(art, backend="onnxruntime", threads=args.threads)
-        guided_channels = int(pipe.manifest.diffusion.guided_channels[args.guidance])
-        null_class = pipe.manifest.diffusion.null_class
+        guided_channels = pipe.manifest.guidance.channels(args.guidance)
+        null_class = pipe.manifest.model.null_class
         session = pipe.backend.session  # the same ORT session (same threads) for both samplers
         dpm_loop(session, 2, initial, labels, args.cfg_scale, guided_channels, null_class)  # warm-up
 

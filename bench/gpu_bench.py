@@ -49,7 +49,7 @@ def gpu_name() -> str | None:
     except ImportError:
         pass
     try:
-        from ditrt.runtime.tensorrt import gpu_info
+        from ditrt.runtime.trt.device import gpu_info
         return gpu_info().name
     except Exception:  # no cuda-python, no driver, no device
         return None
@@ -102,9 +102,9 @@ class TorchCudaGraphBackend:
 def unavailable_reason(name: str) -> str | None:
     """Why this machine cannot run a backend at all (checked before any artifact is exported), or None."""
     if name == "tensorrt-fp16":
-        from ditrt.runtime.trt_plan import TensorRTUnavailable
+        from ditrt.runtime.errors import TensorRTUnavailable
         try:
-            from ditrt.runtime.tensorrt import environment
+            from ditrt.runtime.trt.device import environment
             environment()  # TensorRT and a GPU, or the reason why not
         except TensorRTUnavailable as e:
             return e.missing
@@ -136,17 +136,17 @@ def unavailable_reason(name: str) -> str | None:
 def make_backend(name: str, manifest, args, batches: list[int], log):
     """(backend, note); Unavailable with the reason when this machine cannot run it."""
     from ditrt.runtime import create_backend
-    from ditrt.runtime.trt_plan import TensorRTUnavailable
+    from ditrt.runtime.errors import TensorRTUnavailable
     low, high = min(batches), max(batches)
     if name in ("tensorrt-fp16", "onnxruntime-fp16") and "fp16" not in manifest.precisions("denoiser"):
         raise Unavailable(f"{manifest.directory} has no fp16 denoiser graph (re-export with the fp16 precision)")
     if name == "tensorrt-fp16":
-        from ditrt.runtime.tensorrt import compatible_engine
+        from ditrt.runtime.trt.compat import compatible_engine
         try:
             entry = compatible_engine(manifest, "denoiser", "fp16")
             if entry is None or entry["profile"]["min"] > low or entry["profile"]["max"] < high:
-                from ditrt.runtime.trt_build import build_engine, require_toolchain
-                from ditrt.runtime.trt_plan import BuildFlags, EngineProfile
+                from ditrt.runtime.trt.build import build_engine, require_toolchain
+                from ditrt.runtime.trt.settings import BuildFlags, EngineProfile
                 require_toolchain()
                 log(f"building a TensorRT plan (1/{min(16, high)}/{high} engine rows) for this GPU ...")
                 build_engine(manifest.directory, "denoiser", "fp16", EngineProfile(1, min(16, high), high), BuildFlags(),
@@ -210,7 +210,7 @@ def prepare(args, log):
     except ArtifactError:
         if args.artifact and Path(args.artifact).exists():
             raise
-        from ditrt.exporter.onnx_export import export_artifact
+        from ditrt.exporter.artifact import export_artifact
         log(f"exporting {artifact} (fp16 graph) ...")
         manifest = export_artifact(torch_source(args), artifact, ("fp16",), log=log)
     return manifest, args.checkpoint or "random init (timings do not depend on the weights)"
@@ -220,7 +220,7 @@ def torch_source(args):
     """The PyTorch model to export: --checkpoint, else a random init of --config."""
     try:
         from ditrt.exporter.model import named_config
-        from ditrt.exporter.onnx_export import source_from_checkpoint, source_from_random_init
+        from ditrt.exporter.denoiser import source_from_checkpoint, source_from_random_init
     except ImportError as e:
         raise SystemExit(f"exporting an artifact needs PyTorch ({e}): pass --artifact") from None
     if args.checkpoint:

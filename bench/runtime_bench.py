@@ -46,7 +46,8 @@ def main() -> None:
     import torch
     from ditrt import runtime
     from ditrt.exporter.model import named_config
-    from ditrt.exporter.onnx_export import export_artifact, source_from_random_init
+    from ditrt.exporter.artifact import export_artifact
+    from ditrt.exporter.denoiser import source_from_random_init
     from ditrt.runtime.backends import OnnxRuntimeBackend
 
     torch.set_num_threads(args.threads)

@@ -10,14 +10,13 @@ request was cancelled.
 """
 
 import asyncio
-import io
 import logging
 import time
 from dataclasses import asdict
 
-import numpy as np
 
 from ditrt import runtime
+from ditrt.runtime import outputs
 from ditrt.runtime.batching import StepBatcher
 from ditrt.runtime.errors import InputError, QueueFull, RequestTimeout, StepError
 
@@ -33,18 +32,12 @@ def check_png(pipeline) -> None:
                          f"{', '.join(pipeline.manifest.networks)}); ask for format 'npy' (the latents)")
 
 
-def encode_png(pipeline, latents: np.ndarray) -> bytes:
-    """The decoded images as one PNG grid, as the official sample.py writes it."""
-    check_png(pipeline)
-    from ditrt.runtime import images
-    return images.png_bytes(images.grid(pipeline.decode(latents)))
-
-
 def model_summary(batcher: StepBatcher) -> dict:
     pipe = batcher.pipeline
     m = pipe.manifest
-    return {"model": asdict(m.model), "latent_shape": list(pipe.latent_shape), "diffusion": asdict(m.diffusion),
-            "defaults": m.defaults.to_dict(), "networks": list(m.networks), "samplers": list(runtime.SAMPLERS),
+    return {"model": asdict(m.model), "family": m.family.name, "latent_shape": list(pipe.latent_shape),
+            m.family.process_section: asdict(m.process), "guidance": m.guidance.to_dict(), "noise": runtime.NOISE_VERSION,
+            "defaults": m.defaults.to_dict(), "networks": list(m.networks), "samplers": [s for s, e in runtime.SAMPLERS.items() if e.family == m.family.name],
             "backend": pipe.backend.name, "max_batch": batcher.max_batch, "policy": batcher.policy,
             "stats": batcher.stats()}
 
@@ -146,16 +139,12 @@ def create_app(batcher: StepBatcher | None = None):
         except StepError as e:
             done(500, str(e))
             return error(500, str(e))
-        if body.format == "png":
-            try:
-                content, media = encode_png(b.pipeline, latents), "image/png"
-            except InputError as e:
-                done(400, str(e))
-                return error(400, str(e))
-        else:
-            buf = io.BytesIO()
-            np.save(buf, latents)
-            content, media = buf.getvalue(), "application/octet-stream"
+        try:
+            content = outputs.encode(latents, body.format, b.pipeline.decode)
+        except InputError as e:
+            done(400, str(e))
+            return error(400, str(e))
+        media = outputs.FORMATS[body.format]
         done(200, f"-> {tuple(latents.shape)}")
         return Response(content, media_type=media)
 

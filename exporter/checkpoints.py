@@ -216,20 +216,26 @@ def expected_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], config: DiTConfig, source: object = "checkpoint") -> None:
     """Raise with every missing key, unexpected key and shape mismatch listed."""
-    expected = expected_shapes(config)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {expected[k]}"
-                  for k in sorted(set(expected) & set(state_dict)) if tuple(state_dict[k].shape) != expected[k]]
+    check_keys(expected_shapes(config), state_dict, f"{source} does not match {describe(config)}", CheckpointError)
+
+
+def check_keys(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], what: str,
+               error=CheckpointError, at_most: int | None = None) -> None:
+    """The one key check of every weight file (DiT checkpoints, VAE folders): raise `error` with
+    `what`, then the missing keys, unexpected keys and shape mismatches (`at_most` of each named)."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = [f"{k}: file {tuple(tensors[k].shape)} vs model {expected[k]}"
+                  for k in sorted(set(expected) & set(tensors)) if tuple(tensors[k].shape) != tuple(expected[k])]
     problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatch ({len(mismatched)}): {'; '.join(mismatched)}")
+    for label, items, sep in (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "),
+                              ("shape mismatch", mismatched, "; ")):
+        if items:
+            shown = items if at_most is None else items[:at_most]
+            more = f" (and {len(items) - len(shown)} more)" if len(shown) < len(items) else ""
+            problems.append(f"{label} ({len(items)}): {sep.join(shown)}{more}")
     if problems:
-        raise CheckpointError(f"{source} does not match {describe(config)}:\n  " + "\n  ".join(problems))
+        raise error(f"{what}:\n  " + "\n  ".join(problems))
 
 
 def describe(config: DiTConfig) -> str:
@@ -351,3 +357,23 @@ def save_diffusers(state_dict: dict[str, torch.Tensor], config: DiTConfig, direc
         "out_channels": config.out_channels, "num_layers": config.depth, "patch_size": config.patch_size,
         "sample_size": config.input_size, "num_embeds_ada_norm": config.num_classes}, indent=1))
     return weights
+
+
+def inspect_checkpoint(path: str | Path, **overrides) -> dict:
+    """`ditrt inspect`: format, inferred config, named config, size, cost and notes of a checkpoint."""
+    from dataclasses import replace
+    from .model import macs_per_forward
+    ckpt = load_checkpoint(path, **overrides)
+    cfg = ckpt.config
+    grid = cfg.input_size // cfg.patch_size
+    pos = ckpt.state_dict["pos_embed"].double().numpy()[0]
+    named = next((name for name, c in DIT_CONFIGS.items()
+                  if replace(c, input_size=cfg.input_size, num_classes=cfg.num_classes, learn_sigma=cfg.learn_sigma) == cfg),
+                 None)
+    return {"path": str(path), "format": ckpt.format, "sha256": ckpt.sha256, "named_config": named,
+            "config": {**cfg.to_dict(), "out_channels": cfg.out_channels}, "description": describe(cfg),
+            "image_size": cfg.input_size * 8, "parameters": sum(t.numel() for t in ckpt.state_dict.values()),
+            "gmacs_per_forward": round(macs_per_forward(cfg) / 1e9, 3),
+            "pos_embed_max_deviation_from_sincos": float(abs(pos - get_2d_sincos_pos_embed(cfg.hidden_size, grid)).max()),
+            "family": "not recorded: no tensor tells a SiT from a DiT (the same network); export with --family",
+            "notes": ckpt.notes}

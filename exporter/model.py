@@ -211,6 +211,26 @@ class DiT(nn.Module):
         return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
 
 
+class SiT(DiT):
+    """SiT (Ma et al. 2024): DiT's backbone trained as a flow-matching model. The same modules and
+    keys; the timestep is t in [0, 1], fed unscaled to the same sinusoid; with learn_sigma the
+    forward keeps only the first in_channels channels (the velocity)."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x, t, y)
+        return out[:, :self.config.in_channels] if self.config.learn_sigma else out
+
+
+FAMILY_MODELS = {"dit": DiT, "sit": SiT}
+
+
+def family_model(family: str) -> type[DiT]:
+    """The module class of a model family (runtime.config.FAMILIES names them)."""
+    if family not in FAMILY_MODELS:
+        raise InputError(f"no PyTorch model for family {family!r}; ditrt has {', '.join(FAMILY_MODELS)}")
+    return FAMILY_MODELS[family]
+
+
 def random_init(model: DiT, seed: int = 0) -> DiT:
     """Random weights with realistic statistics and non-trivial outputs. The official init zeroes
     adaLN and the final layer, which makes every output zero and hides numerical errors; here

@@ -8,64 +8,34 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ditrt.runtime.errors import ArtifactError
+from ditrt.runtime.errors import InputError
 from ditrt.runtime.manifest import Manifest
 from ditrt.runtime.parity import Golden, make_golden
 from ditrt.runtime.pipeline import Pipeline
+from ditrt.runtime.validate import check_number
 
-from .checkpoints import load_checkpoint
-from .model import DiT, random_init
+from .model import DiT
+from .reference import reference_decoder, reference_model
 from .torch_backend import TorchBackend
 
 FP16_MAX = 65504.0
 
 
-def reference_model(manifest: Manifest, checkpoint: str | Path | None = None) -> DiT:
-    """The fp32 PyTorch model the artifact was exported from: its source checkpoint (sha256
-    checked), `checkpoint` when given, or the same random init."""
-    config = manifest.model
-    source = manifest.data["source"]
-    if checkpoint is None and source["kind"] == "random-init":
-        return random_init(DiT(config), source["seed"])
-    path = Path(checkpoint or source["path"])
-    if checkpoint is not None and not path.is_file():
-        raise ArtifactError(f"--checkpoint {path}: file not found")
-    if not path.is_file():
-        raise ArtifactError(f"the artifact's source checkpoint {path} is not on this machine; pass --checkpoint PATH "
-                            "(or compare against a golden file saved where it was)")
-    ckpt = load_checkpoint(path, num_heads=config.num_heads)
-    if checkpoint is None and ckpt.sha256 != source["sha256"]:
-        raise ArtifactError(f"{path} changed since the export (sha256 {ckpt.sha256[:12]}... vs {source['sha256'][:12]}... "
-                            "in the manifest); pass the right --checkpoint or re-export")
-    if ckpt.config != config:
-        raise ArtifactError(f"{path} is a different model than the artifact's ({ckpt.config} vs {config})")
-    return ckpt.build_model()
-
-
-def reference_decoder(manifest: Manifest, precision: str = "fp32"):
-    """The decoder network's source VAE folder (sha256 checked) as the exported module."""
-    from .vae import DecoderGraph, load_vae
-    source = manifest.network("decoder").extra.get("source", {})
-    folder = Path(source.get("path", ""))
-    if not folder.is_dir():
-        raise ArtifactError(f"the decoder's source VAE folder {folder} is not on this machine (compare against a "
-                            "golden file saved where it was)")
-    loaded = load_vae(folder, in_channels=manifest.model.in_channels)
-    if loaded.sha256 != source.get("sha256"):
-        raise ArtifactError(f"{loaded.weights_path} changed since the export (sha256 differs from the manifest's); "
-                            "re-export")
-    return DecoderGraph(loaded, precision)
-
-
 def reference_golden(manifest: Manifest, batches: list[int], steps: int, checkpoint: str | Path | None = None,
                      log: Callable[[str], None] = lambda m: None) -> Golden:
+    """Run the PyTorch reference once over the check set: per-forward checks at `batches` and one
+    loop of about `steps` model calls per sampler of the artifact's family."""
+    from ditrt.runtime.validate import check_int
+    if not batches:
+        raise InputError("--batch needs at least one batch size")
+    batches = [check_int(b, "--batch sizes", 1, 4096) for b in batches]
+    steps = check_int(steps, "--steps", 2, 10_000)
     backend = TorchBackend(reference_model(manifest, checkpoint), manifest.network("denoiser"))
     forward = {"denoiser": backend}
     if "decoder" in manifest.networks:
-        from .torch_backend import DecoderBackend
-        forward["decoder"] = DecoderBackend(reference_decoder(manifest), manifest.network("decoder"))
+        forward["decoder"] = TorchBackend(reference_decoder(manifest), manifest.network("decoder"))
     meta = {"reference": "PyTorch fp32 eager (exporter.model)", "torch": torch.__version__,
-            "artifact_source": manifest.data["source"]}
+            "artifact_source": manifest.data.get("source")}
     return make_golden(forward, Pipeline(backend, manifest), manifest, batches, steps, meta, log)
 
 
@@ -153,3 +123,34 @@ def decoder_activation_ranges(graph, latents: np.ndarray, headroom: float = 8.0)
     return {"fp16_max": FP16_MAX, "headroom": headroom, "flag_above": limit, "stages": rows, "flagged_stages": flagged,
             "suggestion": ("build the decoder in fp32: ditrt build ARTIFACT --decoder-precision fp32" if flagged
                            else "every decoder stage stays well inside the fp16 range")}
+
+
+def activation_report(manifest: Manifest, checkpoint=None, headroom: float = 8.0) -> dict:
+    """`ditrt parity --activation-ranges`: the denoiser's blocks over timesteps across its range and
+    labels (the null class included), and the decoder's stages over typical and 3-sigma latents."""
+    headroom = check_number(headroom, "--headroom", 1.0)  # below 1 the flag line would sit above fp16's range
+    k = manifest.model.num_classes
+    low, high = manifest.network("denoiser").input("time").range
+    times = [low + (high - low) * f for f in (0, 0.1, 0.25, 0.5, 0.75, 1.0)]
+    report = activation_ranges(reference_model(manifest, checkpoint), times, [0, k // 2, k - 1, k], headroom=headroom)
+    if "decoder" in manifest.networks:
+        spec = manifest.network("decoder")
+        name = spec.input("latent").name
+        latents = np.concatenate([spec.example_inputs(4, seed)[name] * scale for seed, scale in ((0, 1.0), (1, 3.0))])
+        report["decoder"] = decoder_activation_ranges(reference_decoder(manifest), latents, headroom)
+    return report
+
+
+def format_activation_report(report: dict) -> str:
+    cols = ["block", *list(report["blocks"][0])[1:8], "status"]
+    lines = ["  ".join(f"{c:>9}" for c in cols)]
+    for b in report["blocks"]:
+        lines.append("  ".join(f"{b[c]:>9.4g}" if isinstance(b[c], float) else f"{b[c]!s:>9}" for c in cols))
+    lines.append(f"flag above {report['flag_above']:.0f} (fp16 max {report['fp16_max']:.0f} / headroom "
+                 f"{report['headroom']:g}); flagged blocks: {report['flagged_blocks'] or 'none'}; {report['suggestion']}")
+    decoder = report.get("decoder")
+    if decoder:
+        for row in decoder["stages"]:
+            lines.append(f"decoder {row['stage']:>16}  max |activation| {row['max_abs']:>10.4g}  {row['status']}")
+        lines.append(f"decoder: flagged stages: {decoder['flagged_stages'] or 'none'}; {decoder['suggestion']}")
+    return "\n".join(lines)

@@ -1,44 +1,52 @@
-"""The PyTorch reference backend: the reference DiT behind the runtime's backend protocol
-(named tensors in and out), registered as backend kind `torch`."""
+"""The PyTorch reference backend: an artifact's source models behind the runtime's backend protocol
+(named tensors in and out), registered with the runtime as backend kind `torch` through the
+`ditrt.backends` entry point (pyproject.toml), so the runtime never imports the exporter. torch is
+imported when a backend is made: listing the kind costs nothing."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ditrt.runtime.errors import InputError
+from ditrt.runtime.backends import BackendKind
+from ditrt.runtime.errors import BackendError, InputError
 from ditrt.runtime.manifest import Manifest
-from ditrt.runtime.networks import NetworkSpec, denoiser_spec
-
-from .model import DiT, set_precision
+from ditrt.runtime.networks import NetworkSpec
 
 
 class TorchBackend:
-    def __init__(self, model: DiT, network: NetworkSpec | None = None, device: str = "cpu",
-                 max_batch: int | None = None, precision: str = "fp32"):
-        self.model = model.eval().to(device)
+    """A torch module over a network's named tensors (inputs in the spec's order, its one output)."""
+
+    def __init__(self, module, network: NetworkSpec, device: str = "cpu", max_batch: int | None = None,
+                 precision: str = "fp32"):
+        import torch
+        self.model = module.eval().to(device)
         self.device = torch.device(device)
-        self.network = network or denoiser_spec(model.config)
+        self.network = network
         self.max_batch = max_batch
         self.min_batch = 1
         self.precision = precision
         self.name = f"torch-{precision}"
 
-    @torch.no_grad()
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
         self.network.check_feeds(feeds)
         args = [torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device) for name in self.network.input_names]
-        return {self.network.output_names[0]: self.model(*args).float().cpu().numpy()}
+        with torch.no_grad():
+            return {self.network.output.name: self.model(*args).float().cpu().numpy()}
 
 
 def reference_backend(manifest: Manifest, network: str, precision: str, checkpoint: str | Path | None = None,
-                      device: str = "cpu", max_batch: int | None = None) -> TorchBackend:
+                      device: str = "cpu", max_batch: int | None = None, **_) -> TorchBackend:
     """The artifact's source model in PyTorch (the registry's `torch` backend)."""
-    from .parity_reference import reference_decoder, reference_model
+    try:
+        from .model import set_precision
+        from .reference import reference_decoder, reference_model
+    except ImportError as e:
+        raise BackendError(f"the torch backend needs PyTorch and ditrt[export] ({e})") from None
     if network == "decoder":  # diffusers' AutoencoderKL, as the official scripts decode
-        return DecoderBackend(reference_decoder(manifest, precision), manifest.network("decoder"), device, max_batch,
-                              precision)
+        return TorchBackend(reference_decoder(manifest, precision), manifest.network("decoder"), device, max_batch,
+                            precision)
     if network != "denoiser":
         raise InputError(f"the torch backend has no reference for the {network} network")
     model = reference_model(manifest, checkpoint)
@@ -47,12 +55,5 @@ def reference_backend(manifest: Manifest, network: str, precision: str, checkpoi
     return TorchBackend(model, manifest.network("denoiser"), device, max_batch, precision)
 
 
-class DecoderBackend(TorchBackend):
-    """The VAE decoder reference (exporter.vae.DecoderGraph over diffusers' AutoencoderKL)."""
-
-    def __init__(self, graph, network: NetworkSpec, device: str = "cpu", max_batch: int | None = None,
-                 precision: str = "fp32"):
-        self.model = graph.eval().to(device)
-        self.device = torch.device(device)
-        self.network, self.max_batch, self.min_batch, self.precision = network, max_batch, 1, precision
-        self.name = f"torch-{precision}"
+TORCH_BACKEND = BackendKind("torch", "the PyTorch reference model (needs torch and the source weights)",
+                            ("fp32", "fp16"), "fp32", reference_backend)

@@ -20,6 +20,8 @@ import torch
 from ditrt.runtime.errors import InputError
 from ditrt.runtime.files import sha256_file
 
+from .checkpoints import check_keys
+
 CONFIG_NAME = "config.json"
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # preference order
 VAE_CLASS = "AutoencoderKL"
@@ -192,19 +194,8 @@ def _fix_legacy_attention_keys(model: torch.nn.Module, tensors: dict, notes: lis
 
 def check_vae_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: object) -> None:
     """Raise listing missing keys, unexpected keys and shape mismatches (a few of each)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    mismatched = [f"{k}: file {tuple(tensors[k].shape)} vs model {expected[k]}"
-                  for k in sorted(set(expected) & set(tensors)) if tuple(tensors[k].shape) != expected[k]]
-    problems = []
-    for what, items, sep in (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "),
-                             ("shape mismatch", mismatched, "; ")):
-        if items:
-            more = f" (and {len(items) - _LIST_AT_MOST} more)" if len(items) > _LIST_AT_MOST else ""
-            problems.append(f"{what} ({len(items)}): {sep.join(items[:_LIST_AT_MOST])}{more}")
-    if problems:
-        raise VaeError(f"{source} does not match the {VAE_CLASS} its config.json describes:\n  " + "\n  ".join(problems))
+    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, tensors,
+               f"{source} does not match the {VAE_CLASS} its config.json describes", VaeError, _LIST_AT_MOST)
 
 
 class _Float32GroupNorm(torch.nn.Module):

@@ -1,12 +1,14 @@
-"""ditrt runtime: schedules, samplers, the CFG sampling loop and its backends. Imports no torch."""
-__version__ = "0.2.0"
+"""ditrt runtime: schedules, samplers, the guided sampling loop and its backends. Imports no torch."""
+__version__ = "0.3.0"
 
 from .backends import BACKENDS, create_backend  # noqa: E402
+from .config import FAMILIES  # noqa: E402
 from .errors import ArtifactError, BackendError, DitrtError, InputError, ScheduleError, StepError  # noqa: E402
 from .manifest import Manifest, load_manifest  # noqa: E402
+from .noise import NOISE_VERSION  # noqa: E402
 from .pipeline import Pipeline, SampleRun, SampleStats, load  # noqa: E402
 from .samplers import SAMPLERS  # noqa: E402
 
 __all__ = ["load", "Pipeline", "SampleRun", "SampleStats", "Manifest", "load_manifest", "create_backend", "BACKENDS",
-           "SAMPLERS", "DitrtError", "InputError", "StepError", "ArtifactError", "ScheduleError", "BackendError",
-           "__version__"]
+           "SAMPLERS", "FAMILIES", "NOISE_VERSION", "DitrtError", "InputError", "StepError", "ArtifactError",
+           "ScheduleError", "BackendError", "__version__"]

@@ -5,6 +5,10 @@ parity`, the CLI and the benches: `<kind>-<precision>`, e.g. `onnxruntime-fp32`,
 
 `max_batch` (None: unlimited) is the most rows one call takes and `min_batch` the fewest;
 `run_chunked` is the one place that splits larger calls and pads smaller ones.
+
+Backend kinds that live outside the runtime register through the `ditrt.backends` entry-point
+group (the exporter's `torch` kind does: the runtime never imports the exporter); they are loaded
+the first time the registry is read.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import numpy as np
 
 from .errors import ArtifactError, BackendError, InputError
 from .networks import NetworkSpec
+from .validate import check_int
 
 
 class Backend(Protocol):
@@ -127,17 +132,11 @@ def onnxruntime_device() -> str:
 
 def check_threads(threads) -> int:
     cores = os.cpu_count() or 1
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= 4 * cores:
-        raise InputError(f"threads must be an integer from 1 to {4 * cores} (this machine has {cores} cores), got {threads!r}")
-    return int(threads)
+    return check_int(threads, "threads", 1, 4 * cores, unit=f" (this machine has {cores} cores)")
 
 
 def check_max_batch(max_batch) -> int | None:
-    if max_batch is None:
-        return None
-    if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
-        raise InputError(f"max_batch must be a positive integer (or None for no limit), got {max_batch!r}")
-    return int(max_batch)
+    return None if max_batch is None else check_int(max_batch, "max_batch", 1, unit=" (or None for no limit)")
 
 
 # ---- the registry --------------------------------------------------------------------------------
@@ -165,37 +164,73 @@ def _onnxruntime(manifest, network: str, precision: str, threads=None, max_batch
 
 def _tensorrt(manifest, network: str, precision: str, max_batch=None, allow_plan_host_code=False, verify=True,
               **_) -> Backend:
-    from .tensorrt import TensorRTBackend
+    from .trt.backend import TensorRTBackend
     return TensorRTBackend.from_manifest(manifest, network=network, precision=precision, max_batch=max_batch,
                                          allow_host_code=allow_plan_host_code, verify=verify)
 
 
 def _tensorrt_available(manifest, network: str, precision: str) -> bool:
-    from .tensorrt import compatible_engine
+    from .trt.compat import compatible_engine
     return compatible_engine(manifest, network, precision) is not None
 
 
-def _torch(manifest, network: str, precision: str, max_batch=None, checkpoint=None, device="cpu", **_) -> Backend:
-    try:
-        from ditrt.exporter.torch_backend import reference_backend
-    except ImportError as e:
-        raise BackendError(f"the torch backend needs PyTorch and ditrt[export] ({e})") from None
-    return reference_backend(manifest, network, precision, checkpoint=checkpoint, device=device, max_batch=max_batch)
+class _Registry(dict):
+    """BACKENDS: the built-in kinds, plus the `ditrt.backends` entry points, loaded on first read."""
+    _plugins_loaded = False
+
+    def _load_plugins(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        from importlib.metadata import entry_points
+        for point in entry_points(group="ditrt.backends"):
+            if point.name not in self:
+                try:
+                    self[point.name] = point.load()
+                except Exception as e:  # a broken plugin must not take the runtime down
+                    import logging
+                    logging.getLogger("ditrt").warning("backend plugin %s failed to load: %s", point.name, e)
+
+    def __getitem__(self, name):
+        self._load_plugins()
+        return super().__getitem__(name)
+
+    def __contains__(self, name):
+        self._load_plugins()
+        return super().__contains__(name)
+
+    def __iter__(self):
+        self._load_plugins()
+        return super().__iter__()
+
+    def values(self):
+        self._load_plugins()
+        return super().values()
+
+    def items(self):
+        self._load_plugins()
+        return super().items()
+
+    def keys(self):
+        self._load_plugins()
+        return super().keys()
+
+    def __len__(self):
+        self._load_plugins()
+        return super().__len__()
 
 
-BACKENDS: dict[str, BackendKind] = {}
+BACKENDS: dict[str, BackendKind] = _Registry()
 
 
 def register_backend(kind: BackendKind) -> None:
-    BACKENDS[kind.name] = kind
+    dict.__setitem__(BACKENDS, kind.name, kind)
 
 
 register_backend(BackendKind("onnxruntime", "ONNX Runtime (CUDA EP with onnxruntime-gpu, else CPU)", ("fp32", "fp16"),
                              "fp32", _onnxruntime))
 register_backend(BackendKind("tensorrt", "TensorRT plans built by ditrt build", ("fp16", "fp32"), "fp16", _tensorrt,
                              _tensorrt_available))
-register_backend(BackendKind("torch", "the PyTorch reference model (needs torch and the source weights)",
-                             ("fp32", "fp16"), "fp32", _torch))
 
 
 def parse_backend(text: str) -> tuple[BackendKind, str | None]:

@@ -30,6 +30,7 @@ import numpy as np
 
 from .backends import check_max_batch, run_chunked
 from .errors import InputError, QueueFull, RequestTimeout, SchedulerClosed, StepError
+from .validate import check_int, check_number
 
 POLICIES = ("step", "serial", "request")
 
@@ -61,8 +62,7 @@ class StepBatcher:
                  timeout: float | None = None, name: str = "ditrt-batcher"):
         if policy not in POLICIES:
             raise InputError(f"unknown batching policy {policy!r}; use {', '.join(POLICIES)}")
-        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
-            raise InputError(f"max_queue must be a positive integer, got {max_queue!r}")
+        check_int(max_queue, "max_queue", 1, 1 << 20)
         self.pipeline, self.policy, self.max_queue = pipeline, policy, max_queue
         self.max_batch = check_max_batch(max_batch if max_batch is not None else pipeline.backend.max_batch)
         self.default_timeout = _check_timeout(timeout)
@@ -81,11 +81,12 @@ class StepBatcher:
     # ---- the caller's side ----------------------------------------------------------------------
 
     def submit(self, class_labels, num_steps=None, sampler=None, cfg_scale=None, guidance=None, seed=0, eta=None,
-               noise=None, timeout: float | None = None) -> Future:
+               noise=None, timeout: float | None = None, **sampler_options) -> Future:
         """A future of the latents (N, C, H, W) float32; raises InputError (bad request),
         QueueFull or SchedulerClosed at once. timeout (s, from submit; None: the batcher's default)
         fails the future with RequestTimeout."""
-        run = self.pipeline.start(class_labels, num_steps, sampler, cfg_scale, guidance, seed, eta, noise)
+        run = self.pipeline.start(class_labels, num_steps, sampler, cfg_scale, guidance, seed, eta, noise,
+                                  **sampler_options)
         timeout = self.default_timeout if timeout is None else _check_timeout(timeout)
         with self._cond:
             if self._closed:
@@ -191,9 +192,9 @@ class StepBatcher:
         feeds_list = [r.run.feeds() for r in batch]
         feeds = {k: np.concatenate([f[k] for f in feeds_list]) for k in feeds_list[0]} if len(batch) > 1 \
             else feeds_list[0]
-        rows = len(feeds["timestep"])
+        rows = sum(r.run.rows for r in batch)
         try:
-            output = run_chunked(self.pipeline.backend, feeds)["model_output"]
+            output = run_chunked(self.pipeline.backend, feeds)[self.pipeline.backend.network.output.name]
         except Exception as e:  # the backend failed: every request in this call fails with it
             error = e if isinstance(e, StepError) else StepError(f"the backend failed: {type(e).__name__}: {e}")
             with self._cond:
@@ -242,8 +243,4 @@ class StepBatcher:
 
 
 def _check_timeout(timeout):
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise InputError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    return float(timeout)
+    return None if timeout is None else check_number(timeout, "timeout (seconds)", 0, 86400 * 365, low_open=True)

@@ -1,14 +1,21 @@
-"""Typed, validated views of what a manifest (or a checkpoint) says: the model, the diffusion
-process it was trained with, and the sampling defaults. Torch-free: the exporter builds its
-PyTorch model from the same `DiTConfig` the runtime reads back.
+"""Typed, validated views of what a manifest (or a checkpoint) says: the model and its family, the
+process it was trained with (DiT: a diffusion; SiT: a transport), guidance and the sampling
+defaults. Torch-free: the exporter builds its PyTorch model from the same `DiTConfig` the runtime
+reads back.
+
+Model families share the network (DiT's backbone) and differ in the time convention, the output
+and the process the samplers integrate. One registry, `FAMILIES`; a family's samplers are the
+`SAMPLERS` entries that name it.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Callable
 
 import numpy as np
 
 from .errors import ArtifactError, InputError
+from .validate import check_choice, check_int, check_number
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,7 @@ class DiTConfig:
 
     @property
     def out_channels(self) -> int:
+        """Channels the backbone produces (DiT's graph output; SiT's graph keeps the first half)."""
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
     @property
@@ -39,14 +47,10 @@ class DiTConfig:
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.in_channels, self.input_size, self.input_size)
 
-    def validate(self) -> None:
-        problems = []
+    def validate(self, error=InputError) -> None:
         for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{name} must be a positive integer, got {value!r}")
-        if problems:
-            raise InputError("invalid DiT config: " + "; ".join(problems))
+            check_int(getattr(self, name), f"DiT config {name}", low=1, error=error)
+        problems = []
         if self.input_size % self.patch_size:
             problems.append(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
@@ -54,7 +58,7 @@ class DiTConfig:
         if self.hidden_size % 4:
             problems.append(f"hidden_size {self.hidden_size} must be divisible by 4 (2-D sin-cos pos_embed)")
         if problems:
-            raise InputError("invalid DiT config: " + "; ".join(problems))
+            raise error("invalid DiT config: " + "; ".join(problems))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,21 +68,16 @@ class DiTConfig:
         return cls(**{f.name: data[f.name] for f in fields(cls)})
 
 
-VARIANCES = ("learned_range", "fixed_large")
-BETA_SCHEDULES = ("linear",)
-PREDICTIONS = ("epsilon",)
-
+# ---- the processes --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Diffusion:
-    """The training process: every sampler's tables are built from these betas."""
-    num_train_timesteps: int
-    beta_schedule: str
-    beta_start: float
-    beta_end: float
-    variance: str
-    null_class: int
-    guided_channels: dict  # guidance name -> number of leading channels guided
+    """DiT's training process: every DiT sampler's tables are built from these betas."""
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    variance: str = "learned_range"  # or "fixed_large"
     prediction: str = "epsilon"
     clip_denoised: bool = False
 
@@ -89,15 +88,68 @@ class Diffusion:
     def alphas_cumprod(self) -> np.ndarray:
         return np.cumprod(1.0 - self.betas())
 
-    @classmethod
-    def official(cls, config: DiTConfig) -> "Diffusion":
-        """What the official DiT trains with: linear 1e-4..0.02 over 1000 steps."""
-        return cls(1000, "linear", 1e-4, 0.02, "learned_range" if config.learn_sigma else "fixed_large",
-                   config.null_class, {"official": min(3, config.in_channels), "standard": config.in_channels})
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Transport:
+    """SiT's interpolant: x_t = alpha_t x1 + sigma_t x0 with x0 noise, x1 data, t in [0, 1]. Only
+    the Linear path (alpha_t = t, sigma_t = 1 - t) with velocity prediction and eps 0 is
+    implemented (the SiT-XL/2 release); other paths and predictions are refused by name."""
+    path_type: str = "Linear"
+    prediction: str = "velocity"
+    train_eps: float = 0.0
+    sample_eps: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+VARIANCES = ("learned_range", "fixed_large")
+PATHS = ("Linear",)
+SIT_PATHS = ("Linear", "GVP", "VP")  # SiT's own choices; only PATHS run here
+SIT_PREDICTIONS = ("velocity", "score", "noise")
+
+
+def read_diffusion(d: dict, model: DiTConfig, error=ArtifactError) -> Diffusion:
+    """The diffusion section, checked against what this runtime can honour (nothing is silently
+    replaced: a value it cannot honour is refused, naming the field)."""
+    f = "manifest field diffusion."
+    n = check_int(d.get("num_train_timesteps"), f + "num_train_timesteps", 2, 100_000, error)
+    check_choice(d.get("beta_schedule"), f + "beta_schedule", ("linear",), error)
+    start = check_number(d.get("beta_start"), f + "beta_start", 0, low_open=True, error=error)
+    end = check_number(d.get("beta_end"), f + "beta_end", 0, low_open=True, error=error)
+    if not start <= end < 1:
+        raise error(f"manifest fields diffusion.beta_start {start} and beta_end {end} need 0 < beta_start <= beta_end < 1")
+    variance = check_choice(d.get("variance"), f + "variance", VARIANCES, error)
+    if variance == "learned_range" and not model.learn_sigma:
+        raise error(f"manifest field diffusion.variance is learned_range, but the model has {model.out_channels} "
+                    f"output channels (learned range needs 2 x in_channels = {2 * model.in_channels})")
+    check_choice(d.get("prediction", "epsilon"), f + "prediction", ("epsilon",), error)
+    if d.get("clip_denoised", False) is not False:
+        raise error(f"manifest field diffusion.clip_denoised is {d.get('clip_denoised')!r}: this runtime samples as "
+                    "the official sample.py does (clip_denoised false) and cannot clip")
+    return Diffusion(n, "linear", start, end, variance, "epsilon", False)
+
+
+def read_transport(d: dict, model: DiTConfig, error=ArtifactError) -> Transport:
+    path, prediction = d.get("path_type"), d.get("prediction")
+    if path in SIT_PATHS and path not in PATHS:
+        raise error(f"manifest field transport.path_type is {path!r}: only the Linear path is implemented (SiT's "
+                    "released models); GVP and VP have no golden reference here")
+    check_choice(path, "manifest field transport.path_type", PATHS, error)
+    if prediction in SIT_PREDICTIONS and prediction != "velocity":
+        raise error(f"manifest field transport.prediction is {prediction!r}: only velocity prediction is implemented "
+                    "(SiT's released models)")
+    check_choice(prediction, "manifest field transport.prediction", ("velocity",), error)
+    for key in ("train_eps", "sample_eps"):
+        if check_number(d.get(key, 0.0), f"manifest field transport.{key}", 0, 0, error=error) != 0:
+            raise error(f"manifest field transport.{key} must be 0 for the Linear path")
+    return Transport()
+
+
+# ---- families -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Defaults:
@@ -106,113 +158,138 @@ class Defaults:
     steps: int | str = 250
     cfg_scale: float = 4.0
     guidance: str = "official"
+    eta: float | None = None  # only for a sampler that takes eta
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def read_model(data) -> DiTConfig:
+@dataclass(frozen=True)
+class Family:
+    name: str
+    summary: str
+    process_section: str  # the manifest section of its process: "diffusion" or "transport"
+    read_process: Callable[[dict, DiTConfig], object]
+    default_process: Callable[[DiTConfig], object]
+    time_range: Callable[[object], tuple[float, float]]  # process -> the (low, high) values the time input takes
+    time_meaning: str
+    keeps_variance: bool  # the exported graph outputs the learned-variance channels (DiT) or drops them (SiT)
+    defaults: Defaults
+
+    def output_channels(self, config: DiTConfig) -> int:
+        return config.out_channels if self.keeps_variance else config.in_channels
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> None:
+    FAMILIES[family.name] = family
+
+
+register_family(Family(
+    "dit", "DiT (Peebles & Xie 2023): DDPM-trained, eps prediction, timesteps 0..999", "diffusion", read_diffusion,
+    lambda c: Diffusion(variance="learned_range" if c.learn_sigma else "fixed_large"),
+    lambda d: (0.0, float(d.num_train_timesteps - 1)),
+    "original-scale timesteps (0..num_train_timesteps-1, fractional allowed), one per row", True,
+    Defaults("ddpm", 250, 4.0, "official")))
+register_family(Family(
+    "sit", "SiT (Ma et al. 2024): DiT's backbone trained as a flow-matching interpolant (Linear path, velocity)",
+    "transport", read_transport, lambda c: Transport(), lambda t: (0.0, 1.0),
+    "t in [0, 1] (0 noise, 1 data), unscaled, one per row", False,
+    # SiT's headline FID (2.06 for SiT-XL/2): the SDE sampler, Euler-Maruyama, 250 steps, cfg 1.5.
+    Defaults("sde-euler", 250, 1.5, "official")))
+
+
+def get_family(name, error=InputError) -> Family:
+    if not isinstance(name, str) or name not in FAMILIES:
+        raise error(f"unknown model family {name!r}; ditrt knows {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+# ---- guidance and defaults ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance conventions: name -> leading channels guided (official: 3, the
+    released models' quirk; standard: every latent channel)."""
+    guided_channels: dict
+
+    @classmethod
+    def official(cls, config: DiTConfig) -> "Guidance":
+        return cls({"official": min(3, config.in_channels), "standard": config.in_channels})
+
+    def channels(self, name) -> int:
+        if not isinstance(name, str) or name not in self.guided_channels:
+            raise InputError(f"unknown guidance {name!r}; use {' or '.join(self.guided_channels)}")
+        return int(self.guided_channels[name])
+
+    def to_dict(self) -> dict:
+        return {"guided_channels": dict(self.guided_channels)}
+
+
+def read_model(data) -> tuple[Family, DiTConfig]:
     section = _section(data, "model")
+    family = get_family(section.get("family"), ArtifactError)
     for f in fields(DiTConfig):
         if f.name not in section:
             raise ArtifactError(f"manifest field model.{f.name} is missing")
     for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
-        _int(section, f"model.{name}", name, low=1, high=1 << 20)
+        check_int(section[name], f"manifest field model.{name}", 1, 1 << 20, ArtifactError)
     if not isinstance(section["learn_sigma"], bool):
         raise ArtifactError(f"manifest field model.learn_sigma must be true or false, got {section['learn_sigma']!r}")
-    _number(section, "model.mlp_ratio", "mlp_ratio", positive=True)
+    check_number(section["mlp_ratio"], "manifest field model.mlp_ratio", 0, 1e3, low_open=True, error=ArtifactError)
     config = DiTConfig.from_dict(section)
     try:
         config.validate()
     except InputError as e:
         raise ArtifactError(f"manifest field model: {e}") from None
-    if "out_channels" in section and section["out_channels"] != config.out_channels:
-        raise ArtifactError(f"manifest field model.out_channels is {section['out_channels']!r}, but in_channels "
-                            f"{config.in_channels} with learn_sigma {config.learn_sigma} gives {config.out_channels}")
-    return config
+    if "out_channels" in section and section["out_channels"] != family.output_channels(config):
+        raise ArtifactError(f"manifest field model.out_channels is {section['out_channels']!r}, but a {family.name} with "
+                            f"in_channels {config.in_channels} and learn_sigma {config.learn_sigma} outputs "
+                            f"{family.output_channels(config)}")
+    return family, config
 
 
-def read_diffusion(data, model: DiTConfig) -> Diffusion:
-    """The diffusion section, checked against what this runtime can honour (nothing is silently
-    replaced: a value it cannot honour is refused, naming the field)."""
-    d = _section(data, "diffusion")
-    n = _int(d, "diffusion.num_train_timesteps", "num_train_timesteps", low=2, high=100_000)
-    _choice(d, "diffusion.beta_schedule", "beta_schedule", BETA_SCHEDULES)
-    start = _number(d, "diffusion.beta_start", "beta_start", positive=True)
-    end = _number(d, "diffusion.beta_end", "beta_end", positive=True)
-    if not start <= end < 1:
-        raise ArtifactError(f"manifest fields diffusion.beta_start {start} and beta_end {end} need "
-                            "0 < beta_start <= beta_end < 1")
-    variance = _choice(d, "diffusion.variance", "variance", VARIANCES)
-    if variance == "learned_range" and model.out_channels != 2 * model.in_channels:
-        raise ArtifactError(f"manifest field diffusion.variance is learned_range, but the model has {model.out_channels} "
-                            f"output channels (learned range needs 2 x in_channels = {2 * model.in_channels})")
-    prediction = _choice(d, "diffusion.prediction", "prediction", PREDICTIONS, default="epsilon")
-    clip = d.get("clip_denoised", False)
-    if clip is not False:
-        raise ArtifactError(f"manifest field diffusion.clip_denoised is {clip!r}: this runtime samples as the official "
-                            "sample.py does (clip_denoised false) and cannot clip")
-    null_class = _int(d, "diffusion.null_class", "null_class", low=0, high=1 << 30)
-    if null_class != model.num_classes:
-        raise ArtifactError(f"manifest field diffusion.null_class is {null_class}, but the null class of a DiT is "
-                            f"model.num_classes = {model.num_classes} (classes 0..{model.num_classes - 1} are real)")
-    guided = d.get("guided_channels")
+def read_process(data, family: Family, model: DiTConfig):
+    return family.read_process(_section(data, family.process_section), model)
+
+
+def read_guidance(data, model: DiTConfig) -> Guidance:
+    guided = _section(data, "guidance").get("guided_channels")
     if not isinstance(guided, dict) or not guided:
-        raise ArtifactError(f"manifest field diffusion.guided_channels must be an object like "
+        raise ArtifactError(f"manifest field guidance.guided_channels must be an object like "
                             f'{{"official": 3, "standard": {model.in_channels}}}, got {guided!r}')
-    for name in guided:
-        _int(guided, f"diffusion.guided_channels.{name}", name, low=1, high=model.in_channels)
-    return Diffusion(n, "linear", float(start), float(end), variance, null_class, dict(guided), prediction, False)
+    for name, value in guided.items():
+        check_int(value, f"manifest field guidance.guided_channels.{name}", 1, model.in_channels, ArtifactError)
+    return Guidance(dict(guided))
 
 
-def read_defaults(data, diffusion: Diffusion, samplers) -> Defaults:
+def read_defaults(data, family: Family, guidance: Guidance, samplers) -> Defaults:
     d = data.get("defaults", {})
     if not isinstance(d, dict):
         raise ArtifactError(f"manifest field defaults must be an object, got {d!r}")
-    defaults = Defaults(**{k: d[k] for k in Defaults.__dataclass_fields__ if k in d})
-    if defaults.sampler not in samplers:
-        raise ArtifactError(f"manifest field defaults.sampler is {defaults.sampler!r}; this runtime has "
-                            f"{', '.join(samplers)}")
-    if defaults.guidance not in diffusion.guided_channels:
-        raise ArtifactError(f"manifest field defaults.guidance is {defaults.guidance!r}, not one of "
-                            f"diffusion.guided_channels ({', '.join(diffusion.guided_channels)})")
-    if isinstance(defaults.cfg_scale, bool) or not isinstance(defaults.cfg_scale, (int, float)) \
-            or not np.isfinite(np.float32(defaults.cfg_scale)):
-        raise ArtifactError(f"manifest field defaults.cfg_scale must be a finite number, got {defaults.cfg_scale!r}")
+    unknown = sorted(set(d) - {f.name for f in fields(Defaults)})
+    if unknown:
+        raise ArtifactError(f"manifest field defaults has unknown keys {unknown}; it takes "
+                            f"{', '.join(f.name for f in fields(Defaults))}")
+    defaults = Defaults(**{**family.defaults.__dict__, **d})
+    mine = [name for name, s in samplers.items() if s.family == family.name]
+    check_choice(defaults.sampler, "manifest field defaults.sampler", mine, ArtifactError)
+    check_choice(defaults.guidance, "manifest field defaults.guidance", guidance.guided_channels, ArtifactError)
+    check_number(defaults.cfg_scale, "manifest field defaults.cfg_scale", error=ArtifactError, float32=True)
     if isinstance(defaults.steps, bool) or not isinstance(defaults.steps, (int, str)):
         raise ArtifactError(f"manifest field defaults.steps must be an int or a step spec string, got {defaults.steps!r}")
+    if defaults.eta is not None:
+        if "eta" not in samplers[defaults.sampler].options:
+            raise ArtifactError(f"manifest field defaults.eta is set, but the default sampler {defaults.sampler} takes "
+                                "no eta")
+        check_number(defaults.eta, "manifest field defaults.eta", 0, 1, error=ArtifactError)
     return defaults
 
-
-# ---- field checks ------------------------------------------------------------------------------
 
 def _section(data, name: str) -> dict:
     section = data.get(name) if isinstance(data, dict) else None
     if not isinstance(section, dict):
         raise ArtifactError(f"manifest field {name} is missing or not an object")
     return section
-
-
-def _int(section: dict, field: str, key: str, low: int, high: int) -> int:
-    value = section.get(key)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ArtifactError(f"manifest field {field} must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ArtifactError(f"manifest field {field} is {value}, outside {low}..{high}")
-    return value
-
-
-def _number(section: dict, field: str, key: str, positive: bool = False) -> float:
-    value = section.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-        raise ArtifactError(f"manifest field {field} must be a finite number, got {value!r}")
-    if positive and value <= 0:
-        raise ArtifactError(f"manifest field {field} must be positive, got {value!r}")
-    return float(value)
-
-
-def _choice(section: dict, field: str, key: str, allowed: tuple[str, ...], default: str | None = None) -> str:
-    value = section.get(key, default)
-    if value not in allowed:
-        raise ArtifactError(f"manifest field {field} is {value!r}; this runtime supports {', '.join(map(repr, allowed))}")
-    return value

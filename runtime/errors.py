@@ -39,6 +39,20 @@ class BackendError(StepError):
     """A backend (ONNX Runtime, TensorRT, a callback) failed while running a network."""
 
 
+TENSORRT_INSTALL_HINT = ("TensorRT engines need TensorRT, Polygraphy and cuda-python: pip install 'ditrt[trt]', "
+                         "and an NVIDIA GPU with its driver. Without them, use the ONNX Runtime backend "
+                         "(--backend onnxruntime).")
+
+
+class TensorRTUnavailable(StepError):
+    """tensorrt, polygraphy or cuda-python is missing, or there is no usable NVIDIA GPU: the
+    message says which, and how to install what is missing."""
+
+    def __init__(self, missing: str):
+        super().__init__(f"{missing}. {TENSORRT_INSTALL_HINT}")
+        self.missing = missing
+
+
 class QueueFull(InputError):
     """A batching scheduler's queue is at its limit; retry later (HTTP 429)."""
 

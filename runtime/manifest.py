@@ -1,24 +1,31 @@
 """The artifact manifest: the contract with services that run the loop without reading Python.
 
-`manifest.json` is plain JSON (schema documented in engines/README.md). This module reads and
-validates it once, at load, and gives typed access to what the runtime uses: the model, the
-diffusion process, the defaults, and one spec, graph set and engine list per network. The
-exporter writes it; `ditrt build` adds engines.
+`manifest.json` is plain JSON (schema documented in engines/README.md). This module is the one
+place that reads it (validated once, at load, into typed views: the model and its family, the
+process, guidance, defaults, one spec, graph set and engine list per network) and the one place
+that writes it (`new_manifest`, `network_section`, `graph_entry`, `engine_entry`, and
+`Manifest.record_engine` / `save`). The exporter and `ditrt build` call these; nothing else builds
+manifest dicts. Older schemas (1 and 2) are upgraded in memory.
 """
 from __future__ import annotations
 
 import json
+import os
+import stat
+from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import DiTConfig, Defaults, Diffusion, read_defaults, read_diffusion, read_model
+from .config import (DiTConfig, Defaults, Family, Guidance, read_defaults, read_guidance, read_model,
+                     read_process)
 from .errors import ArtifactError
 from .files import artifact_path, sha256_file, write_json_atomic
-from .networks import NetworkSpec
+from .networks import NetworkSpec, denoiser_spec
 
 SCHEMA = "ditrt.manifest"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16")
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB; a bigger "manifest" is not one
 
 
 class Manifest:
@@ -26,25 +33,30 @@ class Manifest:
         from .samplers import SAMPLERS
         self.data = data
         self.directory = Path(directory)
-        self.model: DiTConfig = read_model(data)
-        self.diffusion: Diffusion = read_diffusion(data, self.model)
-        self.defaults: Defaults = read_defaults(data, self.diffusion, SAMPLERS)
+        self.family, self.model = read_model(data)
+        self.process = read_process(data, self.family, self.model)  # Diffusion (dit) or Transport (sit)
+        self.guidance: Guidance = read_guidance(data, self.model)
+        self.defaults: Defaults = read_defaults(data, self.family, self.guidance, SAMPLERS)
         networks = data.get("networks")
         if not isinstance(networks, dict) or "denoiser" not in networks:
             raise ArtifactError("manifest field networks must be an object with at least a denoiser")
         self.networks: dict[str, NetworkSpec] = {}
         for name, section in networks.items():
-            spec = NetworkSpec.from_manifest(name, section)
-            if name == "denoiser":
-                spec = _with_classes(spec, self.model)
-                _check_denoiser_io(spec, self.model)
-            elif name == "decoder":
-                _check_decoder_io(spec, self.model)
+            spec = NetworkSpec.from_manifest(name, section).with_time_range(self.family.time_range(self.process))
+            _CROSS_CHECKS.get(name, lambda s, m: None)(spec, self)
             self.networks[name] = spec
             for precision in self._graphs(name):
                 self._check_graph(name, precision)
         if not isinstance(data.get("engines", []), list):
             raise ArtifactError("manifest field engines must be a list")
+
+    @property
+    def diffusion(self):
+        """The DiT family's process (ArtifactError for other families)."""
+        if self.family.process_section != "diffusion":
+            raise ArtifactError(f"{self.directory} is a {self.family.name} artifact: it has a {self.family.process_section}, "
+                                "not a diffusion")
+        return self.process
 
     # ---- networks and graphs ------------------------------------------------------------------
 
@@ -116,9 +128,10 @@ class Manifest:
     def verify_files(self, network: str, precision: str) -> None:
         """Check that the graph's files exist and have the recorded sha256."""
         for name, (recorded, actual) in self.file_hashes(network, precision).items():
-            if actual is None:
+            problem = file_problem(recorded, actual)
+            if problem == "missing":
                 raise ArtifactError(f"{self.directory / name} is listed in the manifest but missing")
-            if actual != recorded:
+            if problem:
                 raise ArtifactError(f"{self.directory / name} does not match its sha256 in the manifest "
                                     "(corrupt or replaced); re-export")
 
@@ -129,19 +142,30 @@ class Manifest:
         for network in self.networks:
             for precision in self.precisions(network):
                 for name, (recorded, actual) in self.file_hashes(network, precision).items():
-                    results.append((name, f"{network} {precision} graph", _problem(recorded, actual)))
+                    results.append((name, f"{network} {precision} graph", file_problem(recorded, actual)))
         for i, entry in enumerate(self.engines):
             name = entry.get("file") if isinstance(entry, dict) else None
             path = artifact_path(self.directory, name, f"engines[{i}].file")
             actual = sha256_file(path) if path.is_file() else None
-            results.append((name, f"{entry.get('network', 'denoiser')} TensorRT plan", _problem(entry.get("sha256"), actual)))
+            results.append((name, f"{entry.get('network', 'denoiser')} TensorRT plan", file_problem(entry.get("sha256"), actual)))
         return results
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    def record_engine(self, entry: dict) -> None:
+        """Add a plan's entry, replacing one for the same plan file; every other engine stays. The
+        manifest on disk is read again first: another build (another GPU) may have recorded its
+        plan meanwhile."""
+        current = load_manifest(self.directory)
+        current.data["engines"] = [e for e in current.engines if e.get("file") != entry["file"]] + [entry]
+        current.save()
+        self.data["engines"] = current.data["engines"]
 
     def save(self) -> None:
         write_json_atomic(self.directory / MANIFEST_NAME, self.data)
 
 
-def _problem(recorded: str | None, actual: str | None) -> str | None:
+def file_problem(recorded: str | None, actual: str | None) -> str | None:
     if actual is None:
         return "missing"
     if actual != recorded:
@@ -149,23 +173,24 @@ def _problem(recorded: str | None, actual: str | None) -> str | None:
     return None
 
 
-def _check_denoiser_io(spec: NetworkSpec, model: DiTConfig) -> None:
-    """The denoiser's tensors must agree with the model section (a hand edit of one alone would
-    feed the graph shapes it rejects)."""
-    want = {"latent": ["batch", *model.latent_shape], "timestep": ["batch"], "class_label": ["batch"]}
-    have = {t.name: list(t.shape) for t in spec.inputs}
-    out = list(spec.outputs[0].shape)
-    if have != want or out != ["batch", model.out_channels, model.input_size, model.input_size]:
-        raise ArtifactError(f"manifest field networks.denoiser inputs {have} / output {out} do not match the model "
-                            f"section (inputs {want}, output {['batch', model.out_channels, model.input_size, model.input_size]})")
+# ---- cross-field checks: a network's tensors against the model section ---------------------------
+
+def _check_denoiser(spec: NetworkSpec, m: Manifest) -> None:
+    """The denoiser must take exactly what the model section and family say (a hand edit of one alone
+    would feed the graph shapes it rejects, or make the runtime guide with the wrong null class)."""
+    want = denoiser_spec(m.model, m.family, m.process)
+    key = lambda s: [(t.name, t.dtype, list(t.shape), t.role, t.condition, t.range) for t in s.inputs + s.outputs]
+    if key(spec) != key(want):
+        raise ArtifactError(f"manifest field networks.denoiser inputs/outputs {key(spec)} do not match the model section "
+                            f"and family {m.family.name} ({key(want)})")
 
 
-def _check_decoder_io(spec: NetworkSpec, model: DiTConfig) -> None:
+def _check_decoder(spec: NetworkSpec, m: Manifest) -> None:
     have = list(spec.inputs[0].shape)
-    if len(spec.inputs) != 1 or have != ["batch", *model.latent_shape]:
+    if len(spec.inputs) != 1 or have != ["batch", *m.model.latent_shape]:
         raise ArtifactError(f"manifest field networks.decoder.inputs {have} does not take the denoiser's latents "
-                            f"{['batch', *model.latent_shape]}")
-    out = list(spec.outputs[0].shape)
+                            f"{['batch', *m.model.latent_shape]}")
+    out = list(spec.output.shape)
     if len(out) != 4 or out[1] != 3:
         raise ArtifactError(f"manifest field networks.decoder.outputs[0].shape {out} is not an RGB image batch")
     factor = spec.extra.get("scaling_factor")
@@ -173,36 +198,61 @@ def _check_decoder_io(spec: NetworkSpec, model: DiTConfig) -> None:
         raise ArtifactError(f"manifest field networks.decoder.scaling_factor must be a positive number, got {factor!r}")
 
 
-def _with_classes(spec: NetworkSpec, model: DiTConfig) -> NetworkSpec:
-    from dataclasses import replace
-    return replace(spec, num_classes=model.num_classes)
+_CROSS_CHECKS = {"denoiser": _check_denoiser, "decoder": _check_decoder}
 
+
+# ---- reading ----------------------------------------------------------------------------------------
 
 def load_manifest(directory: str | Path) -> Manifest:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ArtifactError(f"an artifact is a directory path, got {type(directory).__name__} {directory!r}")
     directory = Path(directory)
     path = directory / MANIFEST_NAME
     if not directory.is_dir():
         raise ArtifactError(f"artifact directory not found: {directory}")
-    if not path.is_file():
-        raise ArtifactError(f"{directory} is not a ditrt artifact: no {MANIFEST_NAME} (create one with `ditrt export`)")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ArtifactError(f"unreadable manifest {path}: {e}") from None
+    data = read_manifest_json(path)
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise ArtifactError(f"{path} is not a ditrt manifest (schema {data.get('schema') if isinstance(data, dict) else None!r})")
     version = data.get("schema_version")
-    if version == 1 and type(version) is int:
-        data = upgrade_schema_1(data)
-    elif version != SCHEMA_VERSION or type(version) is not int:
-        raise ArtifactError(f"{path} has manifest schema version {version!r}; this ditrt reads versions 1 and "
+    try:
+        if version == 1 and type(version) is int:
+            data = upgrade_schema_2(upgrade_schema_1(data))
+        elif version == 2 and type(version) is int:
+            data = upgrade_schema_2(data)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ArtifactError(f"{path}: schema {version} manifest lacks a required field or has a bad one ({e!r}); "
+                            f"re-export with this ditrt ({reexport_command(data, directory)})") from None
+    if data.get("schema_version") != SCHEMA_VERSION or type(data.get("schema_version")) is not int:
+        raise ArtifactError(f"{path} has manifest schema version {version!r}; this ditrt reads versions 1 to "
                             f"{SCHEMA_VERSION}: re-export the artifact with this ditrt "
                             f"({reexport_command(data, directory)})")
     return Manifest(data, directory)
 
 
+def read_manifest_json(path: Path):
+    """The parsed JSON of a manifest file: a regular file of sane size (a FIFO, a device or a link to
+    /dev/zero is refused before any read), UTF-8, valid JSON."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path.parent} is not a ditrt artifact: no {MANIFEST_NAME} (create one with "
+                            "`ditrt export`)") from None
+    except OSError as e:
+        raise ArtifactError(f"unreadable manifest {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ArtifactError(f"unreadable manifest {path}: not a regular file")
+    if info.st_size > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"unreadable manifest {path}: {info.st_size} bytes, above the {MAX_MANIFEST_BYTES >> 20} MiB "
+                            "a manifest can have")
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read(MAX_MANIFEST_BYTES + 1).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ArtifactError(f"unreadable manifest {path}: {e}") from None
+
+
 def reexport_command(data: dict, directory: Path) -> str:
-    source = data.get("source") if isinstance(data.get("source"), dict) else {}
+    source = data.get("source") if isinstance(data, dict) and isinstance(data.get("source"), dict) else {}
     what = source.get("path") if source.get("kind") == "checkpoint" else "CHECKPOINT"
     return f"ditrt export {what} --out {directory} --force"
 
@@ -210,19 +260,104 @@ def reexport_command(data: dict, directory: Path) -> str:
 def upgrade_schema_1(data: dict) -> dict:
     """A schema 1 manifest (ditrt 0.1: one network, graphs at the top, defaults inside
     diffusion) as schema 2, in memory: the files and the numbers are the same."""
-    try:
-        d, interface = data["diffusion"], data["interface"]
-        denoiser = {"inputs": interface["inputs"], "outputs": interface["outputs"], "batch_axis": 0,
-                    "batch_unit": "rows", "guidance_rows": interface.get("guidance_rows", ""), "graphs": data["graphs"]}
-        diffusion = {k: d[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "variance",
-                                       "null_class", "guided_channels")}
-        defaults = {"sampler": d.get("default_sampler", "ddpm"), "steps": d.get("default_steps", 250),
-                    "cfg_scale": d.get("default_cfg_scale", 4.0), "guidance": d.get("default_guidance", "official")}
-    except (KeyError, TypeError) as e:
-        raise ArtifactError(f"schema 1 manifest lacks a required field ({e}); re-export with this ditrt") from None
+    d, interface = data["diffusion"], data["interface"]
+    denoiser = {"inputs": interface["inputs"], "outputs": interface["outputs"], "batch_axis": 0,
+                "batch_unit": "rows", "guidance_rows": interface.get("guidance_rows", ""), "graphs": data["graphs"]}
+    diffusion = {k: d[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "variance",
+                                   "null_class", "guided_channels")}
+    defaults = {"sampler": d.get("default_sampler", "ddpm"), "steps": d.get("default_steps", 250),
+                "cfg_scale": d.get("default_cfg_scale", 4.0), "guidance": d.get("default_guidance", "official")}
     upgraded = {k: v for k, v in data.items() if k not in ("graphs", "interface", "diffusion")}
-    upgraded.update(schema_version=SCHEMA_VERSION, upgraded_from_schema=1,
+    upgraded.update(schema_version=2, upgraded_from_schema=1,
                     diffusion={**diffusion, "prediction": "epsilon", "clip_denoised": d.get("clip_denoised", False)},
                     defaults=defaults, networks={"denoiser": denoiser},
                     engines=[{**e, "network": "denoiser"} for e in data.get("engines", []) if isinstance(e, dict)])
     return upgraded
+
+
+_SCHEMA_2_ROLES = {"latent": "latent", "timestep": "time", "class_label": "condition", "model_output": "prediction",
+                   "image": "image"}
+
+
+def upgrade_schema_2(data: dict) -> dict:
+    """A schema 2 manifest (ditrt 0.2: DiT only; null class and guided channels in the diffusion
+    section; tensors without roles) as schema 3, in memory."""
+    d, model = dict(data["diffusion"]), data["model"]
+    null, guided = d.pop("null_class"), d.pop("guided_channels")
+    networks = {}
+    for name, section in data["networks"].items():
+        section = dict(section)
+        for kind in ("inputs", "outputs"):
+            tensors = []
+            for t in section[kind]:
+                t = {**t, "role": _SCHEMA_2_ROLES.get(t["name"], t.get("role"))}
+                if t["role"] == "condition":
+                    t["condition"] = {"kind": "class", "num_classes": model["num_classes"], "null": null}
+                tensors.append(t)
+            section[kind] = tensors
+        networks[name] = section
+    upgraded = {k: v for k, v in data.items() if k not in ("diffusion", "networks")}
+    upgraded.update(schema_version=SCHEMA_VERSION, upgraded_from_schema=data.get("upgraded_from_schema", 2),
+                    model={**model, "family": "dit"}, diffusion=d, guidance={"guided_channels": guided},
+                    networks=networks)
+    return upgraded
+
+
+# ---- writing: the one place manifest dicts are made ------------------------------------------------
+
+def new_manifest(*, family: Family, config: DiTConfig, model_extra: dict, source: dict, process, guidance: Guidance,
+                 defaults: Defaults, networks: dict, versions: dict) -> dict:
+    """A complete schema-3 manifest. `networks`: name -> `network_section(...)`."""
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"family": family.name, **config.to_dict(), "out_channels": family.output_channels(config),
+                  **model_extra},
+        "source": source,
+        family.process_section: process.to_dict(),
+        "guidance": guidance.to_dict(),
+        "defaults": defaults.to_dict(),
+        "networks": networks,
+        "versions": versions,
+        "engines": [],
+    }
+
+
+def network_section(spec: NetworkSpec, graphs: dict) -> dict:
+    """`networks.<name>`: the spec (tensors, roles, batch unit, network fields) and its graphs."""
+    return {**spec.to_manifest(), "graphs": graphs}
+
+
+def graph_entry(directory: Path, files: list[str], opset: int, precision: str, validation: dict,
+                **fields) -> dict:
+    """`networks.<name>.graphs.<precision>`: the graph file first, then its external data; every
+    file hashed."""
+    return {"file": files[0], "files": files, "sha256": {name: sha256_file(directory / name) for name in files},
+            "bytes": sum((directory / name).stat().st_size for name in files), "opset": opset,
+            "compute_dtype": "float32" if precision == "fp32" else "float16", **fields, "validation": validation}
+
+
+def engine_entry(*, network: NetworkSpec, precision: str, file: str, sha256: str, size: int, trt_version: str,
+                 gpu_name: str, compute_capability, driver_version: str | None, cuda_driver_version: str | None,
+                 cuda_runtime_version: str | None, profile, flags, graph: dict, build_seconds: float,
+                 parity: dict | None = None, versions: dict | None = None, built_utc: str | None = None) -> dict:
+    """An `engines[]` entry: one TensorRT plan of one network (schema in engines/README.md)."""
+    from .trt.versions import cc_string, sm_name
+    unit = ("engine rows (2 per image under guidance)" if network.batch_unit == "rows" else network.batch_unit)
+    return {
+        "network": network.name, "file": file, "sha256": sha256, "bytes": int(size), "precision": precision,
+        "graph": {"file": graph["file"], "sha256": dict(graph["sha256"])},
+        "tensorrt": {"version": trt_version, "strongly_typed": True},
+        "gpu": {"name": gpu_name, "compute_capability": cc_string(compute_capability), "sm": sm_name(compute_capability)},
+        "cuda": {"driver_version": driver_version, "driver_cuda_version": cuda_driver_version,
+                 "runtime_cuda_version": cuda_runtime_version},
+        "profile": {**profile.to_dict(), "axis": "batch", "unit": unit,
+                    **({"guided_images_per_call": profile.images_per_call(True)} if network.batch_unit == "rows" else {}),
+                    "shapes": {name: [list(s) for s in bounds]
+                               for name, bounds in network.profile_shapes(*profile.to_dict().values()).items()}},
+        "build": {**flags.to_dict(), "seconds": round(float(build_seconds), 3)},
+        "built_utc": built_utc or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "parity": parity,
+        "versions": dict(versions or {}),
+    }

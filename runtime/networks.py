@@ -1,21 +1,31 @@
-"""One small spec per exported network: its tensors, batch unit, example inputs and bounds.
+"""One spec per exported network: its named tensors and their roles, batch unit, example inputs and
+export bounds.
 
-Export, validation, the TensorRT build (profiles, plan names), parity and the manifest all
-iterate over these specs; backends take and return named tensors (`feeds -> outputs`). The
-spec a runtime uses is read back from the manifest (`networks.<name>`), so a reader needs no
-Python to know what a network takes.
+Export, validation, the TensorRT build (profiles, plan names), parity and the manifest all iterate
+over these specs; backends take and return named tensors (`feeds -> outputs`). The spec a runtime
+uses is read back from the manifest (`networks.<name>`), so a reader needs no Python to know what a
+network takes. Each tensor has a role, so code finds "the latent input" or "the condition inputs"
+without knowing their names:
+
+    inputs:  latent (the state being denoised / decoded), time (one value per row, in `range`),
+             condition (with a `condition` kind, see conditioning.py)
+    outputs: prediction (what the denoiser predicts: eps [+ variance] or velocity), image
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .config import DiTConfig
+from .conditioning import ClassLabels, Conditioning, read_condition
+from .config import DiTConfig, Family
 from .errors import ArtifactError, InputError
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 BATCH = "batch"  # the one dynamic axis, first in every tensor
+INPUT_ROLES = ("latent", "time", "condition")
+OUTPUT_ROLES = ("prediction", "image")
 
 
 @dataclass(frozen=True)
@@ -23,7 +33,10 @@ class TensorSpec:
     name: str
     dtype: str  # a key of DTYPES
     shape: tuple  # ints, and BATCH for the dynamic axis
+    role: str
     meaning: str = ""
+    condition: Conditioning | None = None  # role "condition": its kind
+    range: tuple[float, float] | None = None  # role "time": the values it takes (low, high), from the family
 
     @property
     def numpy_dtype(self) -> np.dtype:
@@ -33,10 +46,14 @@ class TensorSpec:
         return tuple(batch if d == BATCH else int(d) for d in self.shape)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "meaning": self.meaning}
+        out = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "role": self.role,
+               "meaning": self.meaning}
+        if self.condition is not None:
+            out["condition"] = self.condition.to_manifest()
+        return out  # a time input's range comes from the family and its process, not from a field
 
     @classmethod
-    def from_dict(cls, data, where: str) -> "TensorSpec":
+    def from_dict(cls, data, where: str, roles: tuple[str, ...]) -> "TensorSpec":
         if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not isinstance(data.get("dtype"), str) \
                 or data["dtype"] not in DTYPES:
             raise ArtifactError(f"manifest field {where} must have a name and a dtype in {', '.join(DTYPES)}, got {data!r}")
@@ -44,7 +61,11 @@ class TensorSpec:
         if (not isinstance(shape, list) or not shape or shape[0] != BATCH
                 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 16 for d in shape[1:])):
             raise ArtifactError(f"manifest field {where}.shape must be [\"batch\", positive ints...], got {shape!r}")
-        return cls(data["name"], data["dtype"], tuple(shape), str(data.get("meaning", "")))
+        role = data.get("role")
+        if role not in roles:
+            raise ArtifactError(f"manifest field {where}.role is {role!r}; use one of {', '.join(roles)}")
+        condition = read_condition(data.get("condition"), f"{where}.condition") if role == "condition" else None
+        return cls(data["name"], data["dtype"], tuple(shape), role, str(data.get("meaning", "")), condition)
 
 
 @dataclass(frozen=True)
@@ -56,7 +77,6 @@ class NetworkSpec:
     # max error relative to the reference's largest magnitude, per graph precision, at export
     export_bounds: dict = field(default_factory=lambda: {"fp32": 1e-5, "fp16": 5e-3})
     extra: dict = field(default_factory=dict)  # network-specific manifest fields (e.g. scaling_factor)
-    num_classes: int = 0  # denoiser: real classes (the null class is num_classes); from the model section
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -66,12 +86,20 @@ class NetworkSpec:
     def output_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.outputs)
 
-    @property
-    def primary_input(self) -> TensorSpec:
-        return self.inputs[0]
+    def input(self, role: str) -> TensorSpec:
+        """The one input with this role (InputError naming the network otherwise)."""
+        found = [t for t in self.inputs if t.role == role]
+        if len(found) != 1:
+            raise InputError(f"the {self.name} network has {len(found)} inputs with role {role!r}, not one")
+        return found[0]
 
     @property
-    def primary_output(self) -> TensorSpec:
+    def conditions(self) -> tuple[TensorSpec, ...]:
+        return tuple(t for t in self.inputs if t.role == "condition")
+
+    @property
+    def output(self) -> TensorSpec:
+        """The network's output (every network here has one)."""
         return self.outputs[0]
 
     def profile_shapes(self, low: int, opt: int, high: int) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -91,8 +119,23 @@ class NetworkSpec:
         return batch
 
     def example_inputs(self, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-        """Deterministic inputs for validation, parity and build checks (the one generator)."""
-        return _EXAMPLES[self.name](self, batch, seed)
+        """Deterministic inputs for validation, parity and build checks (the one generator):
+        standard-normal latents (what samplers start from; DiT-scale latents have about unit
+        variance too), times from the top of the range down to the bottom (both ends included,
+        fractional in between), condition values with the null value among them."""
+        rng = np.random.default_rng([seed, batch, zlib.crc32(self.name.encode())])
+        feeds = {}
+        for t in self.inputs:
+            if t.role == "latent":
+                feeds[t.name] = rng.standard_normal(t.concrete(batch), dtype=np.float32)
+            elif t.role == "time":
+                low, high = t.range
+                values = np.linspace(high, low, batch) if batch > 1 else np.array([high])
+                values[1:-1] += (high - low) / 3996  # off the integer grid: fractional times are part of the interface
+                feeds[t.name] = values.astype(t.numpy_dtype)
+            else:
+                feeds[t.name] = t.condition.examples(batch).astype(t.numpy_dtype)
+        return feeds
 
     def to_manifest(self) -> dict:
         return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
@@ -104,11 +147,14 @@ class NetworkSpec:
         if not isinstance(data, dict):
             raise ArtifactError(f"manifest field {where} must be an object")
         tensors = {}
-        for kind in ("inputs", "outputs"):
+        for kind, roles in (("inputs", INPUT_ROLES), ("outputs", OUTPUT_ROLES)):
             items = data.get(kind)
             if not isinstance(items, list) or not items:
                 raise ArtifactError(f"manifest field {where}.{kind} must be a non-empty list")
-            tensors[kind] = tuple(TensorSpec.from_dict(t, f"{where}.{kind}[{i}]") for i, t in enumerate(items))
+            tensors[kind] = tuple(TensorSpec.from_dict(t, f"{where}.{kind}[{i}]", roles) for i, t in enumerate(items))
+        names = [t.name for t in tensors["inputs"] + tensors["outputs"]]
+        if len(set(names)) != len(names):
+            raise ArtifactError(f"manifest field {where}: tensor names must be unique, got {names}")
         if data.get("batch_axis", 0) != 0:
             raise ArtifactError(f"manifest field {where}.batch_axis must be 0, got {data.get('batch_axis')!r}")
         unit = data.get("batch_unit")
@@ -117,56 +163,48 @@ class NetworkSpec:
         extra = {k: v for k, v in data.items() if k not in ("inputs", "outputs", "batch_axis", "batch_unit", "graphs")}
         return cls(name, tensors["inputs"], tensors["outputs"], unit, extra=extra)
 
+    def with_time_range(self, value_range: tuple[float, float]) -> "NetworkSpec":
+        """The spec with its time input's range filled in (a manifest reader knows it from the family)."""
+        return replace(self, inputs=tuple(replace(t, range=value_range) if t.role == "time" else t for t in self.inputs))
 
-# ---- the denoiser ------------------------------------------------------------------------------
 
-# Max |onnx - torch fp32| / max |torch fp32| at export time.
-# fp32: same math, other kernels: 3e-7 (golden tiny) and 1.5e-6 (DiT-XL/2) measured.
-# fp16: unit roundoff 4.9e-4 through every block: 5.2e-4 (golden tiny) and 5.6e-4 (DiT-XL/2, random
-# init) measured; 5e-3 flags a real problem (a rounded sinusoid table cost 3e-2) without noise.
-DENOISER_EXPORT_BOUNDS = {"fp32": 1e-5, "fp16": 5e-3}
+# ---- the networks ---------------------------------------------------------------------------------
 
-def denoiser_spec(config: DiTConfig) -> NetworkSpec:
+# Max |onnx - torch fp32| / max |torch fp32| at export time, for both networks.
+# fp32: same math, other kernels: 3e-7 (golden tiny DiT), 1.5e-6 (DiT-XL/2), 1.2e-6 (tiny VAE) and
+#   7.4e-6 (sd-vae layout at 256 px: tight; PyTorch's own fp32 is off a float64 decode by 4.4e-6).
+# fp16: unit roundoff 4.9e-4 through every layer: 5.2e-4 (golden tiny), 5.6e-4 (DiT-XL/2, random
+#   init), 6.6e-4..1.1e-3 (VAEs); 5e-3 flags a real problem (a rounded sinusoid table cost 3e-2, a
+#   float16 overflow fails any bound) without noise.
+EXPORT_BOUNDS = {"fp32": 1e-5, "fp16": 5e-3}
+
+
+def denoiser_spec(config: DiTConfig, family: Family, process) -> NetworkSpec:
     C, S, K = config.in_channels, config.input_size, config.num_classes
-    meaning = f"channels 0..{C - 1} eps" + (f", {C}..{2 * C - 1} variance v" if config.learn_sigma else "")
+    out = family.output_channels(config)
+    meaning = {"dit": f"channels 0..{C - 1} eps" + (f", {C}..{2 * C - 1} variance v" if out == 2 * C else ""),
+               "sit": "velocity"}.get(family.name, "prediction")
     return NetworkSpec(
         "denoiser",
-        inputs=(TensorSpec("latent", "float32", (BATCH, C, S, S), "x_t"),
-                TensorSpec("timestep", "float32", (BATCH,), "original-scale timesteps, fractional allowed, one per row"),
-                TensorSpec("class_label", "int64", (BATCH,), f"0..{K - 1}; {config.null_class} is the null class")),
-        outputs=(TensorSpec("model_output", "float32", (BATCH, config.out_channels, S, S), meaning),),
+        inputs=(TensorSpec("latent", "float32", (BATCH, C, S, S), "latent", "x_t"),
+                TensorSpec("timestep", "float32", (BATCH,), "time", family.time_meaning, range=family.time_range(process)),
+                TensorSpec("class_label", "int64", (BATCH,), "condition", f"0..{K - 1}; {K} is the null class",
+                           condition=ClassLabels(K, K))),
+        outputs=(TensorSpec("model_output", "float32", (BATCH, out, S, S), "prediction", meaning),),
         batch_unit="rows",
-        export_bounds=dict(DENOISER_EXPORT_BOUNDS),
-        num_classes=K,
-        extra={"guidance_rows": "conditional rows first, then the same latents with the null class"})
+        export_bounds=dict(EXPORT_BOUNDS),
+        extra={"guidance_rows": "conditional rows first, then the same latents with the null condition"})
 
 
-def _denoiser_examples(spec: NetworkSpec, batch: int, seed: int) -> dict[str, np.ndarray]:
-    """Timesteps from 999 down to 0 (the ends included, fractional in between); labels cycling
-    through the real classes with the null class on odd rows (and always on the last of several)."""
-    rng = np.random.default_rng([seed, batch])
-    latent = spec.inputs[0]
-    null_class = spec.num_classes
-    t = np.linspace(999.0, 0.0, batch) if batch > 1 else np.array([999.0])
-    t[1:-1] += 0.25  # fractional timesteps are part of the interface
-    labels = np.array([null_class if i % 2 else (37 * i) % max(null_class, 1) for i in range(batch)], dtype=np.int64)
-    if batch > 1:
-        labels[-1] = null_class
-    return {"latent": rng.standard_normal(latent.concrete(batch), dtype=np.float32),
-            "timestep": t.astype(np.float32), "class_label": labels}
-
-
-def _decoder_examples(spec: NetworkSpec, batch: int, seed: int) -> dict[str, np.ndarray]:
-    """DiT-scale latents, what the sampler hands over: DiT trains on VAE latents times the scaling
-    factor (about unit variance), so standard normals."""
-    rng = np.random.default_rng([seed, batch, 7])
-    latent = spec.inputs[0]
-    return {latent.name: rng.standard_normal(latent.concrete(batch), dtype=np.float32)}
-
-
-_EXAMPLES = {"denoiser": _denoiser_examples, "decoder": _decoder_examples}
-
-
-def register_examples(network: str, generator) -> None:
-    """Example-input generator for another network kind (the decoder registers its own)."""
-    _EXAMPLES[network] = generator
+def decoder_spec(latent_shape: tuple[int, int, int], upsampling: int, scaling_factor: float,
+                 source: dict | None = None) -> NetworkSpec:
+    C, h, w = latent_shape
+    return NetworkSpec(
+        "decoder",
+        inputs=(TensorSpec("latent", "float32", (BATCH, C, h, w), "latent",
+                           "DiT-scale latents (the sampler's output); the graph divides by scaling_factor"),),
+        outputs=(TensorSpec("image", "float32", (BATCH, 3, h * upsampling, w * upsampling), "image",
+                            "RGB, nominally [-1, 1], not clamped (vae.decode(latent / scaling_factor).sample)"),),
+        batch_unit="images",
+        export_bounds=dict(EXPORT_BOUNDS),
+        extra={"scaling_factor": scaling_factor, **({"source": source} if source is not None else {})})

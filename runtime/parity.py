@@ -79,23 +79,26 @@ def forward_cases(manifest, batches: list[int], seed: int = 0, networks: list[st
 
 
 def loop_cases(manifest, steps: int, seed: int = 0, num_images: int = 2) -> list[LoopCase]:
-    """One loop per registered sampler (its own step spec for `steps` model calls), official
-    guidance at scale 4, injected noise."""
+    """One loop per sampler of the artifact's family (its own step spec for about `steps` model
+    calls), official guidance at scale 4, injected noise."""
     model = manifest.model
     labels = np.array([(1 + 7 * i) % model.num_classes for i in range(num_images)], dtype=np.int64)
     cases = []
     for sampler in SAMPLERS.values():
+        if sampler.family != manifest.family.name:
+            continue
         spec = sampler.parity_steps(steps)
-        k = len(sampler.schedule(manifest.diffusion, spec))
+        draws = sampler.noise_draws(sampler.schedule(manifest.process, spec))
         noise = SeededNoise(seed, num_images, model.latent_shape)
         initial = noise.initial()
-        cases.append(LoopCase(f"loop {sampler.name} {spec}", sampler.name, spec, labels, initial,
-                              np.stack([noise.step(i) for i in range(k)])))
+        step_noise = np.stack([noise.step(i) for i in range(draws)]) if draws else \
+            np.zeros((0, num_images, *model.latent_shape), np.float32)
+        cases.append(LoopCase(f"loop {sampler.name} {spec}", sampler.name, spec, labels, initial, step_noise))
     return cases
 
 
 def run_forward(backend: Backend, case: ForwardCase) -> np.ndarray:
-    return run_chunked(backend, case.feeds)[backend.network.output_names[0]]
+    return run_chunked(backend, case.feeds)[backend.network.output.name]
 
 
 def run_loop(pipeline, case: LoopCase) -> np.ndarray:
@@ -154,10 +157,12 @@ class Golden:
 
     def check_matches(self, manifest) -> None:
         model = manifest.model
-        want = {"in_channels": model.in_channels, "input_size": model.input_size, "out_channels": model.out_channels,
-                "num_classes": model.num_classes}
+        want = {"in_channels": model.in_channels, "input_size": model.input_size,
+                "out_channels": manifest.family.output_channels(model), "num_classes": model.num_classes,
+                "family": manifest.family.name}
         have = self.meta.get("model", {})
-        differs = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        differs = {k: (have.get(k, "dit" if k == "family" else None), v) for k, v in want.items()
+                   if have.get(k, "dit" if k == "family" else None) != v}
         if differs:
             raise InputError("the golden file was made for another model: " +
                              ", ".join(f"{k} {a} (golden) vs {b} (artifact)" for k, (a, b) in differs.items()))
@@ -167,6 +172,17 @@ def _forward_case(data: dict, i: int, entry) -> ForwardCase:
     if isinstance(entry, str):  # format 1: denoiser inputs under fixed names
         entry = {"name": entry, "network": "denoiser", "inputs": ["latent", "timestep", "class_label"]}
     return ForwardCase(entry["name"], entry["network"], {name: data[f"forward{i}_{name}"] for name in entry["inputs"]})
+
+
+def load_golden(path, manifest, given_options: list[str] = ()) -> Golden:
+    """A golden file for this artifact. Options that shape the reference's checks (`--steps`,
+    `--batch`) cannot apply to a file that holds its own checks: refused rather than ignored."""
+    if given_options:
+        raise InputError(f"{' and '.join(given_options)} cannot apply to a golden file: it holds its own checks "
+                         "(save another with --save-golden)")
+    golden = Golden.load(path)
+    golden.check_matches(manifest)
+    return golden
 
 
 def make_golden(forward_backends: dict[str, Backend], pipeline, manifest, batches: list[int], steps: int,
@@ -180,7 +196,8 @@ def make_golden(forward_backends: dict[str, Backend], pipeline, manifest, batche
     for case in loop_cases(manifest, steps):
         log(f"reference: {case.name}")
         loops.append((case, run_loop(pipeline, case)))
-    model_meta = {k: getattr(manifest.model, k) for k in ("in_channels", "input_size", "out_channels", "num_classes")}
+    model_meta = {**{k: getattr(manifest.model, k) for k in ("in_channels", "input_size", "num_classes")},
+                  "out_channels": manifest.family.output_channels(manifest.model), "family": manifest.family.name}
     return Golden(forward, loops, {**meta, "model": model_meta, "batches": batches, "steps": steps})
 
 
@@ -227,7 +244,7 @@ def check_backend(name: str, backend: Backend, pipeline, golden: Golden,
     if pipeline is not None:
         checks += [("loop", case, ref, lambda c=case: run_loop(pipeline, c)) for case, ref in golden.loops]
     for kind, case, ref, run in checks:
-        output = backend.network.output_names[0] if kind == "forward" else "latents"
+        output = backend.network.output.name if kind == "forward" else "latents"
         start = time.perf_counter()
         try:
             actual = run()
@@ -281,3 +298,77 @@ def write_junit(results: list[CheckResult], path: str | Path) -> None:
                 ET.SubElement(case, "system-out").text = detail
     with atomic_output(path, suffix=".xml") as f:
         ET.ElementTree(root).write(f, encoding="utf-8", xml_declaration=True)
+
+
+# ---- orchestration: what `ditrt parity` runs ---------------------------------------------------------
+
+def thresholds(names: list[str], max_rel_errs=(), atol: float | None = None, rtol: float | None = None) -> dict:
+    """Per backend id and check kind: `max_rel_errs` items "X" (every backend) or "BACKEND=X",
+    an allclose test (atol/rtol), or the defaults of the backend's precision."""
+    from .validate import check_number
+    overrides: dict[str, float] = {}
+    for item in max_rel_errs:
+        key, _, value = str(item).rpartition("=")
+        try:
+            bound = check_number(float(value), "--max-rel-err", 0, low_open=True)
+        except ValueError:
+            raise InputError(f"--max-rel-err takes X or BACKEND=X, got {item!r}") from None
+        for name in (names if not key else [key]):
+            if name not in names:
+                raise InputError(f"--max-rel-err names backend {name!r}, which is not in --backends ({', '.join(names)})")
+            overrides[name] = bound
+    for what, value in (("--atol", atol), ("--rtol", rtol)):
+        if value is not None:
+            check_number(value, what, 0)
+    table = {}
+    for name in names:
+        defaults = DEFAULT_MAX_REL_ERR[name.rpartition("-")[2]]
+        table[name] = {kind: (Threshold(atol=atol, rtol=rtol) if atol is not None or rtol is not None
+                              else Threshold(max_rel_err=overrides.get(name, bound)))
+                       for kind, bound in defaults.items()}
+    return table
+
+
+def integrity_checks(manifest, backend) -> list[CheckResult]:
+    """The graph files an ONNX Runtime backend runs, against the manifest's sha256: a changed file
+    is a failed check, and the numeric checks still run so the report shows what the change does.
+    (TensorRT plans are checked when they load.)"""
+    from .manifest import file_problem
+    if not backend.name.startswith("onnxruntime-"):
+        return []
+    return [CheckResult(backend.name, f"sha256 {file}", file, problem is None, "equal to the manifest", {}, 0.0, problem)
+            for file, (recorded, actual) in manifest.file_hashes(backend.network.name, backend.precision).items()
+            for problem in [file_problem(recorded, actual)]]
+
+
+def run_parity(manifest, golden: Golden, backend_names: list[str], max_rel_errs=(), atol: float | None = None,
+               rtol: float | None = None, threads: int | None = None, checkpoint=None,
+               log: Callable[[str], None] = lambda m: None) -> list[CheckResult]:
+    """Every check of `golden` on every named backend and network of the artifact, with the
+    bounds of `thresholds`. Every backend is made before any check runs (a missing one fails at
+    once). They load with verify=False: parity reports a changed file as a failed sha256 check and
+    still runs the numbers, so the report shows what the change does."""
+    from . import pipeline as P
+    from .backends import create_backend
+    if not backend_names:
+        raise InputError("parity needs at least one backend")
+    instances = {}  # (backend id, network) -> backend
+    for name in backend_names:
+        for network in manifest.networks:
+            backend = create_backend(manifest, name, network=network, threads=threads, checkpoint=checkpoint,
+                                     verify=False)
+            instances[(backend.name, network)] = backend
+    bounds = thresholds(sorted({b.name for b in instances.values()}), max_rel_errs, atol, rtol)
+    results = []
+    for (name, network), backend in instances.items():
+        log(f"checking {name} on the {network} ...")
+        results += integrity_checks(manifest, backend)
+        pipeline = P.Pipeline(backend, manifest) if network == "denoiser" else None
+        results += check_backend(name, backend, pipeline, golden, bounds[name])
+    return results
+
+
+def summary(results: list[CheckResult]) -> str:
+    failed = [r for r in results if not r.passed]
+    return (f"parity: {len(results) - len(failed)}/{len(results)} checks passed" +
+            (f"; FAILED: {', '.join(f'{r.backend} {r.check}' for r in failed)}" if failed else ""))

@@ -1,11 +1,17 @@
-"""The class-conditional sampling loop with classifier-free guidance, over any backend.
+"""The conditional sampling loop with classifier-free guidance, over any backend.
 
 A `Pipeline` holds what is shared and read-only: the manifest, the backend and a schedule cache.
-Everything one request changes lives in its `SampleRun` (labels, noise, the current latents, the
-sampler's state), so concurrent `sample` calls on one pipeline from several threads return exactly
-what sequential calls return, and a batching scheduler can step many runs through one backend
-call (`feeds()` of several runs concatenated, `advance()` each with its rows of the output).
-Backends serialise their own calls where the engine needs it (TensorRT holds a lock).
+Everything one request changes lives in its `SampleRun` (conditions, noise, the sampler's loop and
+its state), so concurrent `sample` calls on one pipeline from several threads return exactly what
+sequential calls return, and a batching scheduler can step many runs through one backend call
+(`feeds()` of several runs concatenated, `advance()` each with its rows of the output). Backends
+serialise their own calls where the engine needs it (TensorRT holds a lock).
+
+Guidance is the official `forward_with_cfg`: the model sees [x; x] with conditions [c; null], and
+the guided output mixes the first `guided_channels` channels (u + s (c - u)); the rest stay per
+half. A loop that integrates the whole guided batch (`Sampler.integrates_null_half`: SiT's dopri5,
+whose error norm covers both halves) gets the state [x; x_null] and the 2N-row guided output; the
+model is still fed [x; x], as the official code does.
 """
 from __future__ import annotations
 
@@ -19,16 +25,16 @@ from typing import Sequence
 import numpy as np
 
 from .backends import Backend, create_backend, run_chunked
-from .config import Diffusion
 from .errors import InputError, StepError
 from .manifest import Manifest, load_manifest
 from .noise import InjectedNoise, SeededNoise
 from .samplers import Sampler, get_sampler, guide
+from .validate import check_int, check_number
 
 
 @dataclass
 class SampleStats:
-    steps: int
+    steps: int  # model calls
     model_rows: int  # rows per model call (doubled under guidance)
     total_s: float
     backend_s: float
@@ -44,21 +50,16 @@ class SampleStats:
 
 
 @lru_cache(maxsize=64)
-def _schedule(sampler: str, diffusion_key: tuple, steps) -> object:
-    return get_sampler(sampler).schedule(_DIFFUSIONS[diffusion_key], steps)
+def _schedule(sampler: str, process, steps):
+    return get_sampler(sampler).schedule(process, steps)
 
 
-_DIFFUSIONS: dict[tuple, Diffusion] = {}
-
-
-def schedule_for(sampler: Sampler, diffusion: Diffusion, steps):
-    """The sampler's schedule for a step spec, cached per (sampler, diffusion, steps)."""
-    key = (diffusion.num_train_timesteps, diffusion.beta_schedule, diffusion.beta_start, diffusion.beta_end,
-           diffusion.variance)
-    _DIFFUSIONS.setdefault(key, diffusion)
+def schedule_for(sampler: Sampler, process, steps):
+    """The sampler's schedule for a step spec over the family's process (frozen, hashable: the cache
+    key), cached."""
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer, str)):
         raise InputError(f"num_steps must be an int or a step spec string ({sampler.steps_help}), got {steps!r}")
-    return _schedule(sampler.name, key, steps if isinstance(steps, str) else int(steps))
+    return _schedule(sampler.name, process, steps if isinstance(steps, str) else int(steps))
 
 
 class Pipeline:
@@ -76,30 +77,34 @@ class Pipeline:
 
     def start(self, class_labels: Sequence[int] | np.ndarray, num_steps: int | str | None = None,
               sampler: str | None = None, cfg_scale: float | None = None, guidance: str | None = None,
-              seed: int = 0, eta: float | None = None,
-              noise: tuple[np.ndarray, np.ndarray] | None = None) -> "SampleRun":
-        """A validated run, ready to step; None means the manifest's default."""
-        return SampleRun(self, class_labels, num_steps, sampler, cfg_scale, guidance, seed, eta, noise)
+              seed: int = 0, eta: float | None = None, noise: tuple | None = None, image_offset: int = 0,
+              **sampler_options) -> "SampleRun":
+        """A validated run, ready to step; None means the manifest's default. `sampler_options` are
+        the chosen sampler's own options (e.g. atol/rtol for ode-dopri5); an option it does not take
+        is refused."""
+        return SampleRun(self, class_labels, num_steps, sampler, cfg_scale, guidance, seed, noise, image_offset,
+                         {"eta": eta, **sampler_options})
 
     def sample(self, class_labels: Sequence[int] | np.ndarray, num_steps: int | str | None = None,
                sampler: str | None = None, cfg_scale: float | None = None, guidance: str | None = None,
-               seed: int = 0, eta: float | None = None, noise: tuple[np.ndarray, np.ndarray] | None = None,
-               progress: bool = True) -> np.ndarray:
-        """Latents (N, C, H, W) float32 for N class labels. See README for the conventions."""
-        run = self.start(class_labels, num_steps, sampler, cfg_scale, guidance, seed, eta, noise)
-        bar = _Progress(run.total_steps) if progress else None
+               seed: int = 0, eta: float | None = None, noise: tuple | None = None, progress: bool = True,
+               image_offset: int = 0, **sampler_options) -> np.ndarray:
+        """Latents (N, C, H, W) float32 for N class labels. See docs/runtime.md for the conventions."""
+        run = self.start(class_labels, num_steps, sampler, cfg_scale, guidance, seed, eta, noise, image_offset,
+                         **sampler_options)
+        bar = _Progress(run) if progress else None
         start, backend_s = time.perf_counter(), 0.0
         while not run.done:
             feeds = run.feeds()
             t0 = time.perf_counter()
             outputs = run_chunked(self.backend, feeds)
             backend_s += time.perf_counter() - t0
-            run.advance(outputs["model_output"])
+            run.advance(outputs[run.output_name])
             if bar:
-                bar.update(run.steps_done)
+                bar.update()
         if bar:
             bar.close()
-        self.last_stats = SampleStats(run.total_steps, run.rows, time.perf_counter() - start, backend_s)
+        self.last_stats = SampleStats(run.steps_done, run.rows, time.perf_counter() - start, backend_s)
         return run.result
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -114,65 +119,120 @@ class Pipeline:
 
 
 class SampleRun:
-    """One request's sampling loop, stepped from outside: `feeds()` are this step's denoiser rows
-    ([x; x] with labels [y; null] under guidance), `advance(model_output)` applies guidance and the
-    sampler step. Nothing here is shared with other runs."""
+    """One request's sampling loop, stepped from outside: `feeds()` are this model call's denoiser
+    rows ([x; x] with conditions [c; null] under guidance), `advance(model_output)` applies guidance
+    and hands the output to the sampler's loop. Nothing here is shared with other runs."""
 
-    def __init__(self, pipeline: Pipeline, class_labels, num_steps, sampler, cfg_scale, guidance, seed, eta, noise):
+    def __init__(self, pipeline: Pipeline, class_labels, num_steps, sampler, cfg_scale, guidance, seed, noise,
+                 image_offset, options):
         manifest = pipeline.manifest
-        defaults, diffusion = manifest.defaults, manifest.diffusion
-        self.labels = _check_labels(class_labels, manifest.model.num_classes)
-        self.sampler = get_sampler(sampler if sampler is not None else defaults.sampler)
-        self.options = self.sampler.bind(eta=eta)
-        self.schedule = schedule_for(self.sampler, diffusion, num_steps if num_steps is not None else defaults.steps)
-        guidance = guidance if guidance is not None else defaults.guidance
-        if guidance not in diffusion.guided_channels:
-            raise InputError(f"unknown guidance {guidance!r}; use {' or '.join(diffusion.guided_channels)}")
-        self.guided_channels = int(diffusion.guided_channels[guidance])
-        self.cfg_scale = _check_cfg_scale(defaults.cfg_scale if cfg_scale is None else cfg_scale)
-        n, shape, steps = len(self.labels), manifest.model.latent_shape, len(self.schedule)
+        defaults = manifest.defaults
+        spec = pipeline.backend.network
+        self.latent_name, self.time_name = spec.input("latent").name, spec.input("time").name
+        self.output_name = spec.output.name
+        (condition,) = _class_condition(spec)
+        self.condition_name = condition.name
+        self.labels = condition.condition.check(class_labels)
+        self.sampler = get_sampler(sampler if sampler is not None else defaults.sampler, manifest.family.name)
+        if options.get("eta") is None and defaults.eta is not None and "eta" in self.sampler.options:
+            options = {**options, "eta": defaults.eta}  # the manifest's default eta, for samplers that take one
+        self.options = self.sampler.bind(**options)
+        self.schedule = schedule_for(self.sampler, manifest.process,
+                                     num_steps if num_steps is not None else defaults.steps)
+        self.guided_channels = manifest.guidance.channels(guidance if guidance is not None else defaults.guidance)
+        self.cfg_scale = check_number(defaults.cfg_scale if cfg_scale is None else cfg_scale, "cfg_scale", float32=True)
+        n, shape = len(self.labels), manifest.model.latent_shape
         if noise is None:
-            self.noise = SeededNoise(_check_seed(seed), n, shape)
+            self.noise = SeededNoise(check_int(seed, "seed", 0, 2**64 - 1), n, shape,
+                                     check_int(image_offset, "image_offset", 0, 2**63))
         else:
-            self.noise = InjectedNoise(*_pair(noise), num_images=n, shape=shape, num_steps=steps)
+            if image_offset:
+                raise InputError("image_offset selects seeded noise; it does not apply to injected noise")
+            if not isinstance(noise, (tuple, list)) or len(noise) != 2:
+                raise InputError("noise must be None or a tuple (initial (N,C,H,W), steps (K,N,C,H,W) or None)")
+            self.noise = InjectedNoise(noise[0], noise[1], n, shape, self.sampler.noise_draws(self.schedule))
         self.guided = self.cfg_scale > 1.0  # as the official sample_ddp.py: no unconditional rows at scale <= 1
         self.rows = 2 * n if self.guided else n
-        self.label_rows = (np.concatenate([self.labels, np.full(n, diffusion.null_class, np.int64)]) if self.guided
-                           else self.labels)
+        self.condition_rows = (np.concatenate([self.labels, condition.condition.null_rows(n)]) if self.guided
+                               else self.labels)
+        self.null_half = self.guided and self.sampler.integrates_null_half
         self.backend_name = pipeline.backend.name
-        self.total_steps, self.steps_done = steps, 0
-        self.x = self.noise.initial()
-        self.state = None
+        self.total_steps = self.sampler.model_calls(self.schedule)  # None: adaptive
+        self.steps_done = 0
+        x = self.noise.initial()
+        self._loop = self.sampler.loop(np.concatenate([x, x]) if self.null_half else x, self.schedule,
+                                       self.noise.step if self.sampler.uses_noise else None, **self.options)
+        self._result: np.ndarray | None = None
+        self._pending = self._next(None)
 
     @property
     def done(self) -> bool:
-        return self.steps_done >= self.total_steps
+        return self._result is not None
 
     @property
     def timestep(self) -> float:
-        return float(self.schedule.model_timesteps[self.steps_done])
+        """The model time of the next call (the last one's once done)."""
+        return self._pending[1]
 
     def feeds(self) -> dict[str, np.ndarray]:
-        latent = np.concatenate([self.x, self.x]) if self.guided else self.x
-        return {"latent": latent, "timestep": np.full(self.rows, self.timestep, dtype=np.float32),
-                "class_label": self.label_rows}
+        if self.done:
+            raise InputError(f"this run is finished ({self.steps_done} model calls); it takes no more feeds")
+        x, t = self._pending
+        if self.null_half:
+            x = x[:len(self.labels)]
+        latent = np.concatenate([x, x]) if self.guided else x
+        return {self.latent_name: latent, self.time_name: np.full(self.rows, t, dtype=np.float32),
+                self.condition_name: self.condition_rows}
 
     def advance(self, model_output: np.ndarray) -> None:
-        n, k = len(self.labels), self.steps_done
-        out = guide(model_output[:n], model_output[n:], self.cfg_scale, self.guided_channels) if self.guided else model_output
-        noise = self.noise.step(k) if self.sampler.uses_noise else None
-        self.x, self.state = self.sampler.step(self.x, out, self.schedule, k, noise, self.state, **self.options)
-        if not np.isfinite(self.x).all():
-            raise StepError(f"sampling produced NaN or inf at step {k + 1}/{self.total_steps} (timestep "
-                            f"{self.timestep:g}) on {self.backend_name}; the model output or cfg_scale "
-                            f"{self.cfg_scale:g} overflows float32")
+        if self.done:
+            raise InputError(f"this run is finished ({self.steps_done} model calls); advance was called again")
+        model_output = np.asarray(model_output)
+        if model_output.ndim != 4 or model_output.shape[0] != self.rows or model_output.shape[2:] != self._pending[0].shape[2:]:
+            raise InputError(f"model_output has shape {model_output.shape}; this run's step takes ({self.rows}, channels, "
+                             f"{', '.join(map(str, self._pending[0].shape[2:]))})")
+        self._pending = self._next(self._guide(model_output.astype(np.float32, copy=False)))
         self.steps_done += 1
+
+    def _guide(self, out: np.ndarray) -> np.ndarray:
+        if not self.guided:
+            return out
+        n = len(self.labels)
+        guided = guide(out[:n], out[n:], self.cfg_scale, self.guided_channels)
+        if not self.null_half:
+            return guided
+        null = out[n:].copy()  # forward_with_cfg's second half: the same guided channels, its own rest
+        null[:, :self.guided_channels] = guided[:, :self.guided_channels]
+        return np.concatenate([guided, null])
+
+    def _next(self, output: np.ndarray | None) -> tuple[np.ndarray, float]:
+        """Send the output to the loop; the next (state, t), or the result when the loop ends."""
+        previous = getattr(self, "_pending", (None, float("nan")))[1]
+        try:
+            x, t = next(self._loop) if output is None else self._loop.send(output)
+        except StopIteration as stop:
+            x, t = stop.value, previous
+            self._result = x[:len(self.labels)] if self.null_half else x
+        if not np.isfinite(x).all():
+            at = f"step {self.steps_done + 1}/{self.total_steps}" if self.total_steps else f"model call {self.steps_done + 1}"
+            raise StepError(f"sampling produced NaN or inf at {at} (timestep {previous:g}) on {self.backend_name}; the "
+                            f"model output or cfg_scale {self.cfg_scale:g} overflows float32")
+        return x, t
 
     @property
     def result(self) -> np.ndarray:
         if not self.done:
-            raise InputError(f"this run has done {self.steps_done} of {self.total_steps} steps")
-        return self.x
+            raise InputError(f"this run has done {self.steps_done} model calls and is not finished")
+        return self._result.astype(np.float32, copy=False)
+
+
+def _class_condition(spec):
+    conditions = spec.conditions
+    if len(conditions) != 1 or conditions[0].condition.kind != "class":
+        kinds = [t.condition.kind for t in conditions]
+        raise InputError(f"this denoiser takes {kinds or 'no'} conditioning; Pipeline.sample takes class labels "
+                         "(one 'class' condition input)")
+    return conditions
 
 
 def decode(decoder: Backend, latents: np.ndarray) -> np.ndarray:
@@ -180,73 +240,51 @@ def decode(decoder: Backend, latents: np.ndarray) -> np.ndarray:
     the latents or the images are not finite (naming the network and its precision)."""
     from .images import check_finite
     latents = np.asarray(latents)
-    want = decoder.network.inputs[0]
+    want = decoder.network.input("latent")
     if latents.ndim != 4 or latents.shape[1:] != want.concrete(1)[1:] or not np.issubdtype(latents.dtype, np.floating):
         raise InputError(f"latents have shape {latents.shape} ({latents.dtype}); the decoder takes float "
                          f"(N, {', '.join(map(str, want.concrete(1)[1:]))})")
+    if len(latents) == 0:
+        raise InputError("latents hold no image (N = 0)")
     if not np.isfinite(latents).all():
         raise InputError("latents contain NaN or inf")
-    images = run_chunked(decoder, {want.name: latents.astype(np.float32, copy=False)})[decoder.network.output_names[0]]
+    images = run_chunked(decoder, {want.name: latents.astype(np.float32, copy=False)})[decoder.network.output.name]
     check_finite(images, "decoder", decoder.precision)
     return images
 
 
-def _check_labels(class_labels, num_classes: int) -> np.ndarray:
-    labels = np.asarray(class_labels)
-    if labels.ndim != 1 or labels.size == 0:
-        raise InputError(f"class_labels must be a non-empty 1-D sequence of ints, got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise InputError(f"class_labels must be integers, got {labels.dtype}")
-    bad = labels[(labels < 0) | (labels >= num_classes)]
-    if bad.size:
-        raise InputError(f"class labels {sorted(set(bad.tolist()))} out of range: this model has classes "
-                         f"0..{num_classes - 1} (the null class {num_classes} is added by guidance)")
-    return labels.astype(np.int64)
-
-
-def _check_cfg_scale(cfg_scale) -> float:
-    # Checked in float32, the dtype guidance uses: 1e39 is finite in float64 but inf in float32.
-    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float, np.floating)) \
-            or not np.isfinite(_float32(cfg_scale)):
-        raise InputError(f"cfg_scale must be a finite float32 number, got {cfg_scale!r}")
-    return float(cfg_scale)
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-    return int(seed)
-
-
-def _pair(noise) -> tuple[np.ndarray, np.ndarray]:
-    if not isinstance(noise, (tuple, list)) or len(noise) != 2:
-        raise InputError("noise must be None or a tuple (initial (N,C,H,W), steps (K,N,C,H,W))")
-    return noise[0], noise[1]
-
-
 class _Progress:
     """Progress on stderr without dependencies: a redrawn bar on a terminal (at most 10 redraws a
-    second), one line per tenth of the loop elsewhere (CI logs)."""
+    second), one line per tenth of the loop elsewhere (CI logs). Adaptive loops (no known number
+    of calls) show their model time instead."""
 
-    def __init__(self, total: int):
-        self.total, self.start, self.last_draw, self.last_tenth = total, time.perf_counter(), 0.0, 0
+    def __init__(self, run: SampleRun):
+        self.run, self.start, self.last_draw, self.last_tenth = run, time.perf_counter(), 0.0, 0
         self.tty = sys.stderr.isatty()
 
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        rate = done / max(now - self.start, 1e-9)
+    def _fraction(self) -> float:
+        run = self.run
+        if run.total_steps:
+            return run.steps_done / run.total_steps
+        return 1.0 if run.done else float(np.clip(run.timestep, 0.0, 1.0))  # adaptive SiT loops run t from 0 to 1
+
+    def update(self) -> None:
+        now, run = time.perf_counter(), self.run
+        rate = run.steps_done / max(now - self.start, 1e-9)
+        done = f"{run.steps_done}/{run.total_steps} steps" if run.total_steps else f"{run.steps_done} calls, t={run.timestep:.3f}"
+        fraction = self._fraction()
         if self.tty:
-            if now - self.last_draw < 0.1 and done < self.total:
+            if now - self.last_draw < 0.1 and not run.done:
                 return
             self.last_draw = now
-            filled = int(30 * done / self.total)
-            sys.stderr.write(f"\rsampling [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} steps, {rate:.1f} steps/s")
+            filled = int(30 * fraction)
+            sys.stderr.write(f"\rsampling [{'#' * filled}{'.' * (30 - filled)}] {done}, {rate:.1f} calls/s")
         else:
-            tenth = 10 * done // self.total
+            tenth = int(10 * fraction)
             if tenth == self.last_tenth:
                 return
             self.last_tenth = tenth
-            sys.stderr.write(f"sampling {done}/{self.total} steps, {rate:.1f} steps/s\n")
+            sys.stderr.write(f"sampling {done}, {rate:.1f} calls/s\n")
         sys.stderr.flush()
 
     def close(self) -> None:
@@ -264,8 +302,8 @@ def load(artifact_dir: str | Path, backend: str = "auto", precision: str | None 
     Runtime (CUDA EP when onnxruntime-gpu is installed, else CPU). `allow_plan_host_code` lets a
     version-compatible TensorRT plan (whose sha256 matched) run the host code it embeds: only for
     plans you built or trust. `verify` (default on) checks every file a backend reads against the
-    manifest's sha256 before use; hashes are cached per (path, size, mtime), so loading the same
-    artifact again does not rehash it. verify=False is the documented opt-out.
+    manifest's sha256 before use; hashes are cached per (path, inode, size, mtime, ctime), so
+    loading the same artifact again does not rehash it. verify=False is the documented opt-out.
     `decoder` None loads the artifact's VAE decoder when it has one (True requires it, False skips
     it), on the same backend kind, in `decoder_precision` (None: the kind's default; fp32 avoids
     the fp16 overflow VAE decoders are known for)."""
@@ -282,8 +320,3 @@ def load(artifact_dir: str | Path, backend: str = "auto", precision: str | None 
     elif decoder_precision is not None:
         raise InputError("decoder_precision given, but no decoder is loaded")
     return Pipeline(denoiser, manifest, decoder_backend)
-
-
-def _float32(value) -> np.float32:
-    with np.errstate(over="ignore"):  # an overflow is the answer (inf), not a warning
-        return np.float32(value)

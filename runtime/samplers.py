@@ -1,28 +1,35 @@
-"""Samplers: each step a short pure function over float32 arrays and a schedule (official math),
-and one registry (`SAMPLERS`) from which the runtime, the CLI choices and the parity cases come.
+"""Samplers: each a short loop over float32 arrays and a schedule (the official math), and one
+registry (`SAMPLERS`) from which the runtime, the CLI choices and the parity cases come.
 
-Each step takes x_t (N, C, H, W), the guided model output for those rows (N, out_channels, H, W),
-the chain index i and the noise for this step, and returns x_{t-1}. Every table entry is cast to
-float32 before use and the operations keep the official order, so results match the official
-float32 code to the last bits the backend allows.
+A sampler's loop is a generator, k-diffusion style, with its history in plain variables:
 
-A registry entry adapts a step to one calling convention for every sampler,
-`step(x, model_output, schedule, k, noise, state, **options) -> (x_next, state)`: k counts model
-calls from the noisiest, and `state` is whatever a multistep method carries from one call to the
-next (None for single-step samplers; the previous data prediction for DPM-Solver++), so the loop
-keeps each request's history in one explicit value.
+    loop(x, schedule, noise, **options) -> Generator[(x_eval, t), model_output, x_final]
+
+It yields the state at which the model must be evaluated next and the model time t for that call
+(the value the family's time input takes: DiT's original-scale timestep, SiT's t in [0, 1]); it is
+sent the guided model output for x_eval and finally returns the sample. `noise(k)` is the k-th
+stochastic draw (random access: a retried step gets the same noise). The pipeline drives loops one
+model call at a time, so a batching scheduler can step many requests through one backend call,
+each at its own t, and adaptive solvers take as many calls as they need.
+
+DiT's samplers are fixed-step: `fixed_step_loop(step)` turns a step function
+`step(x, model_output, schedule, k, noise, state, **options) -> (x_next, state)` into a loop (k
+counts model calls from the noisiest; `state` carries a multistep method's history).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Generator
 
 import numpy as np
 
 from .config import Diffusion
 from .dpm_solver import dpm_schedule, dpmpp_2m_step
 from .errors import InputError
-from .schedule import Schedule, respaced_schedule
+from .schedule import Schedule, respaced_schedule  # noqa: F401  (respaced_schedule: a schedule builder for plugins)
+from .validate import check_number
+
+Loop = Generator[tuple[np.ndarray, float], np.ndarray, np.ndarray]
 
 
 def _f32(table: np.ndarray, i: int) -> np.float32:
@@ -79,7 +86,6 @@ def ddim_step(x: np.ndarray, model_output: np.ndarray, sched: Schedule, i: int, 
     return mean + sigma * noise
 
 
-
 def guide(cond: np.ndarray, uncond: np.ndarray, scale: float, guided_channels: int) -> np.ndarray:
     """Classifier-free guidance on the first `guided_channels` channels (official: 3, standard: all
     latent channels); the rest (channel 3 under official guidance, the variance) stay conditional."""
@@ -89,18 +95,34 @@ def guide(cond: np.ndarray, uncond: np.ndarray, scale: float, guided_channels: i
     return out
 
 
+def fixed_step_loop(step: Callable[..., tuple[np.ndarray, Any]]) -> Callable[..., Loop]:
+    """A loop over every model timestep of a schedule, one step function call per model call."""
+    def loop(x: np.ndarray, sched, noise: Callable[[int], np.ndarray] | None, **options) -> Loop:
+        state = None
+        for k, t in enumerate(sched.model_timesteps):
+            out = yield x, float(t)
+            x, state = step(x, out, sched, k, noise(k) if noise is not None else None, state, **options)
+        return x
+    return loop
+
+
 # ---- the registry ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Sampler:
     name: str
+    family: str  # the model family it samples (runtime.config.FAMILIES)
     summary: str
-    schedule: Callable[[Diffusion, Any], Any]  # (diffusion, steps) -> a schedule with model_timesteps, len()
-    step: Callable[..., tuple[np.ndarray, Any]]  # (x, model_output, schedule, k, noise, state, **options)
+    schedule: Callable[[Any, Any], Any]  # (the family's process, steps) -> a schedule
+    loop: Callable[..., Loop]  # (x, schedule, noise, **options) -> the loop
     steps_help: str  # the accepted step forms, for --help and errors
-    parity_steps: Callable[[int], Any]  # the step spec of this sampler's parity loop for n model calls
-    options: dict = field(default_factory=dict)  # option name -> default (None: the option is not taken)
-    uses_noise: bool = True  # draws fresh noise at every step
+    parity_steps: Callable[[int], Any]  # the step spec of this sampler's parity loop for about n model calls
+    noise_draws: Callable[[Any], int]  # schedule -> stochastic draws (the leading axis of injected step noise)
+    model_calls: Callable[[Any], int | None]  # schedule -> model calls, None when adaptive
+    options: dict = field(default_factory=dict)  # option name -> default (a name not here is refused)
+    check_options: Callable[[dict], dict] = lambda options: options
+    uses_noise: bool = True  # False: noise(k) is never called (injected step noise is accepted, unused)
+    integrates_null_half: bool = False  # the loop integrates the whole guided batch [x; x] (see pipeline)
 
     def bind(self, **given) -> dict:
         """The options for one run: defaults filled in, values checked; an option this sampler
@@ -110,18 +132,12 @@ class Sampler:
                 takers = [s.name for s in SAMPLERS.values() if name in s.options]
                 raise InputError(f"{name} applies to {' and '.join(takers) or 'no sampler'} only; "
                                  f"{self.name} takes no {name}")
-        options = {name: given.get(name) if given.get(name) is not None else default
-                   for name, default in self.options.items()}
-        if "eta" in options:
-            eta = options["eta"]
-            if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating)) or not 0.0 <= eta <= 1.0:
-                raise InputError(f"eta must be a number in [0, 1], got {eta!r}")
-            options["eta"] = float(eta)
-        return options
+        return self.check_options({name: given[name] if given.get(name) is not None else default
+                                   for name, default in self.options.items()})
 
 
-def _respaced(diffusion: Diffusion, steps) -> Schedule:
-    return respaced_schedule(diffusion, steps)
+def _check_eta(options: dict) -> dict:
+    return {**options, "eta": check_number(options["eta"], "eta", 0.0, 1.0)}
 
 
 def _ddpm(x, model_output, sched, k, noise, state):
@@ -140,22 +156,46 @@ def register_sampler(sampler: Sampler) -> None:
     SAMPLERS[sampler.name] = sampler
 
 
-register_sampler(Sampler("ddpm", "the official DDPM loop (learned-range or fixed-large variance)", _respaced, _ddpm,
-                         RESPACING_HELP, parity_steps=str))
-register_sampler(Sampler("ddim", "the official DDIM loop (eta 0 deterministic)", _respaced, _ddim, RESPACING_HELP,
-                         parity_steps=lambda n: f"ddim{n}", options={"eta": 0.0}))
+def _respaced(diffusion: Diffusion, steps) -> Schedule:
+    return respaced_schedule(diffusion, steps)
 
 
 def _dpm_schedule(diffusion: Diffusion, steps):
     return dpm_schedule(diffusion.alphas_cumprod(), steps)
 
 
-register_sampler(Sampler("dpm++2m", "DPM-Solver++(2M), data prediction, midpoint: diffusers' DPMSolverMultistepScheduler "
-                         "defaults (linspace timesteps, lower-order final, final sigma 0)", _dpm_schedule, dpmpp_2m_step,
-                         "the number of model calls, e.g. 25", parity_steps=int, uses_noise=False))
+register_sampler(Sampler("ddpm", "dit", "the official DDPM loop (learned-range or fixed-large variance)", _respaced,
+                         fixed_step_loop(_ddpm), RESPACING_HELP, parity_steps=str, noise_draws=len, model_calls=len))
+register_sampler(Sampler("ddim", "dit", "the official DDIM loop (eta 0 deterministic)", _respaced,
+                         fixed_step_loop(_ddim), RESPACING_HELP, parity_steps=lambda n: f"ddim{n}", noise_draws=len,
+                         model_calls=len, options={"eta": 0.0}, check_options=_check_eta))
+# The 2M solver draws no noise; injected noise keeps DiT's (initial, steps (K, ...)) form, steps unused.
+register_sampler(Sampler("dpm++2m", "dit", "DPM-Solver++(2M), data prediction, midpoint: diffusers' "
+                         "DPMSolverMultistepScheduler defaults (linspace timesteps, lower-order final, final sigma 0)",
+                         _dpm_schedule, fixed_step_loop(dpmpp_2m_step), "the number of model calls, e.g. 25",
+                         parity_steps=int, noise_draws=len, model_calls=len, uses_noise=False))
 
 
-def get_sampler(name: str) -> Sampler:
-    if name not in SAMPLERS:
-        raise InputError(f"unknown sampler {name!r}; use {', '.join(SAMPLERS)}")
+def get_sampler(name, family: str | None = None) -> Sampler:
+    """The registry entry; with `family`, only that family's samplers are accepted."""
+    choices = [s for s, entry in SAMPLERS.items() if family is None or entry.family == family]
+    if not isinstance(name, str) or name not in choices:
+        where = f" for a {family} model" if family else ""
+        other = (f" ({name} samples {SAMPLERS[name].family} models)"
+                 if isinstance(name, str) and name in SAMPLERS else "")
+        raise InputError(f"unknown sampler {name!r}{where}{other}; use {', '.join(choices)}")
     return SAMPLERS[name]
+
+
+def parse_options(items) -> dict:
+    """Sampler options given as NAME=VALUE strings (the CLI's --option): numbers become floats."""
+    options = {}
+    for item in items:
+        name, sep, value = str(item).partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise InputError(f"a sampler option is NAME=VALUE (e.g. atol=1e-6), got {item!r}")
+        try:
+            options[name.strip()] = float(value)
+        except ValueError:
+            options[name.strip()] = value.strip()
+    return options

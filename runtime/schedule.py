@@ -6,6 +6,7 @@ the original-scale timestep the model is called with.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,7 @@ def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
     "ddimN" (smallest integer stride giving N steps) or "a,b,c" (sections of equal length)."""
     if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
         spec = str(int(spec))
-    elif isinstance(spec, str) and spec.strip().isdigit():
+    elif isinstance(spec, str) and re.fullmatch(r"\s*[0-9]+\s*", spec):  # ASCII digits only ("²".isdigit() is True)
         spec = str(int(spec))
     if not isinstance(spec, str) or not spec.strip():
         raise ScheduleError(f"step spec must be an int or a string like '250', 'ddim50' or '10,20,30'; got {spec!r}")
@@ -47,10 +48,9 @@ def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
 
 
 def _parse_count(text: str, spec: str) -> int:
-    try:
-        count = int(text)
-    except ValueError:
-        raise ScheduleError(f"step spec '{spec}' is not 'N', 'ddimN' or comma-separated section counts") from None
+    if not re.fullmatch(r"\s*[0-9]{1,7}\s*", text):
+        raise ScheduleError(f"step spec '{spec}' is not 'N', 'ddimN' or comma-separated section counts")
+    count = int(text)
     if count < 1:
         raise ScheduleError(f"step spec '{spec}': step counts must be positive")
     return count

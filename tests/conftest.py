@@ -32,7 +32,8 @@ def tiny_checkpoint():
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory, tiny_checkpoint) -> Path:
     """The golden checkpoint exported to fp32 and fp16 ONNX (validated at export)."""
-    from ditrt.exporter.onnx_export import export_artifact, source_from_checkpoint
+    from ditrt.exporter.artifact import export_artifact
+    from ditrt.exporter.denoiser import source_from_checkpoint
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
     export_artifact(source_from_checkpoint(tiny_checkpoint), out, log=lambda m: None)
     return out
@@ -46,7 +47,8 @@ def max_rel_err(actual: np.ndarray, reference: np.ndarray) -> float:
 @pytest.fixture(scope="session")
 def tiny_artifact_with_vae(tmp_path_factory, tiny_checkpoint) -> Path:
     """The golden checkpoint and the golden small VAE (exporter/data/example_vae) in one artifact."""
-    from ditrt.exporter.onnx_export import export_artifact, source_from_checkpoint
+    from ditrt.exporter.artifact import export_artifact
+    from ditrt.exporter.denoiser import source_from_checkpoint
     from ditrt.exporter.vae import load_vae
     out = tmp_path_factory.mktemp("artifacts") / "tiny_vae"
     export_artifact(source_from_checkpoint(tiny_checkpoint), out, log=lambda m: None,

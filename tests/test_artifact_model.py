@@ -84,23 +84,31 @@ def test_the_manifest_defaults_are_used(edit):
 
 
 @pytest.mark.parametrize("path, value, message", [
-    (("diffusion", "null_class"), 3, "diffusion.null_class is 3, but the null class of a DiT is model.num_classes = 10"),
-    (("diffusion", "guided_channels", "official"), 100, r"diffusion.guided_channels.official is 100, outside 1..4"),
-    (("diffusion", "guided_channels", "official"), -1, "outside 1..4"),
-    (("diffusion", "guided_channels", "official"), 0, "outside 1..4"),
-    (("diffusion", "guided_channels", "official"), "3", "must be an integer"),
-    (("diffusion", "beta_schedule"), "cosine", "diffusion.beta_schedule is 'cosine'; this runtime supports 'linear'"),
-    (("diffusion", "variance"), "learned", "diffusion.variance is 'learned'"),
+    (("networks", "denoiser", "inputs", 2, "condition", "null"), 3,
+     "condition.null is 3, but a class-conditional DiT's null class is num_classes = 10"),
+    (("networks", "denoiser", "inputs", 2, "condition", "num_classes"), 11, "null is 10, but a class-conditional"),
+    (("networks", "denoiser", "inputs", 2, "dtype"), "int32", "do not match the model section"),
+    (("networks", "denoiser", "inputs", 2, "condition", "kind"), "text", "condition.kind is 'text'"),
+    (("networks", "denoiser", "inputs", 1, "role"), "condition", "do not match the model section|condition.kind"),
+    (("guidance", "guided_channels", "official"), 100, r"guidance.guided_channels.official must be an integer from 1 to 4"),
+    (("guidance", "guided_channels", "official"), -1, "from 1 to 4"),
+    (("guidance", "guided_channels", "official"), 0, "from 1 to 4"),
+    (("guidance", "guided_channels", "official"), "3", "must be an integer"),
+    (("diffusion", "beta_schedule"), "cosine", "diffusion.beta_schedule must be one of 'linear', got 'cosine'"),
+    (("diffusion", "variance"), "learned", "diffusion.variance must be one of .*got 'learned'"),
     (("diffusion", "clip_denoised"), True, "diffusion.clip_denoised is True"),
     (("diffusion", "beta_end"), 1.5, "0 < beta_start <= beta_end < 1"),
-    (("diffusion", "prediction"), "v_prediction", "diffusion.prediction is 'v_prediction'"),
+    (("diffusion", "prediction"), "v_prediction", "diffusion.prediction must be one of 'epsilon', got 'v_prediction'"),
     (("schema_version",), True, "schema version True"),
-    (("schema_version",), 3, "re-export the artifact with this ditrt"),
+    (("schema_version",), 4, "re-export the artifact with this ditrt"),
+    (("model", "family"), "flux", "unknown model family 'flux'"),
     (("model", "input_size"), "8", "model.input_size must be an integer"),
-    (("model", "input_size"), 10**9, "model.input_size is 1000000000, outside"),
-    (("model", "learn_sigma"), False, "model.out_channels is 8, but in_channels 4 with learn_sigma False gives 4"),
-    (("defaults", "sampler"), "euler", "defaults.sampler is 'euler'"),
-    (("defaults", "guidance"), "all", "defaults.guidance is 'all'"),
+    (("model", "input_size"), 10**9, "model.input_size must be an integer from 1 to 1048576, got 1000000000"),
+    (("model", "learn_sigma"), False, "model.out_channels is 8, but a dit with in_channels 4 and learn_sigma False outputs 4"),
+    (("defaults", "sampler"), "euler", "defaults.sampler must be one of 'ddpm', 'ddim', 'dpm\\+\\+2m', got 'euler'"),
+    (("defaults", "guidance"), "all", "defaults.guidance must be one of 'official', 'standard', got 'all'"),
+    (("defaults", "eta"), 0.5, "defaults.eta is set, but the default sampler ddpm takes no eta"),
+    (("defaults", "speed"), 1, "defaults has unknown keys"),
     (("networks", "denoiser", "graphs", "fp32", "file"), "../denoiser.fp32.onnx", "points outside the artifact"),
     (("networks", "denoiser", "graphs", "fp32", "file"), "/etc/passwd", "points outside the artifact"),
     (("networks", "denoiser", "graphs", "fp32", "file"), 7, "must be a file name inside the artifact"),
@@ -116,7 +124,7 @@ def test_manifest_values_the_runtime_cannot_honour_are_refused_by_name(edit, pat
 
 def test_a_missing_field_is_named(edit):
     art = edit("diffusion", "beta_end", delete=True)
-    with pytest.raises(ArtifactError, match="diffusion.beta_end must be a finite number, got None"):
+    with pytest.raises(ArtifactError, match="diffusion.beta_end must be a number > 0, got None"):
         load_manifest(art)
 
 
@@ -177,7 +185,7 @@ def test_schema_1_artifacts_load_and_sample_the_same(tmp_path, tiny_artifact):
         graph["sha256"] = {name: sha256_file(art / name) for name in graph["sha256"]}
     (art / "manifest.json").write_text(json.dumps(v1))
     manifest = load_manifest(art)
-    assert manifest.data["schema_version"] == 2 and manifest.data["upgraded_from_schema"] == 1
+    assert manifest.data["schema_version"] == 3 and manifest.data["upgraded_from_schema"] == 1
     assert manifest.defaults.sampler == "ddpm" and manifest.diffusion.variance == "learned_range"
     np.testing.assert_array_equal(_sample(art), _sample(tiny_artifact))
     assert upgrade_schema_1(v1)["networks"]["denoiser"]["graphs"] == v1["graphs"]
@@ -202,12 +210,13 @@ def test_a_multistep_sampler_plugs_in_through_the_registry(tiny_artifact, monkey
         seen.append((k, state))
         return x * np.float32(0.5), (state or 0) + 1
 
-    toy = samplers.Sampler("toy", "halves x", samplers._respaced, step, samplers.RESPACING_HELP, parity_steps=str,
+    toy = samplers.Sampler("toy", "dit", "halves x", samplers.respaced_schedule, samplers.fixed_step_loop(step),
+                           samplers.RESPACING_HELP, parity_steps=str, noise_draws=len, model_calls=len,
                            uses_noise=False)
     monkeypatch.setitem(samplers.SAMPLERS, "toy", toy)
     pipe = runtime.load(tiny_artifact, backend="onnxruntime")
     out = pipe.sample([1], num_steps=4, sampler="toy", seed=1, progress=False)
-    start = pipe.start([1], num_steps=4, sampler="toy", seed=1).x
+    start = pipe.start([1], num_steps=4, sampler="toy", seed=1).feeds()["latent"][:1]  # [x; null-row x]
     np.testing.assert_array_equal(out, start * np.float32(0.5 ** 4))
     assert seen == [(0, None), (1, 1), (2, 2), (3, 3)]
     with pytest.raises(InputError, match="eta applies to ddim only; toy takes no eta"):

@@ -118,7 +118,7 @@ def test_missing_unexpected_and_mismatched_keys_are_listed(tmp_path, state_dict)
     msg = _error(tmp_path / "bad.pt", num_heads=4)
     assert "missing keys (1): blocks.1.mlp.fc1.bias" in msg
     assert "unexpected keys (1): blocks.0.extra.weight" in msg
-    assert "blocks.0.attn.proj.weight: checkpoint (64, 32) vs model (64, 64)" in msg
+    assert "blocks.0.attn.proj.weight: file (64, 32) vs model (64, 64)" in msg
 
 
 def test_heads_not_derivable_asks_for_an_override():
@@ -180,7 +180,7 @@ def _ditrt(*args):
 def test_inspect_prints_config_params_and_gmacs():
     r = _ditrt("inspect", TINY_CHECKPOINT, "--num-heads", "4")
     assert r.returncode == 0, r.stderr
-    assert "official DiT checkpoint" in r.stdout and "parameters 183,200" in r.stdout and "GMACs" in r.stdout
+    assert "official DiT-layout checkpoint" in r.stdout and "parameters 183,200" in r.stdout and "GMACs" in r.stdout
     info = json.loads(_ditrt("inspect", TINY_CHECKPOINT, "--num-heads", "4", "--json").stdout)
     assert info["config"]["depth"] == 2 and info["parameters"] == 183200 and info["pos_embed_max_deviation_from_sincos"] < 1e-6
 
@@ -193,7 +193,10 @@ def test_inspect_reports_problems_with_exit_code_2(tmp_path):
 
 def test_version_and_help():
     r = _ditrt("--version")
-    assert r.returncode == 0 and "0.2.0" in r.stdout
+    import tomllib
+    from conftest import ROOT
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert r.returncode == 0 and f"version {version}" in r.stdout  # the CLI and the package agree
     for command in ("inspect", "export", "sample", "build", "parity"):
         r = _ditrt(command, "--help")
         assert r.returncode == 0 and "Usage" in r.stdout, command

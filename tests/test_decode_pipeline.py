@@ -66,10 +66,11 @@ def test_sample_writes_the_grid_and_per_image_pngs(tiny_artifact_with_vae, tmp_p
     np.testing.assert_array_equal(images.read_png(tmp_path / "again.png"), images.grid(decoded))
 
 
-def test_an_artifact_without_decoder_keeps_the_latents_and_says_why(tiny_artifact, tmp_path):
+def test_an_artifact_without_decoder_refuses_images_before_sampling(tiny_artifact, tmp_path):
     r = ditrt("sample", tiny_artifact, "--labels", "1", "--steps", "4", "--out", tmp_path / "x.png", "--no-progress")
     assert r.returncode == 2 and "has no decoder network" in r.stderr and "--vae DIR" in r.stderr
-    assert np.load(tmp_path / "x.npy").shape == (1, 4, 8, 8) and not (tmp_path / "x.png").exists()
+    assert "sampling" not in r.stderr and list(tmp_path.iterdir()) == []  # refused before any work
+    np.save(tmp_path / "x.npy", np.zeros((1, 4, 8, 8), np.float32))
     with pytest.raises(ArtifactError, match="has no decoder network"):
         runtime.load(tiny_artifact, backend="onnxruntime").decode(np.zeros((1, 4, 8, 8), np.float32))
     r = ditrt("decode", tiny_artifact, tmp_path / "x.npy", "--out", tmp_path / "y.png")

@@ -10,7 +10,9 @@ from onnx import TensorProto, helper
 
 from conftest import max_rel_err
 from ditrt.exporter import onnx_export
-from ditrt.exporter.onnx_export import ExportError, ExportOptionError, export_artifact, source_from_checkpoint
+from ditrt.exporter.onnx_export import ExportError, ExportOptionError
+from ditrt.exporter.artifact import export_artifact
+from ditrt.exporter.denoiser import source_from_checkpoint
 from ditrt.exporter.trt_lint import lint_model
 from ditrt.runtime.manifest import load_manifest
 
@@ -35,8 +37,9 @@ def test_graph_interface_and_manifest(tiny_artifact):
         assert validation["checker_full_check"] and validation["strict_shape_inference"] and validation["tensorrt_lint"]["ok"]
         assert {r["batch"] for r in validation["onnxruntime_vs_reference"]["runs"]} == {1, 3}
     d = manifest.data
-    assert d["schema_version"] == 2 and d["diffusion"]["null_class"] == 10
-    assert d["diffusion"]["guided_channels"] == {"official": 3, "standard": 4}
+    assert d["schema_version"] == 3 and d["model"]["family"] == "dit"
+    assert d["networks"]["denoiser"]["inputs"][2]["condition"] == {"kind": "class", "num_classes": 10, "null": 10}
+    assert d["guidance"]["guided_channels"] == {"official": 3, "standard": 4}
     assert d["defaults"] == {"sampler": "ddpm", "steps": 250, "cfg_scale": 4.0, "guidance": "official"}
     assert [t["name"] for t in d["networks"]["denoiser"]["inputs"]] == ["latent", "timestep", "class_label"]
     assert d["source"]["kind"] == "checkpoint" and len(d["source"]["sha256"]) == 64
@@ -108,7 +111,7 @@ def test_existing_artifact_needs_force(tmp_path, tiny_checkpoint):
 
 def test_failed_validation_leaves_nothing(tmp_path, tiny_checkpoint, monkeypatch):
     from ditrt.runtime import networks
-    monkeypatch.setitem(networks.DENOISER_EXPORT_BOUNDS, "fp16", 1e-9)  # no fp16 graph can meet this
+    monkeypatch.setitem(networks.EXPORT_BOUNDS, "fp16", 1e-9)  # no fp16 graph can meet this
     with pytest.raises(ExportError, match="above the fp16 bound"):
         export_artifact(source_from_checkpoint(tiny_checkpoint), tmp_path / "a", ("fp32", "fp16"), log=lambda m: None)
     assert list(tmp_path.iterdir()) == []  # neither the artifact nor its temporary directory
@@ -135,7 +138,7 @@ def test_cli_export_force_and_fp32_blocks(tmp_path, golden):
     out = tmp_path / "art"
     r = _ditrt("export", "--example", "--out", out, "--precision", "fp16", "--fp32-blocks", "0,1")
     assert r.returncode == 0, r.stderr
-    assert "[1/4] PyTorch fp32 reference outputs" in r.stderr and "TensorRT lint ok" in r.stderr
+    assert "[1/7] PyTorch fp32 denoiser reference outputs" in r.stderr and "TensorRT lint ok" in r.stderr
     manifest = load_manifest(out)
     assert manifest.precisions("denoiser") == ["fp16"] and manifest.graph("denoiser", "fp16")["fp32_blocks"] == [0, 1]
     r = _ditrt("export", "--example", "--out", out, "--precision", "fp16")

@@ -76,8 +76,8 @@ def test_a_nan_result_fails_the_step_and_writes_nothing(art, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--image-size", "0"], "--image-size must be a positive multiple of 8"),
-    (["--num-heads", "0"], "--num-heads must be a positive integer"),
+    (["--image-size", "0"], "--image-size (pixels) must be an integer from 8 to 8192"),
+    (["--num-heads", "0"], "--num-heads must be an integer from 1 to 4096"),
     (["--num-heads", "7"], "hidden_size 384 is not divisible by num_heads 7"),
 ])
 def test_export_options_are_refused_not_replaced(tmp_path, args, message):
@@ -204,7 +204,7 @@ def test_a_shape_edit_in_the_manifest_is_refused_by_name(art):
     data = json.loads((art / "manifest.json").read_text())
     data["model"]["input_size"] = 16
     (art / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(ArtifactError, match="networks.denoiser inputs .* do not match the model section"):
+    with pytest.raises(ArtifactError, match="networks.denoiser inputs/outputs .* do not match the model section"):
         runtime.load(art)
 
 

@@ -116,7 +116,7 @@ def test_threshold_flags_override_defaults(golden_file, tiny_artifact):
     (["--against", "missing.npz"], "golden file not found"),
     (["--against", "reference", "--backends", "onnx"], "unknown backend"),
     (["--against", "reference", "--max-rel-err", "tensorrt-fp16=0.1"], "not in --backends"),
-    (["--against", "reference", "--batch", "0"], "positive batch sizes"),
+    (["--against", "reference", "--batch", "0"], "--batch sizes must be an integer from 1"),
     (["--against", "reference", "--backends", "tensorrt"], "TensorRT is not installed"),
 ])
 def test_usage_and_artifact_errors_exit_2(tiny_artifact, args, message):

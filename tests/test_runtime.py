@@ -43,9 +43,9 @@ def test_fp16_graph_full_loop_deviation(tiny_artifact, golden, sampler, spec, ke
 
 
 def test_golden_timesteps_are_the_chains_we_run(golden):
-    from ditrt.runtime.config import DiTConfig, Diffusion
+    from ditrt.runtime.config import Diffusion
     from ditrt.runtime.schedule import respaced_schedule
-    official = Diffusion.official(DiTConfig())
+    official = Diffusion()
     assert list(respaced_schedule(official, "10").model_timesteps) == list(golden["ddpm_timesteps"])
     assert list(respaced_schedule(official, "ddim10").model_timesteps) == list(golden["ddim_timesteps"])
 
@@ -220,7 +220,7 @@ main(['sample', {str(tiny_artifact)!r}, '--labels', '3,7', '--steps', '10', '--o
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "2 images x 10 steps" in r.stdout and "steps/s" in r.stdout and "10/10 steps" in r.stderr
+    assert "2 images x 10 model calls" in r.stdout and "calls/s" in r.stdout and "10/10 steps" in r.stderr
     assert np.load(out).shape == (2, 4, 8, 8)
     r = subprocess.run([sys.executable, "-m", "ditrt.cli", "sample", str(tiny_artifact), "--labels", "3,70",
                         "--out", str(tmp_path / "x.npy")], capture_output=True, text=True)

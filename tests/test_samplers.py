@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from ditrt.runtime.samplers import ddim_step, ddpm_step, guide
-from ditrt.runtime.config import DiTConfig, Diffusion
+from ditrt.runtime.config import Diffusion
 from ditrt.runtime.schedule import respaced_schedule
 
-OFFICIAL = Diffusion.official(DiTConfig())
+OFFICIAL = Diffusion()
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((2, 4, 4, 4)).astype(np.float32)

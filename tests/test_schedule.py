@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from ditrt.runtime.config import DiTConfig, Diffusion
+from ditrt.runtime.config import Diffusion
 from ditrt.runtime.schedule import ScheduleError, respaced_schedule, space_timesteps
 
-OFFICIAL = Diffusion.official(DiTConfig())
+OFFICIAL = Diffusion()
 
 BASE_AC = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
 

@@ -17,22 +17,23 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import ditrt.runtime.trt.backend as trt_backend
 from ditrt import runtime
-from ditrt.runtime import trt_plan
 from ditrt.runtime.backends import chunk_plan
-from ditrt.runtime.config import DiTConfig
-from ditrt.runtime.errors import ArtifactError
-from ditrt.runtime.manifest import load_manifest
+from ditrt.runtime.config import FAMILIES, DiTConfig, Diffusion
+from ditrt.runtime.errors import ArtifactError, TensorRTUnavailable
+from ditrt.runtime.manifest import engine_entry, load_manifest
 from ditrt.runtime.networks import denoiser_spec
-from ditrt.runtime.trt_plan import (BuildFlags, EngineProfile, TensorRTUnavailable, check_engine_compat, choose_engine,
-                                    engine_entry, plan_filename)
+from ditrt.runtime.trt import compat, settings, versions
+from ditrt.runtime.trt.compat import check_engine_compat, choose_engine
+from ditrt.runtime.trt.settings import BuildFlags, EngineProfile, plan_filename
 
 TINY = DiTConfig(input_size=8, hidden_size=64, depth=2, num_heads=4, num_classes=10)
-DENOISER = denoiser_spec(TINY)
+DENOISER = denoiser_spec(TINY, FAMILIES["dit"], Diffusion())
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
-TRT_MODULES = [ROOT / "runtime" / "tensorrt.py", ROOT / "runtime" / "trt_build.py"]
+TRT_MODULES = [ROOT / "runtime" / "trt" / "backend.py", ROOT / "runtime" / "trt" / "build.py", ROOT / "runtime" / "trt" / "device.py"]
 H100 = "NVIDIA H100 80GB HBM3"
 
 
@@ -50,7 +51,7 @@ def test_profile_defaults_and_image_mapping():
     p = EngineProfile()
     assert (p.min_rows, p.opt_rows, p.max_rows) == (1, 16, 64)
     assert p.images_per_call(guided=True) == 32 and p.images_per_call(guided=False) == 64
-    assert trt_plan.rows_for_images(8, guided=True) == 16 and trt_plan.rows_for_images(8, guided=False) == 8
+    assert settings.rows_for_images(8, guided=True) == 16 and settings.rows_for_images(8, guided=False) == 8
     assert p.calls_per_step(32, guided=True) == 1 and p.calls_per_step(33, guided=True) == 2
     assert EngineProfile.for_images(1, 8, 32, guided=True) == EngineProfile(2, 16, 64)
     assert EngineProfile.from_dict(p.to_dict()) == p
@@ -69,7 +70,7 @@ def test_profile_validation(bounds, message):
 
 
 def test_profile_shapes_for_polygraphy():
-    shapes = denoiser_spec(DiTConfig(input_size=32)).profile_shapes(2, 16, 64)
+    shapes = denoiser_spec(DiTConfig(input_size=32), FAMILIES["dit"], Diffusion()).profile_shapes(2, 16, 64)
     assert shapes == {"latent": ((2, 4, 32, 32), (16, 4, 32, 32), (64, 4, 32, 32)),
                       "timestep": ((2,), (16,), (64,)), "class_label": ((2,), (16,), (64,))}
 
@@ -85,9 +86,9 @@ def test_chunk_plan_chunks_above_max_and_pads_below_min():
 
 
 def test_parity_batches_stay_inside_the_profile():
-    assert trt_plan.parity_batches(EngineProfile()) == [1, 3]
-    assert trt_plan.parity_batches(EngineProfile(1, 2, 2)) == [1, 2]
-    assert trt_plan.parity_batches(EngineProfile(8, 16, 64)) == [8]
+    assert settings.parity_batches(EngineProfile()) == [1, 3]
+    assert settings.parity_batches(EngineProfile(1, 2, 2)) == [1, 2]
+    assert settings.parity_batches(EngineProfile(8, 16, 64)) == [8]
 
 
 def test_plan_filenames():
@@ -97,7 +98,7 @@ def test_plan_filenames():
             == "denoiser.fp16.sm86.trt10.13.0.35.ampereplus.vc.plan")
     assert plan_filename("denoiser", "fp16", "sm89", "11.4.0.106", "same-cc") == "denoiser.fp16.sm89.trt11.4.0.106.samecc.plan"
     assert plan_filename("decoder", "fp32", "sm90", "11.4.0.106") == "decoder.fp32.sm90.trt11.4.0.106.plan"
-    assert trt_plan.timing_cache_filename("sm90", "11.4.0.106") == "timing.sm90.trt11.4.0.106.cache"
+    assert settings.timing_cache_filename("sm90", "11.4.0.106") == "timing.sm90.trt11.4.0.106.cache"
     for bad in [("denoiser", "fp16", "9.0", "11.4.0"), ("denoiser", "fp16", "sm90", "eleven"),
                 ("denoiser", "fp16", "sm90", "11"), ("../x", "fp16", "sm90", "11.4"), ("denoiser", "int8", "sm90", "11.4")]:
         with pytest.raises(ValueError):
@@ -106,11 +107,11 @@ def test_plan_filenames():
 
 def test_compute_capability_and_version_parsing():
     for cc in ["9.0", (9, 0), "sm90"]:
-        assert trt_plan.parse_compute_capability(cc) == (9, 0)
-    assert trt_plan.sm_name((12, 0)) == "sm120" and trt_plan.sm_name("10.3") == "sm103"
-    assert trt_plan.parse_version("11.4") == (11, 4, 0, 0) < trt_plan.parse_version("11.4.0.106")
+        assert versions.parse_compute_capability(cc) == (9, 0)
+    assert versions.sm_name((12, 0)) == "sm120" and versions.sm_name("10.3") == "sm103"
+    assert versions.parse_version("11.4") == (11, 4, 0, 0) < versions.parse_version("11.4.0.106")
     with pytest.raises(ValueError):
-        trt_plan.parse_compute_capability("Hopper")
+        versions.parse_compute_capability("Hopper")
 
 
 def test_build_flags_validation_and_cli_args():
@@ -118,9 +119,9 @@ def test_build_flags_validation_and_cli_args():
     flags = BuildFlags(5, "same-cc", True, 8.0)
     assert flags.cli_args() == ["--opt-level", "5", "--hardware-compat", "same-cc", "--version-compatible", "--workspace", "8"]
     assert flags.workspace_bytes == 8 * 2**30
-    for kwargs, message in [({"opt_level": 6}, "--opt-level must be an integer 0..5"),
+    for kwargs, message in [({"opt_level": 6}, "--opt-level must be an integer from 0 to 5"),
                             ({"hardware_compat": "hopper"}, "--hardware-compat must be one of none, ampere\\+, same-cc"),
-                            ({"workspace_gb": 0}, "--workspace must be a positive number")]:
+                            ({"workspace_gb": 0}, "--workspace \\(GB\\) must be a number > 0")]:
         with pytest.raises(ValueError, match=message):
             BuildFlags(**kwargs)
 
@@ -132,7 +133,7 @@ def entry(trt_version="11.4.0.106", cc=(9, 0), gpu=H100, hardware_compat="none",
     profile, flags = EngineProfile(), BuildFlags(3, hardware_compat, version_compatible)
     return engine_entry(
         network=DENOISER, precision="fp16",
-        file=file or plan_filename("denoiser", "fp16", trt_plan.sm_name(cc), trt_version, hardware_compat, version_compatible),
+        file=file or plan_filename("denoiser", "fp16", versions.sm_name(cc), trt_version, hardware_compat, version_compatible),
         sha256="0" * 64, size=1, trt_version=trt_version, gpu_name=gpu, compute_capability=cc,
         driver_version="580.65.06", cuda_driver_version="13.0", cuda_runtime_version="13.0", profile=profile,
         flags=flags,
@@ -211,19 +212,19 @@ def test_choose_engine_prefers_exact_native_newest_and_skips_missing_files():
 
 
 def test_messages():
-    msg = trt_plan.no_engine_message("engines/xl", [], [], "11.4.0.106", (9, 0), H100,
-                                     trt_plan.build_command("engines/xl", EngineProfile(), BuildFlags()))
+    msg = compat.no_engine_message("engines/xl", [], [], "11.4.0.106", (9, 0), H100,
+                                     settings.build_command("engines/xl", EngineProfile(), BuildFlags()))
     assert "engines/xl has no TensorRT engine" in msg and "ditrt build engines/xl --network denoiser --min-batch 1" in msg
-    msg = trt_plan.null_engine_message("x.plan", ["Serialization assertion failed: magic tag"], "ditrt build engines/xl")
+    msg = compat.null_engine_message("x.plan", ["Serialization assertion failed: magic tag"], "ditrt build engines/xl")
     assert "returned no engine" in msg and "magic tag" in msg and "ditrt build engines/xl" in msg
-    assert "TensorRT logged no error" in trt_plan.null_engine_message("x.plan", [], "ditrt build a")
+    assert "TensorRT logged no error" in compat.null_engine_message("x.plan", [], "ditrt build a")
     err = TensorRTUnavailable("TensorRT is not installed")
     assert isinstance(err, RuntimeError) and "pip install 'ditrt[trt]'" in str(err) and "NVIDIA GPU" in str(err)
 
 
 def test_engine_parity_bound_follows_the_fp16_graphs_export_bound():
     bound = DENOISER.export_bounds["fp16"]  # the engine inherits the graph's error, plus its own kernels'
-    assert bound <= trt_plan.parity_bound("fp16") == trt_plan.FP16_PARITY_BOUND <= 2 * bound
+    assert bound <= settings.parity_bound("fp16") == settings.FP16_PARITY_BOUND <= 2 * bound
 
 
 # ---- Polygraphy build configuration (real Polygraphy objects, no TensorRT needed) -------------------
@@ -235,7 +236,7 @@ SPEC = DENOISER
 
 
 def test_polygraphy_loader_chain_is_strongly_typed_with_one_batch_profile(tmp_path):
-    from ditrt.runtime.trt_build import engine_loader
+    from ditrt.runtime.trt.build import engine_loader
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
     cache = tmp_path / "timing.cache"
     loader = engine_loader(tmp_path / "denoiser.fp16.onnx", EngineProfile(2, 8, 16), BuildFlags(), SPEC, cache, FAKE_TRT)
@@ -257,7 +258,7 @@ def test_polygraphy_loader_chain_is_strongly_typed_with_one_batch_profile(tmp_pa
 
 @pytest.mark.parametrize("compat, level", [("ampere+", "AMPERE_PLUS"), ("same-cc", "SAME_COMPUTE_CAPABILITY")])
 def test_polygraphy_config_portability_and_workspace(compat, level):
-    from ditrt.runtime.trt_build import config_kwargs
+    from ditrt.runtime.trt.build import config_kwargs
     from polygraphy.backend.trt import CreateConfig
     config = CreateConfig(**config_kwargs(EngineProfile(), BuildFlags(5, compat, True, 2.5), SPEC, "t.cache", FAKE_TRT))
     assert config.builder_optimization_level == 5 and config.hardware_compatibility_level == level
@@ -265,7 +266,7 @@ def test_polygraphy_config_portability_and_workspace(compat, level):
 
 
 def test_calling_the_loader_without_tensorrt_fails_cleanly(tmp_path):
-    from ditrt.runtime.trt_build import engine_loader
+    from ditrt.runtime.trt.build import engine_loader
     pytest.importorskip("polygraphy")
     if _importable("tensorrt"):
         pytest.skip("TensorRT is installed here")
@@ -351,11 +352,11 @@ def trt_api_problems(source: str) -> tuple[list[str], set[str]]:
 def test_tensorrt_code_uses_only_tensorrt_11_api(path):
     problems, used = trt_api_problems(path.read_text())
     assert not problems, "\n".join(problems)
-    if path.name == "tensorrt.py":  # the check really sees the runtime's TensorRT calls
+    if path.name == "backend.py":  # the check really sees the runtime's TensorRT calls
         assert {"Runtime", "deserialize_cuda_engine", "engine_host_code_allowed", "create_execution_context",
                 "set_device_memory", "set_input_shape", "set_tensor_address", "execute_async_v3",
                 "get_tensor_profile_shape", "TensorIOMode", "INPUT", "ILogger", "ERROR"} <= used
-    else:
+    elif path.name == "build.py":
         assert {"HardwareCompatibilityLevel", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY", "MemoryPoolType"} <= used
 
 
@@ -402,7 +403,8 @@ def no_tensorrt(monkeypatch):
 
 
 def test_runtime_and_build_modules_import_nothing_heavy():
-    code = ("import sys, ditrt.runtime, ditrt.runtime.tensorrt, ditrt.runtime.trt_plan, ditrt.runtime.trt_build, ditrt.cli\n"
+    code = ("import sys, ditrt.runtime, ditrt.runtime.trt.backend, ditrt.runtime.trt.compat, ditrt.runtime.trt.build, "
+            "ditrt.runtime.trt.device, ditrt.runtime.trt.settings, ditrt.cli\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorrt', 'polygraphy', 'cuda', 'torch'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
@@ -422,17 +424,17 @@ def artifact_with_engine(tmp_path, tiny_artifact):
 
 
 def test_auto_falls_back_to_onnxruntime_without_tensorrt(no_tensorrt, artifact_with_engine):
-    from ditrt.runtime.tensorrt import compatible_engine
+    from ditrt.runtime.trt.compat import compatible_engine
     assert compatible_engine(load_manifest(artifact_with_engine)) is None
     pipe = runtime.load(artifact_with_engine, backend="auto")
     assert pipe.backend.name.startswith("onnxruntime")
 
 
 def test_auto_does_not_look_for_tensorrt_when_the_artifact_has_no_engine(monkeypatch, tiny_artifact):
-    import ditrt.runtime.tensorrt as rt
+    import ditrt.runtime.trt.device as rt
     calls = []
     monkeypatch.setattr(rt, "environment", lambda: calls.append(1))
-    assert rt.compatible_engine(load_manifest(tiny_artifact)) is None and calls == []
+    assert compat.compatible_engine(load_manifest(tiny_artifact)) is None and calls == []
 
 
 def test_tensorrt_backend_without_tensorrt_says_how_to_install(no_tensorrt, tiny_artifact):
@@ -441,15 +443,15 @@ def test_tensorrt_backend_without_tensorrt_says_how_to_install(no_tensorrt, tiny
 
 
 def test_engine_selection_and_rebuild_message_with_a_simulated_gpu(monkeypatch, artifact_with_engine):
-    import ditrt.runtime.tensorrt as rt
+    import ditrt.runtime.trt.device as rt
     gpu = rt.GpuInfo(H100, (9, 0), "580.65.06", "13.0", "13.0")
     monkeypatch.setattr(rt, "environment", lambda: rt.Environment("11.4.0.106", gpu))
     manifest = load_manifest(artifact_with_engine)
-    assert rt.compatible_engine(manifest)["file"] == "denoiser.fp16.sm90.trt11.4.0.106.plan"
+    assert compat.compatible_engine(manifest)["file"] == "denoiser.fp16.sm90.trt11.4.0.106.plan"
     monkeypatch.setattr(rt, "environment", lambda: rt.Environment("11.5.0.3", gpu))
-    assert rt.compatible_engine(manifest) is None
+    assert compat.compatible_engine(manifest) is None
     with pytest.raises(ArtifactError) as info:
-        rt.TensorRTBackend.from_manifest(manifest)
+        trt_backend.TensorRTBackend.from_manifest(manifest)
     message = str(info.value)
     assert "no TensorRT plan in" in message and "built with TensorRT 11.4.0.106, this is TensorRT 11.5.0.3" in message
     assert (f"ditrt build {artifact_with_engine} --network denoiser --min-batch 1 --opt-batch 16 --max-batch 64 "
@@ -477,8 +479,8 @@ def test_cli_sample_on_tensorrt_without_it_exits_1_with_the_hint(no_tensorrt, ti
 
 @pytest.mark.parametrize("args, message", [
     (["--min-batch", "8", "--opt-batch", "4"], "min <= opt <= max"),
-    (["--opt-level", "7"], "--opt-level must be an integer 0..5"),
-    (["--workspace", "-1"], "--workspace must be a positive number"),
+    (["--opt-level", "7"], "--opt-level must be an integer from 0 to 5"),
+    (["--workspace", "-1"], "--workspace (GB) must be a number > 0"),
 ])
 def test_cli_build_rejects_bad_options_with_exit_2(tiny_artifact, args, message):
     from ditrt.cli import main
@@ -684,7 +686,7 @@ def sim_tensorrt(cuda: SimCuda, runtime_errors=(), fail_capture=False, names=("l
 @pytest.fixture
 def sim(monkeypatch, tmp_path):
     """Install the stand-ins; returns a factory for a backend over a plan file with a manifest entry."""
-    import ditrt.runtime.tensorrt as rt
+    import ditrt.runtime.trt.device as rt
     state = SimpleNamespace(cuda=SimCuda())
 
     def install(**trt_kwargs):
@@ -698,7 +700,7 @@ def sim(monkeypatch, tmp_path):
         plan.write_bytes(plan_bytes)
         e = entry(version_compatible=version_compatible, file=plan.name)
         e["sha256"] = hashlib.sha256(plan_bytes).hexdigest()
-        return rt.TensorRTBackend(plan, DENOISER, e, artifact="engines/tiny", allow_host_code=allow_host_code)
+        return trt_backend.TensorRTBackend(plan, DENOISER, e, artifact="engines/tiny", allow_host_code=allow_host_code)
 
     state.install, state.make = install, make
     return state
@@ -742,7 +744,7 @@ def test_backend_falls_back_to_plain_enqueue_when_capture_fails(sim):
 
 
 def test_backend_bounds_its_cached_batch_sizes_and_frees_everything(sim):
-    from ditrt.runtime.tensorrt import MAX_CACHED_BATCHES
+    from ditrt.runtime.trt.backend import MAX_CACHED_BATCHES
     backend = sim.make()
     for n in range(2, 9):
         backend(_inputs(n))
@@ -763,7 +765,7 @@ def test_backend_drops_a_batch_size_it_could_not_bind(sim):
 
 def test_backend_max_batch(sim):
     assert sim.make().max_batch == 8
-    from ditrt.runtime.tensorrt import TensorRTBackend
+    from ditrt.runtime.trt.backend import TensorRTBackend
     backend = sim.make()
     assert TensorRTBackend(backend.plan, DENOISER, backend.entry, max_batch=100).max_batch == 8  # capped at the profile
     assert TensorRTBackend(backend.plan, DENOISER, backend.entry, max_batch=3).max_batch == 3
@@ -784,7 +786,7 @@ def test_backend_null_engine_carries_tensorrts_message_and_the_rebuild_command(s
 def test_backend_refuses_a_plan_that_does_not_match_its_entry(sim, tmp_path):
     backend = sim.make()
     (tmp_path / backend.plan.name).write_bytes(b"PLAN-replaced")
-    from ditrt.runtime.tensorrt import TensorRTBackend
+    from ditrt.runtime.trt.backend import TensorRTBackend
     with pytest.raises(ArtifactError, match="does not match its sha256"):
         TensorRTBackend(backend.plan, DENOISER, backend.entry)
 
@@ -819,8 +821,8 @@ def sim_build(sim, monkeypatch, tmp_path, tiny_artifact):
     """`build_engine` on a copy of the tiny artifact with simulated TensorRT: the "builder" returns
     plan bytes, and the simulated engine computes the real fp32 graph (ONNX Runtime) times
     (1 + error), so the parity gate sees a known deviation."""
-    import ditrt.runtime.tensorrt as rt
-    import ditrt.runtime.trt_build as tb
+    import ditrt.runtime.trt.device as rt
+    import ditrt.runtime.trt.build as tb
     from ditrt.runtime.backends import OnnxRuntimeBackend
     art = tmp_path / "art"
     shutil.copytree(tiny_artifact, art)
@@ -842,7 +844,7 @@ def sim_build(sim, monkeypatch, tmp_path, tiny_artifact):
 
 
 def test_build_records_a_plan_that_passes_its_gate_and_keeps_other_engines(sim_build):
-    from ditrt.runtime.trt_build import build_engine
+    from ditrt.runtime.trt.build import build_engine
     other = entry(file="denoiser.fp16.sm80.trt11.4.0.106.plan", cc=(8, 0), gpu="NVIDIA A100")
     manifest = load_manifest(sim_build.art)
     manifest.data["engines"] = [other]
@@ -859,7 +861,7 @@ def test_build_records_a_plan_that_passes_its_gate_and_keeps_other_engines(sim_b
 
 
 def test_build_discards_a_plan_that_fails_its_gate(sim_build):
-    from ditrt.runtime.trt_build import BuildError, build_engine
+    from ditrt.runtime.trt.build import BuildError, build_engine
     sim_build.error = 0.05  # 5%: far outside the fp16 bound
     with pytest.raises(BuildError, match=r"failed its parity check against onnxruntime-fp32 on denoiser.fp32.onnx"):
         build_engine(sim_build.art, "denoiser", "fp16", EngineProfile(1, 2, 4), log=lambda m: None)
@@ -868,8 +870,8 @@ def test_build_discards_a_plan_that_fails_its_gate(sim_build):
 
 
 def _cuda_runtime_names_used() -> set[str]:
-    """cuda-python runtime members runtime/tensorrt.py uses: _cuda("name", ...) calls and rt.name chains."""
-    tree = ast.parse((ROOT / "runtime" / "tensorrt.py").read_text())
+    """cuda-python runtime members runtime/trt uses: _cuda("name", ...) calls and rt.name chains."""
+    tree = ast.parse("\n".join((ROOT / "runtime" / "trt" / f).read_text() for f in ("backend.py", "device.py")))
     names = {node.args[0].value for node in ast.walk(tree)
              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "_cuda"
              and node.args and isinstance(node.args[0], ast.Constant)}

@@ -16,8 +16,13 @@ from conftest import GOLDEN_DIR, ROOT, max_rel_err
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from ditrt.exporter.decoder_export import MAX_REL_ERR, decoder_file, export_decoder  # noqa: E402
-from ditrt.exporter.onnx_export import ExportOptionError  # noqa: E402
+from ditrt.exporter.decoder import DecoderExporter  # noqa: E402
+from ditrt.exporter.onnx_export import ExportOptionError, Steps, check_common_options, export_network  # noqa: E402
+from ditrt.runtime.networks import EXPORT_BOUNDS as MAX_REL_ERR  # noqa: E402
+
+
+def decoder_file(precision: str) -> str:
+    return f"decoder.{precision}.onnx"
 from ditrt.exporter.vae import DecoderGraph, VaeError, load_vae  # noqa: E402
 from ditrt.runtime.images import (NonFiniteImageError, ImageError, check_finite, grid, read_png, to_uint8,  # noqa: E402
                                   write_per_image, write_png)
@@ -46,7 +51,7 @@ def example_vae():
 @pytest.fixture(scope="module")
 def decoder_artifact(tmp_path_factory, example_vae) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("decoder")
-    section = export_decoder(example_vae, out, latent_size=8, log=lambda m: None)
+    section = export_network(DecoderExporter(example_vae, (4, 8, 8)), out, ("fp32", "fp16"), 20, Steps(5, lambda m: None))
     return out, section
 
 
@@ -208,7 +213,7 @@ def test_fp16_graph_reproduces_golden(decoder_artifact, vae_golden):
 
 def test_manifest_section(decoder_artifact, example_vae):
     out, section = decoder_artifact
-    assert section["inputs"] == [{"name": "latent", "dtype": "float32", "shape": ["batch", 4, 8, 8],
+    assert section["inputs"] == [{"name": "latent", "dtype": "float32", "shape": ["batch", 4, 8, 8], "role": "latent",
                                   "meaning": section["inputs"][0]["meaning"]}]
     assert section["outputs"][0]["shape"] == ["batch", 3, 64, 64]
     assert (section["batch_axis"], section["batch_unit"], section["scaling_factor"]) == (0, "images", 0.18215)
@@ -227,14 +232,11 @@ def test_manifest_section(decoder_artifact, example_vae):
     json.dumps(section)  # the manifest is JSON
 
 
-def test_export_refuses_bad_options(tmp_path, example_vae):
-    with pytest.raises(ExportOptionError, match="not an existing directory"):
-        export_decoder(example_vae, tmp_path / "missing", 8, log=lambda m: None)
-    with pytest.raises(ExportOptionError, match="unknown decoder precision"):
-        export_decoder(example_vae, tmp_path, 8, precisions=("int8",), log=lambda m: None)
-    (tmp_path / "decoder.fp32.onnx").write_bytes(b"")
-    with pytest.raises(ExportOptionError, match="already holds decoder.fp32.onnx"):
-        export_decoder(example_vae, tmp_path, 8, precisions=("fp32",), log=lambda m: None)
+def test_export_refuses_bad_options(example_vae):
+    with pytest.raises(ExportOptionError, match="unknown precision"):
+        check_common_options(("int8",), 20)
+    with pytest.raises(ExportOptionError, match="the VAE has 4 latent channels, the DiT takes 8"):
+        DecoderExporter(example_vae, (8, 8, 8)).check_options(("fp32",))
 
 
 # ---- uint8 conventions and PNGs ------------------------------------------------------------------

@@ -16,24 +16,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from . import __version__ as _version
-from .backends import OnnxRuntimeBackend, onnxruntime_device
-from .errors import StepError
-from .files import atomic_output, sha256_file
-from .manifest import Manifest, load_manifest
-from .networks import NetworkSpec
-from .parity import compare
-from .trt_plan import (BuildFlags, EngineProfile, TensorRTUnavailable, default_profile, engine_entry, parity_batches,
-                       parity_bound, plan_filename, timing_cache_filename)
-
-__all__ = ["BuildError", "TensorRTUnavailable", "build_engine", "config_kwargs", "engine_loader", "require_toolchain"]
-
+from .. import __version__ as _version
+from ..backends import OnnxRuntimeBackend, onnxruntime_device
+from ..errors import InputError, StepError, TensorRTUnavailable
+from ..files import atomic_output, sha256_file
+from ..manifest import Manifest, engine_entry, load_manifest
+from ..networks import NetworkSpec
+from ..parity import compare
+from . import device
+from .settings import (BuildFlags, EngineProfile, default_profile, parity_batches, parity_bound, plan_filename,
+                       timing_cache_filename)
 
 class BuildError(StepError):
     """TensorRT could not build the plan, or the plan failed its parity check: nothing was recorded."""
@@ -42,13 +39,12 @@ class BuildError(StepError):
 def require_toolchain():
     """The tensorrt module, after checking that Polygraphy and cuda-python import too;
     TensorRTUnavailable (with the install hint) otherwise."""
-    from .tensorrt import import_cudart, import_tensorrt
-    trt = import_tensorrt()
+    trt = device.import_tensorrt()
     try:
         import polygraphy.backend.trt  # noqa: F401
     except ImportError as e:
         raise TensorRTUnavailable(f"Polygraphy is not installed (import polygraphy.backend.trt: {e})") from None
-    import_cudart()
+    device.import_cudart()
     return trt
 
 
@@ -92,8 +88,7 @@ def build_engine(artifact_dir: str | Path, network: str = "denoiser", precision:
     graph = manifest.graph(network, precision)  # ArtifactError naming the re-export when it is missing
     manifest.verify_files(network, precision)
     trt = require_toolchain()
-    from .tensorrt import environment
-    env = environment()
+    env = device.environment()
     name = plan_filename(network, precision, env.gpu.sm, env.trt_version, flags.hardware_compat, flags.version_compatible)
     timing_cache = Path(flags.timing_cache) if flags.timing_cache else artifact_dir / timing_cache_filename(env.gpu.sm, env.trt_version)
     log(f"building {name} from {graph['file']} (strongly typed) on {env.gpu.name} (compute capability "
@@ -123,7 +118,7 @@ def build_engine(artifact_dir: str | Path, network: str = "denoiser", precision:
             driver_version=env.gpu.driver_version, cuda_driver_version=env.gpu.cuda_driver_version,
             cuda_runtime_version=env.gpu.cuda_runtime_version, profile=profile,
             flags=replace(flags, timing_cache=str(timing_cache)), graph=graph,
-            build_seconds=seconds, built_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            build_seconds=seconds,
             versions={"ditrt": _version, "polygraphy": polygraphy.__version__})
         entry["parity"] = parity_check(Path(f.name), entry, manifest, spec, profile, log)
         if not entry["parity"]["passed"]:
@@ -131,25 +126,17 @@ def build_engine(artifact_dir: str | Path, network: str = "denoiser", precision:
                              f"{entry['parity']['max_rel_err']:.3g} > {entry['parity']['bound']:g}; not recorded. "
                              f"Keep some blocks fp32 (ditrt export --fp32-blocks), build the fp32 graph "
                              f"(--precision fp32) or report the TensorRT version.")
-    record_engine(artifact_dir, entry)
+    manifest.record_engine(entry)
     log(f"wrote {artifact_dir / name} ({entry['bytes'] / 2**20:.1f} MiB); parity vs {entry['parity']['reference']}: "
         f"max rel err {entry['parity']['max_rel_err']:.2e} (bound {entry['parity']['bound']:g})")
     return entry
-
-
-def record_engine(artifact_dir: Path, entry: dict) -> None:
-    """Add the entry, replacing one for the same plan file; every other engine stays. The manifest
-    is read again: another build (another GPU) may have recorded its plan meanwhile."""
-    manifest = load_manifest(artifact_dir)
-    manifest.data["engines"] = [e for e in manifest.engines if e.get("file") != entry["file"]] + [entry]
-    manifest.save()
 
 
 def parity_check(plan_path: Path, entry: dict, manifest: Manifest, spec: NetworkSpec, profile: EngineProfile,
                  log: Callable[[str], None]) -> dict:
     """The plan, through the runtime's TensorRT backend (plain enqueue, then CUDA graph replay),
     against ONNX Runtime on the same network's fp32 graph (its fp16 graph when there is no fp32 one)."""
-    from .tensorrt import TensorRTBackend
+    from .backend import TensorRTBackend
     reference_precision = "fp32" if "fp32" in manifest.precisions(spec.name) else "fp16"
     reference_path = manifest.graph_path(spec.name, reference_precision)
     reference = OnnxRuntimeBackend(reference_path, spec, reference_precision, onnxruntime_device())
@@ -171,3 +158,28 @@ def parity_check(plan_path: Path, entry: dict, manifest: Manifest, spec: Network
     worst = max(max(r["max_rel_err"], r["graph_replay_max_rel_err"]) for r in runs)
     return {"reference": f"{reference.name} on {reference_path.name}", "metric": "max_rel_err",
             "max_rel_err": worst, "bound": bound, "passed": bool(worst <= bound), "runs": runs}
+
+
+def build_all(artifact_dir: str | Path, network: str = "all", precision: str = "fp16", decoder_precision: str | None = None,
+              min_batch: int | None = None, opt_batch: int | None = None, max_batch: int | None = None,
+              flags: BuildFlags = BuildFlags(), log: Callable[[str], None] = print) -> list[dict]:
+    """`ditrt build`: a plan for each requested network (`all`: every network of the artifact), the
+    decoder in `decoder_precision` (default `precision`); batch bounds in the network's unit, so they
+    need one network. Everything is checked before the first build starts."""
+    manifest = load_manifest(artifact_dir)
+    names = list(manifest.networks) if network == "all" else [manifest.network(network).name]
+    if any(v is not None for v in (min_batch, opt_batch, max_batch)) and len(names) > 1:
+        raise InputError(f"--min-batch/--opt-batch/--max-batch are in one network's unit; this artifact has "
+                         f"{', '.join(names)}: add --network NAME")
+    jobs = []
+    for name in names:
+        spec = manifest.network(name)
+        base = default_profile(spec)
+        low = base.min_rows if min_batch is None else min_batch
+        high = base.max_rows if max_batch is None else max_batch
+        opt = opt_batch if opt_batch is not None else max(low, min(base.opt_rows, high)) if isinstance(low, int) and \
+            isinstance(high, int) else base.opt_rows
+        plan_precision = (decoder_precision or precision) if name == "decoder" else precision
+        manifest.graph(name, plan_precision)  # the graph must exist before any build starts
+        jobs.append((name, plan_precision, EngineProfile(low, opt, high)))
+    return [build_engine(artifact_dir, name, plan_precision, profile, flags, log) for name, plan_precision, profile in jobs]

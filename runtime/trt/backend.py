@@ -1,9 +1,8 @@
-"""The TensorRT backend: fp16 plans built by `ditrt build`, run with static device buffers,
+"""The TensorRT backend: plans built by `ditrt build`, run with static device buffers,
 `execute_async_v3` on the backend's own stream and a CUDA graph per static batch size.
 
-tensorrt and cuda-python (its CUDA runtime bindings) are imported inside the functions that use
-them: `import runtime` and every CPU path work without them. The pure rules (profile, plan names,
-which plan may run here) live in runtime/trt_plan.py.
+tensorrt and cuda-python (its CUDA runtime bindings) are imported when a backend is made (device.py):
+`import ditrt.runtime` and every CPU path work without them.
 
 TensorRT objects are held in names the API check in tests/test_trt_logic.py knows (`engine`,
 `context`, `trt_runtime`, optionally with a leading underscore, as a name or an attribute), and the
@@ -22,135 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from .backends import check_max_batch, run_chunked
-from .errors import ArtifactError, BackendError, InputError
-from .files import sha256_file
-from .manifest import Manifest
-from .networks import NetworkSpec
-from .trt_plan import (BuildFlags, TensorRTUnavailable, build_command, choose_engine, default_profile,
-                       null_engine_message, no_engine_message, read_entry, sm_name, EngineProfile)
+from ..backends import check_max_batch, run_chunked
+from ..errors import ArtifactError, BackendError, InputError, TensorRTUnavailable
+from ..files import artifact_path, sha256_file
+from ..manifest import Manifest
+from ..networks import NetworkSpec
+from . import compat, device
+from .settings import BuildFlags, EngineProfile, build_command, default_profile
 
 log = logging.getLogger("ditrt.tensorrt")
 MAX_CACHED_BATCHES = 4  # static batch sizes kept (buffers + CUDA graph); a sampling run uses 1 or 2
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError) as e:  # OSError: bindings present, libnvinfer missing
-        raise TensorRTUnavailable(f"TensorRT is not installed (import tensorrt: {e})") from None
-    return trt
-
-
-def import_cudart():
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.8 (the cuda-bindings package)
-    except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python
-        except ImportError as e:
-            raise TensorRTUnavailable(f"cuda-python is not installed (import cuda.bindings.runtime: {e})") from None
-    return cudart
-
-
-class CudaError(BackendError):
-    pass
-
-
-class _Cuda:
-    """cuda-python's runtime calls return (error, *values): this raises on error instead."""
-
-    def __init__(self):
-        self.rt = import_cudart()
-
-    def __call__(self, function: str, *args):
-        error, *values = getattr(self.rt, function)(*args)
-        if int(error) != 0:
-            raise CudaError(f"{function} failed: {self.error_name(error)}")
-        return values[0] if len(values) == 1 else tuple(values) or None
-
-    def error_name(self, error) -> str:
-        name = self.rt.cudaGetErrorName(error)[1]
-        return name.decode() if isinstance(name, bytes) else str(name)
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    name: str
-    compute_capability: tuple[int, int]
-    driver_version: str | None  # the NVIDIA driver, e.g. "580.65.06" (Linux: /proc/driver/nvidia/version)
-    cuda_driver_version: str  # newest CUDA the driver supports, e.g. "13.0"
-    cuda_runtime_version: str  # the CUDA runtime cuda-python links, e.g. "13.0"
-
-    @property
-    def sm(self) -> str:
-        return sm_name(self.compute_capability)
-
-
-def gpu_info() -> GpuInfo:
-    """The current CUDA device; TensorRTUnavailable when cuda-python or a usable GPU is missing."""
-    cuda = _Cuda()
-    try:
-        count = cuda("cudaGetDeviceCount")
-    except CudaError as e:
-        raise TensorRTUnavailable(f"no usable NVIDIA GPU ({e})") from None
-    if not count:
-        raise TensorRTUnavailable("no NVIDIA GPU found")
-    prop = cuda("cudaGetDeviceProperties", cuda("cudaGetDevice"))
-    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-    return GpuInfo(name.rstrip("\0").strip(), (int(prop.major), int(prop.minor)), _nvidia_driver_version(),
-                   _cuda_version(cuda("cudaDriverGetVersion")), _cuda_version(cuda("cudaRuntimeGetVersion")))
-
-
-def _cuda_version(v: int) -> str:
-    return f"{v // 1000}.{v % 1000 // 10}"  # CUDA encodes 13.0 as 13000
-
-
-def _nvidia_driver_version() -> str | None:
-    try:
-        text = Path("/proc/driver/nvidia/version").read_text()
-    except OSError:
-        return None
-    words = text.split()
-    # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.65.06  <date>"
-    return next((w for w in words if w[:1].isdigit() and w.count(".") >= 1), None)
-
-
-@dataclass(frozen=True)
-class Environment:
-    trt_version: str
-    gpu: GpuInfo
-
-
-def environment() -> Environment:
-    """TensorRT's version and the GPU; TensorRTUnavailable (with the install hint) otherwise."""
-    trt = import_tensorrt()
-    return Environment(trt.__version__, gpu_info())
-
-
-def _choose(manifest: Manifest, env: Environment, network: str, precision: str) -> tuple[dict | None, list[str]]:
-    entries = [e for e in manifest.engines_for(network) if e.get("precision", "fp16") == precision]
-    graph = manifest.data["networks"][network]["graphs"].get(precision, {})
-    return choose_engine(entries, env.trt_version, env.gpu.compute_capability, env.gpu.name,
-                         exists=lambda f: (manifest.directory / f).is_file(), artifact=str(manifest.directory),
-                         graph_sha256=graph.get("sha256"))
-
-
-def compatible_engine(manifest: Manifest, network: str = "denoiser", precision: str = "fp16") -> dict | None:
-    """The manifest's best plan entry for this network, GPU and TensorRT whose file exists, else
-    None. Never raises: backend="auto" uses it to fall back to ONNX Runtime."""
-    if not manifest.engines_for(network):
-        return None  # nothing to choose from: do not import TensorRT or touch the GPU
-    try:
-        entry, refusals = _choose(manifest, environment(), network, precision)
-    except Exception as e:  # no TensorRT, no GPU, a malformed entry: all mean "not TensorRT"
-        log.warning("backend auto: no TensorRT for %s (%s); using ONNX Runtime", manifest.directory, e)
-        return None
-    if entry is None:
-        log.warning("backend auto: no plan in %s fits this GPU and TensorRT; using ONNX Runtime. %s",
-                    manifest.directory, " ".join(refusals))
-    return entry
-
 
 def _capturing_logger(trt):
     """A trt.ILogger that keeps errors (a null engine comes with no other explanation) and passes
@@ -172,7 +52,6 @@ def _capturing_logger(trt):
 
     return CapturingLogger()
 
-
 @dataclass
 class _Slot:
     """One static batch size: its execution context, pinned host and device buffers, and CUDA graph."""
@@ -185,7 +64,6 @@ class _Slot:
     graph_exec: Any = None
     runs: int = 0
 
-
 class TensorRTBackend:
     """The runtime's backend protocol (named numpy tensors in and out) over a TensorRT plan of one
     network. `entry` is the plan's manifest entry: its sha256 is checked before deserialising."""
@@ -194,14 +72,14 @@ class TensorRTBackend:
                  max_batch: int | None = None, cuda_graphs: bool = True, artifact: str | None = None,
                  allow_host_code: bool = False, verify: bool = True):
         plan = Path(plan)
-        view = read_entry(entry) if entry else None
+        view = compat.read_entry(entry) if entry else None
         self.network = network
         self.rebuild_hint = (build_command(artifact or str(plan.parent), view.profile, view.flags, view.network,
                                            view.precision) if view
                              else f"ditrt build {artifact or plan.parent} --network {network.name}")
-        trt = self._trt = import_tensorrt()
-        self._cuda = _Cuda()
-        self.gpu = gpu_info()  # before trt.Runtime: a Runtime made without a usable driver crashes on first use
+        trt = self._trt = device.import_tensorrt()
+        self._cuda = device.Cuda()
+        self.gpu = device.gpu_info()  # before trt.Runtime: a Runtime made without a usable driver crashes on first use
         try:
             verified = bool(entry) and verify and sha256_file(plan) == entry.get("sha256")
             if entry and verify and not verified:
@@ -226,7 +104,7 @@ class TensorRTBackend:
         self._engine = self._trt_runtime.deserialize_cuda_engine(data)
         del data
         if self._engine is None:
-            raise ArtifactError(null_engine_message(str(plan), self._trt_logger.errors, self.rebuild_hint))
+            raise ArtifactError(compat.null_engine_message(str(plan), self._trt_logger.errors, self.rebuild_hint))
         self._dtypes, self._dims = self._read_io(plan)
         bounds = self._engine.get_tensor_profile_shape(network.input_names[0], 0)  # [min, opt, max] of profile 0
         self.profile = EngineProfile(int(bounds[0][0]), int(bounds[1][0]), int(bounds[2][0]))
@@ -248,13 +126,12 @@ class TensorRTBackend:
     def from_manifest(cls, manifest: Manifest, network: str = "denoiser", precision: str = "fp16",
                       max_batch: int | None = None, **kwargs) -> "TensorRTBackend":
         spec = manifest.network(network)
-        env = environment()
-        entry, reasons = _choose(manifest, env, network, precision)
+        env = device.environment()
+        entry, reasons = compat.choose_for(manifest, env, network, precision)
         if entry is None:
             default = build_command(str(manifest.directory), default_profile(spec), BuildFlags(), network, precision)
-            raise ArtifactError(no_engine_message(str(manifest.directory), manifest.engines_for(network), reasons,
+            raise ArtifactError(compat.no_engine_message(str(manifest.directory), manifest.engines_for(network), reasons,
                                                   env.trt_version, env.gpu.compute_capability, env.gpu.name, default))
-        from .files import artifact_path
         plan = artifact_path(manifest.directory, entry["file"], "engines[].file")
         return cls(plan, spec, entry, max_batch=max_batch, artifact=str(manifest.directory), **kwargs)
 
@@ -351,10 +228,10 @@ class TensorRTBackend:
             if graph is not None and int(error) == 0:
                 rt.cudaGraphDestroy(graph)
             rt.cudaGetLastError()  # capture errors are not sticky: clear it
-            raise CudaError(f"capture failed ({self._cuda.error_name(error)}, enqueue ok: {enqueued})")
+            raise device.CudaError(f"capture failed ({self._cuda.error_name(error)}, enqueue ok: {enqueued})")
         try:
             slot.graph_exec = self._cuda("cudaGraphInstantiate", graph, 0)
-        except CudaError:
+        except device.CudaError:
             rt.cudaGraphDestroy(graph)
             raise
         slot.graph = graph

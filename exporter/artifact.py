@@ -1,0 +1,141 @@
+"""`ditrt export`: an artifact directory (graphs + manifest) from a denoiser source and an optional
+VAE, through the one export loop (onnx_export.export_network) per network. Everything is written to
+a temporary directory beside `--out` that is renamed into place only when every network passed;
+`--out` is claimed exclusively for the duration (runtime.files.claimed_output)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import torch
+
+from ditrt import runtime
+from ditrt.runtime.config import Guidance
+from ditrt.runtime.files import claimed_output, listed_files, swap_into_place, write_json_atomic
+from ditrt.runtime.manifest import MANIFEST_NAME, Manifest, new_manifest
+
+from .decoder import DecoderExporter
+from .denoiser import DenoiserExporter, ExportSource
+from .onnx_export import (DEFAULT_OPSET, ExportOptionError, Steps, check_common_options, export_network,
+                          steps_per_network)
+
+
+def export_artifact(source: ExportSource, out_dir: str | Path, precisions: tuple[str, ...] = ("fp32", "fp16"),
+                    opset: int = DEFAULT_OPSET, force: bool = False, fp32_blocks: tuple[int, ...] = (),
+                    log: Callable[[str], None] = print, vae=None) -> Manifest:
+    """Write the artifact directory. The source model is used up: an fp16 export converts it in place.
+    `vae` (a LoadedVae from exporter.vae.load_vae) adds the decoder network, in the same precisions."""
+    out_dir = Path(out_dir)
+    exporters = [DenoiserExporter(source, fp32_blocks)]
+    if vae is not None:
+        exporters.append(DecoderExporter(vae, source.config.latent_shape))
+    with claimed_output(out_dir, log):  # a racing export to the same --out fails here, at once
+        precisions = check_common_options(precisions, opset)
+        for exporter in exporters:
+            exporter.check_options(precisions)
+        check_out_dir(out_dir, force)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
+        try:
+            steps = Steps(len(exporters) * steps_per_network(precisions) + 1, log)
+            networks = {e.spec.name: export_network(e, tmp, precisions, opset, steps) for e in exporters}
+            with steps("writing manifest"):
+                data = new_manifest(family=source.family, config=source.config, model_extra=source.model_fields(),
+                                    source=source.description, process=source.family.default_process(source.config),
+                                    guidance=Guidance.official(source.config), defaults=source.family.defaults,
+                                    networks=networks, versions=_versions())
+                write_json_atomic(tmp / MANIFEST_NAME, data)
+            swap_into_place(tmp, out_dir, _old_listed(out_dir), log)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    log(f"wrote {out_dir} ({', '.join(precisions)})")
+    return Manifest(data, out_dir)
+
+
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists():
+        if not force:
+            raise ExportOptionError(f"{out_dir} already exists; pass --force to overwrite it")
+        if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file()):
+            # --force replaces an artifact, never an arbitrary folder (say --out engines by mistake).
+            raise ExportOptionError(f"{out_dir} is not a ditrt artifact (no {MANIFEST_NAME}); --force only replaces "
+                                    "artifacts or empty directories: choose another --out")
+
+
+def _old_listed(out_dir: Path) -> set[str]:
+    """The files the artifact being replaced owns (its manifest's); everything else is kept."""
+    try:
+        return listed_files(json.loads((out_dir / MANIFEST_NAME).read_text()))
+    except (OSError, ValueError):
+        return {MANIFEST_NAME}
+
+
+def _versions() -> dict:
+    import onnxruntime
+    import onnxscript
+    return {"ditrt": runtime.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+# ---- what `ditrt export` exports ----------------------------------------------------------------------
+
+DATA = Path(__file__).resolve().parent / "data"
+EXAMPLE_CHECKPOINT = DATA / "dit_tiny_official.pt"  # the golden tiny model: depth 2, hidden 64, 4 heads, 10 classes
+EXAMPLE_VAE = DATA / "example_vae"
+EXAMPLE_OVERRIDES = {"num_heads": 4}
+
+
+def resolve_source(checkpoint: str | Path | None = None, example: bool = False, config_name: str | None = None,
+                   random_init: bool = False, image_size: int | None = None, num_classes: int = 1000, seed: int = 0,
+                   num_heads: int | None = None, family: str = "dit") -> tuple[ExportSource, str]:
+    """The export source for `ditrt export`'s options, and the artifact's default name."""
+    from ditrt.runtime.validate import check_int
+
+    from .checkpoints import load_checkpoint
+    from .denoiser import source_from_checkpoint, source_from_random_init
+    from .model import named_config
+    if sum([checkpoint is not None, bool(example), bool(random_init)]) != 1:
+        raise ExportOptionError("give exactly one of CHECKPOINT, --example or --config NAME --random-init")
+    if random_init and not config_name:
+        raise ExportOptionError("--random-init needs --config NAME (e.g. --config DiT-XL/2)")
+    if config_name and not random_init:
+        raise ExportOptionError("--config only applies with --random-init (a checkpoint's config comes from its tensors)")
+    if image_size is not None and not random_init:
+        raise ExportOptionError("--image-size only applies with --random-init (a checkpoint's latent size comes from "
+                                "its pos_embed)")
+    overrides = {} if num_heads is None else {"num_heads": check_int(num_heads, "--num-heads", 1, 4096)}
+    if random_init:
+        size = 256 if image_size is None else check_int(image_size, "--image-size (pixels)", 8, 8192)
+        cfg = named_config(config_name, size, num_classes=check_int(num_classes, "--num-classes", 1, 1 << 20), **overrides)
+        name = config_name if config_name.startswith("DiT-") else f"DiT-{config_name}"
+        return (source_from_random_init(cfg, check_int(seed, "--seed", 0, 2**63), name, family),
+                f"{name.replace('/', '-')}-{cfg.input_size * 8}-random")
+    path = EXAMPLE_CHECKPOINT if example else Path(checkpoint)
+    ckpt = load_checkpoint(path, **({**EXAMPLE_OVERRIDES, **overrides} if example else overrides))
+    return source_from_checkpoint(ckpt, family), ("example" if example else path.stem)
+
+
+def export_command(checkpoint=None, example: bool = False, config_name=None, random_init: bool = False,
+                   image_size=None, num_classes: int = 1000, seed: int = 0, num_heads=None, family: str = "dit",
+                   out_dir=None, precisions=("fp32", "fp16"), opset: int = DEFAULT_OPSET, fp32_blocks=(), vae_dir=None,
+                   no_vae: bool = False, force: bool = False, log: Callable[[str], None] = print) -> Path:
+    """`ditrt export`: resolve the source (and the VAE: `vae_dir`, or the example's unless
+    `no_vae`), export, return the artifact directory."""
+    from .vae import load_vae
+    if vae_dir is not None and no_vae:
+        raise ExportOptionError("give --vae DIR or --no-vae, not both")
+    source, default_name = resolve_source(checkpoint, example, config_name, random_init, image_size, num_classes, seed,
+                                          num_heads, family)
+    vae = None
+    if vae_dir is not None or (example and not no_vae):
+        vae = load_vae(vae_dir if vae_dir is not None else EXAMPLE_VAE, in_channels=source.config.in_channels)
+    out_dir = Path(out_dir) if out_dir is not None else Path("engines") / default_name
+    export_artifact(source, out_dir, tuple(precisions), opset, force, tuple(fp32_blocks), log=log, vae=vae)
+    return out_dir

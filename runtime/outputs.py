@@ -1,0 +1,132 @@
+"""The output policy: what a sampling job writes, and how, in one place for the CLI (`ditrt sample`,
+`ditrt decode`), the server (`format` npy / png) and bulk generation.
+
+- latents: `.npy` of the (N, C, H, W) float32 latents, written atomically;
+- a grid: one PNG as the official `sample.py` writes it (images.grid, needs a decoder);
+- a folder: one PNG per image, `000000.png ...` as `sample_ddp.py` names them (images.to_uint8).
+
+An option that would be silently ignored is refused instead (a second latents path, a decoder
+precision when nothing is decoded), and an image output on an artifact without a decoder is refused
+before any sampling.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import images
+from .errors import InputError
+from .files import atomic_output
+
+FORMATS = {"npy": "application/octet-stream", "png": "image/png"}  # what the server answers
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    latents: Path | None  # .npy of the latents
+    grid: Path | None  # a PNG grid (sample.py)
+    folder: Path | None  # per-image PNGs (sample_ddp.py)
+
+    @property
+    def decodes(self) -> bool:
+        return self.grid is not None or self.folder is not None
+
+    @classmethod
+    def from_options(cls, out: Path | None, out_dir: Path | None, latents: Path | None, has_decoder: bool,
+                     decoder_precision: str | None = None) -> "OutputPlan":
+        """`--out` (a .png grid, or any other name for .npy latents; default sample.png with a decoder,
+        else latents.npy), `--out-dir` (per-image PNGs), `--latents` (also keep the latents)."""
+        out = Path(out) if out is not None else Path("sample.png" if has_decoder else "latents.npy")
+        out_is_png = out.suffix.lower() == ".png"
+        if not out_is_png and latents is not None:
+            raise InputError(f"--out {out} already writes the latents (.npy); --latents {latents} would be a second "
+                             "copy: give one of them, or --out GRID.png to write images")
+        plan = cls(Path(latents) if latents is not None else (None if out_is_png else out),
+                   out if out_is_png else None, Path(out_dir) if out_dir is not None else None)
+        if plan.decodes and not has_decoder:
+            raise InputError("this artifact has no decoder network, so no images can be written (export with --vae DIR "
+                             "to add one); write the latents instead (--out latents.npy)")
+        if decoder_precision is not None and not plan.decodes:
+            raise InputError(f"--decoder-precision {decoder_precision} applies only when images are written "
+                             "(--out GRID.png or --out-dir DIR); these outputs decode nothing")
+        for path in (plan.latents, plan.grid):
+            if path is not None:
+                check_writable(path)
+        return plan
+
+    def write(self, latents: np.ndarray, decode: Callable[[np.ndarray], np.ndarray] | None = None,
+              log: Callable[[str], None] = lambda m: None) -> list[str]:
+        """Write everything planned; returns one line per output. `decode` (latents -> images)
+        is needed when the plan decodes."""
+        written = []
+        if self.latents is not None:
+            save_npy(self.latents, latents)
+            written.append(f"{self.latents} {tuple(latents.shape)}")
+        if self.decodes:
+            log(f"decoding {len(latents)} images ...")
+            decoded = decode(latents)
+            if self.grid is not None:
+                images.write_png(self.grid, images.grid(decoded))
+                written.append(f"{self.grid} (grid of {len(decoded)})")
+            if self.folder is not None:
+                paths = images.write_per_image(self.folder, images.to_uint8(decoded))
+                written.append(f"{self.folder}/{paths[0].name}..{paths[-1].name}")
+        return written
+
+
+def encode(latents: np.ndarray, fmt: str, decode: Callable[[np.ndarray], np.ndarray] | None = None) -> bytes:
+    """A response body: `npy` the latents' .npy bytes, `png` the decoded grid as one PNG."""
+    if fmt == "npy":
+        buffer = io.BytesIO()
+        np.save(buffer, latents)
+        return buffer.getvalue()
+    if fmt == "png":
+        return images.png_bytes(images.grid(decode(latents)))
+    raise InputError(f"unknown output format {fmt!r}; use {' or '.join(FORMATS)}")
+
+
+def save_npy(path: str | Path, array) -> None:
+    with atomic_output(path, suffix=".npy") as f:
+        np.save(f, array)
+
+
+def check_writable(path: Path) -> None:
+    """Refuse at once what would fail only after the work: a directory or other non-file in the way."""
+    if os.path.lexists(path) and (path.is_dir() or not path.is_file()):
+        raise InputError(f"{path} exists and is not a regular file; refusing to replace it")
+
+
+MAX_NPY_BYTES = 4 << 30  # latents of 4 GiB are ~250k DiT-XL/2 images: more is a mistake or an attack
+
+
+def load_latents(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A latents .npy, checked before anything is allocated: its header against the file's size,
+    a floating dtype, 4 dimensions (and `shape` = (C, H, W) when given), at least one image."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in header:
+                raise ValueError(f"unsupported .npy version {version}")
+            array_shape, fortran, dtype = header[version](f, max_header_size=10_000)
+            data_bytes = os.fstat(f.fileno()).st_size - f.tell()
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"cannot read latents {path}: {e}") from None
+    if dtype.hasobject or not np.issubdtype(dtype, np.floating):
+        raise InputError(f"latents {path} hold {dtype}; expected float32 (N, C, H, W)")
+    want = int(np.prod(array_shape, dtype=np.int64)) * dtype.itemsize
+    if want != data_bytes or want > MAX_NPY_BYTES:
+        raise InputError(f"latents {path}: the header says {array_shape} {dtype} ({want} bytes) but the file holds "
+                         f"{data_bytes} bytes of data" if want != data_bytes else
+                         f"latents {path} are {want / 2**30:.1f} GiB, above the {MAX_NPY_BYTES >> 30} GiB limit")
+    if len(array_shape) != 4 or array_shape[0] < 1 or (shape is not None and tuple(array_shape[1:]) != tuple(shape)):
+        expected = f"(N, {', '.join(map(str, shape))})" if shape is not None else "(N, C, H, W)"
+        raise InputError(f"latents {path} have shape {array_shape}; expected {expected} with N >= 1")
+    array = np.load(path, allow_pickle=False)
+    return array.astype(np.float32, copy=False)
