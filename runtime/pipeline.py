@@ -132,7 +132,7 @@ class SampleRun:
         self.cfg_scale = _check_cfg_scale(defaults.cfg_scale if cfg_scale is None else cfg_scale)
         n, shape, steps = len(self.labels), manifest.model.latent_shape, len(self.schedule)
         if noise is None:
-            self.noise = SeededNoise(_check_seed(seed), n, shape)
+            self.noise = SeededNoise(seed, n, shape)
         else:
             self.noise = InjectedNoise(*_pair(noise), num_images=n, shape=shape, num_steps=steps)
         self.guided = self.cfg_scale > 1.0  # as the official sample_ddp.py: no unconditional rows at scale <= 1
@@ -210,12 +210,6 @@ def _check_cfg_scale(cfg_scale) -> float:
             or not np.isfinite(_float32(cfg_scale)):
         raise InputError(f"cfg_scale must be a finite float32 number, got {cfg_scale!r}")
     return float(cfg_scale)
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-    return int(seed)
 
 
 def _pair(noise) -> tuple[np.ndarray, np.ndarray]:
