@@ -45,21 +45,30 @@ COS = [float.fromhex(h) for h in (  # -1/2!, 1/4!, ..., 1/16!
     "-0x1.0000000000000p-1", "0x1.5555555555555p-5", "-0x1.6c16c16c16c17p-10", "0x1.a01a01a01a01ap-16",
     "-0x1.27e4fb7789f5cp-22", "0x1.1eed8eff8d898p-29", "-0x1.93974a8c07c9dp-37", "0x1.ae7f3e733b81fp-45")]
 
-_MASK32 = np.uint64(0xFFFFFFFF)
+_MASK32, _32 = np.uint64(0xFFFFFFFF), np.uint64(32)
 _CHUNK = 1 << 13  # counters per pass: the ~20 temporaries (64 KiB each) stay in cache, below malloc's mmap threshold
 MAX_VALUES = 4 << 32  # per (image, draw): the block index is one 32-bit counter word
 
 
 def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int) -> tuple[np.ndarray, ...]:
     """Philox4x32-10 of counter (c0, c1, c2, c3) under key (k0, k1): uint64 arrays holding 32-bit
-    words (broadcast together) in, four uint64 arrays of 32-bit words out."""
-    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) for c in (c0, c1, c2, c3))
-    for r in range(PHILOX_ROUNDS):
-        p0, p1 = c0 * np.uint64(PHILOX_M0), c2 * np.uint64(PHILOX_M1)  # 32 x 32 -> 64 bits, exact
-        c0 = (p1 >> np.uint64(32)) ^ c1 ^ np.uint64(k0)
-        c1 = p1 & _MASK32
-        c2 = (p0 >> np.uint64(32)) ^ c3 ^ np.uint64(k1)
-        c3 = p0 & _MASK32
+    words (broadcast together) in, four uint64 arrays of 32-bit words out. A round is
+    (c0, c1, c2, c3) <- (hi(p1) ^ c1 ^ k0, lo(p1), hi(p0) ^ c3 ^ k1, lo(p0)) with the exact 64-bit
+    products p0 = M0 c0, p1 = M1 c2; in place, since fresh arrays per operation cost half the time."""
+    shape = np.broadcast_shapes(*(np.shape(c) for c in (c0, c1, c2, c3)))
+    c0, c1, c2, c3 = (np.array(np.broadcast_to(np.asarray(c, dtype=np.uint64), shape)) for c in (c0, c1, c2, c3))
+    p0, p1 = np.empty(shape, np.uint64), np.empty(shape, np.uint64)
+    for _ in range(PHILOX_ROUNDS):
+        np.multiply(c0, np.uint64(PHILOX_M0), out=p0)
+        np.multiply(c2, np.uint64(PHILOX_M1), out=p1)
+        np.right_shift(p1, _32, out=c0)
+        c0 ^= c1
+        c0 ^= np.uint64(k0)
+        np.right_shift(p0, _32, out=c2)
+        c2 ^= c3
+        c2 ^= np.uint64(k1)
+        np.bitwise_and(p1, _MASK32, out=c1)
+        np.bitwise_and(p0, _MASK32, out=c3)
         k0, k1 = (k0 + PHILOX_W0) & 0xFFFFFFFF, (k1 + PHILOX_W1) & 0xFFFFFFFF
     return c0, c1, c2, c3
 
@@ -78,7 +87,7 @@ def log_poly(u: np.ndarray) -> np.ndarray:
     for s = (m - 1) / (m + 1), |s| < 0.172, by its series to s^19."""
     m, e = np.frexp(u)  # exact: m in [0.5, 1)
     low = m < SQRT_HALF
-    np.multiply(m, 2.0, out=m, where=low)
+    m *= low + 1.0  # doubled where low (exact)
     e = e.astype(np.float64) - low
     s = (m - 1.0) / (m + 1.0)
     z = s * s
@@ -97,7 +106,7 @@ def box_muller(radius_word: np.ndarray, angle_word: np.ndarray) -> tuple[np.ndar
     """(r sin theta, r cos theta) in float64 from two 32-bit words (uint64 arrays):
     r = sqrt(-2 ln u), u = (x + 1/2) 2^-32; theta = 2 pi (y + 1/2) 2^-32, reduced exactly: the top
     two bits of y are the quadrant, the third the octant (mirrored so the angle is in (0, pi/4))."""
-    u = radius_word.astype(np.float64)
+    u = radius_word.view(np.int64).astype(np.float64)  # exact (< 2^32); int64 converts faster than uint64
     u += 0.5
     u *= 2.0 ** -32
     r = log_poly(u)
@@ -109,16 +118,18 @@ def box_muller(radius_word: np.ndarray, angle_word: np.ndarray) -> tuple[np.ndar
     # In the upper octant, the mirror 2^30 - 1 - m of the offset m = y mod 2^30 (a bit complement).
     mirrored = (angle_word ^ (np.uint64(0) - octant)) & np.uint64(0x1FFFFFFF)
     a = (mirrored << np.uint64(1)) | np.uint64(1)  # 2 m' + 1: the angle is (2 m' + 1) (pi/2) 2^-31
-    a = a.astype(np.float64)
+    a = a.view(np.int64).astype(np.float64)
     a *= PI_OVER_2_2M31
     sin_a, cos_a = sin_cos_poly(a)
     swap = ((octant ^ quadrant) & np.uint64(1)).astype(bool)
     sin_t = np.where(swap, cos_a, sin_a)
-    cos_t = np.where(swap, sin_a, cos_a)
-    np.negative(sin_t, out=sin_t, where=quadrant >= np.uint64(2))  # quadrants 2, 3
-    np.negative(cos_t, out=cos_t, where=(quadrant + np.uint64(1)) & np.uint64(2) != 0)  # quadrants 1, 2
     sin_t *= r
+    cos_t = np.where(swap, sin_a, cos_a)
     cos_t *= r
+    # The signs, as sign-bit flips (negation is exact, so before or after the product is the same):
+    # sin < 0 in quadrants 2, 3; cos < 0 in quadrants 1, 2.
+    sin_t.view(np.uint64)[...] ^= (quadrant >> np.uint64(1)) << np.uint64(63)
+    cos_t.view(np.uint64)[...] ^= (((quadrant + np.uint64(1)) >> np.uint64(1)) & np.uint64(1)) << np.uint64(63)
     return sin_t, cos_t
 
 
