@@ -30,7 +30,7 @@ PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 PHILOX_ROUNDS = 10
 
 # The transform's constants, each the double nearest to the value named (docs/noise.md).
-LN2_HI = float.fromhex("0x1.62e42fee00000p-1")  # ln 2 rounded to 32 bits: e * LN2_HI is exact
+LN2_HI = float.fromhex("0x1.62e42fee00000p-1")  # ln 2 cut to 32 significant bits (fdlibm ln2_hi): e * LN2_HI is exact
 LN2_LO = float.fromhex("0x1.a39ef35793c76p-33")  # ln 2 - LN2_HI
 SQRT_HALF = float.fromhex("0x1.6a09e667f3bcdp-1")
 PI_OVER_2_2M31 = float.fromhex("0x1.921fb54442d18p-31")  # (pi / 2) * 2^-31
