@@ -29,7 +29,7 @@ from .errors import InputError, StepError
 from .manifest import Manifest, load_manifest
 from .noise import InjectedNoise, SeededNoise
 from .samplers import Sampler, get_sampler, guide
-from .validate import check_int, check_number
+from .validate import check_number
 
 
 @dataclass
@@ -143,8 +143,7 @@ class SampleRun:
         self.cfg_scale = check_number(defaults.cfg_scale if cfg_scale is None else cfg_scale, "cfg_scale", float32=True)
         n, shape = len(self.labels), manifest.model.latent_shape
         if noise is None:
-            self.noise = SeededNoise(check_int(seed, "seed", 0, 2**64 - 1), n, shape,
-                                     check_int(image_offset, "image_offset", 0, 2**63))
+            self.noise = SeededNoise(seed, n, shape, image_offset)
         else:
             if image_offset:
                 raise InputError("image_offset selects seeded noise; it does not apply to injected noise")

@@ -57,7 +57,7 @@ def _integers(low, high) -> str:
     if high is None:
         return base
     if high >= 2**31 and (high + 1) & high == 0:  # 2**k - 1: a word size
-        return f"{base} below 2**{high.bit_length()}"
+        return f"{base} below 2^{high.bit_length()}"
     return f"an integer from {low} to {high}" if low is not None else f"an integer <= {high}"
 
 

@@ -226,6 +226,8 @@ class Lib:
             "ditrt_graph_file": (ctypes.c_int, [vp, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]),
             "ditrt_sample": (ctypes.c_int, [vp, i64p, i64, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_double,
                                             ctypes.c_double, ctypes.c_char_p, ctypes.c_uint64, F32P, F32P, F32P, i64]),
+            "ditrt_noise_version": (ctypes.c_char_p, []),
+            "ditrt_noise_normal": (ctypes.c_int, [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, F32P, i64]),
         }
         for name, (res, args) in protos.items():
             fn = getattr(lib, name)
@@ -361,6 +363,42 @@ def test_chunking_by_max_batch_and_seeded_noise(lib, cpp_artifact, cpp_pipe):
     np.testing.assert_allclose(alone[0], b[0], atol=1e-5)  # an image's noise does not depend on its batch
     _, other = cpp_pipe.sample([1, 2, 5], steps="ddim4", sampler="ddim", seed=8)
     assert not np.allclose(other, b)
+
+
+def test_cpp_noise_is_the_python_noise_bit_for_bit(lib):
+    """ditrt_noise_normal against ditrt.runtime.noise.normal over 1.05e6 values: seeds, images and
+    draws with both 32-bit halves in use, counts that are not multiples of 4."""
+    from ditrt.runtime import noise
+    assert lib.lib.ditrt_noise_version().decode() == noise.NOISE_VERSION
+    cases = [(0, 0, 0, 262_147), (2 ** 64 - 1, 2 ** 64 - 1, 2 ** 32 - 1, 262_145), (0x1234_5678_9ABC_DEF0, 2 ** 32 + 3, 251, 262_143),
+             (7, 123_456_789, 2 ** 31, 262_146)]
+    total = 0
+    for seed, image, draw, count in cases:
+        out = np.full(count, np.nan, np.float32)
+        assert lib.lib.ditrt_noise_normal(seed, image, draw, out.ctypes.data_as(F32P), count) == 0, lib.error()
+        python = noise.normal(seed, [image], draw, (count,))[0]
+        mismatches = int((out.view(np.uint32) != python.view(np.uint32)).sum())
+        assert mismatches == 0, f"seed {seed} image {image} draw {draw}: {mismatches} of {count} values differ"
+        total += count
+    assert total >= 10 ** 6
+
+
+@pytest.mark.parametrize("sampler,spec,eta", [("ddpm", "10", 0.0), ("ddim", "ddim5", 0.8)])
+def test_cpp_seeded_sampling_equals_python(cpp_pipe, tiny_artifact, sampler, spec, eta):
+    """Same seed, same latents: the noise is the same stream in both languages (initial noise and
+    every step's), so what remains is float32 arithmetic, the bound of the injected-noise test."""
+    from ditrt import runtime
+    labels = [3, 7, 1]
+    python = runtime.load(tiny_artifact, backend="onnxruntime").sample(
+        labels, num_steps=spec, sampler=sampler, eta=eta if sampler == "ddim" else None, cfg_scale=4.0, seed=2 ** 40 + 9,
+        progress=False)
+    status, out = cpp_pipe.sample(labels, steps=spec, sampler=sampler, eta=eta, cfg_scale=4.0, seed=2 ** 40 + 9)
+    assert status == 0, cpp_pipe.lib.error()
+    rel = max_rel_err(out, python)
+    print(f"C++ vs Python runtime, seeded ({sampler} {spec}): max rel err {rel:.2e}")
+    assert rel <= 1e-6
+    _, other = cpp_pipe.sample(labels, steps=spec, sampler=sampler, eta=eta, cfg_scale=4.0, seed=2 ** 40 + 10)
+    assert max_rel_err(other, python) > 1e-2  # the seed matters
 
 
 def test_defaults_come_from_the_manifest(cpp_pipe, cpp_artifact):

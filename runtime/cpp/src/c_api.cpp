@@ -8,6 +8,7 @@
 #include "error.hpp"
 #include "executor.hpp"
 #include "manifest.hpp"
+#include "noise.hpp"
 #include "sampler.hpp"
 #include "schedule.hpp"
 
@@ -202,6 +203,15 @@ ditrt_status ditrt_sample(ditrt_pipeline* p, const int64_t* labels, int64_t num_
         r.step_noise = step_noise;
         std::lock_guard<std::mutex> lock(p->mutex);
         ditrt_core::sample(p->manifest, *p->executor, r, out, out_capacity);
+    });
+}
+
+const char* ditrt_noise_version(void) { return ditrt_core::kNoiseVersion; }
+
+ditrt_status ditrt_noise_normal(uint64_t seed, uint64_t image_index, uint64_t draw_index, float* out, int64_t count) {
+    return guarded([&] {
+        if (count > 0) require(out, "out");
+        ditrt_core::normal_fill(seed, image_index, draw_index, out, count);
     });
 }
 

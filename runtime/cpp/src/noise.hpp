@@ -1,27 +1,35 @@
-// Noise for the sampling loop: injected arrays, or ditrt's own seeded generator.
+// Noise for the sampling loop: injected arrays, or ditrt's seeded stream.
 //
-// The seeded generator is NOT numpy's: the Python runtime (numpy PCG64 per image) and this one
-// (xoshiro256** per image, Box-Muller) give different images for the same seed. Both keep one
-// stream per image seeded with (seed, image index), so an image does not depend on its batch or
-// on chunking. Bit-for-bit parity with Python needs injected noise.
+// The seeded stream is specified to the bit in docs/noise.md and is the Python runtime's
+// (runtime/noise.py): the same seed gives the same noise in both languages. It is counter-based
+// (Philox4x32-10 keyed by the seed, counter = (block, draw, image lo, image hi)), so the draw of
+// any step needs no earlier draw and an image's noise does not depend on its batch, on chunking
+// or on a shard. The uniform-to-normal transform (Box-Muller in double, rounded to float at the
+// end) uses only +, -, *, /, sqrt and exact operations: log, sin and cos are our own polynomials,
+// written as in noise.py (same constants, same Horner order). It relies on -ffp-contract=off
+// (CMakeLists.txt): a fused multiply-add would round differently.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <vector>
 
 namespace ditrt_core {
 
-class NormalGenerator {  // one image's stream
-public:
-    NormalGenerator(uint64_t seed, uint64_t stream);
-    float next();
+inline constexpr const char* kNoiseVersion = "philox4x32-10+bm-poly/1";
 
-private:
-    uint64_t bits();
-    uint64_t s_[4];
-    double spare_ = 0;
-    bool has_spare_ = false;
-};
+// Philox4x32-10 (Random123 / cuRAND): four 32-bit words from a counter and a key.
+std::array<uint32_t, 4> philox4x32_10(std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key);
+
+// ln u for u in (0, 1); (sin a, cos a) for a in [0, pi/4]: the stream's polynomials.
+double log_poly(double u);
+void sin_cos_poly(double a, double* sin_a, double* cos_a);
+// (r sin theta, r cos theta) in double from a radius word x and an angle word y.
+void box_muller(uint32_t x, uint32_t y, double* sin_part, double* cos_part);
+
+// Values [0, count) of draw `draw` of image `image` under `seed` (element j of a (C, H, W) draw
+// flattened in C order). Error(InvalidArgument) when draw >= 2^32 or count > 2^34.
+void normal_fill(uint64_t seed, uint64_t image, uint64_t draw, float* out, int64_t count);
 
 class NoiseSource {
 public:
@@ -30,16 +38,18 @@ public:
     virtual const float* step(int64_t k) = 0;     // (N, C, H, W) for the k-th step from the noisiest
 };
 
+// The seeded stream for `images` images of `per_image` values: image i of this run is image
+// image_offset + i of the stream. initial() is draw 0, step(k) draw k + 1, in any order.
 class SeededNoise : public NoiseSource {
 public:
-    SeededNoise(uint64_t seed, int64_t images, int64_t per_image);
+    SeededNoise(uint64_t seed, int64_t images, int64_t per_image, uint64_t image_offset = 0);
     void initial(float* x) override;
     const float* step(int64_t k) override;
 
 private:
-    void draw(float* out);
-    std::vector<NormalGenerator> generators_;
-    int64_t per_image_;
+    void draw(uint64_t index, float* out) const;
+    uint64_t seed_, image_offset_;
+    int64_t images_, per_image_;
     std::vector<float> buffer_;
 };
 

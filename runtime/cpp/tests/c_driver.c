@@ -59,6 +59,10 @@ int main(void) {
     CHECK(strstr(ditrt_last_error(), "out of range") != NULL, "message");
     CHECK(ditrt_sample(pipe, labels, 2, "10", "ddpm", 0.0, 4.0, "official", 1, NULL, NULL, out, 31) == DITRT_BUFFER_TOO_SMALL,
           "small buffer");
+    CHECK(ditrt_noise_normal(7, 0, 1, out, 5) == DITRT_OK, "noise");
+    for (i = 0; i < 5; ++i) CHECK(isfinite(out[i]) && fabsf(out[i]) < 7.0f, "finite noise");
+    CHECK(ditrt_noise_normal(7, 0, 1, NULL, 5) == DITRT_INVALID_ARGUMENT, "noise into NULL");
+    CHECK(strncmp(ditrt_noise_version(), "philox4x32-10", 13) == 0, "noise version");
     ditrt_close(pipe);
     ditrt_executor_release(ex);
     remove(path);

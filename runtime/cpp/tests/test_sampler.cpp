@@ -89,22 +89,6 @@ TEST(Steps, NoNoiseAtTheLastStep) {
     }
 }
 
-TEST(Noise, SeededStreamsArePerImageAndReproducible) {
-    ditrt_core::SeededNoise two(7, 2, 16), one(7, 1, 16), other(8, 1, 16);
-    std::vector<float> a(32), b(16), c(16);
-    two.initial(a.data());
-    one.initial(b.data());
-    other.initial(c.data());
-    EXPECT_TRUE(std::equal(b.begin(), b.end(), a.begin()));   // image 0 whatever the batch
-    EXPECT_FALSE(std::equal(b.begin(), b.end(), a.begin() + 16));  // image 1 has its own stream
-    EXPECT_NE(b, c);
-    double mean = 0, var = 0;
-    ditrt_core::NormalGenerator g(1, 0);
-    for (int k = 0; k < 100000; ++k) { const double v = g.next(); mean += v; var += v * v; }
-    EXPECT_NEAR(mean / 1e5, 0.0, 0.02);
-    EXPECT_NEAR(var / 1e5, 1.0, 0.02);
-}
-
 namespace {
 
 // A denoiser that is a fixed function of its inputs, recording its batch sizes.

@@ -91,12 +91,24 @@ DITRT_API ditrt_status ditrt_graph_file(const ditrt_pipeline* pipeline, const ch
  *  cfg_scale guidance scale, finite; > 1 runs the unconditional rows; NaN: manifest default
  *  guidance  a key of the manifest's diffusion.guided_channels ("official", "standard"); NULL: default
  *  noise     initial_noise (N, C, H, W) and step_noise (K, N, C, H, W), both or neither; step k is the
- *            k-th model call from the noisiest. When NULL, ditrt's own generator seeded with `seed`
- *            (NOT the Python runtime's numpy stream: same seed, different images). */
+ *            k-th model call from the noisiest. When NULL, ditrt's seeded stream (docs/noise.md,
+ *            ditrt_noise_normal) under `seed`: image i gets image index i, the initial noise is
+ *            draw 0 and step k's noise draw k + 1, the same noise as the Python runtime's seed. */
 DITRT_API ditrt_status ditrt_sample(ditrt_pipeline* pipeline, const int64_t* labels, int64_t num_labels,
                                     const char* steps, const char* sampler, double eta, double cfg_scale,
                                     const char* guidance, uint64_t seed, const float* initial_noise,
                                     const float* step_noise, float* out, int64_t out_capacity);
+
+/* ---- the seeded noise stream (docs/noise.md) ---- */
+/* The stream's name, e.g. "philox4x32-10+bm-poly/1": results can say which noise made them. */
+DITRT_API const char* ditrt_noise_version(void);
+/* The first `count` values (float32, C order over (C, H, W)) of draw `draw_index` of image
+ * `image_index` under `seed`: draw 0 is the initial noise, draw k + 1 the noise of the k-th step
+ * from the noisiest. Any draw without the earlier ones; identical to the Python runtime's
+ * ditrt.runtime.noise.normal. DITRT_INVALID_ARGUMENT when out is NULL (and count > 0), count < 0
+ * or > 2^34, or draw_index >= 2^32. */
+DITRT_API ditrt_status ditrt_noise_normal(uint64_t seed, uint64_t image_index, uint64_t draw_index, float* out,
+                                          int64_t count);
 
 #ifdef __cplusplus
 } /* extern "C" */
