@@ -211,6 +211,17 @@ class DiT(nn.Module):
         return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
 
 
+class SiT(DiT):
+    """SiT (Ma et al. 2024, willisma/SiT): DiT's backbone and state-dict keys, trained as a flow
+    (t in [0, 1], 0 = noise, 1 = data, fed unscaled to the same sinusoid). With learn_sigma the
+    official forward returns only the first in_channels output channels (the velocity);
+    forward_with_cfg is DiT's (3 guided channels), on top of this forward."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x, t, y)  # (N, out_channels, H, W)
+        return out[:, : self.config.in_channels] if self.config.learn_sigma else out
+
+
 def random_init(model: DiT, seed: int = 0) -> DiT:
     """Random weights with realistic statistics and non-trivial outputs. The official init zeroes
     adaLN and the final layer, which makes every output zero and hides numerical errors; here
