@@ -212,13 +212,14 @@ class DiT(nn.Module):
 
 
 class SiT(DiT):
-    """SiT (Ma et al. 2024): DiT's backbone trained as a flow-matching model. The same modules and
-    keys; the timestep is t in [0, 1], fed unscaled to the same sinusoid; with learn_sigma the
-    forward keeps only the first in_channels channels (the velocity)."""
+    """SiT (Ma et al. 2024, willisma/SiT): DiT's backbone and state-dict keys, trained as a flow
+    (t in [0, 1], 0 = noise, 1 = data, fed unscaled to the same sinusoid). With learn_sigma the
+    official forward returns only the first in_channels output channels (the velocity);
+    forward_with_cfg is DiT's (3 guided channels), on top of this forward."""
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x, t, y)
-        return out[:, :self.config.in_channels] if self.config.learn_sigma else out
+        out = super().forward(x, t, y)  # (N, out_channels, H, W)
+        return out[:, : self.config.in_channels] if self.config.learn_sigma else out
 
 
 FAMILY_MODELS = {"dit": DiT, "sit": SiT}

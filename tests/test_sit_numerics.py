@@ -1,0 +1,361 @@
+"""SiT numerics (runtime/flow.py, the torch SiT in exporter/model.py): the golden forward and the
+seven golden loops of the official code (tests/golden/sit/, copied from shared/golden/sit/) driven
+through the numpy loops with the torch SiT's forward_with_cfg; the solvers against torchdiffeq
+0.2.5 itself on analytic ODEs (values, function evaluations, accepted and rejected steps); the grids
+against torch.linspace; the refused paths, predictions and options; the generator protocol."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import max_rel_err
+from ditrt.exporter.model import SiT
+from ditrt.runtime import flow
+from ditrt.runtime.config import DiTConfig
+from ditrt.runtime.errors import InputError, StepError
+
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden" / "sit"
+META = json.loads((GOLDEN_DIR / "sit_vectors.json").read_text())
+RUNS = {run["key"]: run for run in META["runs"]}
+SAMPLER_OF = {("ODE", "euler"): "ode-euler", ("ODE", "heun2"): "ode-heun2", ("ODE", "dopri5"): "ode-dopri5",
+              ("SDE", "Euler"): "sde-euler", ("SDE", "Heun"): "sde-heun"}
+# The official code run on two machines agrees to ~1e-6 per forward; dopri5's step control
+# amplifies that the most (see tests/golden/README.md).
+BOUND = {"ode-dopri5": 5e-4}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The model is tiny: a second intra-op thread only contends for the shared cores (3x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sit_golden() -> dict[str, np.ndarray]:
+    with np.load(GOLDEN_DIR / "sit_vectors.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="module")
+def sit_model() -> SiT:
+    state_dict = torch.load(GOLDEN_DIR / "sit_official_layout.pt", weights_only=True)
+    return SiT.from_state_dict(DiTConfig(**META["model"]), state_dict)
+
+
+class OfficialVelocity:
+    """The model as sample.py calls it: forward_with_cfg on [x[:N]; x[:N]] with labels [y; null],
+    channels 0..2 guided in both halves, channel 3 per half (also at cfg 1.0: sample.py always
+    builds [z, z]). With `full_state` the loop integrates the 2N-row state and gets both halves;
+    otherwise it integrates the N real rows and gets their (cond-half) outputs."""
+
+    def __init__(self, model: SiT, cfg_scale: float, full_state: bool):
+        labels = META["labels"]
+        self.model, self.cfg_scale, self.full_state, self.n = model, cfg_scale, full_state, len(labels)
+        self.y = torch.tensor(labels + [META["null_class"]] * len(labels))
+        self.times: list[float] = []
+
+    def __call__(self, x: np.ndarray, t: float) -> np.ndarray:
+        assert type(t) is float and float(np.float32(t)) == t  # the float32 time the official code feeds
+        self.times.append(t)
+        batch = torch.from_numpy(x if self.full_state else np.concatenate([x, x]))
+        with torch.no_grad():
+            out = self.model.forward_with_cfg(batch, torch.full((len(batch),), t), self.y, self.cfg_scale).numpy()
+        return out if self.full_state else out[: self.n]
+
+
+def official_sde_times(method: str, num_steps: int) -> list[float]:
+    """The model times of SiT's SDE sampler (transport/integrators.py), in torch float32: a step at
+    each t_i (Heun's second drift at t_i + dt, dt = t[1] - t[0]), then the last step at 1 - 0.04."""
+    t = torch.linspace(0, 1 - 0.04, num_steps)
+    dt = t[1] - t[0]
+    steps = [[ti] if method == "Euler" else [ti, ti + dt] for ti in t[:-1]]
+    return [time.item() for step in steps for time in step] + [(torch.ones(1) * (1 - 0.04)).item()]
+
+
+def run_golden(model, golden, key: str, real_rows_only: bool = False, null_noise=None):
+    """Drive the numpy loop of golden run `key`; (sample, model times, dopri5 stats)."""
+    run = RUNS[key]
+    sampler = flow.get_flow_sampler(SAMPLER_OF[run["mode"], run["method"]])
+    full_state = sampler.needs_null_half and not real_rows_only or null_noise is not None
+    z = golden["initial_noise"]
+    x = np.concatenate([z, z]) if full_state else z
+    noise = None
+    if sampler.stochastic:
+        # The golden keeps only the real rows of each draw. The official loop also draws noise for
+        # the null half, but that half's state never reaches the network (forward_with_cfg feeds
+        # x[:N] twice) and the SDE steps act row by row, so the real rows do not depend on it.
+        steps = golden[f"{key}_step_noise"]
+        noise = (lambda k: np.concatenate([steps[k], null_noise[k]])) if full_state else (lambda k: steps[k])
+    velocity = OfficialVelocity(model, run["cfg_scale"], full_state)
+    stats = flow.Dopri5Stats()
+    options = {"stats": stats} if sampler.name == "ode-dopri5" else {}
+    sample = flow.drive(sampler.loop(x, sampler.grid(run["num_steps"]), noise, **options), velocity)
+    return sample[: len(z)], velocity.times, stats
+
+
+# ---- the network and the golden loops ---------------------------------------------------------
+
+def test_sit_forward_matches_golden(sit_model, sit_golden):
+    with torch.no_grad():
+        out = sit_model(*(torch.from_numpy(sit_golden[f"forward_{k}"]) for k in "xty")).numpy()
+    assert out.shape == sit_golden["forward_out"].shape  # learn_sigma: the first half of the channels
+    assert max_rel_err(out, sit_golden["forward_out"]) <= 1e-5
+
+
+@pytest.mark.parametrize("key", sorted(RUNS))
+def test_golden_run(sit_model, sit_golden, key):
+    run = RUNS[key]
+    sampler = flow.get_flow_sampler(SAMPLER_OF[run["mode"], run["method"]])
+    sample, times, stats = run_golden(sit_model, sit_golden, key)
+    err = max_rel_err(sample, sit_golden[f"{key}_samples"])
+    assert err <= BOUND.get(sampler.name, 1e-5), f"{key} {sampler.name}: max rel err {err:.3g}"
+    assert sampler.noise_draws(run["num_steps"]) == run["noise_draws"]
+    if sampler.name == "ode-dopri5":
+        assert len(times) == stats.function_evals == run["model_calls"]  # one forward_with_cfg per evaluation
+        assert stats.function_evals == 2 + 6 * (stats.accepted_steps + stats.rejected_steps)
+    else:
+        assert len(times) == sampler.model_calls(run["num_steps"])
+        assert sampler.official_model_calls(run["num_steps"]) == run["model_calls"]
+    if sampler.stochastic:  # the ODE solvers' times are checked against torchdiffeq below
+        assert times == official_sde_times(run["method"], run["num_steps"])
+
+
+def test_dopri5_error_norm_covers_the_null_half(sit_model, sit_golden):
+    """The official dopri5 integrates [z, z]: the null half (whose channel 3 is unconditional) is in
+    the step-size control, so integrating the real rows alone lands elsewhere."""
+    full, _, _ = run_golden(sit_model, sit_golden, "run2")
+    alone, _, _ = run_golden(sit_model, sit_golden, "run2", real_rows_only=True)
+    reference = sit_golden["run2_samples"]
+    assert max_rel_err(full, reference) < max_rel_err(alone, reference) / 5
+
+
+def test_sde_null_half_noise_does_not_reach_the_real_rows(sit_model, sit_golden):
+    """The official state is [z, z], with noise drawn for both halves: any null-half noise gives
+    the same real rows as integrating those rows alone."""
+    rows, _, _ = run_golden(sit_model, sit_golden, "run6")
+    other = np.random.default_rng(1).standard_normal(sit_golden["run6_step_noise"].shape, dtype=np.float32)
+    both, _, _ = run_golden(sit_model, sit_golden, "run6", null_noise=other)
+    np.testing.assert_array_equal(both, rows)
+
+
+# ---- the solvers against torchdiffeq ------------------------------------------------------------
+
+class Counted:
+    """A torchdiffeq function that counts its evaluations and the solver's accepted/rejected steps."""
+
+    def __init__(self, f):
+        self.f, self.accepted, self.rejected, self.times = f, 0, 0, []
+
+    def __call__(self, t, y):
+        self.times.append(t.item())  # the model time, in the state's dtype
+        return self.f(t, y)
+
+    def callback_accept_step(self, t0, y0, dt):
+        self.accepted += 1
+
+    def callback_reject_step(self, t0, y0, dt):
+        self.rejected += 1
+
+
+def ours(method: str, f, y0: np.ndarray, t: np.ndarray, **options):
+    """(final state, dopri5 stats, model times)."""
+    stats, times = flow.Dopri5Stats(), []
+    if method == "dopri5":
+        options["stats"] = stats
+    loop = {"dopri5": flow.ode_dopri5, "euler": flow.ode_euler, "heun2": flow.ode_heun2}[method]
+    return flow.drive(loop(y0, flow.OdeGrid(t), None, **options), lambda y, s: times.append(s) or f(s, y)), stats, times
+
+
+def theirs(method: str, f, y0: np.ndarray, t: np.ndarray, **options):
+    torchdiffeq = pytest.importorskip("torchdiffeq")  # 0.2.5, the version SiT's golden used (dev extra)
+    counted = Counted(f)
+    out = torchdiffeq.odeint(counted, torch.from_numpy(y0), torch.from_numpy(t), method=method, **options)
+    return out[-1].numpy(), counted
+
+
+RNG = np.random.default_rng(0)
+A = RNG.standard_normal((6, 6)) * 0.8
+Y_LINEAR = RNG.standard_normal((4, 6)) * np.array([[1.0], [1.0], [3.0], [3.0]])  # halves differ
+
+# (name, numpy f(t, y), torch f(t, y), y0, t); float64
+ANALYTIC = [
+    ("linear system", lambda t, y: y @ A.T, lambda t, y: y @ torch.from_numpy(A).T, Y_LINEAR, np.array([0.0, 2.0])),
+    ("decay", lambda t, y: -0.7 * y, lambda t, y: -0.7 * y, np.array([[1.0, -2.0], [0.5, 4.0]]), np.linspace(0, 3, 11)),
+    # stiff enough to force rejected steps
+    ("stiff", lambda t, y: -50 * (y - np.cos(t)), lambda t, y: -50 * (y - torch.cos(t)),
+     np.array([[1.5, -2.0, 0.3]]), np.linspace(0, 3, 7)),
+    # y0 = 0: the initial step's 1e-6 fallback
+    ("zero start", lambda t, y: np.cos(3 * t) + 0 * y, lambda t, y: torch.cos(3 * t) + 0 * y,
+     np.zeros((2, 3)), np.array([0.0, 1.0])),
+    # f = 0: both initial-step fallbacks and the zero error ratio (dt x 10 per step)
+    ("constant", lambda t, y: 0 * y, lambda t, y: 0 * y, np.ones((2, 2)), np.array([0.0, 1.0])),
+]
+
+
+@pytest.mark.parametrize("tolerances", [(1e-6, 1e-3), (1e-9, 1e-7)], ids=["sit", "tight"])
+@pytest.mark.parametrize("name,f_np,f_torch,y0,t", ANALYTIC, ids=[case[0] for case in ANALYTIC])
+def test_dopri5_float64_matches_torchdiffeq(name, f_np, f_torch, y0, t, tolerances):
+    atol, rtol = tolerances
+    mine, stats, times = ours("dopri5", f_np, y0, t, atol=atol, rtol=rtol)
+    ref, counted = theirs("dopri5", f_torch, y0, t, atol=atol, rtol=rtol)
+    assert np.abs(mine - ref).max() <= 1e-12 * max(1.0, np.abs(ref).max())
+    assert (stats.function_evals, stats.accepted_steps, stats.rejected_steps) == \
+        (len(counted.times), counted.accepted, counted.rejected)
+    # f differs between numpy and torch by an ulp, and error estimates cancel: dt agrees to ~1e-11
+    np.testing.assert_allclose(times, counted.times, rtol=1e-9, atol=0)
+    if name == "stiff":
+        assert stats.rejected_steps > 0
+
+
+def test_dopri5_float32_is_torchdiffeq_bit_for_bit():
+    """SiT's mixed precision: a float32 state, the SiT grid, tolerances passed as 1-element lists
+    (float64 norms over the whole state). An elementwise ODE (no reduction in f), so both sides
+    evaluate f identically and every other operation must match torchdiffeq's exactly."""
+    rng = np.random.default_rng(1)
+    rate = -rng.uniform(0.5, 3.0, (4, 4, 3, 3)).astype(np.float32)
+    drive = rng.standard_normal((4, 4, 3, 3)).astype(np.float32)
+    rate[2:] *= 4  # the halves differ: both count in the error norm
+    y0 = rng.standard_normal((4, 4, 3, 3)).astype(np.float32)
+    grid = flow.ode_grid(50)
+    mine, stats, times = ours("dopri5", lambda t, y: rate * y + np.float32(t) * drive, y0, grid.t)
+    ref, counted = theirs("dopri5", lambda t, y: torch.from_numpy(rate) * y + t * torch.from_numpy(drive), y0,
+                          grid.t, atol=[1e-6], rtol=[1e-3])
+    np.testing.assert_array_equal(mine, ref)
+    assert times == counted.times  # incl. the last two stages at the float32 just below t1
+    assert (stats.function_evals, stats.accepted_steps, stats.rejected_steps) == \
+        (len(counted.times), counted.accepted, counted.rejected)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun2"])
+def test_fixed_grid_solvers_match_torchdiffeq(method):
+    name, f_np, f_torch, y0, _ = ANALYTIC[0]
+    t = np.linspace(0.0, 1.0, 13)
+    mine, _, times = ours(method, f_np, y0, t)
+    ref, counted = theirs(method, f_torch, y0, t)
+    assert np.abs(mine - ref).max() <= 1e-12 * np.abs(ref).max()
+    assert times == counted.times and len(times) == flow.get_flow_sampler(f"ode-{method}").model_calls(len(t))
+    # float32, bit for bit: on SiT's grid, and on one where t0 + (t1 - t0) != t1 (heun2's second time)
+    rate = np.linspace(-2, 1, 8, dtype=np.float32).reshape(2, 4)
+    y32 = np.arange(8, dtype=np.float32).reshape(2, 4) / 3
+    for grid in (flow.ode_grid(10).t, np.array([0.0, 0.1, 0.23, 1.0], np.float32)):
+        mine, _, times = ours(method, lambda s, y: rate * y + np.float32(s), y32, grid)
+        ref, counted = theirs(method, lambda s, y: torch.from_numpy(rate) * y + s, y32, grid)
+        np.testing.assert_array_equal(mine, ref)
+        assert times == counted.times
+
+
+# ---- grids ----------------------------------------------------------------------------------------
+
+def test_grids_are_torch_linspace_bit_for_bit():
+    for n in range(2, 1101):
+        for end, grid in ((1.0, flow.ode_grid), (1 - 0.04, flow.sde_grid)):
+            expected = torch.linspace(0, end, n).numpy()
+            np.testing.assert_array_equal(grid(n).t.view(np.int32), expected.view(np.int32), err_msg=f"n={n}")
+    sde = flow.sde_grid(20)
+    torch_t = torch.linspace(0, 1 - 0.04, 20)
+    assert sde.dt == (torch_t[1] - torch_t[0]).item() and sde.dt.dtype == np.float32
+    assert sde.t[-1] == np.float32(1 - 0.04)  # the last step's time, torch.ones(n) * t1 in the official
+
+
+# ---- registry, options and refusals ---------------------------------------------------------------
+
+def test_registry_counts():
+    counts = {name: (s.model_calls(20), s.official_model_calls(20), s.noise_draws(20), s.needs_null_half)
+              for name, s in flow.FLOW_SAMPLERS.items()}
+    assert counts == {"ode-euler": (19, 19, 0, False), "ode-heun2": (38, 38, 0, False),
+                      "ode-dopri5": (None, None, 0, True), "sde-euler": (20, 40, 19, False),
+                      "sde-heun": (39, 78, 19, False)}
+    assert flow.get_flow_sampler("ode-dopri5").bind() == {"atol": 1e-6, "rtol": 1e-3}
+    assert flow.get_flow_sampler("ode-dopri5").bind(rtol=1e-4) == {"atol": 1e-6, "rtol": 1e-4}
+
+
+@pytest.mark.parametrize("bad", [0, -1e-3, float("nan"), float("inf"), True, "1e-3"])
+def test_tolerances_refused(bad):
+    with pytest.raises(InputError, match="positive finite"):
+        flow.get_flow_sampler("ode-dopri5").bind(atol=bad)
+
+
+def test_options_refused():
+    with pytest.raises(InputError, match="sde-euler takes no options; got atol"):
+        flow.get_flow_sampler("sde-euler").bind(atol=1e-5)
+    with pytest.raises(InputError, match="takes atol, rtol; got eta"):
+        flow.get_flow_sampler("ode-dopri5").bind(eta=0.5)
+    with pytest.raises(InputError, match="unknown SiT sampler 'dopri8'"):
+        flow.get_flow_sampler("dopri8")
+    for bad in (1, 0, 2.0, True, "10"):
+        with pytest.raises(InputError, match="num_steps"):
+            flow.ode_grid(bad)
+        with pytest.raises(InputError, match="num_steps"):
+            flow.sde_grid(bad)
+
+
+@pytest.mark.parametrize("transport,match", [
+    (flow.Transport(path_type="GVP"), "only the Linear path"),
+    (flow.Transport(path_type="VP"), "only the Linear path"),
+    (flow.Transport(prediction="score"), "only velocity"),
+    (flow.Transport(prediction="noise"), "only velocity"),
+    (flow.Transport(sample_eps=1e-3), "sample_eps must be 0"),
+])
+def test_transport_refused(transport, match):
+    with pytest.raises(InputError, match=match):
+        transport.check()
+    assert flow.Transport(**META["transport"]).check() == flow.Transport()
+
+
+@pytest.mark.parametrize("settings", [
+    flow.SdeSettings(diffusion_form="SBDM"), flow.SdeSettings(diffusion_form="linear"),
+    flow.SdeSettings(diffusion_norm=0.5), flow.SdeSettings(last_step="Tweedie"), flow.SdeSettings(last_step=None),
+    flow.SdeSettings(last_step_size=0.01),
+])
+def test_sde_settings_refused(settings):
+    with pytest.raises(InputError, match="only .* \\(diffusion 'sigma' form with norm 1.0"):
+        flow.sde_grid(20, settings)
+
+
+# ---- the generator protocol -----------------------------------------------------------------------
+
+X = np.zeros((2, 4, 2, 2), np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(flow.FLOW_SAMPLERS))
+def test_wrong_shaped_model_output_is_a_step_error(name):
+    sampler = flow.get_flow_sampler(name)
+    loop = sampler.loop(X, sampler.grid(5), lambda k: X)
+    next(loop)
+    with pytest.raises(StepError, match="send back one velocity per row"):
+        loop.send(np.zeros((1, 4, 2, 2), np.float32))
+
+
+def test_sde_noise_is_checked():
+    with pytest.raises(InputError, match="pass noise"):
+        next(flow.sde_euler(X, flow.sde_grid(5), None))
+    with pytest.raises(InputError, match=r"noise\(0\) has shape \(1, 4, 2, 2\)"):
+        next(flow.sde_heun(X, flow.sde_grid(5), lambda k: X[:1]))
+
+
+def test_dopri5_non_finite_velocity_is_a_step_error():
+    with pytest.raises(StepError, match="dopri5"):
+        flow.drive(flow.ode_dopri5(X + 1, flow.ode_grid(5)), lambda x, t: np.full_like(x, np.nan))
+
+
+def test_flow_is_torch_free():
+    code = """
+import sys
+sys.modules['torch'] = None  # any torch import now fails
+import numpy as np
+from ditrt.runtime import flow
+x = np.ones((2, 4, 2, 2), np.float32)
+for sampler in flow.FLOW_SAMPLERS.values():
+    loop = sampler.loop(x, sampler.grid(4), lambda k: x, **sampler.bind())
+    assert flow.drive(loop, lambda y, t: -y).shape == x.shape
+print('torch-free ok')
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and "torch-free ok" in r.stdout, r.stderr
