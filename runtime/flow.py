@@ -10,54 +10,29 @@ It yields (x_eval, t): the rows at which the model must be evaluated next and th
 Python float holding the value the official code feeds the model, float32 for SiT). The driver
 sends back the velocity for x_eval (same shape; guided as the official forward_with_cfg) and must
 not modify x_eval. The final sample is the generator's return value (StopIteration.value).
-`noise(k)` gives the k-th stochastic draw (the shape of x); ODE loops never call it. `drive` runs
-a loop against a model function.
+`noise(k)` gives the k-th stochastic draw (the shape of x); ODE loops never call it.
 
 Guidance (sample.py): the batch is [z, z] with labels [y, null], and forward_with_cfg evaluates the
 network on [x[:N]; x[:N]], guides output channels 0..2 in both halves and leaves channel 3
 per-half. The null half's state never reaches the network, so the real rows do not depend on it,
 except through dopri5's error norm over the whole state: only ode-dopri5 needs the 2N-row state
-(`FlowSampler.needs_null_half`); the other loops integrate the N real rows.
+(`Sampler.integrates_null_half`); the other loops integrate the N real rows.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Callable, Generator, Mapping
+from dataclasses import dataclass
+from typing import Callable, Generator
 
 import numpy as np
 
 from .errors import InputError, StepError
+from .validate import check_int, check_number
 
 Loop = Generator[tuple[np.ndarray, float], np.ndarray, np.ndarray]
 Noise = Callable[[int], np.ndarray]
 
 
 # ---- the transport ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Transport:
-    """SiT's create_transport arguments. Only the Linear path with velocity prediction is
-    implemented; the official code forces train_eps = sample_eps = 0 for it (it samples on [0, 1])."""
-    path_type: str = "Linear"
-    prediction: str = "velocity"
-    train_eps: float = 0.0
-    sample_eps: float = 0.0
-
-    def check(self) -> "Transport":
-        if self.path_type != "Linear":
-            raise InputError(f"SiT path {self.path_type!r} is not supported: only the Linear path "
-                             "(x_t = t * data + (1 - t) * noise); GVP and VP are not implemented")
-        if self.prediction != "velocity":
-            raise InputError(f"SiT prediction {self.prediction!r} is not supported: only velocity "
-                             "(score and noise predictions are not implemented)")
-        for name in ("train_eps", "sample_eps"):
-            if getattr(self, name) != 0:
-                raise InputError(f"{name} must be 0 for the Linear path with velocity prediction (the "
-                                 f"official create_transport sets it to 0), got {getattr(self, name)!r}")
-        return self
-
 
 @dataclass(frozen=True)
 class SdeSettings:
@@ -95,9 +70,7 @@ def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
 
 
 def _check_num_steps(num_steps) -> int:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 2:
-        raise InputError(f"num_steps (SiT's --num-sampling-steps) must be an int >= 2, got {num_steps!r}")
-    return int(num_steps)
+    return check_int(num_steps, "num_steps (SiT's --num-sampling-steps)", 2, 100_000)
 
 
 @dataclass(frozen=True)
@@ -150,16 +123,6 @@ def _check_state(x) -> np.ndarray:
     if x.dtype not in (np.float32, np.float64) or x.ndim < 1:
         raise InputError(f"the state must be a float32 (or float64) array, got {x.dtype} with shape {x.shape}")
     return x
-
-
-def drive(loop: Loop, velocity: Callable[[np.ndarray, float], np.ndarray]) -> np.ndarray:
-    """Run a loop to the end with velocity(x_eval, t) as the model; the final sample."""
-    x_eval, t = next(loop)
-    while True:
-        try:
-            x_eval, t = loop.send(velocity(x_eval, t))
-        except StopIteration as done:
-            return done.value
 
 
 # ---- ODE: torchdiffeq's fixed-grid solvers --------------------------------------------------------
@@ -255,7 +218,7 @@ def ode_dopri5(x: np.ndarray, grid: OdeGrid, noise: Noise | None = None, *, atol
     tolerances float64 tensors with a dimension: the error norms are float64 over the WHOLE state.
     With a float64 state this is plain float64 dopri5 (as torchdiffeq on float64 tensors)."""
     x = _check_state(x)
-    atol, rtol = _positive_float("atol", atol), _positive_float("rtol", rtol)
+    atol, rtol = (check_number(v, name, 0, low_open=True) for name, v in (("atol", atol), ("rtol", rtol)))
     real = x.dtype.type
     stats = stats if stats is not None else Dopri5Stats()
     t_start, t_end = np.float64(grid.t[0]), np.float64(grid.t[-1])
@@ -408,68 +371,21 @@ def sde_heun(x: np.ndarray, grid: SdeGrid, noise: Noise | None) -> Loop:
     return (yield from _mean_last_step(x, grid))
 
 
-# ---- the registry -------------------------------------------------------------------------------
+# ---- what the sampler registry needs (runtime/samplers.py registers the five loops) -------------
 
-def _positive_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value) or value <= 0:
-        raise InputError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class FlowSampler:
-    name: str
-    summary: str
-    loop: Callable[..., Loop]  # (x, grid, noise, **options)
-    grid: Callable[[int], OdeGrid | SdeGrid]  # num_steps -> grid
-    options: Mapping[str, float] = field(default_factory=dict)  # name -> default
-    calls_per_step: int | None = 1  # model calls per grid interval; None: adaptive (dopri5)
-    final_calls: int = 0  # the SDE's last step
-    stochastic: bool = False
-    needs_null_half: bool = False  # integrate [cond; null] rows (the error norm sees both halves)
-
-    def noise_draws(self, num_steps: int) -> int:
-        """Stochastic draws of the state's shape: one per step before the last (SDE)."""
-        return _check_num_steps(num_steps) - 1 if self.stochastic else 0
-
-    def model_calls(self, num_steps: int) -> int | None:
-        """Our model calls (one batched [cond; null] forward each); None where adaptive."""
-        num_steps = _check_num_steps(num_steps)
-        if self.calls_per_step is None:
-            return None
-        return self.calls_per_step * (num_steps - 1) + self.final_calls
-
-    def official_model_calls(self, num_steps: int) -> int | None:
-        """The official code's: twice ours for the SDEs (velocity and score each call the model)."""
-        calls = self.model_calls(num_steps)
-        return None if calls is None else calls * (2 if self.stochastic else 1)
-
-    def bind(self, **given) -> dict:
-        """The options for one run: defaults filled in, values checked; others refused."""
-        unknown = sorted(name for name, value in given.items() if value is not None and name not in self.options)
-        if unknown:
-            takes = ", ".join(self.options) or "no options"
-            raise InputError(f"{self.name} takes {takes}; got {', '.join(unknown)}")
-        return {name: _positive_float(name, given[name]) if given.get(name) is not None else default
-                for name, default in self.options.items()}
+def parse_num_steps(steps) -> int:
+    """SiT's --num-sampling-steps: an int or a string of digits, >= 2."""
+    if isinstance(steps, str) and steps.strip().isascii() and steps.strip().isdigit():
+        steps = int(steps)
+    return check_int(steps, "num_steps (SiT's --num-sampling-steps)", 2, 100_000)
 
 
-FLOW_SAMPLERS: dict[str, FlowSampler] = {s.name: s for s in (
-    FlowSampler("ode-euler", "torchdiffeq euler over linspace(0, 1, num_steps)", ode_euler, ode_grid),
-    FlowSampler("ode-heun2", "torchdiffeq heun2 over linspace(0, 1, num_steps)", ode_heun2, ode_grid,
-                calls_per_step=2),
-    FlowSampler("ode-dopri5", "torchdiffeq dopri5 from t=0 to 1 (SiT's default ODE sampler; num_steps only "
-                "sets the output grid)", ode_dopri5, ode_grid,
-                options=MappingProxyType({"atol": 1e-6, "rtol": 1e-3}), calls_per_step=None, needs_null_half=True),
-    FlowSampler("sde-euler", "SiT's Euler-Maruyama over linspace(0, 0.96, num_steps), then a Mean step of 0.04",
-                sde_euler, sde_grid, final_calls=1, stochastic=True),
-    FlowSampler("sde-heun", "SiT's stochastic Heun over linspace(0, 0.96, num_steps), then a Mean step of 0.04",
-                sde_heun, sde_grid, calls_per_step=2, final_calls=1, stochastic=True),
-)}
+def check_sde_options(options: dict) -> dict:
+    """The SDE options as SiT names them; only the defaults are implemented (refused otherwise,
+    naming what is supported). They are consumed here: the loops take none."""
+    SdeSettings(**options).check()
+    return {}
 
 
-def get_flow_sampler(name: str) -> FlowSampler:
-    if name not in FLOW_SAMPLERS:
-        raise InputError(f"unknown SiT sampler {name!r}; use {', '.join(FLOW_SAMPLERS)}")
-    return FLOW_SAMPLERS[name]
+def check_dopri5_options(options: dict) -> dict:
+    return {name: check_number(options[name], name, 0, 1, low_open=True) for name in ("atol", "rtol")}

@@ -23,6 +23,7 @@ from typing import Any, Callable, Generator
 
 import numpy as np
 
+from . import flow
 from .config import Diffusion
 from .dpm_solver import dpm_schedule, dpmpp_2m_step
 from .errors import InputError
@@ -174,6 +175,42 @@ register_sampler(Sampler("dpm++2m", "dit", "DPM-Solver++(2M), data prediction, m
                          "DPMSolverMultistepScheduler defaults (linspace timesteps, lower-order final, final sigma 0)",
                          _dpm_schedule, fixed_step_loop(dpmpp_2m_step), "the number of model calls, e.g. 25",
                          parity_steps=int, noise_draws=len, model_calls=len, uses_noise=False))
+
+
+# ---- SiT (runtime/flow.py): the Linear-path velocity model's ODE and SDE loops ----------------------
+
+def _ode_schedule(transport, steps):
+    return flow.ode_grid(flow.parse_num_steps(steps))
+
+
+def _sde_schedule(transport, steps):
+    return flow.sde_grid(flow.parse_num_steps(steps))
+
+
+SIT_STEPS_HELP = "SiT's --num-sampling-steps: an int >= 2 (ODE: linspace(0, 1, N); SDE: linspace(0, 0.96, N))"
+_SDE_OPTIONS = {"diffusion_form": "sigma", "diffusion_norm": 1.0, "last_step": "Mean", "last_step_size": 0.04}
+_intervals = lambda grid: len(grid.t) - 1  # noqa: E731
+for _sampler in (
+    Sampler("ode-euler", "sit", "torchdiffeq euler over linspace(0, 1, num_steps)", _ode_schedule, flow.ode_euler,
+            SIT_STEPS_HELP, int, noise_draws=lambda g: 0, model_calls=_intervals, uses_noise=False),
+    Sampler("ode-heun2", "sit", "torchdiffeq heun2 over linspace(0, 1, num_steps)", _ode_schedule, flow.ode_heun2,
+            SIT_STEPS_HELP, lambda n: n // 2 + 1, noise_draws=lambda g: 0, model_calls=lambda g: 2 * _intervals(g),
+            uses_noise=False),
+    Sampler("ode-dopri5", "sit", "torchdiffeq dopri5 from t=0 to 1 (SiT's default ODE sampler; num_steps only sets "
+            "the output grid; the error norm covers the whole guided batch)", _ode_schedule, flow.ode_dopri5,
+            SIT_STEPS_HELP, lambda n: n, noise_draws=lambda g: 0, model_calls=lambda g: None,
+            options={"atol": 1e-6, "rtol": 1e-3}, check_options=flow.check_dopri5_options, uses_noise=False,
+            integrates_null_half=True),
+    Sampler("sde-euler", "sit", "SiT's Euler-Maruyama over linspace(0, 0.96, num_steps), then a Mean step of 0.04 "
+            "(diffusion 'sigma', norm 1)", _sde_schedule, flow.sde_euler, SIT_STEPS_HELP, lambda n: n,
+            noise_draws=_intervals, model_calls=lambda g: _intervals(g) + 1, options=_SDE_OPTIONS,
+            check_options=flow.check_sde_options),
+    Sampler("sde-heun", "sit", "SiT's stochastic Heun over linspace(0, 0.96, num_steps), then a Mean step of 0.04 "
+            "(diffusion 'sigma', norm 1)", _sde_schedule, flow.sde_heun, SIT_STEPS_HELP, lambda n: n // 2 + 1,
+            noise_draws=_intervals, model_calls=lambda g: 2 * _intervals(g) + 1, options=_SDE_OPTIONS,
+            check_options=flow.check_sde_options),
+):
+    register_sampler(_sampler)
 
 
 def get_sampler(name, family: str | None = None) -> Sampler:

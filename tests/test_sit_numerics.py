@@ -15,8 +15,32 @@ import torch
 from conftest import max_rel_err
 from ditrt.exporter.model import SiT
 from ditrt.runtime import flow
-from ditrt.runtime.config import DiTConfig
-from ditrt.runtime.errors import InputError, StepError
+from ditrt.runtime.config import DiTConfig, Transport, read_transport
+from ditrt.runtime.errors import ArtifactError, InputError, StepError
+from ditrt.runtime.samplers import SAMPLERS, get_sampler
+
+SIT_SAMPLERS = sorted(name for name, s in SAMPLERS.items() if s.family == "sit")
+TRANSPORT = Transport()
+
+
+def drive(loop, velocity):
+    """Run a loop to the end with velocity(x_eval, t) as the model; the final sample."""
+    x_eval, t = next(loop)
+    while True:
+        try:
+            x_eval, t = loop.send(velocity(x_eval, t))
+        except StopIteration as done:
+            return done.value
+
+
+def schedule(sampler, num_steps):
+    return sampler.schedule(TRANSPORT, num_steps)
+
+
+def official_model_calls(sampler, num_steps):
+    """The official code calls the model twice per SDE drift (velocity, then inside the score)."""
+    calls = sampler.model_calls(schedule(sampler, num_steps))
+    return None if calls is None else calls * (2 if sampler.uses_noise else 1)
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden" / "sit"
 META = json.loads((GOLDEN_DIR / "sit_vectors.json").read_text())
@@ -82,12 +106,12 @@ def official_sde_times(method: str, num_steps: int) -> list[float]:
 def run_golden(model, golden, key: str, real_rows_only: bool = False, null_noise=None):
     """Drive the numpy loop of golden run `key`; (sample, model times, dopri5 stats)."""
     run = RUNS[key]
-    sampler = flow.get_flow_sampler(SAMPLER_OF[run["mode"], run["method"]])
-    full_state = sampler.needs_null_half and not real_rows_only or null_noise is not None
+    sampler = get_sampler(SAMPLER_OF[run["mode"], run["method"]])
+    full_state = sampler.integrates_null_half and not real_rows_only or null_noise is not None
     z = golden["initial_noise"]
     x = np.concatenate([z, z]) if full_state else z
     noise = None
-    if sampler.stochastic:
+    if sampler.uses_noise:
         # The golden keeps only the real rows of each draw. The official loop also draws noise for
         # the null half, but that half's state never reaches the network (forward_with_cfg feeds
         # x[:N] twice) and the SDE steps act row by row, so the real rows do not depend on it.
@@ -96,7 +120,7 @@ def run_golden(model, golden, key: str, real_rows_only: bool = False, null_noise
     velocity = OfficialVelocity(model, run["cfg_scale"], full_state)
     stats = flow.Dopri5Stats()
     options = {"stats": stats} if sampler.name == "ode-dopri5" else {}
-    sample = flow.drive(sampler.loop(x, sampler.grid(run["num_steps"]), noise, **options), velocity)
+    sample = drive(sampler.loop(x, schedule(sampler, run["num_steps"]), noise, **options), velocity)
     return sample[: len(z)], velocity.times, stats
 
 
@@ -112,18 +136,18 @@ def test_sit_forward_matches_golden(sit_model, sit_golden):
 @pytest.mark.parametrize("key", sorted(RUNS))
 def test_golden_run(sit_model, sit_golden, key):
     run = RUNS[key]
-    sampler = flow.get_flow_sampler(SAMPLER_OF[run["mode"], run["method"]])
+    sampler = get_sampler(SAMPLER_OF[run["mode"], run["method"]])
     sample, times, stats = run_golden(sit_model, sit_golden, key)
     err = max_rel_err(sample, sit_golden[f"{key}_samples"])
     assert err <= BOUND.get(sampler.name, 1e-5), f"{key} {sampler.name}: max rel err {err:.3g}"
-    assert sampler.noise_draws(run["num_steps"]) == run["noise_draws"]
+    assert sampler.noise_draws(schedule(sampler, run["num_steps"])) == run["noise_draws"]
     if sampler.name == "ode-dopri5":
         assert len(times) == stats.function_evals == run["model_calls"]  # one forward_with_cfg per evaluation
         assert stats.function_evals == 2 + 6 * (stats.accepted_steps + stats.rejected_steps)
     else:
-        assert len(times) == sampler.model_calls(run["num_steps"])
-        assert sampler.official_model_calls(run["num_steps"]) == run["model_calls"]
-    if sampler.stochastic:  # the ODE solvers' times are checked against torchdiffeq below
+        assert len(times) == sampler.model_calls(schedule(sampler, run["num_steps"]))
+        assert official_model_calls(sampler, run["num_steps"]) == run["model_calls"]
+    if sampler.uses_noise:  # the ODE solvers' times are checked against torchdiffeq below
         assert times == official_sde_times(run["method"], run["num_steps"])
 
 
@@ -170,7 +194,7 @@ def ours(method: str, f, y0: np.ndarray, t: np.ndarray, **options):
     if method == "dopri5":
         options["stats"] = stats
     loop = {"dopri5": flow.ode_dopri5, "euler": flow.ode_euler, "heun2": flow.ode_heun2}[method]
-    return flow.drive(loop(y0, flow.OdeGrid(t), None, **options), lambda y, s: times.append(s) or f(s, y)), stats, times
+    return drive(loop(y0, flow.OdeGrid(t), None, **options), lambda y, s: times.append(s) or f(s, y)), stats, times
 
 
 def theirs(method: str, f, y0: np.ndarray, t: np.ndarray, **options):
@@ -240,7 +264,7 @@ def test_fixed_grid_solvers_match_torchdiffeq(method):
     mine, _, times = ours(method, f_np, y0, t)
     ref, counted = theirs(method, f_torch, y0, t)
     assert np.abs(mine - ref).max() <= 1e-12 * np.abs(ref).max()
-    assert times == counted.times and len(times) == flow.get_flow_sampler(f"ode-{method}").model_calls(len(t))
+    assert times == counted.times and len(times) == get_sampler(f"ode-{method}").model_calls(flow.OdeGrid(t))
     # float32, bit for bit: on SiT's grid, and on one where t0 + (t1 - t0) != t1 (heun2's second time)
     rate = np.linspace(-2, 1, 8, dtype=np.float32).reshape(2, 4)
     y32 = np.arange(8, dtype=np.float32).reshape(2, 4) / 3
@@ -267,56 +291,62 @@ def test_grids_are_torch_linspace_bit_for_bit():
 # ---- registry, options and refusals ---------------------------------------------------------------
 
 def test_registry_counts():
-    counts = {name: (s.model_calls(20), s.official_model_calls(20), s.noise_draws(20), s.needs_null_half)
-              for name, s in flow.FLOW_SAMPLERS.items()}
+    counts = {name: (s.model_calls(schedule(s, 20)), official_model_calls(s, 20), s.noise_draws(schedule(s, 20)),
+                     s.integrates_null_half) for name, s in SAMPLERS.items() if s.family == "sit"}
     assert counts == {"ode-euler": (19, 19, 0, False), "ode-heun2": (38, 38, 0, False),
                       "ode-dopri5": (None, None, 0, True), "sde-euler": (20, 40, 19, False),
                       "sde-heun": (39, 78, 19, False)}
-    assert flow.get_flow_sampler("ode-dopri5").bind() == {"atol": 1e-6, "rtol": 1e-3}
-    assert flow.get_flow_sampler("ode-dopri5").bind(rtol=1e-4) == {"atol": 1e-6, "rtol": 1e-4}
+    assert get_sampler("ode-dopri5").bind() == {"atol": 1e-6, "rtol": 1e-3}
+    assert get_sampler("ode-dopri5").bind(rtol=1e-4) == {"atol": 1e-6, "rtol": 1e-4}
+    assert get_sampler("sde-euler").bind(diffusion_form="sigma", last_step_size=0.04) == {}  # the defaults, spelt out
 
 
-@pytest.mark.parametrize("bad", [0, -1e-3, float("nan"), float("inf"), True, "1e-3"])
+@pytest.mark.parametrize("bad", [0, -1e-3, float("nan"), float("inf"), True, "1e-3", 2.0])
 def test_tolerances_refused(bad):
-    with pytest.raises(InputError, match="positive finite"):
-        flow.get_flow_sampler("ode-dopri5").bind(atol=bad)
+    with pytest.raises(InputError, match="atol must be a"):
+        get_sampler("ode-dopri5").bind(atol=bad)
 
 
 def test_options_refused():
-    with pytest.raises(InputError, match="sde-euler takes no options; got atol"):
-        flow.get_flow_sampler("sde-euler").bind(atol=1e-5)
-    with pytest.raises(InputError, match="takes atol, rtol; got eta"):
-        flow.get_flow_sampler("ode-dopri5").bind(eta=0.5)
-    with pytest.raises(InputError, match="unknown SiT sampler 'dopri8'"):
-        flow.get_flow_sampler("dopri8")
-    for bad in (1, 0, 2.0, True, "10"):
+    with pytest.raises(InputError, match="atol applies to ode-dopri5 only; sde-euler takes no atol"):
+        get_sampler("sde-euler").bind(atol=1e-5)
+    with pytest.raises(InputError, match="eta applies to ddim only; ode-dopri5 takes no eta"):
+        get_sampler("ode-dopri5").bind(eta=0.5)
+    with pytest.raises(InputError, match="unknown sampler 'dopri8'"):
+        get_sampler("dopri8")
+    with pytest.raises(InputError, match="unknown sampler 'ddpm' for a sit model \\(ddpm samples dit models\\)"):
+        get_sampler("ddpm", "sit")
+    for bad in (1, 0, 2.0, True, "1x"):
         with pytest.raises(InputError, match="num_steps"):
-            flow.ode_grid(bad)
+            schedule(get_sampler("ode-euler"), bad)
         with pytest.raises(InputError, match="num_steps"):
-            flow.sde_grid(bad)
+            schedule(get_sampler("sde-euler"), bad)
+    assert len(schedule(get_sampler("ode-euler"), "10").t) == 10  # the CLI's string form
 
 
-@pytest.mark.parametrize("transport,match", [
-    (flow.Transport(path_type="GVP"), "only the Linear path"),
-    (flow.Transport(path_type="VP"), "only the Linear path"),
-    (flow.Transport(prediction="score"), "only velocity"),
-    (flow.Transport(prediction="noise"), "only velocity"),
-    (flow.Transport(sample_eps=1e-3), "sample_eps must be 0"),
+@pytest.mark.parametrize("section,match", [
+    ({"path_type": "GVP", "prediction": "velocity"}, "only the Linear path"),
+    ({"path_type": "VP", "prediction": "velocity"}, "only the Linear path"),
+    ({"path_type": "Linear", "prediction": "score"}, "only velocity prediction"),
+    ({"path_type": "Linear", "prediction": "noise"}, "only velocity prediction"),
+    ({"path_type": "Linear", "prediction": "velocity", "sample_eps": 1e-3}, "sample_eps must be"),
+    ({"path_type": "Bridge", "prediction": "velocity"}, "path_type must be one of 'Linear'"),
 ])
-def test_transport_refused(transport, match):
-    with pytest.raises(InputError, match=match):
-        transport.check()
-    assert flow.Transport(**META["transport"]).check() == flow.Transport()
+def test_transport_refused(section, match):
+    config = DiTConfig(**META["model"])
+    with pytest.raises(ArtifactError, match=match):
+        read_transport(section, config)
+    assert read_transport(META["transport"], config) == Transport()
 
 
 @pytest.mark.parametrize("settings", [
-    flow.SdeSettings(diffusion_form="SBDM"), flow.SdeSettings(diffusion_form="linear"),
-    flow.SdeSettings(diffusion_norm=0.5), flow.SdeSettings(last_step="Tweedie"), flow.SdeSettings(last_step=None),
-    flow.SdeSettings(last_step_size=0.01),
+    dict(diffusion_form="SBDM"), dict(diffusion_form="linear"), dict(diffusion_norm=0.5), dict(last_step="Tweedie"),
+    dict(last_step_size=0.01),
 ])
-def test_sde_settings_refused(settings):
+@pytest.mark.parametrize("name", ["sde-euler", "sde-heun"])
+def test_sde_settings_refused(settings, name):
     with pytest.raises(InputError, match="only .* \\(diffusion 'sigma' form with norm 1.0"):
-        flow.sde_grid(20, settings)
+        get_sampler(name).bind(**settings)
 
 
 # ---- the generator protocol -----------------------------------------------------------------------
@@ -324,10 +354,10 @@ def test_sde_settings_refused(settings):
 X = np.zeros((2, 4, 2, 2), np.float32)
 
 
-@pytest.mark.parametrize("name", sorted(flow.FLOW_SAMPLERS))
+@pytest.mark.parametrize("name", SIT_SAMPLERS)
 def test_wrong_shaped_model_output_is_a_step_error(name):
-    sampler = flow.get_flow_sampler(name)
-    loop = sampler.loop(X, sampler.grid(5), lambda k: X)
+    sampler = get_sampler(name)
+    loop = sampler.loop(X, schedule(sampler, 5), lambda k: X, **sampler.bind())
     next(loop)
     with pytest.raises(StepError, match="send back one velocity per row"):
         loop.send(np.zeros((1, 4, 2, 2), np.float32))
@@ -342,7 +372,7 @@ def test_sde_noise_is_checked():
 
 def test_dopri5_non_finite_velocity_is_a_step_error():
     with pytest.raises(StepError, match="dopri5"):
-        flow.drive(flow.ode_dopri5(X + 1, flow.ode_grid(5)), lambda x, t: np.full_like(x, np.nan))
+        drive(flow.ode_dopri5(X + 1, flow.ode_grid(5)), lambda x, t: np.full_like(x, np.nan))
 
 
 def test_flow_is_torch_free():
@@ -350,11 +380,18 @@ def test_flow_is_torch_free():
 import sys
 sys.modules['torch'] = None  # any torch import now fails
 import numpy as np
-from ditrt.runtime import flow
+from ditrt.runtime.config import Transport
+from ditrt.runtime.samplers import SAMPLERS
 x = np.ones((2, 4, 2, 2), np.float32)
-for sampler in flow.FLOW_SAMPLERS.values():
-    loop = sampler.loop(x, sampler.grid(4), lambda k: x, **sampler.bind())
-    assert flow.drive(loop, lambda y, t: -y).shape == x.shape
+for sampler in SAMPLERS.values():
+    if sampler.family == "sit":
+        loop = sampler.loop(x, sampler.schedule(Transport(), 4), lambda k: x, **sampler.bind())
+        x_eval, t = next(loop)
+        try:
+            while True:
+                x_eval, t = loop.send(-x_eval)
+        except StopIteration as done:
+            assert done.value.shape == x.shape
 print('torch-free ok')
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
