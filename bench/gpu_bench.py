@@ -188,7 +188,7 @@ def example_feeds(network, rows: int) -> dict[str, np.ndarray]:
 
 
 def forward_ms(backend, rows: int, repeats: int) -> list[float]:
-    from ditrt.runtime.backends import run_chunked
+    from ditrt.runtime.chunking import run_chunked
     feeds = example_feeds(backend.network, rows)
     for _ in range(3):  # warm-up: CUDA graph capture, lazy allocations, autotuning
         run_chunked(backend, feeds)

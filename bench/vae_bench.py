@@ -34,12 +34,14 @@ def export_worker(precision: str, out: Path, latent_size: int, threads: int) -> 
     """Runs in the subprocess: export one precision, write the manifest section and step timings."""
     import torch
     torch.set_num_threads(threads)
-    from ditrt.exporter.decoder_export import export_decoder
+    from ditrt.exporter.decoder import DecoderExporter
+    from ditrt.exporter.onnx_export import Steps, export_network
     from ditrt.exporter.vae import random_vae
     lines: list[str] = []
     start = time.perf_counter()
     loaded = random_vae(seed=SEED)
-    section = export_decoder(loaded, out, latent_size, precisions=(precision,), log=lines.append)
+    exporter = DecoderExporter(loaded, (loaded.latent_channels, latent_size, latent_size))
+    section = export_network(exporter, out, (precision,), 20, Steps(3, lines.append))
     steps = {m.group(1): float(m.group(2)) for line in lines if (m := re.match(r"\[\d+/\d+\] (.*): ([\d.]+) s$", line))}
     (out / f"section.{precision}.json").write_text(json.dumps({"section": section, "steps": steps,
                                                                "total_s": time.perf_counter() - start}))

@@ -1,4 +1,6 @@
-"""ditrt exporter: the reference DiT, checkpoint loading, ONNX export and TensorRT engine building.
+"""ditrt exporter: the PyTorch side. The reference models (model.py), checkpoint and VAE loading,
+the one ONNX export loop (onnx_export.py) with one exporter per network (denoiser.py, decoder.py),
+artifacts (artifact.py), the torch reference backend and parity references.
 
-Import submodules directly (exporter.model, exporter.checkpoints, ...): this package itself imports
-nothing heavy, so torch-free commands (ditrt build) can use exporter.trt_build without torch."""
+Import submodules directly (ditrt.exporter.artifact, ...): this package imports nothing itself, so
+the `torch` backend plugin can be listed without importing torch."""

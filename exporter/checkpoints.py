@@ -34,9 +34,6 @@ class Checkpoint:
     sha256: str
     notes: list[str] = field(default_factory=list)
 
-    def build_model(self) -> DiT:
-        return DiT.from_state_dict(self.config, self.state_dict)
-
 
 def load_checkpoint(path: str | Path, **overrides) -> Checkpoint:
     """Read, convert to the official layout, infer the config (overrides win) and check every key."""
@@ -178,7 +175,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], **overrides) -> DiTConfig:
         raise CheckpointError(f"x_embedder.proj.weight has shape {tuple(state_dict['x_embedder.proj.weight'].shape)}; "
                               "a DiT patch embedding is a 4-D convolution kernel (hidden, C, p, p)")
     hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
-    depth = _depth(state_dict, r"blocks\.(\d+)\.")
+    depth = block_count(state_dict, r"blocks\.(\d+)\.")
     out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
     found = dict(hidden_size=hidden, in_channels=in_channels, patch_size=patch, depth=depth,
                  num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
@@ -248,7 +245,7 @@ def describe(config: DiTConfig) -> str:
 
 # official name -> diffusers name; "{i}" is the block index. The timestep and label embedders are
 # copied into every diffusers block; q/k/v are split out of qkv.
-_GLOBAL = {
+DIFFUSERS_GLOBAL_KEYS = {
     "x_embedder.proj.weight": "pos_embed.proj.weight",
     "x_embedder.proj.bias": "pos_embed.proj.bias",
     "final_layer.adaLN_modulation.1.weight": "proj_out_1.weight",
@@ -256,47 +253,31 @@ _GLOBAL = {
     "final_layer.linear.weight": "proj_out_2.weight",
     "final_layer.linear.bias": "proj_out_2.bias",
 }
-_PER_BLOCK_EMBEDDERS = {
+DIFFUSERS_BLOCK_EMBEDDER_KEYS = {
     "t_embedder.mlp.0.weight": "transformer_blocks.{i}.norm1.emb.timestep_embedder.linear_1.weight",
     "t_embedder.mlp.0.bias": "transformer_blocks.{i}.norm1.emb.timestep_embedder.linear_1.bias",
     "t_embedder.mlp.2.weight": "transformer_blocks.{i}.norm1.emb.timestep_embedder.linear_2.weight",
     "t_embedder.mlp.2.bias": "transformer_blocks.{i}.norm1.emb.timestep_embedder.linear_2.bias",
     "y_embedder.embedding_table.weight": "transformer_blocks.{i}.norm1.emb.class_embedder.embedding_table.weight",
 }
-_BLOCK = {
+DIFFUSERS_BLOCK_KEYS = {
     "blocks.{i}.adaLN_modulation.1.{p}": "transformer_blocks.{i}.norm1.linear.{p}",
     "blocks.{i}.attn.proj.{p}": "transformer_blocks.{i}.attn1.to_out.0.{p}",
     "blocks.{i}.mlp.fc1.{p}": "transformer_blocks.{i}.ff.net.0.proj.{p}",
     "blocks.{i}.mlp.fc2.{p}": "transformer_blocks.{i}.ff.net.2.{p}",
 }
 _DIFFUSERS_DIT_MARKER = "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"
-_DIFFUSERS_POS_EMBED = "pos_embed.pos_embed"  # a buffer; diffusers recomputes it and usually omits it
-
-
-def official_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    depth = _depth(state_dict, r"blocks\.(\d+)\.")
-    out = {dst: state_dict[src] for src, dst in _GLOBAL.items()}
-    out[_DIFFUSERS_POS_EMBED] = state_dict["pos_embed"]  # kept, so a round trip is exact
-    for i in range(depth):
-        for src, dst in _PER_BLOCK_EMBEDDERS.items():
-            out[dst.format(i=i)] = state_dict[src].clone()
-        for p in ("weight", "bias"):
-            for src, dst in _BLOCK.items():
-                out[dst.format(i=i, p=p)] = state_dict[src.format(i=i, p=p)]
-            q, k, v = state_dict[f"blocks.{i}.attn.qkv.{p}"].chunk(3, dim=0)
-            for name, t in zip("qkv", (q, k, v)):
-                out[f"transformer_blocks.{i}.attn1.to_{name}.{p}"] = t.clone()
-    return out
+DIFFUSERS_POS_EMBED = "pos_embed.pos_embed"  # a buffer; diffusers recomputes it and usually omits it
 
 
 def diffusers_to_official(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Convert, consuming every key; anything left over is an error, never dropped."""
     remaining = dict(tensors)
     take = remaining.pop
-    depth = _depth(tensors, r"transformer_blocks\.(\d+)\.")
+    depth = block_count(tensors, r"transformer_blocks\.(\d+)\.")
     try:
-        out = {src: take(dst) for src, dst in _GLOBAL.items()}
-        for src, dst in _PER_BLOCK_EMBEDDERS.items():
+        out = {src: take(dst) for src, dst in DIFFUSERS_GLOBAL_KEYS.items()}
+        for src, dst in DIFFUSERS_BLOCK_EMBEDDER_KEYS.items():
             copies = [take(dst.format(i=i)) for i in range(depth)]
             differing = [i for i, c in enumerate(copies) if not torch.equal(c, copies[0])]
             if differing:
@@ -305,13 +286,13 @@ def diffusers_to_official(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
             out[src] = copies[0]
         for i in range(depth):
             for p in ("weight", "bias"):
-                for src, dst in _BLOCK.items():
+                for src, dst in DIFFUSERS_BLOCK_KEYS.items():
                     out[src.format(i=i, p=p)] = take(dst.format(i=i, p=p))
                 out[f"blocks.{i}.attn.qkv.{p}"] = torch.cat(
                     [take(f"transformer_blocks.{i}.attn1.to_{n}.{p}") for n in "qkv"], dim=0)
     except KeyError as e:
         raise CheckpointError(f"diffusers checkpoint is missing key {e.args[0]}") from None
-    pos = remaining.pop(_DIFFUSERS_POS_EMBED, remaining.pop("pos_embed", None))
+    pos = remaining.pop(DIFFUSERS_POS_EMBED, remaining.pop("pos_embed", None))
     if pos is not None:
         out["pos_embed"] = pos
     if remaining:
@@ -319,7 +300,7 @@ def diffusers_to_official(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
-def _depth(state_dict: dict, pattern: str) -> int:
+def block_count(state_dict: dict, pattern: str) -> int:
     return 1 + max((int(m.group(1)) for k in state_dict if (m := re.match(pattern, k))), default=-1)
 
 
@@ -342,21 +323,6 @@ def _diffusers_config_overrides(path: Path) -> dict:
                 raise CheckpointError(f"diffusers config {config_path}: {key} must be a positive integer, got {value!r}")
             overrides[name] = value
     return overrides
-
-
-def save_diffusers(state_dict: dict[str, torch.Tensor], config: DiTConfig, directory: str | Path) -> Path:
-    """Write diffusers-layout safetensors plus the config.json fields ditrt reads back."""
-    from safetensors.torch import save_file
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / "diffusion_pytorch_model.safetensors"
-    save_file({k: v.contiguous() for k, v in official_to_diffusers(state_dict).items()}, str(weights))
-    (directory / "config.json").write_text(json.dumps({
-        "_class_name": "DiTTransformer2DModel", "num_attention_heads": config.num_heads,
-        "attention_head_dim": config.hidden_size // config.num_heads, "in_channels": config.in_channels,
-        "out_channels": config.out_channels, "num_layers": config.depth, "patch_size": config.patch_size,
-        "sample_size": config.input_size, "num_embeds_ada_norm": config.num_classes}, indent=1))
-    return weights
 
 
 def inspect_checkpoint(path: str | Path, **overrides) -> dict:

@@ -3,8 +3,7 @@ network's spec says which). One registry, `BACKENDS`, names them for `runtime.lo
 parity`, the CLI and the benches: `<kind>-<precision>`, e.g. `onnxruntime-fp32`,
 `onnxruntime-fp16`, `tensorrt-fp16`, `torch-fp32` (a kind alone takes its default precision).
 
-`max_batch` (None: unlimited) is the most rows one call takes and `min_batch` the fewest;
-`run_chunked` is the one place that splits larger calls and pads smaller ones.
+The protocol and the one chunker (`run_chunked`) live in chunking.py.
 
 Backend kinds that live outside the runtime register through the `ditrt.backends` entry-point
 group (the exporter's `torch` kind does: the runtime never imports the exporter); they are loaded
@@ -15,55 +14,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 
+from .chunking import Backend, check_max_batch
 from .errors import ArtifactError, BackendError, InputError
 from .networks import NetworkSpec
 from .validate import check_int
-
-
-class Backend(Protocol):
-    name: str  # "<kind>-<precision>"
-    network: NetworkSpec
-    max_batch: int | None
-    min_batch: int
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-
-# ---- chunking -----------------------------------------------------------------------------------
-
-def chunk_plan(rows: int, max_rows: int | None, min_rows: int = 1) -> list[tuple[int, int, int]]:
-    """(start, stop, call rows) per backend call for `rows` rows: calls hold at most max_rows rows;
-    a call below min_rows is padded up to it (engines reject smaller batches) and the padding rows
-    are dropped from the output."""
-    if rows < 1:
-        raise InputError(f"need at least one row, got {rows}")
-    max_rows = max_rows or rows
-    if not 1 <= min_rows <= max_rows:
-        raise InputError(f"invalid batch bounds: min {min_rows}, max {max_rows}")
-    return [(s, min(s + max_rows, rows), max(min(max_rows, rows - s), min_rows)) for s in range(0, rows, max_rows)]
-
-
-def run_chunked(backend: Backend, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run any number of rows through a backend within its batch bounds. Padding rows repeat the
-    chunk's first row, so they are always valid inputs (labels in range)."""
-    rows = len(next(iter(feeds.values())))
-    plan = chunk_plan(rows, backend.max_batch, getattr(backend, "min_batch", 1))
-    if len(plan) == 1 and plan[0][2] == rows:
-        return backend(feeds)
-    parts = []
-    for start, stop, call_rows in plan:
-        chunk = {}
-        for name, array in feeds.items():
-            part = array[start:stop]
-            if call_rows > stop - start:
-                part = np.concatenate([part, np.repeat(part[:1], call_rows - (stop - start), axis=0)])
-            chunk[name] = part
-        parts.append((stop - start, backend(chunk)))
-    return {name: np.concatenate([out[name][:n] for n, out in parts]) for name in parts[0][1]}
 
 
 # ---- ONNX Runtime -------------------------------------------------------------------------------
@@ -133,10 +91,6 @@ def onnxruntime_device() -> str:
 def check_threads(threads) -> int:
     cores = os.cpu_count() or 1
     return check_int(threads, "threads", 1, 4 * cores, unit=f" (this machine has {cores} cores)")
-
-
-def check_max_batch(max_batch) -> int | None:
-    return None if max_batch is None else check_int(max_batch, "max_batch", 1, unit=" (or None for no limit)")
 
 
 # ---- the registry --------------------------------------------------------------------------------

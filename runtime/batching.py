@@ -28,7 +28,7 @@ from concurrent.futures import Future, InvalidStateError
 
 import numpy as np
 
-from .backends import check_max_batch, run_chunked
+from .chunking import check_max_batch, run_chunked
 from .errors import InputError, QueueFull, RequestTimeout, SchedulerClosed, StepError
 from .validate import check_int, check_number
 

@@ -16,8 +16,10 @@ _HASHES: dict[tuple, str] = {}  # (real path, inode, size, mtime, ctime) -> sha2
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
-    """The file's sha256, remembered per (path, size, mtime) so that a service loading the same
-    artifact again does not rehash gigabytes; a rewritten file gets a new size or mtime."""
+    """The file's sha256, remembered per (real path, inode, size, mtime, ctime) so that a service
+    loading the same artifact again does not rehash gigabytes; a file rewritten in place changes its
+    ctime (and usually its mtime), a replaced one its inode. (A same-size rewrite within one
+    timestamp tick of the filesystem would go unnoticed: the trade-off of caching.)"""
     real = os.path.realpath(path)
     info = os.stat(real)
     key = (real, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)

@@ -118,12 +118,6 @@ def png_bytes(array) -> bytes:
     return buffer.getvalue()
 
 
-def read_png(path: str | Path) -> np.ndarray:
-    from PIL import Image
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB") if image.mode not in ("RGB", "L") else image).copy()
-
-
 def per_image_name(index: int) -> str:
     """sample_ddp.py's file name for image `index`: 000000.png, 000001.png, ..."""
     return f"{index:06d}.png"

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from .backends import Backend, run_chunked
+from .chunking import Backend, run_chunked
 from .errors import InputError
 from .files import atomic_output, write_json_atomic
 from .noise import SeededNoise

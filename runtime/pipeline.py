@@ -24,7 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .backends import Backend, create_backend, run_chunked
+from .backends import create_backend
+from .chunking import Backend, run_chunked
 from .errors import InputError, StepError
 from .manifest import Manifest, load_manifest
 from .noise import InjectedNoise, SeededNoise

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import TINY_CHECKPOINT
-from ditrt.exporter.checkpoints import (CheckpointError, diffusers_to_official, load_checkpoint, official_to_diffusers,
-                                  save_diffusers)
+from ditrt.exporter.checkpoints import CheckpointError, diffusers_to_official, load_checkpoint
+from helpers import official_to_diffusers, save_diffusers
 
 
 @pytest.fixture(scope="module")

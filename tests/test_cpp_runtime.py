@@ -84,7 +84,8 @@ def cpp_artifact(tiny_artifact) -> Path:
 
 def _python_values() -> dict:
     """Values the Python runtime computes, which the GoogleTest suite reads (DITRT_TEST_VALUES)."""
-    from ditrt.runtime import samplers, schedule, trt_plan
+    from ditrt.runtime import samplers, schedule
+    from ditrt.runtime.trt import compat as trt_plan
     from ditrt.runtime.config import Diffusion
 
     def diffusion(variance="learned_range"):  # the official training process, as the manifest states it

@@ -12,6 +12,7 @@ from ditrt.runtime import images
 from ditrt.runtime.errors import ArtifactError, StepError
 from ditrt.runtime.manifest import load_manifest
 from conftest import GOLDEN_DIR, max_rel_err
+from helpers import read_png  # noqa: E402
 
 
 def ditrt(*args):
@@ -57,13 +58,13 @@ def test_sample_writes_the_grid_and_per_image_pngs(tiny_artifact_with_vae, tmp_p
     assert "decoding 3 images" in r.stderr and "grid of 3" in r.stdout
     latents = np.load(tmp_path / "l.npy")
     decoded = runtime.load(tiny_artifact_with_vae, backend="onnxruntime").decode(latents)
-    np.testing.assert_array_equal(images.read_png(tmp_path / "grid.png"), images.grid(decoded))
+    np.testing.assert_array_equal(read_png(tmp_path / "grid.png"), images.grid(decoded))
     per_image = images.to_uint8(decoded)
     for i in range(3):
-        np.testing.assert_array_equal(images.read_png(tmp_path / "each" / f"{i:06d}.png"), per_image[i])
+        np.testing.assert_array_equal(read_png(tmp_path / "each" / f"{i:06d}.png"), per_image[i])
     r = ditrt("decode", tiny_artifact_with_vae, tmp_path / "l.npy", "--out", tmp_path / "again.png")
     assert r.returncode == 0, r.stderr
-    np.testing.assert_array_equal(images.read_png(tmp_path / "again.png"), images.grid(decoded))
+    np.testing.assert_array_equal(read_png(tmp_path / "again.png"), images.grid(decoded))
 
 
 def test_an_artifact_without_decoder_refuses_images_before_sampling(tiny_artifact, tmp_path):

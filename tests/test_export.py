@@ -15,6 +15,7 @@ from ditrt.exporter.artifact import export_artifact
 from ditrt.exporter.denoiser import source_from_checkpoint
 from ditrt.exporter.trt_lint import lint_model
 from ditrt.runtime.manifest import load_manifest
+from helpers import build_model  # noqa: E402
 
 
 def _run(path, x, t, y):
@@ -73,7 +74,7 @@ def test_one_artifact_serves_batches_1_3_8(tiny_artifact, tiny_checkpoint, batch
     t = rng.uniform(0, 999, batch).astype(np.float32)
     y = rng.integers(0, 11, batch)
     with torch.no_grad():
-        ref = tiny_checkpoint.build_model()(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+        ref = build_model(tiny_checkpoint)(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
     assert max_rel_err(_run(load_manifest(tiny_artifact).graph_path("denoiser", "fp32"), x, t, y), ref) <= 1e-5
 
 

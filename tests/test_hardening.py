@@ -265,7 +265,7 @@ def test_a_legacy_non_zip_checkpoint_loads(tmp_path):
 @pytest.mark.parametrize("heads, message", [('"four"', "num_attention_heads must be a positive integer"),
                                             ("0", "num_attention_heads must be a positive integer")])
 def test_bad_diffusers_head_counts_are_refused(tmp_path, tiny_checkpoint, heads, message):
-    from ditrt.exporter.checkpoints import save_diffusers
+    from helpers import save_diffusers
     folder = tmp_path / "dit"
     weights = save_diffusers(tiny_checkpoint.state_dict, tiny_checkpoint.config, folder)
     cfg = json.loads((folder / "config.json").read_text())

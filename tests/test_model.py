@@ -5,7 +5,8 @@ import torch
 
 from conftest import max_rel_err
 from ditrt.exporter.model import (DIT_CONFIGS, DiT, DiTConfig, count_parameters, macs_per_forward, named_config,
-                            set_precision)
+                                  set_precision)
+from helpers import build_model
 
 
 def _forward(model, x, t, y):
@@ -14,12 +15,12 @@ def _forward(model, x, t, y):
 
 
 def test_fp32_forward_matches_official(tiny_checkpoint, golden):
-    out = _forward(tiny_checkpoint.build_model(), golden["forward_x"], golden["forward_t"], golden["forward_y"])
+    out = _forward(build_model(tiny_checkpoint), golden["forward_x"], golden["forward_t"], golden["forward_y"])
     assert max_rel_err(out, golden["forward_out"]) <= 1e-5
 
 
 def test_fp32_cfg_forward_matches_official(tiny_checkpoint, golden):
-    model = tiny_checkpoint.build_model()
+    model = build_model(tiny_checkpoint)
     with torch.no_grad():
         out = model.forward_with_cfg(torch.from_numpy(golden["cfg_x"]), torch.from_numpy(golden["cfg_t"]),
                                      torch.from_numpy(golden["cfg_y"]), 4.0).numpy()
@@ -27,7 +28,7 @@ def test_fp32_cfg_forward_matches_official(tiny_checkpoint, golden):
 
 
 def test_standard_guidance_guides_all_latent_channels(tiny_checkpoint, golden):
-    model = tiny_checkpoint.build_model()
+    model = build_model(tiny_checkpoint)
     x, t, y = (torch.from_numpy(golden[k]) for k in ("cfg_x", "cfg_t", "cfg_y"))
     with torch.no_grad():
         official = model.forward_with_cfg(x, t, y, 4.0, guided_channels=3)
@@ -40,11 +41,11 @@ def test_standard_guidance_guides_all_latent_channels(tiny_checkpoint, golden):
 
 
 def test_fp16_model_error_is_measured_and_small(tiny_checkpoint, golden):
-    model = set_precision(tiny_checkpoint.build_model(), "fp16")
+    model = set_precision(build_model(tiny_checkpoint), "fp16")
     # The sinusoid stays float32, and its frequencies are not rounded through fp16 on the way
     # (a rounded table costs ~3e-2 at t = 999 on DiT-XL/2).
     assert model.t_embedder.freqs.dtype == torch.float32
-    assert torch.equal(model.t_embedder.freqs, tiny_checkpoint.build_model().t_embedder.freqs)
+    assert torch.equal(model.t_embedder.freqs, build_model(tiny_checkpoint).t_embedder.freqs)
     assert model.blocks[0].mlp.fc1.weight.dtype == torch.float16
     err = max_rel_err(_forward(model, golden["forward_x"], golden["forward_t"], golden["forward_y"]),
                       golden["forward_out"])
@@ -53,13 +54,13 @@ def test_fp16_model_error_is_measured_and_small(tiny_checkpoint, golden):
 
 
 def test_fp32_blocks_stay_float32(tiny_checkpoint, golden):
-    model = set_precision(tiny_checkpoint.build_model(), "fp16", fp32_blocks=(1,))
+    model = set_precision(build_model(tiny_checkpoint), "fp16", fp32_blocks=(1,))
     assert model.blocks[1].attn.qkv.weight.dtype == torch.float32
     assert model.blocks[0].attn.qkv.weight.dtype == torch.float16
     out = _forward(model, golden["forward_x"], golden["forward_t"], golden["forward_y"])
     assert out.dtype == np.float32 and max_rel_err(out, golden["forward_out"]) <= 1e-2
     with pytest.raises(ValueError, match="out of range"):
-        set_precision(tiny_checkpoint.build_model(), "fp16", fp32_blocks=(2,))
+        set_precision(build_model(tiny_checkpoint), "fp16", fp32_blocks=(2,))
 
 
 def _official_param_count(cfg: DiTConfig) -> int:

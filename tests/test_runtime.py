@@ -8,7 +8,7 @@ import pytest
 
 from ditrt import runtime
 from conftest import max_rel_err
-from ditrt.runtime.backends import run_chunked
+from ditrt.runtime.chunking import run_chunked
 from ditrt.runtime.errors import ArtifactError
 from ditrt.runtime.manifest import load_manifest
 
@@ -194,6 +194,26 @@ def test_corrupt_graph_is_caught_by_its_hash(tmp_path, tiny_artifact):
     graph.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="does not match its sha256"):
         load_manifest(art).verify_files("denoiser", "fp32")
+
+
+def test_a_same_size_rewrite_after_a_first_load_is_caught(tmp_path, tiny_artifact):
+    """The hash cache (runtime/files.sha256_file) must not hand back the first hash for a file
+    rewritten in place with the same size: its key holds mtime and ctime, not just path and size."""
+    import os
+    import shutil
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    runtime.load(art, backend="onnxruntime", decoder=False)  # hashes (and caches) every graph file
+    graph = art / "denoiser.fp32.onnx"
+    before = graph.stat()
+    data = bytearray(graph.read_bytes())
+    data[-100] ^= 0xFF
+    with open(graph, "r+b") as f:  # in place: same inode, same size
+        f.write(bytes(data))
+    os.utime(graph, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+    assert graph.stat().st_ino == before.st_ino and graph.stat().st_size == before.st_size
+    with pytest.raises(ArtifactError, match="does not match its sha256"):
+        runtime.load(art, backend="onnxruntime", decoder=False)
 
 
 def test_runtime_imports_no_torch(tiny_artifact):

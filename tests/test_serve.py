@@ -19,6 +19,7 @@ from ditrt.runtime.batching import StepBatcher  # noqa: E402
 from ditrt.serve import create_app  # noqa: E402
 
 from test_batching import Gate, alone, mixed_requests  # noqa: E402
+from helpers import read_png  # noqa: E402
 
 
 def free_port() -> int:
@@ -195,4 +196,4 @@ def test_png_format_returns_the_decoded_grid(tiny_artifact_with_vae):
                        timeout=60)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
     expected = images.grid(vae_pipe.decode(vae_pipe.sample([3, 7], num_steps=5, seed=2, progress=False)))
-    np.testing.assert_array_equal(images.read_png(io.BytesIO(r.content)), expected)
+    np.testing.assert_array_equal(read_png(io.BytesIO(r.content)), expected)

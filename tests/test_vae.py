@@ -24,9 +24,10 @@ from ditrt.runtime.networks import EXPORT_BOUNDS as MAX_REL_ERR  # noqa: E402
 def decoder_file(precision: str) -> str:
     return f"decoder.{precision}.onnx"
 from ditrt.exporter.vae import DecoderGraph, VaeError, load_vae  # noqa: E402
-from ditrt.runtime.images import (NonFiniteImageError, ImageError, check_finite, grid, read_png, to_uint8,  # noqa: E402
+from ditrt.runtime.images import (NonFiniteImageError, ImageError, check_finite, grid, to_uint8,  # noqa: E402
                                   write_per_image, write_png)
 from ditrt.runtime.files import sha256_file  # noqa: E402
+from helpers import read_png  # noqa: E402
 
 EXAMPLE_VAE = ROOT / "exporter" / "data" / "example_vae"
 VAE_GOLDEN = GOLDEN_DIR / "vae"

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends import check_max_batch, run_chunked
+from ..chunking import check_max_batch, run_chunked
 from ..errors import ArtifactError, BackendError, InputError, TensorRTUnavailable
 from ..files import artifact_path, sha256_file
 from ..manifest import Manifest

@@ -4,7 +4,7 @@ TensorRT 11 has no fp16 builder flag: every network is strongly typed, precision
 graph's tensor types. So an fp16 plan is built from `<network>.fp16.onnx` (fp16 weights and
 activations, float32 where the graph says so) and an fp32 plan from `<network>.fp32.onnx`, with
 a STRONGLY_TYPED network, through Polygraphy: one optimisation profile over the batch axis (in
-the network's batch unit, see runtime/trt_plan.py), a persistent timing cache, optional
+the network's batch unit, see runtime/trt/settings.py), a persistent timing cache, optional
 portability flags. Right after the build the plan is run through the runtime's own TensorRT
 backend and compared with ONNX Runtime on the same network's fp32 graph; only a plan that passes
 is renamed into place and recorded in the manifest's `engines`.

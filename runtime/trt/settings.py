@@ -9,7 +9,6 @@ counts images.
 """
 from __future__ import annotations
 
-import math
 import re
 import shlex
 from dataclasses import asdict, dataclass
@@ -56,17 +55,9 @@ class EngineProfile:
             raise InputError(f"the batch profile needs min <= opt <= max, got --min-batch {self.min_rows} "
                              f"--opt-batch {self.opt_rows} --max-batch {self.max_rows}")
 
-    @classmethod
-    def for_images(cls, min_images: int, opt_images: int, max_images: int, guided: bool = True) -> "EngineProfile":
-        """The profile that serves these image batch sizes per call (2 rows per image when guided)."""
-        return cls(*(rows_for_images(n, guided) for n in (min_images, opt_images, max_images)))
-
     def images_per_call(self, guided: bool) -> int:
         """Most images one engine call takes; more are chunked over several calls."""
         return self.max_rows // (2 if guided else 1)
-
-    def calls_per_step(self, images: int, guided: bool) -> int:
-        return math.ceil(rows_for_images(images, guided) / self.max_rows)
 
     def to_dict(self) -> dict:
         return {"min": self.min_rows, "opt": self.opt_rows, "max": self.max_rows}
