@@ -10,6 +10,17 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def model_parser(doc: str, config: str = "DiT-S/2", image_size: int = 256, threads: int = 2):
+    """The options every model benchmark takes: the named config, image size, threads, seed."""
+    import argparse
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=config, help="named config, random init")
+    parser.add_argument("--image-size", type=int, default=image_size)
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
 def machine() -> dict:
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "processor": platform.processor() or platform.machine()}

@@ -4,15 +4,12 @@ calls ends from DDPM-250 started from the same initial noise.
 
     python bench/dpm_bench.py --config DiT-S/2 --image-size 256 --threads 2
 
-DDPM runs through the runtime's pipeline (injected noise); DPM-Solver++ through the pure functions
-of ditrt.runtime.dpm_solver on the same ONNX Runtime session (the functions `sampler="dpm++2m"`
-calls; this bench predates that registry entry, and tests/test_dpm_solver.py shows both paths agree). DDIM-250 (eta 0, same initial noise) is added as a context row: it is the deterministic ODE
+Every sampler runs through the runtime's pipeline on one ONNX Runtime session (injected noise). DDIM-250 (eta 0, same initial noise) is added as a context row: it is the deterministic ODE
 sample DPM-Solver++ approximates, while DDPM is stochastic and ends elsewhere by construction.
 Random weights say nothing about sample quality: these distances are numerics, not a quality claim.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -21,24 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import report  # noqa: E402
-
-
-def dpm_loop(session, steps: int, initial: np.ndarray, labels: np.ndarray, cfg_scale: float, guided_channels: int,
-             null_class: int) -> np.ndarray:
-    """The class-conditional DPM-Solver++(2M) loop with guidance, straight on an ORT session."""
-    from ditrt.runtime.dpm_solver import dpm_schedule, dpmpp_2m_step
-    from ditrt.runtime.samplers import guide
-    from ditrt.runtime.schedule import linear_betas
-
-    sched = dpm_schedule(np.cumprod(1 - linear_betas()), steps)
-    n, x, state = len(labels), initial.copy(), None
-    label_in = np.concatenate([labels, np.full(n, null_class)]).astype(np.int64)
-    for k, t in enumerate(sched.model_timesteps):
-        feeds = {"latent": np.concatenate([x, x]), "timestep": np.full(2 * n, t, np.float32), "class_label": label_in}
-        out = session.run(["model_output"], feeds)[0]
-        x, state = dpmpp_2m_step(x, guide(out[:n], out[n:], cfg_scale, guided_channels), sched, k, None, state)
-    return x
+from _common import model_parser, report  # noqa: E402
 
 
 def distance(a: np.ndarray, ref: np.ndarray) -> dict:
@@ -48,17 +28,13 @@ def distance(a: np.ndarray, ref: np.ndarray) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="DiT-S/2")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = model_parser(__doc__)
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--cfg-scale", type=float, default=4.0)
     parser.add_argument("--guidance", default="official")
     parser.add_argument("--ddpm-steps", type=int, default=250)
     parser.add_argument("--dpm-steps", default="10,25,50")
     parser.add_argument("--timed-dpm-steps", type=int, default=25)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     import onnxruntime
@@ -81,10 +57,7 @@ def main() -> None:
         export_artifact(source_from_random_init(cfg, args.seed, args.config), art, precisions=("fp32",),
                         log=lambda m: None)
         pipe = runtime.load(art, backend="onnxruntime", threads=args.threads)
-        guided_channels = pipe.manifest.guidance.channels(args.guidance)
-        null_class = pipe.manifest.model.null_class
-        session = pipe.backend.session  # the same ORT session (same threads) for both samplers
-        dpm_loop(session, 2, initial, labels, args.cfg_scale, guided_channels, null_class)  # warm-up
+        pipe.sample(labels, num_steps=2, sampler="dpm++2m", cfg_scale=args.cfg_scale, progress=False)  # warm-up
 
         def ddpm_like(sampler: str) -> np.ndarray:
             start = time.perf_counter()
@@ -98,7 +71,8 @@ def main() -> None:
         for steps in dpm_steps:
             print(f"DPM-Solver++(2M) {steps} calls ...", flush=True)
             start = time.perf_counter()
-            finals[steps] = dpm_loop(session, steps, initial, labels, args.cfg_scale, guided_channels, null_class)
+            finals[steps] = pipe.sample(labels, num_steps=steps, sampler="dpm++2m", cfg_scale=args.cfg_scale,
+                                        guidance=args.guidance, noise=(initial, step_noise[:steps]), progress=False)
             seconds[f"dpm{steps}"] = time.perf_counter() - start
         print(f"DDIM-{args.ddpm_steps} (context) ...", flush=True)
         ddim = ddpm_like("ddim")

@@ -19,7 +19,6 @@ can run here (no GPU): prints each one's reason and "skipped: no GPU", exports n
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import re
 import statistics
@@ -31,7 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import report  # noqa: E402
+from _common import model_parser, report  # noqa: E402
 
 # The registry's ids (ditrt.runtime.backends.BACKENDS), plus the one variant it has not: the bench's
 # own CUDA-graph wrapper around the torch reference, named after the id it derives from.
@@ -240,9 +239,7 @@ def versions() -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="DiT-XL/2")
-    parser.add_argument("--image-size", type=int, default=256)
+    parser = model_parser(__doc__, config="DiT-XL/2")
     parser.add_argument("--artifact", help="An exported artifact [engines/bench-<config>-<size>-random, exported if missing].")
     parser.add_argument("--checkpoint", help="Weights for the PyTorch backends and the export [random init].")
     parser.add_argument("--batches", default="2,16,64", help="Engine rows per forward.")

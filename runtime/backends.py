@@ -12,6 +12,7 @@ the first time the registry is read.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -128,57 +129,44 @@ def _tensorrt_available(manifest, network: str, precision: str) -> bool:
     return compatible_engine(manifest, network, precision) is not None
 
 
-class _Registry(dict):
+class _Registry(Mapping):
     """BACKENDS: the built-in kinds, plus the `ditrt.backends` entry points, loaded on first read."""
-    _plugins_loaded = False
 
-    def _load_plugins(self) -> None:
-        if self._plugins_loaded:
-            return
-        self._plugins_loaded = True
-        from importlib.metadata import entry_points
-        for point in entry_points(group="ditrt.backends"):
-            if point.name not in self:
-                try:
-                    self[point.name] = point.load()
-                except Exception as e:  # a broken plugin must not take the runtime down
-                    import logging
-                    logging.getLogger("ditrt").warning("backend plugin %s failed to load: %s", point.name, e)
+    def __init__(self):
+        self._kinds: dict[str, BackendKind] = {}
+        self._plugins_loaded = False
 
-    def __getitem__(self, name):
-        self._load_plugins()
-        return super().__getitem__(name)
+    def register(self, kind: BackendKind) -> None:
+        self._kinds[kind.name] = kind
 
-    def __contains__(self, name):
-        self._load_plugins()
-        return super().__contains__(name)
+    def _all(self) -> dict[str, BackendKind]:
+        if not self._plugins_loaded:
+            self._plugins_loaded = True
+            from importlib.metadata import entry_points
+            for point in entry_points(group="ditrt.backends"):
+                if point.name not in self._kinds:
+                    try:
+                        self.register(point.load())
+                    except Exception as e:  # a broken plugin must not take the runtime down
+                        import logging
+                        logging.getLogger("ditrt").warning("backend plugin %s failed to load: %s", point.name, e)
+        return self._kinds
+
+    def __getitem__(self, name: str) -> BackendKind:
+        return self._all()[name]
 
     def __iter__(self):
-        self._load_plugins()
-        return super().__iter__()
+        return iter(self._all())
 
-    def values(self):
-        self._load_plugins()
-        return super().values()
-
-    def items(self):
-        self._load_plugins()
-        return super().items()
-
-    def keys(self):
-        self._load_plugins()
-        return super().keys()
-
-    def __len__(self):
-        self._load_plugins()
-        return super().__len__()
+    def __len__(self) -> int:
+        return len(self._all())
 
 
-BACKENDS: dict[str, BackendKind] = _Registry()
+BACKENDS: Mapping[str, BackendKind] = _Registry()
 
 
 def register_backend(kind: BackendKind) -> None:
-    dict.__setitem__(BACKENDS, kind.name, kind)
+    BACKENDS.register(kind)
 
 
 register_backend(BackendKind("onnxruntime", "ONNX Runtime (CUDA EP with onnxruntime-gpu, else CPU)", ("fp32", "fp16"),
