@@ -112,6 +112,10 @@ def inspect(checkpoint: Path, num_heads: int | None, input_size: int | None, as_
 @click.option("--family", type=click.Choice(list(runtime.FAMILIES)), default="dit", show_default=True,
               help="How the checkpoint was trained: dit (DDPM, eps) or sit (flow matching, velocity). No tensor "
                    "tells them apart.")
+@click.option("--path-type", type=click.Choice(["Linear", "GVP", "VP"]),
+              help="--family sit: the interpolant the SiT was trained with [Linear; the others are refused: not implemented].")
+@click.option("--prediction", type=click.Choice(["velocity", "score", "noise"]),
+              help="--family sit: what the SiT predicts [velocity; the others are refused: not implemented].")
 @click.option("--config", "config_name", help="Named config (DiT-XL/2, DiT-S/4, ...) for --random-init.")
 @click.option("--random-init", is_flag=True, help="Random weights for --config (for trying things without a checkpoint).")
 @click.option("--image-size", type=int, help="Image side in pixels (latent = /8); only with --random-init.")
@@ -127,15 +131,16 @@ def inspect(checkpoint: Path, num_heads: int | None, input_size: int | None, as_
                    "[--example embeds a small one].")
 @click.option("--no-vae", is_flag=True, help="With --example: export the denoiser only.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
-def export(checkpoint, example, family, config_name, random_init, image_size, num_classes, seed, num_heads, out_dir,
-           opset, precision, fp32_blocks, vae_dir, no_vae, force) -> None:
+def export(checkpoint, example, family, path_type, prediction, config_name, random_init, image_size, num_classes, seed,
+           num_heads, out_dir, opset, precision, fp32_blocks, vae_dir, no_vae, force) -> None:
     """Export a checkpoint (or a random-init named config) to ONNX with a validated manifest."""
     _require_torch("export")
     from ditrt.exporter.artifact import export_command
     with project_errors():
         out = export_command(checkpoint, example, config_name, random_init, image_size, num_classes, seed, num_heads,
                              family, out_dir, tuple(p.strip() for p in precision.split(",") if p.strip()), opset,
-                             _int_list(fp32_blocks, "--fp32-blocks"), vae_dir, no_vae, force, log=_log)
+                             _int_list(fp32_blocks, "--fp32-blocks"), vae_dir, no_vae, force, log=_log,
+                             transport={k: v for k, v in (("path_type", path_type), ("prediction", prediction)) if v})
     click.echo(str(out))
 
 

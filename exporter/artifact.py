@@ -94,8 +94,11 @@ EXAMPLE_OVERRIDES = {"num_heads": 4}
 
 def resolve_source(checkpoint: str | Path | None = None, example: bool = False, config_name: str | None = None,
                    random_init: bool = False, image_size: int | None = None, num_classes: int = 1000, seed: int = 0,
-                   num_heads: int | None = None, family: str = "dit") -> tuple[ExportSource, str]:
-    """The export source for `ditrt export`'s options, and the artifact's default name."""
+                   num_heads: int | None = None, family: str = "dit", transport: dict | None = None
+                   ) -> tuple[ExportSource, str]:
+    """The export source for `ditrt export`'s options, and the artifact's default name. `transport`
+    ({path_type, prediction}, SiT's create_transport names) says how a SiT was trained: no tensor
+    records it, and only the Linear path with velocity prediction is implemented (others refused)."""
     from ditrt.runtime.validate import check_int
 
     from .checkpoints import load_checkpoint
@@ -111,6 +114,12 @@ def resolve_source(checkpoint: str | Path | None = None, example: bool = False, 
         raise ExportOptionError("--image-size only applies with --random-init (a checkpoint's latent size comes from "
                                 "its pos_embed)")
     overrides = {} if num_heads is None else {"num_heads": check_int(num_heads, "--num-heads", 1, 4096)}
+    if transport:
+        if family != "sit":
+            raise ExportOptionError(f"--path-type / --prediction describe a SiT's transport; they do not apply to "
+                                    f"--family {family}")
+        from ditrt.runtime.config import Transport, read_transport
+        read_transport({**Transport().to_dict(), **transport}, None, ExportOptionError, where="the SiT's transport ")
     if random_init:
         size = 256 if image_size is None else check_int(image_size, "--image-size (pixels)", 8, 8192)
         cfg = named_config(config_name, size, num_classes=check_int(num_classes, "--num-classes", 1, 1 << 20), **overrides)
@@ -125,14 +134,15 @@ def resolve_source(checkpoint: str | Path | None = None, example: bool = False, 
 def export_command(checkpoint=None, example: bool = False, config_name=None, random_init: bool = False,
                    image_size=None, num_classes: int = 1000, seed: int = 0, num_heads=None, family: str = "dit",
                    out_dir=None, precisions=("fp32", "fp16"), opset: int = DEFAULT_OPSET, fp32_blocks=(), vae_dir=None,
-                   no_vae: bool = False, force: bool = False, log: Callable[[str], None] = print) -> Path:
+                   no_vae: bool = False, force: bool = False, log: Callable[[str], None] = print,
+                   transport: dict | None = None) -> Path:
     """`ditrt export`: resolve the source (and the VAE: `vae_dir`, or the example's unless
     `no_vae`), export, return the artifact directory."""
     from .vae import load_vae
     if vae_dir is not None and no_vae:
         raise ExportOptionError("give --vae DIR or --no-vae, not both")
     source, default_name = resolve_source(checkpoint, example, config_name, random_init, image_size, num_classes, seed,
-                                          num_heads, family)
+                                          num_heads, family, transport)
     vae = None
     if vae_dir is not None or (example and not no_vae):
         vae = load_vae(vae_dir if vae_dir is not None else EXAMPLE_VAE, in_channels=source.config.in_channels)

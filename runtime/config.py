@@ -133,19 +133,22 @@ def read_diffusion(d: dict, model: DiTConfig, error=ArtifactError) -> Diffusion:
     return Diffusion(n, "linear", start, end, variance, "epsilon", False)
 
 
-def read_transport(d: dict, model: DiTConfig, error=ArtifactError) -> Transport:
+def read_transport(d: dict, model: DiTConfig | None, error=ArtifactError,
+                   where: str = "manifest field transport.") -> Transport:
+    """The transport section (or, from the exporter, the options describing one), refusing what is
+    not implemented by name."""
     path, prediction = d.get("path_type"), d.get("prediction")
     if path in SIT_PATHS and path not in PATHS:
-        raise error(f"manifest field transport.path_type is {path!r}: only the Linear path is implemented (SiT's "
-                    "released models); GVP and VP have no golden reference here")
-    check_choice(path, "manifest field transport.path_type", PATHS, error)
+        raise error(f"{where}path_type is {path!r}: only the Linear path is implemented (SiT's released models); "
+                    "GVP and VP have no golden reference here")
+    check_choice(path, f"{where}path_type", PATHS, error)
     if prediction in SIT_PREDICTIONS and prediction != "velocity":
-        raise error(f"manifest field transport.prediction is {prediction!r}: only velocity prediction is implemented "
-                    "(SiT's released models)")
-    check_choice(prediction, "manifest field transport.prediction", ("velocity",), error)
+        raise error(f"{where}prediction is {prediction!r}: only velocity prediction is implemented (SiT's released "
+                    "models)")
+    check_choice(prediction, f"{where}prediction", ("velocity",), error)
     for key in ("train_eps", "sample_eps"):
-        if check_number(d.get(key, 0.0), f"manifest field transport.{key}", 0, 0, error=error) != 0:
-            raise error(f"manifest field transport.{key} must be 0 for the Linear path")
+        if check_number(d.get(key, 0.0), f"{where}{key}", 0, 0, error=error) != 0:
+            raise error(f"{where}{key} must be 0 for the Linear path")
     return Transport()
 
 

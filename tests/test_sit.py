@@ -136,6 +136,19 @@ def test_refusals(sit_pipe, sit_artifact, tmp_path):
     assert r.returncode == 2 and "'flux' is not one of 'dit', 'sit'" in r.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--family", "sit", "--path-type", "GVP"], "path_type is 'GVP': only the Linear path is implemented"),
+    (["--family", "sit", "--path-type", "VP"], "path_type is 'VP': only the Linear path"),
+    (["--family", "sit", "--prediction", "score"], "prediction is 'score': only velocity prediction"),
+    (["--family", "sit", "--prediction", "noise"], "prediction is 'noise': only velocity prediction"),
+    (["--prediction", "velocity"], "do not apply to --family dit"),
+])
+def test_export_refuses_unimplemented_transports_before_any_work(tmp_path, args, message):
+    r = _ditrt("export", SIT_DIR / "sit_official_layout.pt", "--num-heads", 4, *args, "--out", tmp_path / "x")
+    assert r.returncode == 2 and message in r.stderr and "[1/" not in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_inspect_says_no_tensor_tells_sit_from_dit():
     r = _ditrt("inspect", SIT_DIR / "sit_official_layout.pt", "--num-heads", 4)
     assert r.returncode == 0 and "no tensor tells a SiT from a DiT" in r.stdout and "--family" in r.stdout
