@@ -341,10 +341,12 @@ from ditrt.runtime.trt.settings import HARDWARE_COMPAT as _HARDWARE_COMPAT  # no
 @click.option("--timing-cache", type=click.Path(path_type=Path),
               help="Timing cache file, read and updated [ARTIFACT/timing.<sm>.trt<version>.cache].")
 @click.option("--hardware-compat", type=click.Choice(_HARDWARE_COMPAT), default="none", show_default=True,
-              help="none: this GPU model only; ampere+: any GPU of compute capability >= 8.0; same-cc: any GPU "
+              help="none: GPUs of this compute capability (other models with a TensorRT warning; rebuild there for the best "
+                   "tactics); ampere+: any GPU of compute capability >= 8.0; same-cc: any GPU "
                    "of this compute capability (portable plans may be slower).")
 @click.option("--version-compatible", is_flag=True,
-              help="The plan also runs on newer TensorRT releases of the same major (may be slower).")
+              help="The plan also runs on newer TensorRT releases of the same major, and across the majors TensorRT "
+                   "supports (8 -> 10, 10 -> 11); it embeds host code (may be slower).")
 @click.option("--workspace", type=float, help="Builder workspace limit in GB [TensorRT's default].")
 @click.option("--skip-unavailable", is_flag=True,
               help="Where TensorRT or a GPU is missing, say so and exit 0 (for scripts that build where possible).")
