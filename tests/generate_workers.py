@@ -1,0 +1,26 @@
+"""Worker classes for tests/test_generate.py, importable by the spawned worker processes (no torch,
+no pytest): a ShardWorker whose process dies for real while computing a chosen shard."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from ditrt.runtime.generate import ShardWorker
+
+DIE_SHARD = "DITRT_TEST_DIE_SHARD"  # the shard whose worker dies
+DIE_ONCE = "DITRT_TEST_DIE_ONCE"  # a marker file: die only while it does not exist (the first attempt)
+
+
+class DyingWorker(ShardWorker):
+    """SIGKILLs its own process (as the OOM killer or a preempted node would) on shard $DITRT_TEST_DIE_SHARD:
+    on every attempt, or only on the first when $DITRT_TEST_DIE_ONCE names a marker file."""
+
+    def run(self, task):
+        if task.shard.index == int(os.environ[DIE_SHARD]):
+            marker = os.environ.get(DIE_ONCE)
+            if marker is None or not os.path.exists(marker):
+                if marker is not None:
+                    Path(marker).touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().run(task)
