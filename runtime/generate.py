@@ -825,6 +825,8 @@ def _schedule(pool, count: int, tasks: list[ShardTask], record: dict, job: Gener
                         todo.appendleft(task)
                 if todo and failed is None:
                     pool.start()
+    if failed is None and len(record["shards"]) != len(shards):
+        raise StepError(f"the workers stopped with {len(shards) - len(record['shards'])} shards not done")  # a bug
     if failed is not None:
         task, reason = failed
         raise StepError(f"shard {task.shard.index} (images {task.shard.start}..{task.shard.stop - 1}) failed: its worker "

@@ -144,6 +144,18 @@ def test_a_shard_whose_worker_keeps_dying_fails_the_run_naming_it_and_keeps_the_
     assert_same_run(out, reference)
 
 
+def test_resume_recomputes_shards_whose_files_changed_or_vanished(tiny_artifact_with_vae, reference, tmp_path):
+    out = tmp_path / "damaged"
+    shutil.copytree(reference, out)
+    damaged = bytearray((out / "shards" / "000002.npz").read_bytes())
+    damaged[5000] ^= 1  # one pixel bit: still a valid npz, but not the recorded sha256
+    (out / "shards" / "000002.npz").write_bytes(bytes(damaged))
+    (out / "shards" / "000004.npz").unlink()
+    summary = G.generate(job(tiny_artifact_with_vae, out, resume=True), G.Workers(1))
+    assert (summary.shards_resumed, summary.shards_computed) == (3, 2)
+    assert_same_run(out, reference)
+
+
 # ---- what the images and labels are ---------------------------------------------------------------
 
 def test_the_npz_is_the_adm_evaluators_and_image_i_is_ditrt_sample_s(tiny_artifact_with_vae, reference, tmp_path):
