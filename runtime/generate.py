@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import signal
-import sys
 import threading
 import time
 import traceback
@@ -32,7 +31,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -45,7 +44,7 @@ from .images import per_image_name, to_uint8, write_png
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
 from .noise import NOISE_VERSION, philox4x32_10
 from .outputs import check_writable
-from .validate import check_choice, check_int, check_number
+from .validate import check_int, check_number
 
 RECORD_NAME = "run.json"
 RECORD_SCHEMA = "ditrt.generate"
@@ -270,18 +269,23 @@ class NpzWriter:
         with self.member(name, array.dtype, array.shape) as write:
             write(array)
 
-    def close(self) -> None:
-        self._zip.close()
+    def __enter__(self) -> "NpzWriter":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        try:
+            self._zip.close()  # the central directory (after an error too: the file is a temporary one)
+        except Exception:
+            if kind is None:
+                raise
 
 
 def write_shard(path: Path, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> str:
     """One shard file (images, labels, indices), atomically; its sha256."""
-    with atomic_output(path, suffix=".npz") as f:
-        npz = NpzWriter(f)
+    with atomic_output(path, suffix=".npz") as f, NpzWriter(f) as npz:
         npz.add("images", images)
         npz.add("labels", labels.astype(np.int64))
         npz.add("indices", indices.astype(np.int64))
-        npz.close()
     return sha256_file(path)
 
 
@@ -309,8 +313,7 @@ def write_npz(path: Path, shard_files: list[tuple[Shard, Path]], labels: np.ndar
     first, _ = read_shard(shard_files[0][1], shard_files[0][0])
     shape = (len(labels), *first.shape[1:])
     del first
-    with atomic_output(path, suffix=".npz") as f:
-        npz = NpzWriter(f)
+    with atomic_output(path, suffix=".npz") as f, NpzWriter(f) as npz:
         with npz.member("arr_0", np.uint8, shape) as write:
             for shard, file in shard_files:
                 images, _ = read_shard(file, shard, labels[shard.start:shard.stop])
@@ -320,7 +323,6 @@ def write_npz(path: Path, shard_files: list[tuple[Shard, Path]], labels: np.ndar
                 del images
         npz.add("arr_1", labels)
         npz.add("labels", labels)
-        npz.close()
     return shape
 
 
@@ -409,9 +411,12 @@ def _local_worker_main(conn, worker_class, worker_args: dict) -> None:
     except Exception as e:
         conn.send(_failure(e))
         return
-    conn.send(("ready", worker.backend))
-    while (task := conn.recv()) is not None:
-        conn.send(_attempt(worker, task))
+    try:
+        conn.send(("ready", worker.backend))
+        while (task := conn.recv()) is not None:
+            conn.send(_attempt(worker, task))
+    except (EOFError, OSError):  # the coordinator is gone
+        pass
 
 
 class LocalPool:

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from ditrt.cli import main
 from ditrt.runtime import generate as G
-from ditrt.runtime.errors import InputError, StepError
+from ditrt.runtime.errors import StepError
 from generate_workers import DIE_ONCE, DIE_SHARD, DyingWorker
 from helpers import read_png
 from noise_reference import philox
