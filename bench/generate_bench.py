@@ -2,7 +2,7 @@
 start-up cost, and the peak memory of assembling the ADM .npz from the shards.
 
     python bench/generate_bench.py [--artifact DIR] [--num-images 256] [--steps 50] [--shard-size 32]
-                                   [--npz-images 2000] [--repeats 2] [--skip-ray]
+                                   [--npz-images 2000] [--repeats 2] [--skip-ray] [--npz-only]
 
 Without --artifact the embedded example is exported to a temporary folder (`ditrt export --example`:
 64x64 images, random weights). Each case is one `generate()` call on a fresh run directory (the same
@@ -11,9 +11,9 @@ checked. Rates: `images_per_s` is the summary's (worker start-up included, Ray's
 `steady_images_per_s` counts from the first finished shard to the last (workers loaded).
 
 The npz case generates --npz-images images (ddim, 5 steps: the pixels do not matter here) in shards
-of 100, then assembles the npz in a fresh process and reports how much that process's peak RSS
-(VmHWM) grew, next to one shard's and the whole array's size, and next to `np.savez` of the whole
-array held in memory (what sample_ddp.py does).
+of 100, then, in a fresh process, assembles the npz from the shards and reports the process's peak
+RSS (VmHWM) before and after, next to one shard's and the whole array's size, and next to holding
+the whole array and writing it with `np.savez` (what sample_ddp.py does) in the same process.
 """
 from __future__ import annotations
 
@@ -58,26 +58,28 @@ def npz_memory(artifact: Path, root: Path, images: int) -> dict:
     script = f"""
 import re, numpy as np
 from pathlib import Path
-from ditrt.runtime import generate as G
+from ditrt.runtime import shards as S
 out = Path({str(out)!r})
-shards = G.plan_shards({images}, 100)
-labels = np.concatenate([G.read_shard(out / s.name, s)[1] for s in shards])
-G.read_shard(out / shards[0].name, shards[0])  # warm: one shard's buffers, numpy's zip reader
-before = {PEAK}
-G.write_npz(out / "s.npz", [(s, out / s.name) for s in shards], labels)
-streamed = {PEAK} - before
-before = {PEAK}
-whole = np.concatenate([G.read_shard(out / s.name, s)[0] for s in shards])  # sample_ddp.py holds every image
+shards = S.plan_shards({images}, 100)
+labels = np.concatenate([S.read_shard(out / s.name, s)[1] for s in shards])
+imported = {PEAK}
+S.write_npz(out / "s.npz", [(s, out / s.name) for s in shards], labels)
+streamed = {PEAK}
+whole = np.concatenate([S.read_shard(out / s.name, s)[0] for s in shards])  # sample_ddp.py holds every image
 np.savez(out / "savez.npz", arr_0=whole, arr_1=labels)
-print(streamed, {PEAK} - before, whole.nbytes, whole.nbytes // len(shards))
+print(imported, streamed, {PEAK}, whole.nbytes, whole.nbytes // len(shards))
 """
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    streamed, savez, total, shard = map(int, r.stdout.split())
+    imported, streamed, savez, total, shard = map(int, r.stdout.split())  # peaks in KiB
     with np.load(out / "s.npz") as z:
         assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape[0] == images and z["arr_0"].shape[3] == 3
+    mib = lambda kib: round(kib / 1024, 2)  # noqa: E731
     return {"npz_images": images, "shard_images": 100, "shard_mib": round(shard / 2**20, 2),
-            "array_mib": round(total / 2**20, 2), "assembly_peak_rss_growth_mib": round(streamed / 1024, 2),
-            "np_savez_in_memory_peak_rss_growth_mib": round(savez / 1024, 2)}
+            "array_mib": round(total / 2**20, 2), "peak_rss_before_mib": mib(imported),
+            "peak_rss_after_streamed_assembly_mib": mib(streamed),
+            "streamed_assembly_growth_mib": mib(streamed - imported),
+            "peak_rss_after_whole_array_np_savez_mib": mib(savez),
+            "whole_array_np_savez_growth_mib": mib(savez - streamed)}
 
 
 def main() -> None:
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--npz-images", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--npz-only", action="store_true", help="only the npz memory case; print it, write nothing")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="generate-bench-"))
@@ -97,6 +100,9 @@ def main() -> None:
         artifact = root / "example"
         subprocess.run([sys.executable, "-m", "ditrt.cli", "export", "--example", "--out", str(artifact)], check=True,
                        capture_output=True)
+    if args.npz_only:
+        print(npz_memory(artifact, root, args.npz_images))
+        return
     cases = [("local, 1 worker", G.Workers(1)), ("local, 2 workers", G.Workers(2))]
     extra = {"artifact": str(artifact), "sampler": "ddpm (the example's default)", "steps": args.steps,
              "shard_size": args.shard_size, "batch": args.shard_size, "repeats": args.repeats,

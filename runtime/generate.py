@@ -15,6 +15,7 @@ of workers (docs/generate.md).
 - The ADM evaluator's .npz (`arr_0` uint8 (N, H, W, 3), the labels as `arr_1`) is assembled by
   streaming the shards: peak memory is one shard, not N images.
 
+Shard files and the npz: runtime/shards.py; the workers and their pools: runtime/workers.py.
 torch-free; Ray is imported only for a Ray run.
 """
 from __future__ import annotations
@@ -22,34 +23,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import threading
 import time
-import traceback
-import zipfile
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
 from . import __version__
 from .backends import check_threads, parse_backend
 from .chunking import check_max_batch
-from .errors import DitrtError, InputError, StepError
-from .files import atomic_output, claimed_output, sha256_file, write_json_atomic
-from .images import per_image_name, to_uint8, write_png
+from .errors import InputError, StepError
+from .files import claimed_output, sha256_file, write_json_atomic
+from .images import per_image_name, write_png
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
 from .noise import NOISE_VERSION, philox4x32_10
 from .outputs import check_writable
+from .shards import SHARD_DIR, Shard, plan_shards, read_shard, write_npz, write_shard
 from .validate import check_int, check_number
+from .workers import LocalPool, RayPool, ShardResult, ShardTask, ShardWorker
 
 RECORD_NAME = "run.json"
 RECORD_SCHEMA = "ditrt.generate"
 RECORD_VERSION = 1
-SHARD_DIR = "shards"
 PNG_DIR = "png"
 SHARD_ATTEMPTS = 3  # a shard whose worker died this many times fails the run
 LABEL_KINDS = ("balanced", "random")
@@ -58,7 +55,6 @@ LABEL_KINDS = ("balanced", "random")
 RANDOM_LABEL_DRAW = 0xFFFFFFFF
 BALANCED_LABEL_DRAW = 0xFFFFFFFE
 MAX_IMAGES = (1 << 48) - 1  # image indices are 64-bit in the noise stream; a run this large is a typo
-_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: equal arrays give equal bytes
 
 
 # ---- options --------------------------------------------------------------------------------------
@@ -199,134 +195,7 @@ def labels_digest(labels: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(labels, dtype="<i8").tobytes()).hexdigest()
 
 
-# ---- shards and the npz -----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Shard:
-    index: int
-    start: int  # global index of its first image
-    stop: int
-
-    @property
-    def name(self) -> str:
-        return f"{SHARD_DIR}/{self.index:06d}.npz"
-
-
-def plan_shards(num_images: int, shard_size: int) -> list[Shard]:
-    return [Shard(k, start, min(start + shard_size, num_images))
-            for k, start in enumerate(range(0, num_images, shard_size))]
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    shard: Shard
-    labels: np.ndarray  # int64 (n,)
-
-
-@dataclass(frozen=True)
-class ShardResult:
-    shard: Shard
-    images: np.ndarray  # uint8 (n, H, W, 3)
-    labels: np.ndarray  # int64 (n,)
-    seconds: float
-    backend: str
-
-
-class NpzWriter:
-    """An uncompressed .npz, as np.savez writes it (a zip of .npy members), written member by member
-    and each member chunk by chunk, so an array never has to be in memory whole. Members carry a
-    fixed timestamp: equal arrays make equal files."""
-
-    def __init__(self, file):
-        self._zip = zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True)
-
-    @contextmanager
-    def member(self, name: str, dtype, shape: tuple[int, ...]) -> Iterator[Callable[[np.ndarray], None]]:
-        """A writer of `name`.npy's data, in C order; the chunks must add up to `shape` exactly."""
-        dtype = np.dtype(dtype)
-        info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME)
-        info.compress_type = zipfile.ZIP_STORED
-        info.external_attr = 0o644 << 16
-        want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        written = 0
-        with self._zip.open(info, "w", force_zip64=True) as out:
-            np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(dtype),
-                                                       "fortran_order": False, "shape": tuple(shape)})
-
-            def write(chunk: np.ndarray) -> None:
-                nonlocal written
-                data = np.ascontiguousarray(chunk, dtype=dtype)
-                written += data.nbytes
-                if written > want:
-                    raise StepError(f"{name}: more data than its shape {shape} holds")
-                out.write(data.data)
-
-            yield write
-            if written != want:
-                raise StepError(f"{name}: {written} bytes written for shape {shape} ({want} bytes)")
-
-    def add(self, name: str, array: np.ndarray) -> None:
-        with self.member(name, array.dtype, array.shape) as write:
-            write(array)
-
-    def __enter__(self) -> "NpzWriter":
-        return self
-
-    def __exit__(self, kind, error, trace) -> None:
-        try:
-            self._zip.close()  # the central directory (after an error too: the file is a temporary one)
-        except Exception:
-            if kind is None:
-                raise
-
-
-def write_shard(path: Path, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> str:
-    """One shard file (images, labels, indices), atomically; its sha256."""
-    with atomic_output(path, suffix=".npz") as f, NpzWriter(f) as npz:
-        npz.add("images", images)
-        npz.add("labels", labels.astype(np.int64))
-        npz.add("indices", indices.astype(np.int64))
-    return sha256_file(path)
-
-
-def read_shard(path: Path, shard: Shard, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images, labels) of a shard file, checked against the plan: its indices, its labels (when
-    given) and a uint8 (n, H, W, 3) image array."""
-    n = shard.stop - shard.start
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            images, file_labels, indices = z["images"], z["labels"], z["indices"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise StepError(f"shard {shard.index} ({path}) cannot be read: {e}") from None
-    if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != n or images.shape[3] != 3
-            or not np.array_equal(indices, np.arange(shard.start, shard.stop))
-            or (labels is not None and not np.array_equal(file_labels, labels))):
-        raise StepError(f"shard {shard.index} ({path}) does not hold images {shard.start}..{shard.stop - 1} of this "
-                        "run; remove it and run again with --resume")
-    return images, file_labels
-
-
-def write_npz(path: Path, shard_files: list[tuple[Shard, Path]], labels: np.ndarray) -> tuple[int, ...]:
-    """The ADM evaluator's .npz from the shards, streamed: `arr_0` uint8 (N, H, W, 3) and the labels
-    as `arr_1` (as ADM's image_sample.py saves them) and `labels`. One shard in memory at a time.
-    Returns arr_0's shape."""
-    first, _ = read_shard(shard_files[0][1], shard_files[0][0])
-    shape = (len(labels), *first.shape[1:])
-    del first
-    with atomic_output(path, suffix=".npz") as f, NpzWriter(f) as npz:
-        with npz.member("arr_0", np.uint8, shape) as write:
-            for shard, file in shard_files:
-                images, _ = read_shard(file, shard, labels[shard.start:shard.stop])
-                if images.shape[1:] != shape[1:]:
-                    raise StepError(f"shard {shard.index} holds {images.shape[1:]} images, shard 0 {shape[1:]}")
-                write(images)
-                del images
-        npz.add("arr_1", labels)
-        npz.add("labels", labels)
-    return shape
-
-
-# ---- the worker -------------------------------------------------------------------------------------
+# ---- validation ---------------------------------------------------------------------------------
 
 class _SpecOnly:
     """A stand-in backend carrying only the denoiser's spec: `Pipeline.start` validates a request
@@ -350,224 +219,6 @@ def resolve_sampling(manifest: Manifest, sampling: SamplingOptions, labels: np.n
     d = manifest.defaults
     return {"sampler": run.sampler.name, "num_steps": str(sampling.steps if sampling.steps is not None else d.steps),
             "cfg_scale": run.cfg_scale, "guidance": sampling.guidance or d.guidance, **run.options}
-
-
-class ShardWorker:
-    """One worker: its pipeline (denoiser and decoder), loaded once, computes shards."""
-
-    def __init__(self, artifact: str, sampling: SamplingOptions, sample_kwargs: dict, seed: int, batch: int,
-                 threads: int | None):
-        from .pipeline import load
-        self.pipeline = load(artifact, backend=sampling.backend, precision=sampling.precision, threads=threads,
-                             max_batch=sampling.max_batch, allow_plan_host_code=sampling.allow_plan_host_code,
-                             verify=sampling.verify, decoder=True, decoder_precision=sampling.decoder_precision)
-        self.sample_kwargs, self.seed, self.batch = sample_kwargs, seed, batch
-
-    @property
-    def backend(self) -> str:
-        return self.pipeline.backend.name
-
-    def run(self, task: ShardTask) -> ShardResult:
-        """The shard's images in batches of `batch`: image start + j gets noise image start + j."""
-        start_time, shard, parts = time.perf_counter(), task.shard, []
-        for s in range(0, shard.stop - shard.start, self.batch):
-            latents = self.pipeline.sample(task.labels[s:s + self.batch], seed=self.seed, progress=False,
-                                           image_offset=shard.start + s, **self.sample_kwargs)
-            parts.append(to_uint8(self.pipeline.decode(latents)))
-        return ShardResult(shard, np.concatenate(parts), task.labels, time.perf_counter() - start_time, self.backend)
-
-
-def _failure(e: BaseException) -> tuple:
-    """An exception as a message for the coordinator: ("error", exit code, text); not a DitrtError:
-    a bug, with its traceback."""
-    if isinstance(e, DitrtError):
-        return "error", e.exit_code, str(e)
-    return "error", None, "".join(traceback.format_exception(type(e), e, e.__traceback__))
-
-
-def _attempt(worker: ShardWorker, task: ShardTask) -> tuple:
-    try:
-        return "done", worker.run(task)
-    except Exception as e:  # the coordinator decides; the worker stays up
-        return _failure(e)
-
-
-# ---- local worker processes -----------------------------------------------------------------------
-
-def _exit_with_parent() -> None:
-    """A worker ends when its coordinator does, even when the coordinator was SIGKILLed."""
-    import multiprocessing
-    from multiprocessing.connection import wait
-    parent = multiprocessing.parent_process()
-    if parent is not None:
-        threading.Thread(target=lambda: (wait([parent.sentinel]), os._exit(1)), daemon=True).start()
-
-
-def _local_worker_main(conn, worker_class, worker_args: dict) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the coordinator, which stops the workers
-    _exit_with_parent()
-    try:
-        worker = worker_class(**worker_args)
-    except Exception as e:
-        conn.send(_failure(e))
-        return
-    try:
-        conn.send(("ready", worker.backend))
-        while (task := conn.recv()) is not None:
-            conn.send(_attempt(worker, task))
-    except (EOFError, OSError):  # the coordinator is gone
-        pass
-
-
-class LocalPool:
-    """Worker processes (multiprocessing, spawn) on this machine; one pipe each. Events:
-    (slot, "ready", backend) | (slot, "done", ShardResult) | (slot, "error", code, text) |
-    (slot, "died", reason)."""
-
-    def __init__(self, worker_class, worker_args: dict):
-        import multiprocessing
-        self._ctx = multiprocessing.get_context("spawn")
-        self._class, self._args = worker_class, worker_args
-        self._workers: dict[int, tuple] = {}  # slot -> (process, connection)
-        self._next_slot = 0
-
-    def start(self) -> int:
-        parent_end, child_end = self._ctx.Pipe()
-        process = self._ctx.Process(target=_local_worker_main, args=(child_end, self._class, self._args),
-                                    name=f"ditrt-generate-{self._next_slot}", daemon=True)
-        process.start()
-        child_end.close()
-        slot, self._next_slot = self._next_slot, self._next_slot + 1
-        self._workers[slot] = (process, parent_end)
-        return slot
-
-    def submit(self, slot: int, task: ShardTask) -> None:
-        try:
-            self._workers[slot][1].send(task)
-        except OSError:
-            pass  # it died: its sentinel reports it
-
-    def events(self, timeout: float) -> list[tuple]:
-        from multiprocessing.connection import wait
-        handles = {}
-        for slot, (process, conn) in self._workers.items():
-            handles[conn] = handles[process.sentinel] = slot
-        events = []
-        for slot in sorted({handles[h] for h in wait(list(handles), timeout)}):
-            process, conn = self._workers[slot]
-            try:
-                while conn.poll():
-                    events.append((slot, *conn.recv()))
-            except (EOFError, OSError):
-                pass
-            if not process.is_alive():
-                process.join()
-                del self._workers[slot]
-                events.append((slot, "died", _exit_reason(process.exitcode)))
-        return events
-
-    def close(self) -> None:
-        for process, conn in self._workers.values():
-            try:
-                conn.send(None)
-            except OSError:
-                pass
-        deadline = time.monotonic() + 5
-        for process, conn in self._workers.values():
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.kill()
-                process.join()
-            conn.close()
-        self._workers.clear()
-
-
-def _exit_reason(code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
-# ---- Ray actors ----------------------------------------------------------------------------------
-
-class _RayWorker:
-    """The Ray actor around a ShardWorker: failures come back as messages, never as exceptions
-    (a DitrtError does not always survive Ray's pickling)."""
-
-    def __init__(self, worker_class, worker_args: dict):
-        try:
-            self.worker, self.failure = worker_class(**worker_args), None
-        except Exception as e:
-            self.worker, self.failure = None, _failure(e)
-
-    def ready(self) -> tuple:
-        return self.failure or ("ready", self.worker.backend)
-
-    def run(self, task: ShardTask) -> tuple:
-        return self.failure or _attempt(self.worker, task)
-
-
-class RayPool:
-    """One Ray actor per worker (num_cpus each, num_gpus when asked), on the cluster at `address` or
-    a local Ray started here. Same events as LocalPool; an actor that dies is reported as died."""
-
-    def __init__(self, worker_class, worker_args: dict, address: str | None, cpus: float, gpus: float, log):
-        import ray
-        self._ray = ray
-        started = time.perf_counter()
-        self._owns = not ray.is_initialized()
-        if self._owns:
-            ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-        self.init_seconds = time.perf_counter() - started
-        log(f"ray: connected in {self.init_seconds:.1f} s ({ray.cluster_resources()})")
-        self._actor_class = ray.remote(_RayWorker).options(num_cpus=cpus, num_gpus=gpus or 0, max_restarts=0,
-                                                           max_task_retries=0)
-        self._args = (worker_class, worker_args)
-        self._actors: dict[int, object] = {}
-        self._futures: dict[object, int] = {}  # future -> slot
-        self._next_slot = 0
-
-    def start(self) -> int:
-        slot, self._next_slot = self._next_slot, self._next_slot + 1
-        actor = self._actor_class.remote(*self._args)
-        self._actors[slot] = actor
-        self._futures[actor.ready.remote()] = slot
-        return slot
-
-    def submit(self, slot: int, task: ShardTask) -> None:
-        self._futures[self._actors[slot].run.remote(task)] = slot
-
-    def events(self, timeout: float) -> list[tuple]:
-        ray = self._ray
-        if not self._futures:
-            time.sleep(timeout)
-            return []
-        ready, _ = ray.wait(list(self._futures), num_returns=1, timeout=timeout)
-        events = []
-        for future in ready:
-            slot = self._futures.pop(future)
-            try:
-                events.append((slot, *ray.get(future)))
-            except ray.exceptions.RayError as e:  # the actor (or its node) died
-                self._drop(slot)
-                events.append((slot, "died", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
-        return events
-
-    def _drop(self, slot: int) -> None:
-        actor = self._actors.pop(slot, None)
-        for future in [f for f, s in self._futures.items() if s == slot]:
-            del self._futures[future]
-        if actor is not None:
-            self._ray.kill(actor, no_restart=True)
-
-    def close(self) -> None:
-        for slot in list(self._actors):
-            self._drop(slot)
-        if self._owns:
-            self._ray.shutdown()
 
 
 # ---- the run record -------------------------------------------------------------------------------
@@ -735,12 +386,16 @@ def generate(job: GenerateJob, workers: Workers = Workers(), progress: Callable[
         retries, used, seconds = 0, 0, 0.0
         if todo:
             used = min(workers.count, len(todo))
-            threads = s.threads or (None if workers.ray else max(1, _cpu_count() // used))
-            worker_args = {"artifact": str(job.artifact), "sampling": s, "sample_kwargs": sample_kwargs,
-                           "seed": job.seed, "batch": job.batch, "threads": threads}
+            # ONNX Runtime threads: the cores shared by the local workers; a Ray actor asks for one CPU (a GPU
+            # actor needs few) unless --threads says more.
+            threads = s.threads or (1 if workers.ray else max(1, _cpu_count() // used))
+            load_kwargs = {"backend": s.backend, "precision": s.precision, "threads": threads,
+                           "max_batch": s.max_batch, "allow_plan_host_code": s.allow_plan_host_code,
+                           "verify": s.verify, "decoder_precision": s.decoder_precision}
+            worker_args = {"artifact": str(job.artifact), "load_kwargs": load_kwargs, "sample_kwargs": sample_kwargs,
+                           "seed": job.seed, "batch": job.batch}
             if workers.ray:
-                pool = RayPool(worker_class, {**worker_args, "threads": s.threads or 1}, workers.address,
-                               cpus=s.threads or 1, gpus=workers.gpus, log=log)
+                pool = RayPool(worker_class, worker_args, workers.address, cpus=threads, gpus=workers.gpus, log=log)
             else:
                 pool = LocalPool(worker_class, worker_args)
             started = time.perf_counter()

@@ -6,7 +6,7 @@ import os
 import signal
 from pathlib import Path
 
-from ditrt.runtime.generate import ShardWorker
+from ditrt.runtime.workers import ShardWorker
 
 DIE_SHARD = "DITRT_TEST_DIE_SHARD"  # the shard whose worker dies
 DIE_ONCE = "DITRT_TEST_DIE_ONCE"  # a marker file: die only while it does not exist (the first attempt)

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from ditrt.cli import main
 from ditrt.runtime import generate as G
+from ditrt.runtime import shards as S
 from ditrt.runtime.errors import StepError
 from generate_workers import DIE_ONCE, DIE_SHARD, DyingWorker
 from helpers import read_png
@@ -65,10 +66,14 @@ def assert_same_run(out: Path, reference: Path) -> None:
 # ---- the same bytes, however it runs --------------------------------------------------------------
 
 def test_two_workers_give_the_bytes_of_one(tiny_artifact_with_vae, reference, tmp_path):
-    r = ditrt(*generate_args(tiny_artifact_with_vae, tmp_path / "two", "--workers", 2))
+    r = ditrt(*generate_args(tiny_artifact_with_vae, tmp_path / "two", "--workers", 2, "--png"))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["workers"] == 2
     assert_same_run(tmp_path / "two", reference)
+    images, _ = load_npz(reference / "s.npz")  # --png: sample_ddp.py's names, the npz's pixels
+    assert sorted(p.name for p in (tmp_path / "two" / "png").iterdir()) == [f"{i:06d}.png" for i in range(N)]
+    for i in (0, 21, 39):
+        assert np.array_equal(read_png(tmp_path / "two" / "png" / f"{i:06d}.png"), images[i])
 
 
 def test_a_run_killed_midway_resumes_to_the_same_bytes(tiny_artifact_with_vae, reference, tmp_path):
@@ -111,6 +116,18 @@ def test_ray_with_two_workers_gives_the_bytes_of_one(tiny_artifact_with_vae, ref
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["workers"] == 2
     assert_same_run(tmp_path / "ray", reference)
+
+
+@pytest.mark.slow
+def test_ray_replaces_a_dead_actor_and_retries_its_shard(tiny_artifact_with_vae, reference, tmp_path, monkeypatch):
+    tests = str(Path(__file__).resolve().parent)  # Ray's worker processes import DyingWorker from here
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv(DIE_SHARD, "2")
+    monkeypatch.setenv(DIE_ONCE, str(tmp_path / "died-once"))
+    out = tmp_path / "ray-retried"
+    summary = G.generate(job(tiny_artifact_with_vae, out), G.Workers(2, ray=True), worker_class=DyingWorker)
+    assert (tmp_path / "died-once").exists() and summary.retries == 1
+    assert_same_run(out, reference)
 
 
 def job(artifact, out: Path, **overrides) -> G.GenerateJob:
@@ -244,22 +261,22 @@ def test_assembling_the_npz_holds_one_shard_not_all(tmp_path):
     """16 shards of 1000 64x64 images (197 MB in all, 12 MB each): the assembling process's peak RSS
     grows by about a shard, far below the whole array."""
     rng = np.random.default_rng(0)
-    shards = G.plan_shards(16_000, 1000)
+    shards = S.plan_shards(16_000, 1000)
     block = rng.integers(0, 256, (1000, 64, 64, 3), dtype=np.uint8)
     for shard in shards:
-        G.write_shard(tmp_path / shard.name, np.roll(block, shard.index, axis=0), np.zeros(1000, np.int64),
+        S.write_shard(tmp_path / shard.name, np.roll(block, shard.index, axis=0), np.zeros(1000, np.int64),
                       np.arange(shard.start, shard.stop))
     # VmHWM is this process's peak RSS (ru_maxrss would carry pytest's over the fork and exec).
     script = f"""
 import re, numpy as np
 from pathlib import Path
-from ditrt.runtime import generate as G
+from ditrt.runtime import shards as S
 peak = lambda: int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
 root = Path({str(tmp_path)!r})
-shards = G.plan_shards(16_000, 1000)
-G.read_shard(root / shards[0].name, shards[0])  # warm: numpy's zip reader, one shard's buffers
+shards = S.plan_shards(16_000, 1000)
+S.read_shard(root / shards[0].name, shards[0])  # warm: numpy's zip reader, one shard's buffers
 before = peak()
-G.write_npz(root / "all.npz", [(s, root / s.name) for s in shards], np.zeros(16_000, np.int64))
+S.write_npz(root / "all.npz", [(s, root / s.name) for s in shards], np.zeros(16_000, np.int64))
 print(before, peak())
 """
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
