@@ -267,15 +267,16 @@ def check_resumable(record: dict, artifact: dict, options: dict, out: Path) -> N
         problems.append(f"noise stream: {record.get('noise')!r} in the run, {NOISE_VERSION!r} in this ditrt")
     old = record.get("artifact", {})
     if old.get("sha256") != artifact["sha256"]:
-        changed = [f"{name} ({'missing' if name not in artifact['files'] else 'new' if name not in old.get('files', {}) else 'changed'})"
-                   for name in sorted(set(old.get("files", {})) | set(artifact["files"]))
-                   if old.get("files", {}).get(name) != artifact["files"].get(name)]
+        before, now = old.get("files") or {}, artifact["files"]
+        changed = [f"{name} ({'missing' if name not in now else 'new' if name not in before else 'changed'})"
+                   for name in sorted(set(before) | set(now)) if before.get(name) != now.get(name)]
         problems.append(f"artifact: sha256 {str(old.get('sha256'))[:12]}... in the run, {artifact['sha256'][:12]}... "
                         f"now; files that differ: {', '.join(changed) or 'none listed'}")
     problems += _differences(record.get("options", {}), options)
     if problems:
-        raise InputError(f"--resume: {out} was generated with something else; refusing to mix the two in one run:\n  "
-                         + "\n  ".join(problems) + "\nrerun with the run's artifact and options, or choose another --out")
+        raise InputError(f"--resume: {out} was generated with something else; refusing to mix the two in one run:"
+                         + "".join(f"\n  {problem}" for problem in problems)
+                         + "\nrerun with the run's artifact and options, or choose another --out")
 
 
 def _read_record(path: Path) -> dict:
@@ -286,6 +287,19 @@ def _read_record(path: Path) -> dict:
     if not isinstance(record, dict):
         raise InputError(f"{path} is not a ditrt generate run record")
     return record
+
+
+def _recorded_shards(record: dict, num_shards: int, path: Path) -> dict:
+    """The record's finished shards, each an index of the plan with a sha256 (a hand-edited record
+    that says otherwise is refused)."""
+    entries = record.get("shards")
+    good = isinstance(entries, dict) and all(
+        isinstance(key, str) and key.isdigit() and int(key) < num_shards and isinstance(entry, dict)
+        and isinstance(entry.get("sha256"), str) for key, entry in entries.items())
+    if not good:
+        raise InputError(f"{path}: field shards must map shard indices 0..{num_shards - 1} to their file's sha256; "
+                         "the record is damaged (remove the run directory to start again)")
+    return entries
 
 
 # ---- the job --------------------------------------------------------------------------------------
@@ -338,12 +352,13 @@ def _open_run(job: GenerateJob, artifact: dict, options: dict, shards: list[Shar
         record = {"schema": RECORD_SCHEMA, "version": RECORD_VERSION, "ditrt": __version__, "noise": NOISE_VERSION,
                   "artifact": {"path": str(job.artifact), **artifact}, "options": options, "backend": None,
                   "num_shards": len(shards), "shards": {}}
-    for tmp in (out / SHARD_DIR).glob(".*.tmp") if (out / SHARD_DIR).is_dir() else ():
-        tmp.unlink(missing_ok=True)  # a shard being written when a run was killed: redone below
-        log(f"note: removed {tmp.name}, a shard file left half-written by a killed run")
+    for folder in (SHARD_DIR, PNG_DIR):
+        for tmp in (out / folder).glob(".*.tmp") if (out / folder).is_dir() else ():
+            tmp.unlink(missing_ok=True)  # a file being written when a run was killed: redone below
+            log(f"note: removed {folder}/{tmp.name}, left half-written by a killed run")
     kept = {}
-    for key, entry in record["shards"].items():
-        path = out / entry["file"]
+    for key, entry in _recorded_shards(record, len(shards), record_path).items():
+        path = out / shards[int(key)].name  # the plan's name, whatever the record says
         if not path.is_file():
             log(f"note: shard {key} is recorded but {path} is missing; computing it again")
         elif sha256_file(path) != entry["sha256"]:
@@ -456,27 +471,27 @@ def _schedule(pool, count: int, tasks: list[ShardTask], record: dict, job: Gener
                 computed += result.shard.stop - result.shard.start
                 idle.append(slot)
                 report()
-            elif kind == "error":
+            elif kind == "error":  # not a death: the same input would fail again, so no retry
                 code, text = payload
-                task = busy.get(slot)
-                where = f"shard {task.shard.index} (images {task.shard.start}..{task.shard.stop - 1})" if task else "a worker"
-                finished = len(record["shards"])
+                where, kept = str(busy[slot].shard) if slot in busy else "a worker", len(record["shards"])
                 if code is None:
-                    raise StepError(f"{where} failed with a bug in ditrt (finished shards are kept: {finished}):\n{text}")
-                error = InputError if code == 2 else StepError
-                raise error(f"{where}: {text} ({finished} finished shards are kept in {out})")
+                    raise StepError(f"{where} failed with a bug in ditrt ({kept} finished shards are kept):\n{text}")
+                raise (InputError if code == 2 else StepError)(f"{where}: {text} ({kept} finished shards are kept in "
+                                                               f"{out})")
             elif kind == "died":
                 reason = payload[0]
                 task = busy.pop(slot, None)
+                if slot in idle:
+                    idle.remove(slot)
                 if task is None:
                     deaths_before_ready += 1
-                    log(f"warning: a worker died before taking work ({reason})")
+                    log(f"warning: a worker died while loading or idle ({reason})")
                     if deaths_before_ready >= SHARD_ATTEMPTS:
-                        raise StepError(f"workers die while loading the artifact ({reason}, {deaths_before_ready} times "
-                                        f"in a row); {len(record['shards'])} finished shards are kept in {out}")
+                        raise StepError(f"workers die while loading the artifact ({reason}, {deaths_before_ready} "
+                                        f"times in a row); {len(record['shards'])} finished shards are kept in {out}")
                 else:
                     index = task.shard.index
-                    log(f"warning: the worker of shard {index} died ({reason}); attempt {attempts[index]} of "
+                    log(f"warning: the worker of {task.shard} died ({reason}); attempt {attempts[index]} of "
                         f"{SHARD_ATTEMPTS}")
                     if attempts[index] >= SHARD_ATTEMPTS:
                         failed = (task, reason)
@@ -489,9 +504,9 @@ def _schedule(pool, count: int, tasks: list[ShardTask], record: dict, job: Gener
         raise StepError(f"the workers stopped with {len(shards) - len(record['shards'])} shards not done")  # a bug
     if failed is not None:
         task, reason = failed
-        raise StepError(f"shard {task.shard.index} (images {task.shard.start}..{task.shard.stop - 1}) failed: its worker "
-                        f"died {SHARD_ATTEMPTS} times (last: {reason}); {len(record['shards'])} finished shards are "
-                        f"kept in {out}: run again with --resume to compute the rest")
+        raise StepError(f"{task.shard} failed: its worker died {SHARD_ATTEMPTS} times (last: {reason}); "
+                        f"{len(record['shards'])} finished shards are kept in {out}: run again with --resume to "
+                        "compute the rest")
     return retries
 
 

@@ -33,6 +33,9 @@ class Shard:
     def name(self) -> str:
         return f"{SHARD_DIR}/{self.index:06d}.npz"
 
+    def __str__(self) -> str:
+        return f"shard {self.index} (images {self.start}..{self.stop - 1})"
+
 
 def plan_shards(num_images: int, shard_size: int) -> list[Shard]:
     return [Shard(k, start, min(start + shard_size, num_images))

@@ -6,10 +6,12 @@ import os
 import signal
 from pathlib import Path
 
+from ditrt.runtime.errors import BackendError
 from ditrt.runtime.workers import ShardWorker
 
 DIE_SHARD = "DITRT_TEST_DIE_SHARD"  # the shard whose worker dies
 DIE_ONCE = "DITRT_TEST_DIE_ONCE"  # a marker file: die only while it does not exist (the first attempt)
+FAIL_SHARD = "DITRT_TEST_FAIL_SHARD"  # the shard whose backend fails
 
 
 class DyingWorker(ShardWorker):
@@ -23,4 +25,13 @@ class DyingWorker(ShardWorker):
                 if marker is not None:
                     Path(marker).touch()
                 os.kill(os.getpid(), signal.SIGKILL)
+        return super().run(task)
+
+
+class FailingWorker(ShardWorker):
+    """Its backend fails (a BackendError, as a CUDA error would raise) on shard $DITRT_TEST_FAIL_SHARD."""
+
+    def run(self, task):
+        if task.shard.index == int(os.environ[FAIL_SHARD]):
+            raise BackendError("simulated: the backend failed mid-loop")
         return super().run(task)

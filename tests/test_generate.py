@@ -21,7 +21,7 @@ from ditrt.cli import main
 from ditrt.runtime import generate as G
 from ditrt.runtime import shards as S
 from ditrt.runtime.errors import StepError
-from generate_workers import DIE_ONCE, DIE_SHARD, DyingWorker
+from generate_workers import DIE_ONCE, DIE_SHARD, FAIL_SHARD, DyingWorker, FailingWorker
 from helpers import read_png
 from noise_reference import philox
 
@@ -173,6 +173,14 @@ def test_resume_recomputes_shards_whose_files_changed_or_vanished(tiny_artifact_
     assert_same_run(out, reference)
 
 
+def test_a_worker_error_is_not_retried_it_fails_the_run_with_its_message(tiny_artifact_with_vae, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setenv(FAIL_SHARD, "0")
+    with pytest.raises(StepError, match=r"^shard 0 \(images 0\.\.7\): simulated: the backend failed mid-loop \(0 "
+                                        r"finished shards are kept"):
+        G.generate(job(tiny_artifact_with_vae, tmp_path / "failed"), G.Workers(1), worker_class=FailingWorker)
+
+
 # ---- what the images and labels are ---------------------------------------------------------------
 
 def test_the_npz_is_the_adm_evaluators_and_image_i_is_ditrt_sample_s(tiny_artifact_with_vae, reference, tmp_path):
@@ -315,6 +323,13 @@ def test_resume_with_another_option_is_refused_naming_it(tiny_artifact_with_vae,
     (other / "manifest.json").write_text(json.dumps(manifest))
     r = invoke(*generate_args(other, out, "--resume", "--cfg-scale", 4.0))
     assert r.exit_code == 2 and "artifact: sha256" in r.output and "manifest.json (changed)" in r.output
+    # A hand-edited record cannot point the resume at other files.
+    damaged = json.loads(before)
+    damaged["shards"]["../../elsewhere"] = damaged["shards"].pop("0")
+    (out / "run.json").write_text(json.dumps(damaged))
+    r = invoke(*base)
+    assert r.exit_code == 2 and "field shards must map shard indices 0..4" in r.output
+    (out / "run.json").write_text(before)
     # Without --resume, a finished run is not overwritten.
     r = invoke(*generate_args(tiny_artifact_with_vae, out))
     assert r.exit_code == 2 and "holds a generate run already" in r.output and "--resume" in r.output
