@@ -2,7 +2,8 @@
 start-up cost, and the peak memory of assembling the ADM .npz from the shards.
 
     python bench/generate_bench.py [--artifact DIR] [--num-images 256] [--steps 50] [--shard-size 32]
-                                   [--npz-images 2000] [--repeats 2] [--skip-ray] [--npz-only]
+                                   [--npz-images 2000 (0: skip)] [--repeats 2]
+                                   [--skip-ray] [--npz-only] [--results-name generate_bench]
 
 Without --artifact the embedded example is exported to a temporary folder (`ditrt export --example`:
 64x64 images, random weights). Each case is one `generate()` call on a fresh run directory (the same
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--npz-only", action="store_true", help="only the npz memory case; print it, write nothing")
+    parser.add_argument("--results-name", default="generate_bench", help="bench/results/NAME.json")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="generate-bench-"))
@@ -104,7 +106,11 @@ def main() -> None:
         print(npz_memory(artifact, root, args.npz_images))
         return
     cases = [("local, 1 worker", G.Workers(1)), ("local, 2 workers", G.Workers(2))]
-    extra = {"artifact": str(artifact), "sampler": "ddpm (the example's default)", "steps": args.steps,
+    from ditrt.runtime.manifest import load_manifest
+    manifest = load_manifest(artifact)
+    model = manifest.data["model"]
+    extra = {"artifact": str(artifact), "model": model.get("name") or "the example",
+             "image_size": model.get("image_size"), "sampler": manifest.defaults.sampler, "steps": args.steps,
              "shard_size": args.shard_size, "batch": args.shard_size, "repeats": args.repeats,
              "note": "each case run `repeats` times, interleaved; the row is the run with the best steady rate"}
     if not args.skip_ray:
@@ -134,9 +140,10 @@ def main() -> None:
     npzs = {run.pop("npz") for found in runs.values() for run in found}
     extra["npz_identical_across_cases"] = len(npzs) == 1
     assert len(npzs) == 1, "the cases wrote different npz files"
-    extra["npz_assembly"] = npz_memory(artifact, root, args.npz_images)
-    print(extra["npz_assembly"])
-    report("generate_bench", rows, ["case", "workers", "images", "wall_s", "first_shard_s", "images_per_s",
+    if args.npz_images:
+        extra["npz_assembly"] = npz_memory(artifact, root, args.npz_images)
+        print(extra["npz_assembly"])
+    report(args.results_name, rows, ["case", "workers", "images", "wall_s", "first_shard_s", "images_per_s",
                                     "steady_images_per_s",
                                     "all_steady_images_per_s"], extra)
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import DitrtError
+from .errors import DitrtError, InputError, StepError
 from .images import to_uint8
+from .pipeline import load
 from .shards import Shard
 
 
@@ -44,7 +45,6 @@ class ShardWorker:
     def __init__(self, artifact: str, load_kwargs: dict, sample_kwargs: dict, seed: int, batch: int):
         """`load_kwargs` for runtime.load (the decoder is always loaded), `sample_kwargs` for
         Pipeline.sample (sampler, num_steps, cfg_scale, guidance, the sampler's options)."""
-        from .pipeline import load
         self.pipeline = load(artifact, decoder=True, **load_kwargs)
         self.sample_kwargs, self.seed, self.batch = sample_kwargs, seed, batch
 
@@ -200,12 +200,19 @@ class RayPool:
     a local Ray started here. Same events as LocalPool; an actor that dies is reported as died."""
 
     def __init__(self, worker_class, worker_args: dict, address: str | None, cpus: float, gpus: float, log):
-        import ray
+        try:
+            import ray
+        except ImportError as e:
+            raise InputError(f"--ray needs Ray: pip install 'ditrt[ray]' ({e})") from None
         self._ray = ray
         started = time.perf_counter()
         self._owns = not ray.is_initialized()
         if self._owns:
-            ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+            try:
+                ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+                where = f"the Ray cluster at {address}" if address else "a local Ray"
+                raise StepError(f"cannot start or reach {where}: {type(e).__name__}: {e}") from None
         self.init_seconds = time.perf_counter() - started
         log(f"ray: connected in {self.init_seconds:.1f} s ({ray.cluster_resources()})")
         self._actor_class = ray.remote(_RayWorker).options(num_cpus=cpus, num_gpus=gpus or 0, max_restarts=0,
