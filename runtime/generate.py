@@ -14,6 +14,7 @@ of workers (docs/generate.md).
   shard, keeping every finished one.
 - The ADM evaluator's .npz (`arr_0` uint8 (N, H, W, 3), the labels as `arr_1`) is assembled by
   streaming the shards: peak memory is one shard, not N images.
+- An artifact without a decoder gives latents instead of images (float32 (N, C, H, W)), with a note.
 
 Shard files and the npz: runtime/shards.py; the workers and their pools: runtime/workers.py.
 torch-free; Ray is imported only for a Ray run.
@@ -133,6 +134,7 @@ class GenerateSummary:
     shards_computed: int
     shards_resumed: int
     backend: str | None
+    output: str  # images, or latents for an artifact without a decoder
     out: str
     npz: str | None
 
@@ -240,7 +242,8 @@ def artifact_identity(manifest: Manifest) -> dict:
 OPTION_FLAGS = {"num_images": "--num-images", "seed": "--seed", "labels": "--labels", "shard_size": "--shard-size",
                 "batch": "--batch", "sampler": "--sampler", "num_steps": "--steps", "cfg_scale": "--cfg-scale",
                 "guidance": "--guidance", "eta": "--eta", "backend": "--backend", "precision": "--precision",
-                "max_batch": "--max-batch", "decoder_precision": "--decoder-precision"}
+                "max_batch": "--max-batch", "decoder_precision": "--decoder-precision",
+                "output": "output (images with a decoder, latents without)"}
 
 
 def _differences(recorded: dict, now: dict) -> list[str]:
@@ -377,14 +380,18 @@ def generate(job: GenerateJob, workers: Workers = Workers(), progress: Callable[
     began = time.perf_counter()
     _check_job(job, workers)
     manifest = load_manifest(job.artifact)
-    if "decoder" not in manifest.networks:
-        raise InputError(f"{job.artifact} has no decoder network: ditrt generate writes uint8 images as sample_ddp.py "
-                         "does (export with --vae DIR to add one; for latents use ditrt sample --out latents.npy)")
+    output = "images" if "decoder" in manifest.networks else "latents"
+    if output == "latents":
+        if job.png or job.sampling.decoder_precision is not None:
+            raise InputError(f"{job.artifact} has no decoder network, so no images can be written (--png, "
+                             "--decoder-precision); export with --vae DIR to add one")
+        log(f"note: {job.artifact} has no decoder network: the shards and the npz hold the latents (float32 "
+            "N, C, H, W), not images (export with --vae DIR for images)")
     (condition,) = [t.condition for t in manifest.network("denoiser").conditions]
     labels, label_kind = plan_labels(job.labels, job.seed, job.num_images, condition)
     sample_kwargs = resolve_sampling(manifest, job.sampling, labels)
     s = job.sampling
-    options = {"num_images": job.num_images, "seed": job.seed, "labels": label_kind,
+    options = {"output": output, "num_images": job.num_images, "seed": job.seed, "labels": label_kind,
                "labels_sha256": labels_digest(labels), "shard_size": job.shard_size, "batch": job.batch,
                "backend": s.backend, "precision": s.precision, "max_batch": s.max_batch,
                "decoder_precision": s.decoder_precision, **sample_kwargs}
@@ -407,8 +414,8 @@ def generate(job: GenerateJob, workers: Workers = Workers(), progress: Callable[
             load_kwargs = {"backend": s.backend, "precision": s.precision, "threads": threads,
                            "max_batch": s.max_batch, "allow_plan_host_code": s.allow_plan_host_code,
                            "verify": s.verify, "decoder_precision": s.decoder_precision}
-            worker_args = {"artifact": str(job.artifact), "load_kwargs": load_kwargs, "sample_kwargs": sample_kwargs,
-                           "seed": job.seed, "batch": job.batch}
+            worker_args = {"artifact": str(job.artifact), "decode": output == "images", "load_kwargs": load_kwargs,
+                           "sample_kwargs": sample_kwargs, "seed": job.seed, "batch": job.batch}
             if workers.ray:
                 pool = RayPool(worker_class, worker_args, workers.address, cpus=threads, gpus=workers.gpus, log=log)
             else:
@@ -424,13 +431,16 @@ def generate(job: GenerateJob, workers: Workers = Workers(), progress: Callable[
             _fill_pngs(out, shards, record, log)
         if job.npz is not None:
             log(f"writing {job.npz} ...")
-            shape = write_npz(Path(job.npz), [(sh, out / sh.name) for sh in shards], labels)
-            log(f"wrote {job.npz}: arr_0 uint8 {shape}, labels")
+            npz_tmp = Path(job.npz).parent.glob(f".{Path(job.npz).name}.*.tmp")  # left by a run killed while writing
+            for tmp in npz_tmp if Path(job.npz).parent.is_dir() else ():
+                tmp.unlink(missing_ok=True)
+            shape = write_npz(Path(job.npz), [(sh, out / sh.name) for sh in shards], labels, output)
+            log(f"wrote {job.npz}: arr_0 ({output}) {shape}, labels")
     computed = sum(sh.stop - sh.start for sh in todo)
     return GenerateSummary(images=job.num_images, seconds=round(time.perf_counter() - began, 3),
                            images_per_s=round(computed / seconds, 3) if computed and seconds > 0 else 0.0,
                            workers=used, retries=retries, shards=len(shards), shards_computed=len(todo),
-                           shards_resumed=resumed, backend=record.get("backend"), out=str(out),
+                           shards_resumed=resumed, backend=record.get("backend"), output=output, out=str(out),
                            npz=str(job.npz) if job.npz is not None else None)
 
 
@@ -467,7 +477,7 @@ def _schedule(pool, count: int, tasks: list[ShardTask], record: dict, job: Gener
                 task, result = busy.pop(slot), payload[0]
                 if result.shard != task.shard:
                     raise StepError(f"a worker returned shard {result.shard.index} for shard {task.shard.index}")
-                _record_shard(out, result, record, job.png)
+                _record_shard(out, result, record, job.png, record["options"]["output"])
                 computed += result.shard.stop - result.shard.start
                 idle.append(slot)
                 report()
@@ -519,17 +529,15 @@ def _check_backend(record: dict, backend: str, out: Path) -> None:
                         f"pass --backend {record['backend']} (the record is {out / RECORD_NAME})")
 
 
-def _record_shard(out: Path, result: ShardResult, record: dict, png: bool) -> None:
+def _record_shard(out: Path, result: ShardResult, record: dict, png: bool, output: str) -> None:
     """Write the shard (and its PNGs), then record it: a recorded shard is always complete."""
     shard = result.shard
     indices = np.arange(shard.start, shard.stop, dtype=np.int64)
-    if result.images.shape[0] != len(indices):
-        raise StepError(f"shard {shard.index}: the worker returned {result.images.shape[0]} images for {len(indices)}")
     if png:
-        for image, index in zip(result.images, indices):
+        for image, index in zip(result.samples, indices):
             write_png(out / PNG_DIR / per_image_name(int(index)), image)
-    digest = write_shard(out / shard.name, result.images, result.labels, indices)
-    record.setdefault("image_shape", list(result.images.shape[1:]))
+    digest = write_shard(out / shard.name, result.samples, result.labels, indices, output)
+    record.setdefault("sample_shape", list(result.samples.shape[1:]))
     record["shards"][str(shard.index)] = {"file": shard.name, "sha256": digest, "first": shard.start,
                                           "images": len(indices), "seconds": round(result.seconds, 3)}
     write_json_atomic(out / RECORD_NAME, record)
@@ -541,7 +549,7 @@ def _fill_pngs(out: Path, shards: list[Shard], record: dict, log) -> None:
     for shard in shards:
         missing = [i for i in range(shard.start, shard.stop) if not (out / PNG_DIR / per_image_name(i)).is_file()]
         if missing:
-            images, _ = read_shard(out / shard.name, shard)
+            images, _ = read_shard(out / shard.name, shard, "images")
             for i in missing:
                 write_png(out / PNG_DIR / per_image_name(i), images[i - shard.start])
             log(f"note: wrote {len(missing)} missing PNGs of shard {shard.index} from its file")

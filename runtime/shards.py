@@ -1,8 +1,9 @@
 """Shard files and the ADM evaluator's .npz, for `ditrt generate` (runtime/generate.py).
 
-A shard is K consecutive images of a run: `shards/NNNNNN.npz` holds `images` uint8 (n, H, W, 3),
-`labels` int64 (n,) and `indices` int64 (n,) (the global image indices), uncompressed, written under
-a temporary name and renamed. The evaluator's npz is assembled from the shards by streaming: one
+A shard is K consecutive images of a run: `shards/NNNNNN.npz` holds `images` uint8 (n, H, W, 3)
+(or, for an artifact without a decoder, `latents` float32 (n, C, H, W)), `labels` int64 (n,) and
+`indices` int64 (n,) (the global image indices), uncompressed, written under a temporary name and
+renamed. The evaluator's npz is assembled from the shards by streaming: one
 shard in memory at a time. Both are written by `NpzWriter` with fixed member timestamps, so equal
 arrays make equal files.
 """
@@ -20,6 +21,7 @@ from .errors import StepError
 from .files import atomic_output, sha256_file
 
 SHARD_DIR = "shards"
+OUTPUTS = ("images", "latents")  # what a shard holds: decoded images, or latents when there is no decoder
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: equal arrays give equal bytes
 
 
@@ -90,47 +92,59 @@ class NpzWriter:
                 raise
 
 
-def write_shard(path: Path, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> str:
-    """One shard file (images, labels, indices), atomically; its sha256."""
+def _check_samples(array: np.ndarray, output: str, n: int) -> bool:
+    """Images: uint8 (n, H, W, 3) as sample_ddp.py saves them; latents: float32 (n, C, H, W)."""
+    if output == "images":
+        return array.dtype == np.uint8 and array.ndim == 4 and array.shape[0] == n and array.shape[3] == 3
+    return array.dtype == np.float32 and array.ndim == 4 and array.shape[0] == n
+
+
+def write_shard(path: Path, samples: np.ndarray, labels: np.ndarray, indices: np.ndarray,
+                output: str = "images") -> str:
+    """One shard file (`images` or `latents`, labels, indices), atomically; its sha256."""
+    if output not in OUTPUTS or not _check_samples(samples, output, len(indices)):
+        raise StepError(f"a shard of {len(indices)} {output} cannot hold {samples.dtype} {samples.shape}")
     with atomic_output(path, suffix=".npz") as f, NpzWriter(f) as npz:
-        npz.add("images", images)
+        npz.add(output, samples)
         npz.add("labels", labels.astype(np.int64))
         npz.add("indices", indices.astype(np.int64))
     return sha256_file(path)
 
 
-def read_shard(path: Path, shard: Shard, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images, labels) of a shard file, checked against the plan: its indices, its labels (when
-    given) and a uint8 (n, H, W, 3) image array."""
-    n = shard.stop - shard.start
+def read_shard(path: Path, shard: Shard, output: str = "images",
+               labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(samples, labels) of a shard file, checked against the plan: its indices, its labels (when
+    given) and its `output` array's dtype and shape."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            images, file_labels, indices = z["images"], z["labels"], z["indices"]
+            samples, file_labels, indices = z[output], z["labels"], z["indices"]
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise StepError(f"shard {shard.index} ({path}) cannot be read: {e}") from None
-    if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != n or images.shape[3] != 3
+        raise StepError(f"{shard} ({path}) cannot be read: {type(e).__name__}: {e}") from None
+    if (not _check_samples(samples, output, shard.stop - shard.start)
             or not np.array_equal(indices, np.arange(shard.start, shard.stop))
             or (labels is not None and not np.array_equal(file_labels, labels))):
-        raise StepError(f"shard {shard.index} ({path}) does not hold images {shard.start}..{shard.stop - 1} of this "
-                        "run; remove it and run again with --resume")
-    return images, file_labels
+        raise StepError(f"{shard} ({path}) does not hold this run's {output} {shard.start}..{shard.stop - 1}; remove "
+                        "it and run again with --resume")
+    return samples, file_labels
 
 
-def write_npz(path: Path, shard_files: list[tuple[Shard, Path]], labels: np.ndarray) -> tuple[int, ...]:
-    """The ADM evaluator's .npz from the shards, streamed: `arr_0` uint8 (N, H, W, 3) and the labels
-    as `arr_1` (as ADM's image_sample.py saves them) and `labels`. One shard in memory at a time.
-    Returns arr_0's shape."""
-    first, _ = read_shard(shard_files[0][1], shard_files[0][0])
-    shape = (len(labels), *first.shape[1:])
+def write_npz(path: Path, shard_files: list[tuple[Shard, Path]], labels: np.ndarray,
+              output: str = "images") -> tuple[int, ...]:
+    """The ADM evaluator's .npz from the shards, streamed: `arr_0` the images, uint8 (N, H, W, 3)
+    (the latents, float32 (N, C, H, W), for an artifact without a decoder), and the labels as `arr_1`
+    (as ADM's image_sample.py saves them) and `labels`. One shard in memory at a time. Returns
+    arr_0's shape."""
+    first, _ = read_shard(shard_files[0][1], shard_files[0][0], output)
+    shape, dtype = (len(labels), *first.shape[1:]), first.dtype
     del first
     with atomic_output(path, suffix=".npz") as f, NpzWriter(f) as npz:
-        with npz.member("arr_0", np.uint8, shape) as write:
+        with npz.member("arr_0", dtype, shape) as write:
             for shard, file in shard_files:
-                images, _ = read_shard(file, shard, labels[shard.start:shard.stop])
-                if images.shape[1:] != shape[1:]:
-                    raise StepError(f"shard {shard.index} holds {images.shape[1:]} images, shard 0 {shape[1:]}")
-                write(images)
-                del images
+                samples, _ = read_shard(file, shard, output, labels[shard.start:shard.stop])
+                if samples.shape[1:] != shape[1:]:
+                    raise StepError(f"{shard} holds {output} of shape {samples.shape[1:]}, shard 0 {shape[1:]}")
+                write(samples)
+                del samples
         npz.add("arr_1", labels)
         npz.add("labels", labels)
     return shape

@@ -33,32 +33,34 @@ class ShardTask:
 @dataclass(frozen=True)
 class ShardResult:
     shard: Shard
-    images: np.ndarray  # uint8 (n, H, W, 3)
+    samples: np.ndarray  # images uint8 (n, H, W, 3), or latents float32 (n, C, H, W) without a decoder
     labels: np.ndarray  # int64 (n,)
     seconds: float
     backend: str
 
 
 class ShardWorker:
-    """One worker: its pipeline (denoiser and decoder), loaded once, computes shards."""
+    """One worker: its pipeline (the denoiser, and the decoder when `decode`), loaded once,
+    computes shards."""
 
-    def __init__(self, artifact: str, load_kwargs: dict, sample_kwargs: dict, seed: int, batch: int):
-        """`load_kwargs` for runtime.load (the decoder is always loaded), `sample_kwargs` for
-        Pipeline.sample (sampler, num_steps, cfg_scale, guidance, the sampler's options)."""
-        self.pipeline = load(artifact, decoder=True, **load_kwargs)
-        self.sample_kwargs, self.seed, self.batch = sample_kwargs, seed, batch
+    def __init__(self, artifact: str, decode: bool, load_kwargs: dict, sample_kwargs: dict, seed: int, batch: int):
+        """`load_kwargs` for runtime.load, `sample_kwargs` for Pipeline.sample (sampler, num_steps,
+        cfg_scale, guidance, the sampler's options)."""
+        self.pipeline = load(artifact, decoder=decode, **load_kwargs)
+        self.decode, self.sample_kwargs, self.seed, self.batch = decode, sample_kwargs, seed, batch
 
     @property
     def backend(self) -> str:
         return self.pipeline.backend.name
 
     def run(self, task: ShardTask) -> ShardResult:
-        """The shard's images in batches of `batch`: image start + j gets noise image start + j."""
+        """The shard's images (uint8, as sample_ddp.py saves them) or latents, in batches of
+        `batch`: image start + j gets noise image start + j."""
         start_time, shard, parts = time.perf_counter(), task.shard, []
         for s in range(0, shard.stop - shard.start, self.batch):
             latents = self.pipeline.sample(task.labels[s:s + self.batch], seed=self.seed, progress=False,
                                            image_offset=shard.start + s, **self.sample_kwargs)
-            parts.append(to_uint8(self.pipeline.decode(latents)))
+            parts.append(to_uint8(self.pipeline.decode(latents)) if self.decode else latents)
         return ShardResult(shard, np.concatenate(parts), task.labels, time.perf_counter() - start_time, self.backend)
 
 

@@ -378,7 +378,7 @@ def test_bad_inputs_are_refused_before_any_work(tiny_artifact_with_vae, tmp_path
     assert not out.exists()  # nothing was started
 
 
-def test_an_unusable_out_or_artifact_is_refused(tiny_artifact_with_vae, tmp_path):
+def test_an_unusable_out_is_refused(tiny_artifact_with_vae, tmp_path):
     (tmp_path / "file").write_text("x")
     r = invoke(*generate_args(tiny_artifact_with_vae, tmp_path / "file"))
     assert r.exit_code == 2 and "exists and is not a directory" in r.output
@@ -386,13 +386,26 @@ def test_an_unusable_out_or_artifact_is_refused(tiny_artifact_with_vae, tmp_path
     (tmp_path / "used" / "mine.txt").write_text("x")
     r = invoke(*generate_args(tiny_artifact_with_vae, tmp_path / "used"))
     assert r.exit_code == 2 and "is not empty (mine.txt) and holds no run record" in r.output
+
+
+def test_an_artifact_without_decoder_gives_the_latents_of_ditrt_sample(tiny_artifact_with_vae, tmp_path):
     denoiser_only = tmp_path / "denoiser-only"
     shutil.copytree(tiny_artifact_with_vae, denoiser_only)
     manifest = json.loads((denoiser_only / "manifest.json").read_text())
     del manifest["networks"]["decoder"]
     (denoiser_only / "manifest.json").write_text(json.dumps(manifest))
-    r = invoke(*generate_args(denoiser_only, tmp_path / "nodecoder"))
-    assert r.exit_code == 2 and "has no decoder network" in r.output and not (tmp_path / "nodecoder").exists()
+    r = invoke(*generate_args(denoiser_only, tmp_path / "png"), "--png")
+    assert r.exit_code == 2 and "has no decoder network, so no images can be written (--png" in r.output
+    out = tmp_path / "latents"
+    summary = G.generate(G.GenerateJob(denoiser_only, out, 12, "random", SEED, G.SamplingOptions(steps=str(STEPS)),
+                                       shard_size=SHARD, npz=out / "s.npz"), G.Workers(1))
+    assert summary.output == "latents"
+    latents, labels = load_npz(out / "s.npz")
+    assert latents.dtype == np.float32 and latents.shape == (12, 4, 8, 8)
+    r = ditrt("sample", denoiser_only, "--labels", ",".join(map(str, labels[8:])), "--steps", STEPS, "--seed", SEED,
+              "--image-offset", 8, "--out", tmp_path / "l.npy", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert np.load(tmp_path / "l.npy").tobytes() == latents[8:].tobytes()
 
 
 def test_the_module_imports_neither_torch_nor_ray():
