@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 from ditrt.runtime.errors import BackendError
@@ -12,6 +13,7 @@ from ditrt.runtime.workers import ShardWorker
 DIE_SHARD = "DITRT_TEST_DIE_SHARD"  # the shard whose worker dies
 DIE_ONCE = "DITRT_TEST_DIE_ONCE"  # a marker file: die only while it does not exist (the first attempt)
 FAIL_SHARD = "DITRT_TEST_FAIL_SHARD"  # the shard whose backend fails
+BUSY_MARKER = "DITRT_TEST_BUSY_MARKER"  # a file SlowWorker creates when it starts a shard
 
 
 class DyingWorker(ShardWorker):
@@ -34,4 +36,13 @@ class FailingWorker(ShardWorker):
     def run(self, task):
         if task.shard.index == int(os.environ[FAIL_SHARD]):
             raise BackendError("simulated: the backend failed mid-loop")
+        return super().run(task)
+
+
+class SlowWorker(ShardWorker):
+    """Takes a minute per shard (a big model's shard), announcing each start in $DITRT_TEST_BUSY_MARKER."""
+
+    def run(self, task):
+        Path(os.environ[BUSY_MARKER]).touch()
+        time.sleep(60)
         return super().run(task)

@@ -21,7 +21,8 @@ from ditrt.cli import main
 from ditrt.runtime import generate as G
 from ditrt.runtime import shards as S
 from ditrt.runtime.errors import StepError
-from generate_workers import DIE_ONCE, DIE_SHARD, FAIL_SHARD, DyingWorker, FailingWorker
+from generate_workers import (BUSY_MARKER, DIE_ONCE, DIE_SHARD, FAIL_SHARD, DyingWorker, FailingWorker,
+                              SlowWorker)
 from helpers import read_png
 from noise_reference import philox
 
@@ -108,6 +109,37 @@ def test_a_run_killed_midway_resumes_to_the_same_bytes(tiny_artifact_with_vae, r
     assert summary["shards_resumed"] >= 1 and summary["shards_resumed"] + summary["shards_computed"] == 5
     assert not half_written.exists()
     assert_same_run(out, reference)
+
+
+def test_workers_exit_at_once_when_their_coordinator_is_killed_mid_shard(tiny_artifact_with_vae, tmp_path):
+    """A coordinator SIGKILLed while its workers are a minute into their shards: they notice at once
+    (they watch their parent), not when they next talk to it (a GPU held for a whole shard)."""
+    script = f"""
+from pathlib import Path
+from ditrt.runtime import generate as G
+from generate_workers import SlowWorker
+G.generate(G.GenerateJob(Path({str(tiny_artifact_with_vae)!r}), Path({str(tmp_path / "run")!r}), 16,
+                         sampling=G.SamplingOptions(steps="2"), shard_size=8), G.Workers(2), worker_class=SlowWorker)
+"""
+    tests = str(Path(__file__).resolve().parent)
+    env = {**os.environ, BUSY_MARKER: str(tmp_path / "busy"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
+    run = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "busy").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "busy").exists(), "no worker started a shard"
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    deadline = time.monotonic() + 10  # the shard has 55+ s to go
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(run.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGKILL)
+    pytest.fail("worker processes kept computing after their coordinator was killed")
 
 
 @pytest.mark.slow
