@@ -146,30 +146,50 @@ def export(checkpoint, example, family, path_type, prediction, config_name, rand
 
 # ---- sample -------------------------------------------------------------------------------------
 
+def sampling_options(command):
+    """The options that say what to sample and how the pipeline loads: `ditrt sample`'s, shared
+    with `ditrt generate`."""
+    options = [
+        click.option("--steps", help="Steps [the manifest's default]: ddpm/ddim take N, ddimN or section counts a,b,c; "
+                                     "dpm++2m and the SiT samplers the number of steps."),
+        click.option("--sampler", type=click.Choice(list(SAMPLERS)), help="Sampler [the manifest's default]."),
+        click.option("--cfg-scale", type=float,
+                     help="Guidance scale [manifest default]; <= 1 runs no unconditional rows."),
+        click.option("--guidance", type=click.Choice(["official", "standard"]),
+                     help="official: channels 0..2 (the released models' quirk); standard: all latent channels "
+                          "[manifest default]."),
+        click.option("--eta", type=float, help="DDIM eta in [0, 1] [0]; only for samplers that take it."),
+        click.option("--option", "sampler_options", multiple=True, metavar="NAME=VALUE",
+                     help="A sampler option, e.g. atol=1e-6 for ode-dopri5 (repeatable; refused by samplers that "
+                          "take none)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Non-negative seed of the per-image noise."),
+        click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
+                     help="auto, a backend kind, or KIND-PRECISION."),
+        click.option("--precision", type=PRECISIONS, help="Graph precision [fp16 on TensorRT, else fp32]."),
+        click.option("--threads", type=int, help="ONNX Runtime CPU threads."),
+        click.option("--max-batch", type=int,
+                     help="Largest batch per backend call, in rows (bigger requests are chunked)."),
+        click.option("--verify/--no-verify", default=True, show_default=True,
+                     help="Check every file the backend reads against the manifest's sha256 first."),
+        click.option("--allow-plan-host-code", is_flag=True,
+                     help="Let a version-compatible TensorRT plan run the host code it embeds (only plans you trust)."),
+        click.option("--decoder-precision", type=PRECISIONS,
+                     help="Decoder graph precision [fp32 on ONNX Runtime, fp16 on TensorRT]; fp32 avoids fp16 VAE "
+                          "overflow."),
+        click.option("--progress/--no-progress", default=True, show_default=True),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--labels", required=True, help="Comma-separated class labels, one image each (e.g. 207,360).")
-@click.option("--steps", help="Steps [the manifest's default]: ddpm/ddim take N, ddimN or section counts a,b,c; "
-                              "dpm++2m and the SiT samplers the number of steps.")
-@click.option("--sampler", type=click.Choice(list(SAMPLERS)), help="Sampler [the manifest's default].")
-@click.option("--cfg-scale", type=float, help="Guidance scale [manifest default]; <= 1 runs no unconditional rows.")
-@click.option("--guidance", type=click.Choice(["official", "standard"]),
-              help="official: channels 0..2 (the released models' quirk); standard: all latent channels [manifest default].")
-@click.option("--eta", type=float, help="DDIM eta in [0, 1] [0]; only for samplers that take it.")
-@click.option("--option", "sampler_options", multiple=True, metavar="NAME=VALUE",
-              help="A sampler option, e.g. atol=1e-6 for ode-dopri5 (repeatable; refused by samplers that take none).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Non-negative seed of the per-image noise.")
-@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
-              help="auto, a backend kind, or KIND-PRECISION.")
-@click.option("--precision", type=PRECISIONS, help="Graph precision [fp16 on TensorRT, else fp32].")
-@click.option("--threads", type=int, help="ONNX Runtime CPU threads.")
-@click.option("--max-batch", type=int, help="Largest batch per backend call, in rows (bigger requests are chunked).")
-@click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Check every file the backend reads against the manifest's sha256 first.")
-@click.option("--allow-plan-host-code", is_flag=True,
-              help="Let a version-compatible TensorRT plan run the host code it embeds (only plans you trust).")
-@click.option("--decoder-precision", type=PRECISIONS,
-              help="Decoder graph precision [fp32 on ONNX Runtime, fp16 on TensorRT]; fp32 avoids fp16 VAE overflow.")
+@sampling_options
+@click.option("--image-offset", type=int, default=0, show_default=True,
+              help="Image j of this call draws the noise of image OFFSET + j of the seed's stream (and its PNG is "
+                   "named OFFSET + j): reproduces images of a `ditrt generate` run.")
 @click.option("--out", "out_path", type=click.Path(path_type=Path),
               help="A .png grid (as sample.py writes it; needs a decoder), any other name: .npy latents "
                    "[sample.png with a decoder, else latents.npy].")
@@ -177,10 +197,9 @@ def export(checkpoint, example, family, path_type, prediction, config_name, rand
               help="Also write one PNG per image, 000000.png ... (as sample_ddp.py names them; needs a decoder).")
 @click.option("--latents", "latents_path", type=click.Path(path_type=Path),
               help="Also keep the latents as .npy (with a .png --out).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
 def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options, seed, backend, precision,
-           threads, max_batch, verify, allow_plan_host_code, decoder_precision, out_path, out_dir, latents_path,
-           progress) -> None:
+           threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, image_offset, out_path,
+           out_dir, latents_path) -> None:
     """Run the guided sampling loop on an artifact; write a PNG grid (and per-image PNGs) with its
     decoder, and/or the latents (N, C, H, W) float32 as .npy."""
     from ditrt.runtime.outputs import OutputPlan
@@ -194,13 +213,74 @@ def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_o
                             allow_plan_host_code=allow_plan_host_code, verify=verify, decoder=plan.decodes,
                             decoder_precision=decoder_precision)
         latents = pipe.sample(label_list, num_steps=steps, sampler=sampler, cfg_scale=cfg_scale, guidance=guidance,
-                              seed=seed, eta=eta, progress=progress, **options)
-        written = plan.write(latents, pipe.decode, log=_log)
+                              seed=seed, eta=eta, progress=progress, image_offset=image_offset, **options)
+        written = plan.write(latents, pipe.decode, log=_log, first_index=image_offset)
     s, d = pipe.last_stats, pipe.manifest.defaults
     click.echo(f"{len(label_list)} images x {s.steps} model calls ({sampler or d.sampler}, cfg "
                f"{d.cfg_scale if cfg_scale is None else cfg_scale} {guidance or d.guidance}, noise "
                f"{runtime.NOISE_VERSION}) on {pipe.backend.name}: {s.total_s:.2f} s, {s.steps_per_s:.2f} calls/s, "
                f"runtime overhead {100 * s.overhead_fraction:.2f}% -> {', '.join(written)}")
+
+
+# ---- generate -----------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--num-images", type=int, required=True, help="Images to generate (50000 for FID-50K).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="The run directory: run.json (the run record), shards/, png/.")
+@click.option("--labels", default="balanced", show_default=True,
+              help="balanced: every class the same count, in a seeded order; random: seeded uniform; or FILE.npy "
+                   "with --num-images class labels. Image i's label depends only on (seed, i).")
+@sampling_options
+@click.option("--batch", type=int, default=32, show_default=True, help="Images per sampling call within a shard.")
+@click.option("--shard-size", type=int, default=256, show_default=True,
+              help="Images per shard: the unit written, recorded, retried and resumed.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Worker processes (each loads the pipeline once), or Ray actors with --ray.")
+@click.option("--ray", "use_ray", is_flag=True, help="Run the workers as Ray actors (pip install 'ditrt[ray]').")
+@click.option("--address", help="Ray cluster address [a local Ray started here].")
+@click.option("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray actor [0].")
+@click.option("--npz", "npz_path", type=click.Path(path_type=Path),
+              help="Also write the ADM evaluator's .npz: arr_0 uint8 (N, H, W, 3), the labels as arr_1 and labels.")
+@click.option("--png", is_flag=True, help="Also write png/NNNNNN.png per image (as sample_ddp.py names them).")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out: verify its finished shards, compute the missing ones. A different "
+                   "artifact or option is refused.")
+def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options, seed,
+             backend, precision, threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, batch,
+             shard_size, workers, use_ray, address, gpus_per_worker, npz_path, png, resume) -> None:
+    """Generate N images in resumable shards, as the official sample_ddp.py (for FID or synthetic
+    data): identical whatever the number of workers. Prints one JSON summary line."""
+    from ditrt.runtime import generate as G
+    from ditrt.runtime.samplers import parse_options
+    with project_errors():
+        sampling = G.SamplingOptions(sampler, steps, cfg_scale, guidance, eta, parse_options(sampler_options), backend,
+                                     precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code)
+        job = G.GenerateJob(artifact, out_dir, num_images, labels, seed, sampling, batch, shard_size, png, npz_path,
+                            resume)
+        summary = G.generate(job, G.Workers(workers, use_ray, address, gpus_per_worker),
+                             progress=_GenerateBar() if progress else None, log=_log)
+    click.echo(json.dumps(summary.to_dict()))
+
+
+class _GenerateBar:
+    """A redrawn bar (images/s, ETA) on a terminal, one line per finished shard elsewhere (logs)."""
+
+    def __init__(self):
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, p) -> None:
+        eta = "?" if p.eta_s is None else f"{int(p.eta_s) // 3600}:{int(p.eta_s) % 3600 // 60:02d}:{int(p.eta_s) % 60:02d}"
+        text = (f"{p.images_done}/{p.images_total} images, shard {p.shards_done}/{p.shards_total}, "
+                f"{p.images_per_s:.2f} images/s, ETA {eta}")
+        if self.tty:
+            filled = int(30 * p.images_done / p.images_total)
+            end = "\n" if p.images_done == p.images_total else ""
+            sys.stderr.write(f"\rgenerate [{'#' * filled}{'.' * (30 - filled)}] {text}\033[K{end}")
+        else:
+            sys.stderr.write(f"generate: {text}\n")
+        sys.stderr.flush()
 
 
 @main.command()

@@ -60,9 +60,9 @@ class OutputPlan:
         return plan
 
     def write(self, latents: np.ndarray, decode: Callable[[np.ndarray], np.ndarray] | None = None,
-              log: Callable[[str], None] = lambda m: None) -> list[str]:
+              log: Callable[[str], None] = lambda m: None, first_index: int = 0) -> list[str]:
         """Write everything planned; returns one line per output. `decode` (latents -> images)
-        is needed when the plan decodes."""
+        is needed when the plan decodes; per-image PNGs are numbered from `first_index`."""
         written = []
         if self.latents is not None:
             save_npy(self.latents, latents)
@@ -74,7 +74,7 @@ class OutputPlan:
                 images.write_png(self.grid, images.grid(decoded))
                 written.append(f"{self.grid} (grid of {len(decoded)})")
             if self.folder is not None:
-                paths = images.write_per_image(self.folder, images.to_uint8(decoded))
+                paths = images.write_per_image(self.folder, images.to_uint8(decoded), first_index)
                 written.append(f"{self.folder}/{paths[0].name}..{paths[-1].name}")
         return written
 
