@@ -7,7 +7,8 @@
 
 An option that would be silently ignored is refused instead (a second latents path, a decoder
 precision when nothing is decoded), and an image output on an artifact without a decoder is refused
-before any sampling.
+before any sampling. Every file is written atomically; a write that fails (a full disk) is an
+InputError naming the file, and leaves no partial file (docs/integrity.md).
 """
 from __future__ import annotations
 
@@ -54,10 +55,16 @@ class OutputPlan:
         if decoder_precision is not None and not plan.decodes:
             raise InputError(f"--decoder-precision {decoder_precision} applies only when images are written "
                              "(--out GRID.png or --out-dir DIR); these outputs decode nothing")
-        for path in (plan.latents, plan.grid):
+        return plan.checked()
+
+    def checked(self) -> "OutputPlan":
+        """The plan, once nothing in the way of its outputs would make the write fail after the work."""
+        for path in (self.latents, self.grid):
             if path is not None:
                 check_writable(path)
-        return plan
+        if self.folder is not None and os.path.lexists(self.folder) and not self.folder.is_dir():
+            raise InputError(f"{self.folder} exists and is not a directory; per-image PNGs need a folder")
+        return self
 
     def write(self, latents: np.ndarray, decode: Callable[[np.ndarray], np.ndarray] | None = None,
               log: Callable[[str], None] = lambda m: None) -> list[str]:
@@ -74,9 +81,27 @@ class OutputPlan:
                 images.write_png(self.grid, images.grid(decoded))
                 written.append(f"{self.grid} (grid of {len(decoded)})")
             if self.folder is not None:
-                paths = images.write_per_image(self.folder, images.to_uint8(decoded))
+                paths = _write_folder(self.folder, images.to_uint8(decoded))
                 written.append(f"{self.folder}/{paths[0].name}..{paths[-1].name}")
         return written
+
+
+def _write_folder(folder: Path, images_uint8: np.ndarray) -> list[Path]:
+    """Per-image PNGs; when one fails (a full disk), the ones this call added go again (and the
+    folder, when this call made it), so a folder never holds part of a failed run's images."""
+    created = not os.path.lexists(folder)
+    added = [p for p in (folder / images.per_image_name(i) for i in range(len(images_uint8))) if not os.path.lexists(p)]
+    try:
+        return images.write_per_image(folder, images_uint8)
+    except BaseException:
+        for path in added:
+            path.unlink(missing_ok=True)
+        if created:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
 
 
 def encode(latents: np.ndarray, fmt: str, decode: Callable[[np.ndarray], np.ndarray] | None = None) -> bytes:
