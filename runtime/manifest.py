@@ -70,7 +70,7 @@ class Manifest:
     # ---- networks and graphs ------------------------------------------------------------------
 
     def network(self, name: str = "denoiser") -> NetworkSpec:
-        if name not in self.networks:
+        if not isinstance(name, str) or name not in self.networks:
             hint = " (export with --vae DIR to add a decoder)" if name == "decoder" else ""
             raise ArtifactError(f"{self.directory} has no {name} network{hint}; it has: {', '.join(self.networks)}")
         return self.networks[name]

@@ -13,7 +13,9 @@ InputError naming the file, and leaves no partial file (docs/integrity.md).
 from __future__ import annotations
 
 import io
+import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -130,9 +132,17 @@ MAX_NPY_BYTES = 4 << 30  # latents of 4 GiB are ~250k DiT-XL/2 images: more is a
 
 
 def load_latents(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """A latents .npy, checked before anything is allocated: its header against the file's size,
+    """A latents .npy, checked before anything is allocated: a regular file, its header against its size,
     a floating dtype, 4 dimensions (and `shape` = (C, H, W) when given), at least one image."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"latents must be a .npy path, got {type(path).__name__} {path!r}")
     path = Path(path)
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as e:
+        raise InputError(f"cannot read latents {path}: {e.strerror or e}") from None
+    if not regular:  # a FIFO would block the open, a device never end
+        raise InputError(f"latents {path} is not a regular file")
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -145,7 +155,9 @@ def load_latents(path: str | Path, shape: tuple[int, ...] | None = None) -> np.n
         raise InputError(f"cannot read latents {path}: {e}") from None
     if dtype.hasobject or not np.issubdtype(dtype, np.floating):
         raise InputError(f"latents {path} hold {dtype}; expected float32 (N, C, H, W)")
-    want = int(np.prod(array_shape, dtype=np.int64)) * dtype.itemsize
+    if any(side < 0 for side in array_shape):
+        raise InputError(f"latents {path}: the header's shape {array_shape} has a negative size")
+    want = math.prod(array_shape) * dtype.itemsize  # Python ints: no int64 wrap-around to a small size
     if want != data_bytes or want > MAX_NPY_BYTES:
         raise InputError(f"latents {path}: the header says {array_shape} {dtype} ({want} bytes) but the file holds "
                          f"{data_bytes} bytes of data" if want != data_bytes else

@@ -578,6 +578,37 @@ def test_decode_of_a_npy_whose_header_claims_95_gib_is_refused_before_allocation
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1 << 20  # KiB: under 1 GiB more, not 95
 
 
+@pytest.mark.parametrize("shape, message", [
+    ((2**62, 4, 8, 8), "the header says"),  # its size wraps around int64 to 0 bytes: the empty file would match
+    ((-1, 4, 8, 8), "has a negative size"),
+])
+def test_decode_of_a_npy_whose_header_size_wraps_around_is_refused(art, tmp_path, shape, message):
+    path = tmp_path / "wrap.npy"
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    r = run_cli("decode", art, path, "--out", tmp_path / "grid.png")
+    assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_decode_of_a_fifo_is_refused_without_blocking(art, tmp_path):
+    os.mkfifo(tmp_path / "latents.npy")  # opening it would wait for a writer forever
+    r = run_cli("decode", art, tmp_path / "latents.npy", "--out", tmp_path / "grid.png")
+    assert r.exit_code == 2 and "is not a regular file" in r.output
+
+
+@pytest.mark.parametrize("value", [None, 3, ["a.npy"]])
+def test_load_latents_of_a_non_path_is_refused(value):
+    from ditrt.runtime.outputs import load_latents
+    with pytest.raises(InputError, match="latents must be a .npy path"):
+        load_latents(value)
+
+
+@pytest.mark.parametrize("network", [["denoiser"], {"denoiser": 1}, None])
+def test_create_backend_with_a_network_that_is_no_name_is_refused(pipe, network):
+    with pytest.raises(ArtifactError, match="has no .* network"):
+        runtime.create_backend(pipe.manifest, "onnxruntime", None, network)
+
+
 def test_export_image_size_1000000_is_refused(tmp_path):
     r = run_cli("export", "--config", "DiT-S/8", "--random-init", "--image-size", "1000000", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "--image-size (pixels) must be an integer from 8 to 8192, got 1000000" in r.output
