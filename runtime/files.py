@@ -117,16 +117,13 @@ def _pid_of(path: Path) -> int | None:
 
 
 def resolve_out_dir(out_dir, what: str = "--out") -> Path:
-    """The directory an export may create or replace for `out_dir`, checked before any work: a name
-    (not '', '.', '..' or '/'), not the current directory or one that holds it, and a symbolic link
-    resolved to the directory it names (the link itself is never rewritten); a dangling link, a link
-    loop or a link to something other than a directory is refused."""
-    if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir).strip():
-        raise InputError(f"{what} must name the artifact directory to write, got {str(out_dir)!r}")
-    path = Path(out_dir)
-    if path.name in ("", ".", ".."):
-        raise InputError(f"{what} {str(out_dir)!r} does not name a directory of its own: give the artifact's own "
-                         f"folder, e.g. {what} engines/NAME")
+    """The directory an export may create or replace for `out_dir`, checked before any work: not the
+    root, the current directory or one that holds it ('', '.', '..', '/': an export renames its
+    directory into place), and a symbolic link resolved to the directory it names (the link itself
+    is never rewritten); a dangling link, a link loop or a link to a non-directory is refused."""
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise InputError(f"{what} must name the artifact directory to write, got {out_dir!r}")
+    path = Path(out_dir)  # '' is '.'
     if path.is_symlink():
         try:
             real = path.resolve(strict=True)
@@ -141,8 +138,9 @@ def resolve_out_dir(out_dir, what: str = "--out") -> Path:
     except (OSError, RuntimeError) as e:
         raise InputError(f"{what} {path} cannot be resolved: {e}") from None
     if absolute.parent == absolute or Path.cwd().resolve().is_relative_to(absolute):
-        raise InputError(f"{what} {str(out_dir)!r} is {absolute}, the current directory or one above it: an export "
-                         f"renames its directory into place, so give the artifact's own folder (e.g. {what} engines/NAME)")
+        raise InputError(f"{what} {str(out_dir)!r} is {absolute}, the root, the current directory or one above it: an "
+                         f"export renames its directory into place, so give the artifact's own folder (e.g. {what} "
+                         "engines/NAME)")
     return path
 
 
