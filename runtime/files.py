@@ -213,25 +213,30 @@ def claimed_output(target: Path, log=lambda m: None):
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot write {target}: {e.strerror or e}") from None
-    for attempt in range(2):
+    for _ in range(2):  # a stale lock removed, then one more try
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
-            if not stat.S_ISREG(os.lstat(lock).st_mode):  # a folder or link of someone's: never removed
-                raise InputError(f"cannot claim {target}: {lock} is in the way and is not ditrt's lock file (a "
-                                 "directory, a link or a device); move it away") from None
-            try:
-                holder = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                holder = 0
-            if holder and _pid_alive(holder) and attempt == 0:
-                raise InputError(f"another ditrt process (pid {holder}) is writing {target} right now "
-                                 f"({lock} holds its pid); wait for it or choose another --out") from None
-            log(f"note: removing the stale lock {lock} of a process that is gone")
-            lock.unlink(missing_ok=True)
+            pass
         except OSError as e:  # a read-only filesystem, no permission
             raise InputError(f"cannot write {target}: {e.strerror or e} (creating its lock file {lock})") from None
+        try:
+            regular = stat.S_ISREG(os.lstat(lock).st_mode)
+        except FileNotFoundError:  # released meanwhile: claim it again
+            continue
+        if not regular:  # a folder or link of someone's: never removed
+            raise InputError(f"cannot claim {target}: {lock} is in the way and is not ditrt's lock file (a "
+                             "directory, a link or a device); move it away")
+        try:
+            holder = int(lock.read_text().strip() or 0)
+        except (OSError, ValueError):
+            holder = 0
+        if holder and _pid_alive(holder):
+            raise InputError(f"another ditrt process (pid {holder}) is writing {target} right now "
+                             f"({lock} holds its pid); wait for it or choose another --out")
+        log(f"note: removing the stale lock {lock} of a process that is gone")
+        lock.unlink(missing_ok=True)
     else:
         raise InputError(f"cannot claim {target}: {lock} keeps reappearing")
     try:
