@@ -137,7 +137,7 @@ def resolve_out_dir(out_dir, what: str = "--out") -> Path:
         absolute = path.resolve()
     except (OSError, RuntimeError) as e:
         raise InputError(f"{what} {path} cannot be resolved: {e}") from None
-    if absolute.parent == absolute or Path.cwd().resolve().is_relative_to(absolute):
+    if Path.cwd().resolve().is_relative_to(absolute):  # '/' holds every directory
         raise InputError(f"{what} {str(out_dir)!r} is {absolute}, the root, the current directory or one above it: an "
                          f"export renames its directory into place, so give the artifact's own folder (e.g. {what} "
                          "engines/NAME)")
