@@ -331,7 +331,6 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from ditrt import cli as ditrt_cli
-from ditrt.runtime.errors import DitrtError
 from ditrt.runtime.files import Terminated, signals_raise
 from ditrt.runtime.outputs import OutputPlan
 
@@ -757,6 +756,7 @@ def test_temp_cleanup_leaves_a_symlink_alone_and_says_so(tmp_path):
 
 
 def test_signals_are_held_over_a_swap_and_raised_after_it():
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Terminated) as raised:
         with signals_raise() as signals:
             with signals.held():
@@ -764,7 +764,7 @@ def test_signals_are_held_over_a_swap_and_raised_after_it():
                 time.sleep(0.05)  # delivered here, held
                 finished = True
     assert finished and raised.value.signum == signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone again
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is gone again
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
