@@ -302,7 +302,7 @@ def decode(artifact, latents, out_path, out_dir, backend, decoder_precision, thr
         raise click.UsageError(f"--out {out_path}: decode writes a PNG grid (a .png name)")
     with project_errors():
         manifest = runtime.load_manifest(artifact)
-        plan = OutputPlan(None, out_path, out_dir)
+        plan = OutputPlan(None, out_path, out_dir).checked()
         array = load_latents(latents, manifest.model.latent_shape)
         decoder = runtime.create_backend(manifest, backend, decoder_precision, "decoder", threads=threads, verify=verify)
         click.echo(", ".join(plan.write(array, lambda x: run_decoder(decoder, x), log=_log)))
@@ -312,14 +312,23 @@ def decode(artifact, latents, out_path, out_dir, backend, decoder_precision, thr
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-def verify(artifact) -> None:
-    """Check every file of ARTIFACT (graphs, external data, TensorRT plans) against the manifest.
+@click.option("--accept-manifest-edits", is_flag=True,
+              help="Record the current manifest.json as intended (rewrites manifest.sha256) after a deliberate "
+                   "edit; the manifest must still load. Then verify as usual.")
+def verify(artifact, accept_manifest_edits) -> None:
+    """Check ARTIFACT: the manifest against the digest recorded at export (manifest.sha256), and
+    every file it names (graphs, external data, TensorRT plans) against the manifest.
 
-    Exit code 0: everything matches; 1: a file is missing or changed; 2: the artifact or its
-    manifest is unusable.
+    Exit code 0: everything matches; 1: a file is missing or changed, or the manifest was edited
+    since export; 2: the artifact or its manifest is unusable (no denoiser graph, a bad field).
     """
+    from ditrt.runtime.manifest import DIGEST_NAME, write_manifest_digest
     with project_errors():
-        results = runtime.load_manifest(artifact).verify_all()
+        manifest = runtime.load_manifest(artifact)  # a manifest that does not load is never accepted
+        if accept_manifest_edits:
+            digest = write_manifest_digest(manifest.directory)
+            click.echo(f"accepted the current manifest.json (sha256 {digest[:16]}...): recorded in {DIGEST_NAME}")
+        results = manifest.verify_all()
     width = max(len(str(name)) for name, _, _ in results)
     for name, what, problem in results:
         click.echo(f"{str(name):<{width}}  {what:<28} {'ok' if problem is None else 'FAIL: ' + problem}")

@@ -1,7 +1,10 @@
 """`ditrt export`: an artifact directory (graphs + manifest) from a denoiser source and an optional
 VAE, through the one export loop (onnx_export.export_network) per network. Everything is written to
 a temporary directory beside `--out` that is renamed into place only when every network passed;
-`--out` is claimed exclusively for the duration (runtime.files.claimed_output)."""
+`--out` is checked before any work (runtime.files.resolve_out_dir: a symbolic link is resolved,
+never rewritten) and claimed exclusively for the duration (runtime.files.claimed_output). SIGTERM
+and SIGINT run the same cleanup as an error (runtime.files.signals_raise): the lock and the
+temporary folder go, a previous artifact stays as it was. See docs/integrity.md."""
 from __future__ import annotations
 
 import json
@@ -17,8 +20,10 @@ import torch
 
 from ditrt import runtime
 from ditrt.runtime.config import Guidance
-from ditrt.runtime.files import claimed_output, listed_files, swap_into_place, write_json_atomic
-from ditrt.runtime.manifest import MANIFEST_NAME, Manifest, new_manifest
+from ditrt.runtime.errors import StepError
+from ditrt.runtime.files import (Terminated, claimed_output, listed_files, resolve_out_dir, signals_raise,
+                                 swap_into_place, write_json_atomic)
+from ditrt.runtime.manifest import MANIFEST_NAME, Manifest, new_manifest, write_manifest_digest
 
 from .decoder import DecoderExporter
 from .denoiser import DenoiserExporter, ExportSource
@@ -26,37 +31,75 @@ from .onnx_export import (DEFAULT_OPSET, ExportOptionError, Steps, check_common_
                           steps_per_network)
 
 
+class ExportInterrupted(StepError):
+    """SIGTERM or SIGINT stopped the export; its cleanup ran. The exit code is the shell's for the
+    signal (128 + its number: 143 for SIGTERM, 130 for SIGINT)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def export_artifact(source: ExportSource, out_dir: str | Path, precisions: tuple[str, ...] = ("fp32", "fp16"),
                     opset: int = DEFAULT_OPSET, force: bool = False, fp32_blocks: tuple[int, ...] = (),
                     log: Callable[[str], None] = print, vae=None) -> Manifest:
     """Write the artifact directory. The source model is used up: an fp16 export converts it in place.
     `vae` (a LoadedVae from exporter.vae.load_vae) adds the decoder network, in the same precisions."""
-    out_dir = Path(out_dir)
+    out_dir, written = prepare_out_dir(out_dir, force, log), False
     exporters = [DenoiserExporter(source, fp32_blocks)]
     if vae is not None:
         exporters.append(DecoderExporter(vae, source.config.latent_shape))
-    with claimed_output(out_dir, log):  # a racing export to the same --out fails here, at once
-        precisions = check_common_options(precisions, opset)
-        for exporter in exporters:
-            exporter.check_options(precisions)
-        check_out_dir(out_dir, force)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
-        try:
-            steps = Steps(len(exporters) * steps_per_network(precisions) + 1, log)
-            networks = {e.spec.name: export_network(e, tmp, precisions, opset, steps) for e in exporters}
-            with steps("writing manifest"):
-                data = new_manifest(family=source.family, config=source.config, model_extra=source.model_fields(),
-                                    source=source.description, process=source.family.default_process(source.config),
-                                    guidance=Guidance.official(source.config), defaults=source.family.defaults,
-                                    networks=networks, versions=_versions())
-                write_json_atomic(tmp / MANIFEST_NAME, data)
-            swap_into_place(tmp, out_dir, _old_listed(out_dir), log)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    try:
+        with signals_raise() as signals, claimed_output(out_dir, log):  # a racing export fails here, at once
+            precisions = check_common_options(precisions, opset)
+            for exporter in exporters:
+                exporter.check_options(precisions)
+            check_out_dir(out_dir, force)
+            tmp = None
+            try:
+                with signals.held():  # no temporary folder without its cleanup
+                    tmp = Path(_make_temp_dir(out_dir))
+                tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
+                steps = Steps(len(exporters) * steps_per_network(precisions) + 1, log)
+                networks = {e.spec.name: export_network(e, tmp, precisions, opset, steps) for e in exporters}
+                with steps("writing manifest"):
+                    data = new_manifest(family=source.family, config=source.config, model_extra=source.model_fields(),
+                                        source=source.description, process=source.family.default_process(source.config),
+                                        guidance=Guidance.official(source.config), defaults=source.family.defaults,
+                                        networks=networks, versions=_versions())
+                    write_json_atomic(tmp / MANIFEST_NAME, data)
+                    write_manifest_digest(tmp)
+                with signals.held():  # the swap's two renames run to the end
+                    swap_into_place(tmp, out_dir, _old_listed(out_dir), log)
+                    written = True
+            except BaseException:
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except Terminated as e:
+        state = (f"{out_dir} had just been written and is complete" if written else
+                 f"the previous artifact {out_dir} is unchanged" if out_dir.exists() else f"{out_dir} was not created")
+        raise ExportInterrupted(f"export {e}: removed its temporary folder and lock; {state}", e.signum) from None
     log(f"wrote {out_dir} ({', '.join(precisions)})")
     return Manifest(data, out_dir)
+
+
+def _make_temp_dir(out_dir: Path) -> str:
+    try:
+        return tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent)
+    except OSError as e:
+        raise ExportOptionError(f"cannot write {out_dir}: {e.strerror or e} (creating a temporary folder beside it)") \
+            from None
+
+
+def prepare_out_dir(out_dir, force: bool, log: Callable[[str], None] = print) -> Path:
+    """`--out` as the directory to write, refused at once when the export could not end well (see
+    runtime.files.resolve_out_dir and check_out_dir); a symbolic link is followed, and said so."""
+    path = resolve_out_dir(out_dir)
+    if path != Path(out_dir):
+        log(f"note: --out {out_dir} is a symbolic link; writing the directory it names, {path}")
+    check_out_dir(path, force)
+    return path
 
 
 def check_out_dir(out_dir: Path, force: bool) -> None:
@@ -141,6 +184,8 @@ def export_command(checkpoint=None, example: bool = False, config_name=None, ran
     from .vae import load_vae
     if vae_dir is not None and no_vae:
         raise ExportOptionError("give --vae DIR or --no-vae, not both")
+    if out_dir is not None:  # before the checkpoint is read: a bad --out is refused at once
+        prepare_out_dir(out_dir, force, log=lambda m: None)
     source, default_name = resolve_source(checkpoint, example, config_name, random_init, image_size, num_classes, seed,
                                           num_heads, family, transport)
     vae = None

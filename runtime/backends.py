@@ -112,8 +112,8 @@ def _onnxruntime(manifest, network: str, precision: str, threads=None, max_batch
     path = manifest.graph_path(network, precision)
     if not path.is_file():
         raise ArtifactError(f"{path} is listed in the manifest but missing")
-    if verify:  # every file the session reads (graph and external data), against the manifest
-        manifest.verify_files(network, precision)
+    # every file the session reads is listed (graph and external data); with verify, hashed too
+    manifest.verify_files(network, precision, hashes=verify)
     return OnnxRuntimeBackend(path, manifest.network(network), precision, onnxruntime_device(), threads, max_batch)
 
 

@@ -20,16 +20,21 @@ def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
     loading the same artifact again does not rehash gigabytes; a file rewritten in place changes its
     ctime (and usually its mtime), a replaced one its inode. (A same-size rewrite within one
     timestamp tick of the filesystem would go unnoticed: the trade-off of caching.)"""
-    real = os.path.realpath(path)
-    info = os.stat(real)
-    key = (real, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    key = file_key(path)
     if key not in _HASHES:
         digest = hashlib.sha256()
-        with open(real, "rb") as f:
+        with open(key[0], "rb") as f:
             while block := f.read(chunk):
                 digest.update(block)
         _HASHES[key] = digest.hexdigest()
     return _HASHES[key]
+
+
+def file_key(path: str | Path) -> tuple:
+    """(real path, inode, size, mtime, ctime): what caches of a file's contents are keyed by."""
+    real = os.path.realpath(path)
+    info = os.stat(real)
+    return real, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
 @contextmanager
@@ -55,8 +60,11 @@ def atomic_output(path: str | Path, suffix: str = "", durable: bool = False):
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; artifacts are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk, a quota, an I/O error: nothing was written
+            reason = e.strerror or f"{e} (a short write: a full disk or a file size limit)"
+            raise InputError(f"cannot write {path}: {reason}; no partial file was left") from None
         raise
 
 
@@ -75,10 +83,13 @@ def artifact_path(directory: Path, name, field: str) -> Path:
         raise ArtifactError(f"manifest field {field} ({name!r}) points outside the artifact: files must be "
                             "relative paths inside it")
     path = directory / name
-    root = directory.resolve()
-    if not path.resolve().is_relative_to(root):  # a symbolic link leading out
+    try:
+        root, real = directory.resolve(), path.resolve()
+    except (OSError, RuntimeError) as e:  # a symbolic link loop (RuntimeError before Python 3.13)
+        raise ArtifactError(f"manifest field {field} ({name!r}) cannot be resolved: {e}") from None
+    if not real.is_relative_to(root):  # a symbolic link leading out
         raise ArtifactError(f"manifest field {field} ({name!r}) resolves outside the artifact "
-                            f"({path.resolve()}): files must live inside it")
+                            f"({real}): files must live inside it")
     return path
 
 
@@ -105,27 +116,127 @@ def _pid_of(path: Path) -> int | None:
     return None
 
 
+def resolve_out_dir(out_dir, what: str = "--out") -> Path:
+    """The directory an export may create or replace for `out_dir`, checked before any work: not the
+    root, the current directory or one that holds it ('', '.', '..', '/': an export renames its
+    directory into place), and a symbolic link resolved to the directory it names (the link itself
+    is never rewritten); a dangling link, a link loop or a link to a non-directory is refused."""
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise InputError(f"{what} must name the artifact directory to write, got {out_dir!r}")
+    path = Path(out_dir)  # '' is '.'
+    if path.is_symlink():
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError) as e:  # dangling, or a loop (RuntimeError before Python 3.13)
+            raise InputError(f"{what} {path} is a symbolic link that leads nowhere ({e}); give the real directory") \
+                from None
+        if not real.is_dir():
+            raise InputError(f"{what} {path} is a symbolic link to {real}, which is not a directory")
+        path = real
+    try:
+        absolute = path.resolve()
+    except (OSError, RuntimeError) as e:
+        raise InputError(f"{what} {path} cannot be resolved: {e}") from None
+    if Path.cwd().resolve().is_relative_to(absolute):  # '/' holds every directory
+        raise InputError(f"{what} {str(out_dir)!r} is {absolute}, the root, the current directory or one above it: an "
+                         f"export renames its directory into place, so give the artifact's own folder (e.g. {what} "
+                         "engines/NAME)")
+    return path
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGINT arrived inside `signals_raise()`. A BaseException, as KeyboardInterrupt,
+    so that no `except Exception` on the way (torch's, ONNX Runtime's) swallows it: the cleanup
+    paths (`finally`, `except BaseException`) run and the caller reports it."""
+
+    def __init__(self, signum: int):
+        import signal
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class _Signals:
+    """What `signals_raise` yields: `held()` defers the signals over a step that must not stop
+    halfway (the two renames of a swap)."""
+
+    def __init__(self):
+        self.raised, self.holding, self.pending = False, False, None
+
+    def handler(self, signum, frame):
+        if self.raised:  # the cleanup of the first signal is running: let it finish
+            return
+        if self.holding:
+            self.pending = signum
+            return
+        self.raised = True
+        raise Terminated(signum)
+
+    @contextmanager
+    def held(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending is not None and not self.raised:
+            self.raised = True
+            raise Terminated(self.pending)
+
+
+@contextmanager
+def signals_raise():
+    """SIGTERM and SIGINT raise `Terminated` for the duration of the block (what systemd, Kubernetes
+    and Ctrl-C send), so an interrupted export runs the same cleanup as a failed one. The first
+    signal raises; later ones are ignored while that cleanup runs. Outside the main thread (where
+    Python cannot install handlers) the block runs unchanged."""
+    import signal
+    import threading
+    signals = _Signals()
+    if threading.current_thread() is not threading.main_thread():
+        yield signals
+        return
+    previous = {s: signal.signal(s, signals.handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield signals
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 @contextmanager
 def claimed_output(target: Path, log=lambda m: None):
     """Exclusive right to write `target` for the duration of the block: a lock file beside it.
     Also recovers a previous artifact left by a killed --force swap and removes temporary folders
     of killed exports (reporting both)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     lock = target.with_name(f".{target.name}.lock")
-    for attempt in range(2):
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot write {target}: {e.strerror or e}") from None
+    for _ in range(2):  # a stale lock removed, then one more try
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
-            try:
-                holder = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                holder = 0
-            if holder and _pid_alive(holder) and attempt == 0:
-                raise InputError(f"another ditrt process (pid {holder}) is writing {target} right now "
-                                 f"({lock} holds its pid); wait for it or choose another --out") from None
-            log(f"note: removing the stale lock {lock} of a process that is gone")
-            lock.unlink(missing_ok=True)
+            pass
+        except OSError as e:  # a read-only filesystem, no permission
+            raise InputError(f"cannot write {target}: {e.strerror or e} (creating its lock file {lock})") from None
+        try:
+            regular = stat.S_ISREG(os.lstat(lock).st_mode)
+        except FileNotFoundError:  # released meanwhile: claim it again
+            continue
+        if not regular:  # a folder or link of someone's: never removed
+            raise InputError(f"cannot claim {target}: {lock} is in the way and is not ditrt's lock file (a "
+                             "directory, a link or a device); move it away")
+        try:
+            holder = int(lock.read_text().strip() or 0)
+        except (OSError, ValueError):
+            holder = 0
+        if holder and _pid_alive(holder):
+            raise InputError(f"another ditrt process (pid {holder}) is writing {target} right now "
+                             f"({lock} holds its pid); wait for it or choose another --out")
+        log(f"note: removing the stale lock {lock} of a process that is gone")
+        lock.unlink(missing_ok=True)
     else:
         raise InputError(f"cannot claim {target}: {lock} keeps reappearing")
     try:
@@ -137,23 +248,37 @@ def claimed_output(target: Path, log=lambda m: None):
         lock.unlink(missing_ok=True)
 
 
+def _is_real_dir(path: Path) -> bool:
+    return stat.S_ISDIR(os.lstat(path).st_mode)
+
+
 def _recover(target: Path, log) -> None:
-    """Leftovers of killed runs for `target`: put a swapped-out artifact back, remove temp folders."""
+    """Leftovers of killed runs for `target`: put a swapped-out artifact back, remove temp folders.
+    Only real directories are touched (ditrt makes no links): a link of these names is left alone."""
     import shutil
-    for old in sorted(target.parent.glob(f".{target.name}.old-*")):
-        if not os.path.lexists(target):
-            os.replace(old, target)
-            log(f"note: recovered the previous artifact {target} from {old.name} (a --force export was killed "
-                "mid-swap)")
+    leftovers = sorted(target.parent.glob(f".{target.name}.old-*")) + sorted(target.parent.glob(f".{target.name}.tmp-*"))
+    for path in leftovers:
+        if not _is_real_dir(path):
+            log(f"note: left {path.name} alone: not a folder of a killed export (a link or a file)")
+            continue
+        if ".old-" in path.name:
+            if not os.path.lexists(target):
+                os.replace(path, target)
+                log(f"note: recovered the previous artifact {target} from {path.name} (a --force export was killed "
+                    "mid-swap)")
+                continue
+            why = "left by a killed --force export"
         else:
-            shutil.rmtree(old, ignore_errors=True)
-            log(f"note: removed {old.name}, left by a killed --force export")
-    for tmp in sorted(target.parent.glob(f".{target.name}.tmp-*")):
-        pid = _pid_of(tmp)
-        if pid != os.getpid() and not (pid and _pid_alive(pid)):
-            size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-            shutil.rmtree(tmp, ignore_errors=True)
-            log(f"note: removed {tmp.name} ({size / 2**20:.1f} MiB), left by a killed export")
+            pid = _pid_of(path)
+            if pid == os.getpid() or (pid and _pid_alive(pid)):
+                continue
+            why = "left by a killed export"
+        size = sum(p.lstat().st_size for p in path.rglob("*") if not p.is_symlink() and p.is_file())
+        shutil.rmtree(path, ignore_errors=True)
+        if os.path.lexists(path):
+            log(f"note: could not remove {path.name} ({why}); remove it by hand")
+        else:
+            log(f"note: removed {path.name} ({size / 2**20:.1f} MiB), {why}")
 
 
 def swap_into_place(new: Path, target: Path, listed: set[str], log=lambda m: None) -> None:
@@ -180,7 +305,7 @@ def swap_into_place(new: Path, target: Path, listed: set[str], log=lambda m: Non
 
 def listed_files(manifest_data: dict) -> set[str]:
     """Every file a manifest names (graphs, external data, plans) and the manifest itself."""
-    names = {"manifest.json"}
+    names = {"manifest.json", "manifest.sha256"}
     for network in (manifest_data.get("networks") or {}).values():
         for graph in (network.get("graphs") or {}).values() if isinstance(network, dict) else ():
             if isinstance(graph, dict):

@@ -6,24 +6,30 @@ process, guidance, defaults, one spec, graph set and engine list per network) an
 that writes it (`new_manifest`, `network_section`, `graph_entry`, `engine_entry`, and
 `Manifest.record_engine` / `save`). The exporter and `ditrt build` call these; nothing else builds
 manifest dicts. Older schemas (1 and 2) are upgraded in memory.
+
+`manifest.sha256` beside it records the manifest's own sha256 (`sha256sum -c` reads it): written by
+the export, kept current by `ditrt build` and `ditrt verify --accept-manifest-edits`, checked by
+`ditrt verify`, never by `load` (docs/integrity.md).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .config import (DiTConfig, Defaults, Family, Guidance, read_defaults, read_guidance, read_model,
                      read_process)
 from .errors import ArtifactError
-from .files import artifact_path, sha256_file, write_json_atomic
+from .files import artifact_path, atomic_output, file_key, sha256_file, write_json_atomic
 from .networks import NetworkSpec, denoiser_spec
 
 SCHEMA = "ditrt.manifest"
 SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"
+DIGEST_NAME = "manifest.sha256"  # the manifest's own sha256, "<hex>  manifest.json" (sha256sum's format)
 PRECISIONS = ("fp32", "fp16")
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB; a bigger "manifest" is not one
 
@@ -47,6 +53,9 @@ class Manifest:
             self.networks[name] = spec
             for precision in self._graphs(name):
                 self._check_graph(name, precision)
+        if not self._graphs("denoiser"):
+            raise ArtifactError("manifest field networks.denoiser.graphs lists no graph: nothing can sample with this "
+                                "artifact; re-export it")
         if not isinstance(data.get("engines", []), list):
             raise ArtifactError("manifest field engines must be a list")
 
@@ -61,7 +70,7 @@ class Manifest:
     # ---- networks and graphs ------------------------------------------------------------------
 
     def network(self, name: str = "denoiser") -> NetworkSpec:
-        if name not in self.networks:
+        if not isinstance(name, str) or name not in self.networks:
             hint = " (export with --vae DIR to add a decoder)" if name == "decoder" else ""
             raise ArtifactError(f"{self.directory} has no {name} network{hint}; it has: {', '.join(self.networks)}")
         return self.networks[name]
@@ -117,32 +126,54 @@ class Manifest:
 
     # ---- integrity ----------------------------------------------------------------------------
 
-    def file_hashes(self, network: str, precision: str) -> dict[str, tuple[str, str | None]]:
-        """file -> (sha256 in the manifest, sha256 on disk or None when missing) for a graph."""
+    def file_hashes(self, network: str, precision: str, hashes: bool = True) -> dict[str, tuple[str, str | None]]:
+        """file -> (sha256 in the manifest, sha256 on disk or None when missing) for a graph
+        (hashes=False: the recorded sha256 for a file that exists, without reading it)."""
         out = {}
         for name, digest in self.graph(network, precision)["sha256"].items():
             path = artifact_path(self.directory, name, f"networks.{network}.graphs.{precision}.sha256")
-            out[name] = (digest, sha256_file(path) if path.is_file() else None)
+            out[name] = (digest, None if not path.is_file() else sha256_file(path) if hashes else digest)
         return out
 
-    def verify_files(self, network: str, precision: str) -> None:
-        """Check that the graph's files exist and have the recorded sha256."""
-        for name, (recorded, actual) in self.file_hashes(network, precision).items():
+    def verify_files(self, network: str, precision: str, hashes: bool = True) -> None:
+        """Check a graph before a backend opens it: its listed files exist (and, with `hashes`, have
+        their recorded sha256), and every external-data file the graph references is one of them,
+        so nothing it reads is unlisted or outside the artifact."""
+        for name, (recorded, actual) in self.file_hashes(network, precision, hashes).items():
             problem = file_problem(recorded, actual)
             if problem == "missing":
                 raise ArtifactError(f"{self.directory / name} is listed in the manifest but missing")
             if problem:
                 raise ArtifactError(f"{self.directory / name} does not match its sha256 in the manifest "
                                     "(corrupt or replaced); re-export")
+        unlisted = self.unlisted_external_data(network, precision)
+        if unlisted:
+            raise ArtifactError(f"{self.graph_path(network, precision)} reads external data the manifest does not list "
+                                f"(so it is not hashed): {', '.join(map(repr, unlisted))}; re-export the artifact")
+
+    def unlisted_external_data(self, network: str, precision: str) -> list[str]:
+        """The external-data files the graph references (as files of the artifact) that its
+        manifest entry does not list; the graph is read without its data (onnx)."""
+        path = self.graph_path(network, precision)
+        listed = set(self.graph(network, precision)["sha256"])
+        folder = PurePosixPath(self.graph(network, precision)["file"]).parent
+        return sorted({str(folder / location) if location else repr(location) for location in _external_locations(path)}
+                      - listed)
 
     def verify_all(self) -> list[tuple[str, str, str | None]]:
-        """(file, what it is, problem or None) for every file the manifest names: each network's
-        graphs (with external data) and each engine's plan."""
-        results = []
+        """(file, what it is, problem or None) for the manifest itself (against manifest.sha256),
+        every file the manifest names (each network's graphs, their external data, each engine's
+        plan) and any external data a graph reads that the manifest does not list."""
+        results = [(MANIFEST_NAME, "manifest since export", manifest_digest_problem(self.directory))]
         for network in self.networks:
             for precision in self.precisions(network):
-                for name, (recorded, actual) in self.file_hashes(network, precision).items():
+                hashes = self.file_hashes(network, precision)
+                for name, (recorded, actual) in hashes.items():
                     results.append((name, f"{network} {precision} graph", file_problem(recorded, actual)))
+                if all(recorded == actual for recorded, actual in hashes.values()):  # a parsable graph
+                    for name in self.unlisted_external_data(network, precision):
+                        results.append((name, f"{network} {precision} graph", "read by the graph as external data, "
+                                        "but not listed in the manifest (unhashed)"))
         for i, entry in enumerate(self.engines):
             name = entry.get("file") if isinstance(entry, dict) else None
             path = artifact_path(self.directory, name, f"engines[{i}].file")
@@ -162,7 +193,77 @@ class Manifest:
         self.data["engines"] = current.data["engines"]
 
     def save(self) -> None:
+        """Write the manifest, and its digest when the manifest on disk matched the recorded one (a
+        legitimate edit of a manifest as exported; an unrecorded hand edit stays reported by
+        `ditrt verify` rather than blessed by this write)."""
+        as_recorded = manifest_digest_problem(self.directory) is None
         write_json_atomic(self.directory / MANIFEST_NAME, self.data)
+        if as_recorded:
+            write_manifest_digest(self.directory)
+
+
+def write_manifest_digest(directory: str | Path) -> str:
+    """Record manifest.json's sha256 in manifest.sha256 (atomically); returns it."""
+    directory = Path(directory)
+    digest = sha256_file(directory / MANIFEST_NAME)
+    with atomic_output(directory / DIGEST_NAME) as f:
+        f.write(f"{digest}  {MANIFEST_NAME}\n".encode())
+    return digest
+
+
+def manifest_digest_problem(directory: str | Path) -> str | None:
+    """None when manifest.json has the sha256 recorded in manifest.sha256; else what is wrong."""
+    sidecar = Path(directory) / DIGEST_NAME
+    accept = "if the manifest is as you intend, record it with `ditrt verify --accept-manifest-edits`"
+    try:
+        info = os.lstat(sidecar)
+    except FileNotFoundError:
+        return f"no recorded digest ({DIGEST_NAME} is missing): edits since export cannot be ruled out; {accept}"
+    if not stat.S_ISREG(info.st_mode) or info.st_size > 4096:
+        return f"{DIGEST_NAME} is not a small regular file; {accept}"
+    try:
+        match = re.fullmatch(rf"([0-9a-f]{{64}}) [ *]{re.escape(MANIFEST_NAME)}\n?", sidecar.read_text("ascii"))
+    except (OSError, UnicodeDecodeError):
+        match = None
+    if not match:
+        return f"{DIGEST_NAME} is not a line '<sha256>  {MANIFEST_NAME}'; {accept}"
+    actual = sha256_file(Path(directory) / MANIFEST_NAME)
+    if actual != match.group(1):
+        return (f"edited since export: sha256 {actual[:16]}... differs from the {match.group(1)[:16]}... recorded in "
+                f"{DIGEST_NAME}; {accept}")
+    return None
+
+
+_LOCATIONS: dict[tuple, list[str]] = {}  # file_key(graph) -> its external-data locations
+
+
+def _external_locations(graph_path: Path) -> list[str]:
+    """The `location` of every tensor of an ONNX graph whose data lives in another file (initializers,
+    Constant and other tensor attributes, subgraphs), read without loading any data; remembered per
+    file identity, as sha256_file does."""
+    key = file_key(graph_path)
+    if key not in _LOCATIONS:
+        import onnx
+        try:
+            model = onnx.load(str(graph_path), load_external_data=False)
+        except Exception as e:  # DecodeError and friends: not an ONNX graph
+            raise ArtifactError(f"{graph_path} is not a readable ONNX graph: {type(e).__name__}: {e}") from None
+        locations = []
+
+        def walk(graph):
+            tensors = list(graph.initializer) + [s.values for s in graph.sparse_initializer]
+            for node in graph.node:
+                for attribute in node.attribute:
+                    tensors += [attribute.t, *attribute.tensors]
+                    for subgraph in [attribute.g, *attribute.graphs]:
+                        walk(subgraph)
+            for tensor in tensors:
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    locations.append(next((e.value for e in tensor.external_data if e.key == "location"), ""))
+
+        walk(model.graph)
+        _LOCATIONS[key] = locations
+    return _LOCATIONS[key]
 
 
 def file_problem(recorded: str | None, actual: str | None) -> str | None:

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import InputError
-from .validate import check_int
+from .validate import check_array, check_int
 
 NOISE_VERSION = "philox4x32-10+bm-poly/1"
 
@@ -203,8 +203,9 @@ class InjectedNoise:
 
     def __init__(self, initial, steps, num_images: int, shape: tuple[int, ...], num_draws: int):
         want_initial, want_steps = (num_images, *shape), (num_draws, num_images, *shape)
-        initial = _float_array(initial, "initial")
-        steps = np.zeros(want_steps, np.float32) if steps is None and num_draws == 0 else _float_array(steps, "step")
+        initial = check_array(initial, "injected initial noise")
+        steps = (np.zeros(want_steps, np.float32) if steps is None and num_draws == 0 else
+                 check_array(steps, "injected step noise"))
         if steps.size == 0 and num_draws == 0:
             steps = np.zeros(want_steps, np.float32)
         if initial.shape != want_initial:
@@ -223,13 +224,3 @@ class InjectedNoise:
 
     def step(self, k: int) -> np.ndarray:
         return self._steps[k]
-
-
-def _float_array(value, what: str) -> np.ndarray:
-    try:
-        array = np.asarray(value)
-    except (ValueError, TypeError) as e:
-        raise InputError(f"injected {what} noise is not an array ({e})") from None
-    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        raise InputError(f"injected {what} noise must be a float array, got {array.dtype}")
-    return array

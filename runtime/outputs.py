@@ -7,12 +7,15 @@
 
 An option that would be silently ignored is refused instead (a second latents path, a decoder
 precision when nothing is decoded), and an image output on an artifact without a decoder is refused
-before any sampling.
+before any sampling. Every file is written atomically; a write that fails (a full disk) is an
+InputError naming the file, and leaves no partial file (docs/integrity.md).
 """
 from __future__ import annotations
 
 import io
+import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,10 +57,16 @@ class OutputPlan:
         if decoder_precision is not None and not plan.decodes:
             raise InputError(f"--decoder-precision {decoder_precision} applies only when images are written "
                              "(--out GRID.png or --out-dir DIR); these outputs decode nothing")
-        for path in (plan.latents, plan.grid):
+        return plan.checked()
+
+    def checked(self) -> "OutputPlan":
+        """The plan, once nothing in the way of its outputs would make the write fail after the work."""
+        for path in (self.latents, self.grid):
             if path is not None:
                 check_writable(path)
-        return plan
+        if self.folder is not None and os.path.lexists(self.folder) and not self.folder.is_dir():
+            raise InputError(f"{self.folder} exists and is not a directory; per-image PNGs need a folder")
+        return self
 
     def write(self, latents: np.ndarray, decode: Callable[[np.ndarray], np.ndarray] | None = None,
               log: Callable[[str], None] = lambda m: None, first_index: int = 0) -> list[str]:
@@ -74,9 +83,28 @@ class OutputPlan:
                 images.write_png(self.grid, images.grid(decoded))
                 written.append(f"{self.grid} (grid of {len(decoded)})")
             if self.folder is not None:
-                paths = images.write_per_image(self.folder, images.to_uint8(decoded), first_index)
+                paths = _write_folder(self.folder, images.to_uint8(decoded), first_index)
                 written.append(f"{self.folder}/{paths[0].name}..{paths[-1].name}")
         return written
+
+
+def _write_folder(folder: Path, images_uint8: np.ndarray, first_index: int = 0) -> list[Path]:
+    """Per-image PNGs; when one fails (a full disk), the ones this call added go again (and the
+    folder, when this call made it), so a folder never holds part of a failed run's images."""
+    created = not os.path.lexists(folder)
+    names = (folder / images.per_image_name(first_index + i) for i in range(len(images_uint8)))
+    added = [p for p in names if not os.path.lexists(p)]
+    try:
+        return images.write_per_image(folder, images_uint8, first_index)
+    except BaseException:
+        for path in added:
+            path.unlink(missing_ok=True)
+        if created:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
 
 
 def encode(latents: np.ndarray, fmt: str, decode: Callable[[np.ndarray], np.ndarray] | None = None) -> bytes:
@@ -105,9 +133,17 @@ MAX_NPY_BYTES = 4 << 30  # latents of 4 GiB are ~250k DiT-XL/2 images: more is a
 
 
 def load_latents(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """A latents .npy, checked before anything is allocated: its header against the file's size,
+    """A latents .npy, checked before anything is allocated: a regular file, its header against its size,
     a floating dtype, 4 dimensions (and `shape` = (C, H, W) when given), at least one image."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"latents must be a .npy path, got {type(path).__name__} {path!r}")
     path = Path(path)
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as e:
+        raise InputError(f"cannot read latents {path}: {e.strerror or e}") from None
+    if not regular:  # a FIFO would block the open, a device never end
+        raise InputError(f"latents {path} is not a regular file")
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -120,7 +156,9 @@ def load_latents(path: str | Path, shape: tuple[int, ...] | None = None) -> np.n
         raise InputError(f"cannot read latents {path}: {e}") from None
     if dtype.hasobject or not np.issubdtype(dtype, np.floating):
         raise InputError(f"latents {path} hold {dtype}; expected float32 (N, C, H, W)")
-    want = int(np.prod(array_shape, dtype=np.int64)) * dtype.itemsize
+    if any(side < 0 for side in array_shape):
+        raise InputError(f"latents {path}: the header's shape {array_shape} has a negative size")
+    want = math.prod(array_shape) * dtype.itemsize  # Python ints: no int64 wrap-around to a small size
     if want != data_bytes or want > MAX_NPY_BYTES:
         raise InputError(f"latents {path}: the header says {array_shape} {dtype} ({want} bytes) but the file holds "
                          f"{data_bytes} bytes of data" if want != data_bytes else

@@ -30,7 +30,7 @@ from .errors import InputError, StepError
 from .manifest import Manifest, load_manifest
 from .noise import InjectedNoise, SeededNoise
 from .samplers import Sampler, get_sampler, guide
-from .validate import check_number
+from .validate import check_array, check_number
 
 
 @dataclass
@@ -187,7 +187,7 @@ class SampleRun:
     def advance(self, model_output: np.ndarray) -> None:
         if self.done:
             raise InputError(f"this run is finished ({self.steps_done} model calls); advance was called again")
-        model_output = np.asarray(model_output)
+        model_output = check_array(model_output, "model_output")
         if model_output.ndim != 4 or model_output.shape[0] != self.rows or model_output.shape[2:] != self._pending[0].shape[2:]:
             raise InputError(f"model_output has shape {model_output.shape}; this run's step takes ({self.rows}, channels, "
                              f"{', '.join(map(str, self._pending[0].shape[2:]))})")

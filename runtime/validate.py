@@ -1,5 +1,5 @@
-"""The one place that checks scalar values from callers, files and manifests: integers in a range,
-finite numbers in a range, choices. Each raises the given error kind (InputError by default,
+"""The one place that checks values from callers, files and manifests: integers in a range, finite
+numbers in a range, choices, arrays of numbers. Each raises the given error kind (InputError by default,
 ArtifactError for manifest fields) with a message naming what was checked and what was given.
 
 bool is refused where a number is wanted (True is an int in Python, never a meaningful count).
@@ -50,6 +50,18 @@ def check_choice(value, what: str, choices: Iterable[str], error=InputError) -> 
     if not isinstance(value, str) or value not in choices:
         raise error(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
+
+
+def check_array(value, what: str, error=InputError) -> np.ndarray:
+    """`value` as a numpy array of real numbers (float or int: never strings, objects, bools or
+    complex), not yet cast."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as e:  # ragged nesting, objects numpy cannot take
+        raise error(f"{what} is not an array ({e})") from None
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise error(f"{what} must be a float array, got {array.dtype}")
+    return array
 
 
 def _integers(low, high) -> str:

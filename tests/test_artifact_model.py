@@ -297,3 +297,61 @@ def test_error_kinds_decide_exit_codes(tiny_artifact, monkeypatch, tmp_path):
     r = CliRunner().invoke(cli.main, ["sample", str(tiny_artifact), "--labels", "1", "--steps", "4",
                                       "--backend", "onnxruntime", "--out", str(tmp_path / "c.npy")])
     assert r.exit_code == 1 and isinstance(r.exception, KeyError)  # a bug, not "bad input" (2)
+
+
+# ---- integrity (issue 22): the manifest's digest, external data --------------------------------------
+
+def _verify(art):
+    from ditrt import cli
+    return CliRunner().invoke(cli.main, ["verify", str(art)])
+
+
+def test_ditrt_build_keeps_the_manifest_digest_current_but_never_blesses_a_hand_edit(edit):
+    """record_engine (what `ditrt build` calls) edits the manifest legitimately: the digest follows.
+    A manifest already edited by hand stays reported after it."""
+    import hashlib
+    art = edit.art
+    plan = art / "denoiser.fp16.sm90.trt11.plan"
+    plan.write_bytes(b"a plan")
+    load_manifest(art).record_engine({"network": "denoiser", "file": plan.name, "sha256": sha256_file(plan)})
+    assert (art / "manifest.sha256").read_text().split()[0] == hashlib.sha256((art / "manifest.json").read_bytes()).hexdigest()
+    r = _verify(art)
+    assert r.exit_code == 0 and "denoiser TensorRT plan" in r.output and "4/4 files match" in r.output, r.output
+    edit("defaults", "steps", value=25)  # by hand
+    load_manifest(art).record_engine({"network": "denoiser", "file": plan.name, "sha256": sha256_file(plan)})
+    r = _verify(art)
+    assert r.exit_code == 1 and "edited since export" in r.output
+
+
+def _with_external_data(art, listed: bool):
+    """The fp32 graph re-saved with its weights in denoiser.fp32.onnx.data (as exports above 1 GiB
+    write it); the manifest hashes the new graph, and lists the data file only when `listed`."""
+    import onnx
+    graph = art / "denoiser.fp32.onnx"
+    onnx.save(onnx.load(str(graph)), str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="denoiser.fp32.onnx.data")
+    data = json.loads((art / "manifest.json").read_text())
+    entry = data["networks"]["denoiser"]["graphs"]["fp32"]
+    names = ["denoiser.fp32.onnx"] + (["denoiser.fp32.onnx.data"] if listed else [])
+    entry["files"], entry["sha256"] = names, {name: sha256_file(art / name) for name in names}
+    (art / "manifest.json").write_text(json.dumps(data))
+    assert (art / "denoiser.fp32.onnx.data").stat().st_size > 100_000  # the weights moved out
+    return art
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_external_data_the_manifest_does_not_list_is_refused_at_load(edit, verify):
+    art = _with_external_data(edit.art, listed=False)
+    with pytest.raises(ArtifactError, match=r"reads external data the manifest does not list \(so it is not hashed\): "
+                                            r"'denoiser.fp32.onnx.data'"):
+        runtime.load(art, backend="onnxruntime", verify=verify)
+    r = _verify(art)
+    assert r.exit_code == 1 and "denoiser.fp32.onnx.data" in r.output and "not listed in the manifest" in r.output
+
+
+def test_external_data_listed_and_hashed_loads_and_samples_the_same(edit, tiny_artifact):
+    art = _with_external_data(edit.art, listed=True)
+    np.testing.assert_array_equal(_sample(art), _sample(tiny_artifact))
+    (art / "denoiser.fp32.onnx.data").write_bytes(b"\0" * (art / "denoiser.fp32.onnx.data").stat().st_size)
+    with pytest.raises(ArtifactError, match="denoiser.fp32.onnx.data does not match its sha256"):
+        runtime.load(art, backend="onnxruntime")
