@@ -331,9 +331,9 @@ ditrt_status ditrt_sample(ditrt_pipeline* p, const int64_t* labels, int64_t num_
     return guarded([&] {
         CallScope scope("ditrt_sample");
         require(p, "pipeline");
+        if (num_labels < 1) throw Error(Status::InvalidArgument, "num_labels must be at least 1");
         require(labels, "labels");
         require(out, "out");
-        if (num_labels < 1) throw Error(Status::InvalidArgument, "num_labels must be at least 1");
         if (num_labels > (int64_t(1) << 32)) throw Error(Status::InvalidArgument, "num_labels must be at most 2^32");
         ditrt_core::sample(p->manifest, *p->executor, {labels, labels + num_labels}, resolve(options), out, out_capacity);
     });

@@ -14,8 +14,11 @@ namespace {
 // Values nlohmann::json cannot carry as Python does travel through its parser as strings with
 // this prefix (a raw control character: no JSON text can hold it unescaped), then become numbers
 // (NaN, +-inf) or stay marked (big integers, "\x01ditrt-int:<digits>").
-const std::string kMark = "\x01ditrt-";
+const std::string kMark = std::string("\x01") + "ditrt-";  // (not "\x01d...": a hex escape takes every hex digit)
 const std::string kNan = kMark + "nan", kInf = kMark + "inf", kNegInf = kMark + "-inf", kBigInt = kMark + "int:";
+
+// A marker as a JSON string literal (the control character escaped, as JSON requires).
+std::string marker_literal(const std::string& marker) { return "\"\\u0001" + marker.substr(1) + "\""; }
 constexpr size_t kMaxIntDigits = 4300;  // Python's sys.int_info.default_max_str_digits
 
 [[noreturn]] void fail(const std::string& why) { throw Error(Status::Artifact, "not valid JSON (" + why + ")"); }
@@ -101,26 +104,26 @@ size_t copy_number(const std::string& text, size_t i, std::string& out) {
             for (j = k; j < text.size() && is_digit(text[j]);) ++j;
         }
     }
-    const std::string literal = text.substr(i, j - i);
+    const std::string token = text.substr(i, j - i);
     if (is_float) {
-        const double v = std::strtod(literal.c_str(), nullptr);  // Python's float(): +-inf past the range
-        if (std::isinf(v)) out += "\"" + (v > 0 ? kInf : kNegInf) + "\"";
-        else out += literal;
+        const double v = std::strtod(token.c_str(), nullptr);  // Python's float(): +-inf past the range
+        if (std::isinf(v)) out += marker_literal(v > 0 ? kInf : kNegInf);
+        else out += token;
         return j;
     }
-    const bool negative = literal[0] == '-';
+    const bool negative = token[0] == '-';
     const size_t digits = int_end - i - (negative ? 1 : 0);
     if (digits > kMaxIntDigits)
         fail("an integer literal of " + std::to_string(digits) + " digits: Python's limit for converting one is " +
              std::to_string(kMaxIntDigits));
     errno = 0;
     if (negative) {
-        std::strtoll(literal.c_str(), nullptr, 10);
+        std::strtoll(token.c_str(), nullptr, 10);
     } else {
-        std::strtoull(literal.c_str(), nullptr, 10);
+        std::strtoull(token.c_str(), nullptr, 10);
     }
-    if (errno == ERANGE) out += "\"" + kBigInt + literal + "\"";  // beyond int64 / uint64: keep the digits
-    else out += literal;
+    if (errno == ERANGE) out += marker_literal(kBigInt + token);  // beyond int64 / uint64: keep the digits
+    else out += token;
     return j;
 }
 
@@ -135,7 +138,7 @@ std::string python_extensions(const std::string& text) {
             i = copy_string(text, i, out);
         } else if (c == '-' || is_digit(c)) {
             if (text.compare(i, 9, "-Infinity") == 0) {
-                out += "\"" + kNegInf + "\"";
+                out += marker_literal(kNegInf);
                 i += 9;
                 continue;
             }
@@ -143,10 +146,10 @@ std::string python_extensions(const std::string& text) {
             if (next == i) out += text[i++];  // a lone '-': the parser reports it
             else i = next;
         } else if (text.compare(i, 3, "NaN") == 0) {
-            out += "\"" + kNan + "\"";
+            out += marker_literal(kNan);
             i += 3;
         } else if (text.compare(i, 8, "Infinity") == 0) {
-            out += "\"" + kInf + "\"";
+            out += marker_literal(kInf);
             i += 8;
         } else if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')) {
             // A word (true, false, null or garbage): copied whole, so "xNaN" stays garbage.
