@@ -9,7 +9,7 @@
 namespace ditrt_core {
 namespace {
 
-bool py_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r') || (c >= '\x1c' && c <= '\x1f'); }
+bool py_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
 bool digit(char c) { return c >= '0' && c <= '9'; }
 
 // re.fullmatch(r"\s*[0-9]+\s*", s): the digits, or "" when it does not match.

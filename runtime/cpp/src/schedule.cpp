@@ -10,8 +10,8 @@
 namespace ditrt_core {
 namespace {
 
-// Python's str.isspace() over ASCII (the \s of runtime/schedule.py's patterns, str.strip()).
-bool py_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r') || (c >= '\x1c' && c <= '\x1f'); }
+// ASCII whitespace (the \s of runtime/schedule.py's patterns that int() also accepts).
+bool py_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
 
 std::string strip(const std::string& s) {
     size_t b = 0, e = s.size();
