@@ -151,6 +151,8 @@ std::string python_extensions(const std::string& text) {
         } else if (text.compare(i, 8, "Infinity") == 0) {
             out += marker_literal(kInf);
             i += 8;
+        } else if (c == '\0') {
+            fail("a NUL byte outside a string");  // nlohmann would take it for the end of the input
         } else if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')) {
             // A word (true, false, null or garbage): copied whole, so "xNaN" stays garbage.
             while (i < text.size() && ((text[i] >= 'a' && text[i] <= 'z') || (text[i] >= 'A' && text[i] <= 'Z')))

@@ -348,8 +348,9 @@ TEST_F(CApi, BadArgumentsReturnStatusesNeverCrash) {
     toy.poison = INFINITY;
     EXPECT_STATUS(ditrt_decode(pipe, latents.data(), 1, images.data(), kImage), DITRT_STEP_ERROR,
                   "the decoder network (callback executor) produced 768 non-finite values (NaN/inf) in image(s) 0");
-    EXPECT_STATUS(ditrt_executor_create_callback(nullptr, nullptr, 0, &executor), DITRT_INVALID_ARGUMENT, "fn must not be NULL");
-    EXPECT_EQ(executor, nullptr);
+    ditrt_executor* none = executor;
+    EXPECT_STATUS(ditrt_executor_create_callback(nullptr, nullptr, 0, &none), DITRT_INVALID_ARGUMENT, "fn must not be NULL");
+    EXPECT_EQ(none, nullptr);  // out is NULL after a failure
 }
 
 TEST_F(CApi, CallbackFailureIsAnExecutorError) {

@@ -143,6 +143,7 @@ TEST(Manifest, PythonsJsonIsTheContract) {
     EXPECT_MENTIONS(error_of_text(std::string(5000, '[') + std::string(5000, ']')), "nested deeper than");
     EXPECT_MENTIONS(error_of_text("[" + std::string(4301, '7') + "]"), "4300");
     EXPECT_MENTIONS(error_of_text("NaNx"), "not valid JSON");
+    EXPECT_MENTIONS(error_of_text(testutil::minimal_manifest().dump() + std::string("\0 x", 3)), "NUL byte");  // Python: extra data
     // Where Python's reader accepts a NaN (a field it does not read), so does this one; where it
     // checks a number, NaN fails the check.
     json m = testutil::minimal_manifest();
