@@ -109,19 +109,19 @@ SamplerKind sampler_kind(const std::string& name) {
     throw Error(Status::InvalidArgument, "unknown sampler '" + name + "' for a dit model" + other + "; use ddpm, ddim, dpm++2m");
 }
 
-// runtime/conditioning.py ClassLabels.check.
-void check_labels(const Manifest& m, const std::vector<int64_t>& labels) {
+// runtime/conditioning.py ClassLabels.check, over the denoiser's condition input (its spec).
+void check_labels(const Condition& c, const std::vector<int64_t>& labels) {
     std::vector<int64_t> bad;
     for (int64_t label : labels)
-        if (label < 0 || label >= m.num_classes) bad.push_back(label);
+        if (label < 0 || label >= c.num_classes) bad.push_back(label);
     if (bad.empty()) return;
     std::sort(bad.begin(), bad.end());
     bad.erase(std::unique(bad.begin(), bad.end()), bad.end());
     std::string shown;
     for (size_t i = 0; i < bad.size() && i < 10; ++i) shown += (i ? ", " : "") + std::to_string(bad[i]);
     throw Error(Status::InvalidArgument, "class labels [" + shown + "]" + (bad.size() > 10 ? " ..." : "") +
-                                             " out of range: this model has classes 0.." + std::to_string(m.num_classes - 1) +
-                                             " (the null class " + std::to_string(m.null_class()) + " is added by guidance)");
+                                             " out of range: this model has classes 0.." + std::to_string(c.num_classes - 1) +
+                                             " (the null class " + std::to_string(c.null) + " is added by guidance)");
 }
 
 const TensorSpec& input_of(const NetworkSpec& spec, const std::string& role) {
@@ -229,9 +229,12 @@ Plan plan_sampling(const Manifest& m, const SampleOptions& o) {
 void sample(const Manifest& m, Executor& executor, const std::vector<int64_t>& labels, const SampleOptions& o, float* out,
             int64_t capacity) {
     if (labels.empty()) throw Error(Status::InvalidArgument, "class_labels must be a non-empty 1-D sequence of ints, got shape (0,)");
-    check_labels(m, labels);
-    const Plan p = plan_sampling(m, o);
+    // The conditioning comes from the denoiser's spec: its one condition input, of kind "class"
+    // (the reader refuses other kinds, and more or fewer condition inputs than the model's).
     const NetworkSpec& net = m.denoiser();
+    const TensorSpec& condition_input = input_of(net, "condition");
+    check_labels(condition_input.condition, labels);
+    const Plan p = plan_sampling(m, o);
     const int64_t n = int64_t(labels.size()), C = m.in_channels, S = m.input_size, hw = S * S;
     const int64_t per_image = checked_count({C, S, S}, "one latent");
     const int64_t count = checked_count({n, C, S, S}, "the latents");
@@ -272,7 +275,7 @@ void sample(const Manifest& m, Executor& executor, const std::vector<int64_t>& l
     std::vector<float> latent_in(static_cast<size_t>(rows * per_image)), time_in(static_cast<size_t>(rows));
     std::vector<float> model_out(static_cast<size_t>(out_count)), next(static_cast<size_t>(count)), x0, state;
     std::vector<int64_t> condition(labels);
-    if (guided) condition.insert(condition.end(), size_t(n), m.null_class());
+    if (guided) condition.insert(condition.end(), size_t(n), condition_input.condition.null);
     std::unique_ptr<NoiseSource> noise;
     if (injected) noise = std::make_unique<InjectedNoise>(o.initial_noise, o.step_noise, count);
     else noise = std::make_unique<SeededNoise>(o.seed, n, per_image, o.image_offset.value_or(0));
@@ -280,7 +283,7 @@ void sample(const Manifest& m, Executor& executor, const std::vector<int64_t>& l
 
     const TensorView views_in[] = {{&input_of(net, "latent"), {rows, C, S, S}, latent_in.data()},
                                    {&input_of(net, "time"), {rows}, time_in.data()},
-                                   {&input_of(net, "condition"), {rows}, condition.data()}};
+                                   {&condition_input, {rows}, condition.data()}};
     std::vector<TensorView> inputs;
     for (const TensorSpec& t : net.inputs)  // in the spec's order
         for (const TensorView& v : views_in)
