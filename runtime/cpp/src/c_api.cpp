@@ -1,45 +1,57 @@
-// The C ABI: handles over the C++ objects, and the one place where exceptions become statuses.
+// The C ABI (version 2): handles over the C++ objects, and the one place where exceptions become
+// statuses.
+#include <cerrno>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <new>
 
 #include "../include/ditrt/ditrt.h"
 #include "error.hpp"
 #include "executor.hpp"
+#include "images.hpp"
 #include "manifest.hpp"
 #include "noise.hpp"
 #include "sampler.hpp"
-#include "schedule.hpp"
 
 #ifndef DITRT_VERSION_STRING
 #define DITRT_VERSION_STRING "0.0.0"
 #endif
 
-static_assert(int(ditrt_core::Status::InvalidArgument) == DITRT_INVALID_ARGUMENT &&
-                  int(ditrt_core::Status::Artifact) == DITRT_ARTIFACT_ERROR && int(ditrt_core::Status::Schedule) == DITRT_SCHEDULE_ERROR &&
-                  int(ditrt_core::Status::BufferTooSmall) == DITRT_BUFFER_TOO_SMALL &&
-                  int(ditrt_core::Status::Executor) == DITRT_EXECUTOR_ERROR && int(ditrt_core::Status::Unavailable) == DITRT_UNAVAILABLE &&
-                  int(ditrt_core::Status::Internal) == DITRT_INTERNAL_ERROR,
+using ditrt_core::Error;
+using ditrt_core::Status;
+
+static_assert(int(Status::InvalidArgument) == DITRT_INVALID_ARGUMENT && int(Status::Artifact) == DITRT_ARTIFACT_ERROR &&
+                  int(Status::Schedule) == DITRT_SCHEDULE_ERROR && int(Status::BufferTooSmall) == DITRT_BUFFER_TOO_SMALL &&
+                  int(Status::Executor) == DITRT_EXECUTOR_ERROR && int(Status::Unavailable) == DITRT_UNAVAILABLE &&
+                  int(Status::Internal) == DITRT_INTERNAL_ERROR && int(Status::Cancelled) == DITRT_CANCELLED &&
+                  int(Status::Step) == DITRT_STEP_ERROR && int(Status::Busy) == DITRT_BUSY && int(Status::Io) == DITRT_IO_ERROR,
               "ditrt_core::Status must mirror ditrt_status");
+static_assert(int(ditrt_core::DType::Float32) == DITRT_FLOAT32 && int(ditrt_core::DType::Float16) == DITRT_FLOAT16 &&
+                  int(ditrt_core::DType::Int64) == DITRT_INT64 && int(ditrt_core::DType::Int32) == DITRT_INT32,
+              "ditrt_core::DType must mirror ditrt_dtype");
+static_assert(sizeof(ditrt_tensor) == 88 || sizeof(void*) != 8, "ditrt_tensor's documented layout");
 
 struct ditrt_executor {
     std::shared_ptr<ditrt_core::Executor> impl;  // shared with the pipelines opened on it
 };
 
 struct ditrt_pipeline {
-    ditrt_core::Manifest manifest;
+    ditrt_core::Manifest manifest;  // read-only after ditrt_open: calls may run concurrently
     std::shared_ptr<ditrt_core::Executor> executor;
     bool verify = true;
-    std::mutex mutex;  // one sample at a time: the executor's buffers are shared
+};
+
+struct ditrt_options {
+    ditrt_core::SampleOptions sample;
+    ditrt_progress_fn progress = nullptr;
+    void* progress_user = nullptr;
 };
 
 namespace {
 
 thread_local std::string last_error;
-
-using ditrt_core::Error;
-using ditrt_core::Status;
+thread_local bool inside_call = false;  // this thread is in ditrt_sample / ditrt_decode (and so maybe in a callback)
 
 // Runs body, turning every exception into a status and the thread's last error.
 template <class F>
@@ -65,9 +77,57 @@ void require(const void* p, const char* name) {
     if (p == nullptr) throw Error(Status::InvalidArgument, std::string(name) + " must not be NULL");
 }
 
+// Marks this thread as inside a sampling / decoding call; a nested one (from a callback) is refused.
+class CallScope {
+public:
+    explicit CallScope(const char* what) {
+        if (inside_call)
+            throw Error(Status::Busy, std::string(what) + " was called from inside a ditrt callback on this thread (a "
+                                                          "re-entrant call): refused; run it after the outer call returns");
+        inside_call = true;
+    }
+    ~CallScope() { inside_call = false; }
+    CallScope(const CallScope&) = delete;
+    CallScope& operator=(const CallScope&) = delete;
+};
+
+double parse_number(const char* key, const char* value) {
+    errno = 0;
+    char* end = nullptr;
+    const double v = std::strtod(value, &end);
+    if (end == value || *end != '\0')
+        throw Error(Status::InvalidArgument, std::string(key) + " must be a number, got '" + value + "'");
+    return v;
+}
+
+uint64_t parse_uint64(const char* key, const char* value) {
+    const size_t n = std::strlen(value);
+    if (n == 0 || n > 20 || std::strspn(value, "0123456789") != n)
+        throw Error(Status::InvalidArgument, std::string(key) + " must be a decimal integer in [0, 2^64 - 1], got '" + value + "'");
+    errno = 0;
+    const unsigned long long v = std::strtoull(value, nullptr, 10);
+    if (errno == ERANGE)
+        throw Error(Status::InvalidArgument, std::string(key) + " must be a decimal integer in [0, 2^64 - 1], got '" + value + "'");
+    return uint64_t(v);
+}
+
+// The options of a call (the defaults for NULL), with the C progress callback bound.
+ditrt_core::SampleOptions resolve(const ditrt_options* options) {
+    if (!options) return {};
+    ditrt_core::SampleOptions o = options->sample;
+    if (options->progress) {
+        const ditrt_progress_fn fn = options->progress;
+        void* user = options->progress_user;
+        o.progress = [fn, user](int64_t done, int64_t total, double t) { return fn(user, done, total, t); };
+    }
+    return o;
+}
+
 }  // namespace
 
 extern "C" {
+
+uint32_t ditrt_abi_version(void) { return DITRT_ABI_VERSION; }
 
 const char* ditrt_last_error(void) { return last_error.c_str(); }
 
@@ -81,6 +141,10 @@ const char* ditrt_status_name(ditrt_status status) {
         case DITRT_EXECUTOR_ERROR: return "DITRT_EXECUTOR_ERROR";
         case DITRT_UNAVAILABLE: return "DITRT_UNAVAILABLE";
         case DITRT_INTERNAL_ERROR: return "DITRT_INTERNAL_ERROR";
+        case DITRT_CANCELLED: return "DITRT_CANCELLED";
+        case DITRT_STEP_ERROR: return "DITRT_STEP_ERROR";
+        case DITRT_BUSY: return "DITRT_BUSY";
+        case DITRT_IO_ERROR: return "DITRT_IO_ERROR";
     }
     return "DITRT_UNKNOWN_STATUS";
 }
@@ -95,7 +159,9 @@ int ditrt_has_tensorrt(void) {
 #endif
 }
 
-ditrt_status ditrt_executor_create_callback(ditrt_denoiser_fn fn, void* user, int64_t max_batch, ditrt_executor** out) {
+// ---- executors ----
+
+ditrt_status ditrt_executor_create_callback(ditrt_run_fn fn, void* user, int64_t max_batch, ditrt_executor** out) {
     return guarded([&] {
         require(out, "out");
         *out = nullptr;
@@ -105,7 +171,7 @@ ditrt_status ditrt_executor_create_callback(ditrt_denoiser_fn fn, void* user, in
     });
 }
 
-ditrt_status ditrt_executor_create_tensorrt(int cuda_device, int64_t max_batch, ditrt_executor** out) {
+ditrt_status ditrt_executor_create_tensorrt(int32_t cuda_device, int64_t max_batch, ditrt_executor** out) {
     return guarded([&] {
         require(out, "out");
         *out = nullptr;
@@ -121,6 +187,71 @@ ditrt_status ditrt_executor_create_tensorrt(int cuda_device, int64_t max_batch, 
 }
 
 void ditrt_executor_release(ditrt_executor* executor) { delete executor; }
+
+// ---- options ----
+
+ditrt_status ditrt_options_create(ditrt_options** out) {
+    return guarded([&] {
+        require(out, "out");
+        *out = new ditrt_options();
+    });
+}
+
+void ditrt_options_release(ditrt_options* options) { delete options; }
+
+ditrt_status ditrt_options_set(ditrt_options* options, const char* key, const char* value) {
+    return guarded([&] {
+        require(options, "options");
+        require(key, "key");
+        ditrt_core::SampleOptions& o = options->sample;
+        const std::string k = key;
+        if (k == "sampler") o.sampler = value ? std::optional<std::string>(value) : std::nullopt;
+        else if (k == "steps") o.steps = value ? std::optional<std::string>(value) : std::nullopt;
+        else if (k == "guidance") o.guidance = value ? std::optional<std::string>(value) : std::nullopt;
+        else if (k == "cfg_scale") {
+            o.cfg_scale = value ? std::optional<double>(parse_number(key, value)) : std::nullopt;
+            o.cfg_scale_text = value ? value : "";
+        } else if (k == "eta") {
+            o.eta = value ? std::optional<double>(parse_number(key, value)) : std::nullopt;
+            o.eta_text = value ? value : "";
+        } else if (k == "seed") o.seed = value ? parse_uint64(key, value) : 0;
+        else if (k == "image_offset") o.image_offset = value ? std::optional<uint64_t>(parse_uint64(key, value)) : std::nullopt;
+        else
+            throw Error(Status::InvalidArgument, "unknown option key '" + k + "'; the keys are sampler, steps, cfg_scale, "
+                                                 "guidance, eta, seed, image_offset");
+    });
+}
+
+ditrt_status ditrt_options_set_noise(ditrt_options* options, const float* initial, int64_t initial_count,
+                                     const float* step, int64_t step_count) {
+    return guarded([&] {
+        require(options, "options");
+        ditrt_core::SampleOptions& o = options->sample;
+        if (!initial) {
+            if (step) throw Error(Status::InvalidArgument, "step noise without initial noise: give both (or initial alone for dpm++2m)");
+            o.initial_noise = o.step_noise = nullptr;
+            o.initial_count = o.step_count = 0;
+            return;
+        }
+        if (initial_count < 1 || step_count < 0 || (step == nullptr) != (step_count == 0))
+            throw Error(Status::InvalidArgument, "injected noise: initial_count must be >= 1 and step_count 0 exactly when step is "
+                                                 "NULL, got " + std::to_string(initial_count) + " and " + std::to_string(step_count));
+        o.initial_noise = initial;
+        o.initial_count = initial_count;
+        o.step_noise = step;
+        o.step_count = step_count;
+    });
+}
+
+ditrt_status ditrt_options_set_progress(ditrt_options* options, ditrt_progress_fn fn, void* user) {
+    return guarded([&] {
+        require(options, "options");
+        options->progress = fn;
+        options->progress_user = user;
+    });
+}
+
+// ---- pipelines ----
 
 ditrt_status ditrt_open(const char* artifact_dir, ditrt_executor* executor, uint32_t flags, ditrt_pipeline** out) {
     return guarded([&] {
@@ -157,12 +288,24 @@ ditrt_status ditrt_num_classes(const ditrt_pipeline* p, int64_t* num_classes) {
     });
 }
 
-ditrt_status ditrt_num_steps(const ditrt_pipeline* p, const char* steps, int64_t* num_steps) {
+ditrt_status ditrt_num_steps(const ditrt_pipeline* p, const ditrt_options* options, int64_t* num_steps) {
     return guarded([&] {
         require(p, "pipeline");
         require(num_steps, "num_steps");
-        const std::string spec = steps ? steps : p->manifest.default_steps;
-        *num_steps = int64_t(ditrt_core::respaced_schedule(p->manifest.base_betas(), spec).size());
+        *num_steps = ditrt_core::plan_sampling(p->manifest, options ? options->sample : ditrt_core::SampleOptions{}).calls();
+    });
+}
+
+int ditrt_has_network(const ditrt_pipeline* p, const char* network) {
+    return p != nullptr && network != nullptr && p->manifest.network(network) != nullptr;
+}
+
+ditrt_status ditrt_image_shape(const ditrt_pipeline* p, int64_t shape[3]) {
+    return guarded([&] {
+        require(p, "pipeline");
+        require(shape, "shape");
+        const std::vector<int64_t> s = ditrt_core::image_shape(p->manifest);
+        std::copy(s.begin(), s.end(), shape);
     });
 }
 
@@ -175,7 +318,7 @@ ditrt_status ditrt_graph_file(const ditrt_pipeline* p, const char* network, cons
         require(path, "path");
         const ditrt_core::GraphEntry& graph = p->manifest.graph(network, precision);
         if (p->verify) ditrt_core::verify_graph(p->manifest, graph);
-        const std::string full = p->manifest.path(graph.file);
+        const std::string full = p->manifest.file_path(graph.file, std::string("networks.") + network + ".graphs." + precision + ".file");
         if (full.size() + 1 > capacity)
             throw Error(Status::BufferTooSmall, "the path needs " + std::to_string(full.size() + 1) + " bytes, the buffer has " +
                                                     std::to_string(capacity));
@@ -183,28 +326,95 @@ ditrt_status ditrt_graph_file(const ditrt_pipeline* p, const char* network, cons
     });
 }
 
-ditrt_status ditrt_sample(ditrt_pipeline* p, const int64_t* labels, int64_t num_labels, const char* steps,
-                          const char* sampler, double eta, double cfg_scale, const char* guidance, uint64_t seed,
-                          const float* initial_noise, const float* step_noise, float* out, int64_t out_capacity) {
+ditrt_status ditrt_sample(ditrt_pipeline* p, const int64_t* labels, int64_t num_labels, const ditrt_options* options,
+                          float* out, int64_t out_capacity) {
     return guarded([&] {
+        CallScope scope("ditrt_sample");
         require(p, "pipeline");
+        if (num_labels < 1) throw Error(Status::InvalidArgument, "num_labels must be at least 1");
         require(labels, "labels");
         require(out, "out");
-        if (num_labels < 1) throw Error(Status::InvalidArgument, "num_labels must be at least 1");
-        // NULL strings and a NaN scale take the manifest's defaults; "" is an error like any bad name.
-        ditrt_core::SampleRequest r = ditrt_core::with_defaults(p->manifest, {labels, labels + num_labels});
-        if (steps) r.steps = steps;
-        if (sampler) r.sampler = sampler;
-        if (guidance) r.guidance = guidance;
-        if (!std::isnan(cfg_scale)) r.cfg_scale = cfg_scale;
-        r.eta = eta;
-        r.seed = seed;
-        r.initial_noise = initial_noise;
-        r.step_noise = step_noise;
-        std::lock_guard<std::mutex> lock(p->mutex);
-        ditrt_core::sample(p->manifest, *p->executor, r, out, out_capacity);
+        if (num_labels > (int64_t(1) << 32)) throw Error(Status::InvalidArgument, "num_labels must be at most 2^32");
+        ditrt_core::sample(p->manifest, *p->executor, {labels, labels + num_labels}, resolve(options), out, out_capacity);
     });
 }
+
+ditrt_status ditrt_decode(ditrt_pipeline* p, const float* latents, int64_t num_images, float* images, int64_t capacity) {
+    return guarded([&] {
+        CallScope scope("ditrt_decode");
+        require(p, "pipeline");
+        require(latents, "latents");
+        require(images, "images");
+        ditrt_core::decode(p->manifest, *p->executor, latents, num_images, images, capacity);
+    });
+}
+
+// ---- images ----
+
+ditrt_status ditrt_images_to_uint8(const float* images, int64_t n, int64_t height, int64_t width, uint8_t* out,
+                                   int64_t capacity) {
+    return guarded([&] {
+        require(images, "images");
+        require(out, "out");
+        ditrt_core::grid_shape(n, height, width, 1, 0);  // the size checks
+        const int64_t need = n * height * width * 3;
+        if (capacity < need)
+            throw Error(Status::BufferTooSmall, "the buffer holds " + std::to_string(capacity) + " bytes; the images need " +
+                                                    std::to_string(need));
+        ditrt_core::to_uint8(images, n, height, width, out);
+    });
+}
+
+ditrt_status ditrt_grid_shape(int64_t n, int64_t height, int64_t width, int64_t nrow, int64_t padding, int64_t grid_hw[2]) {
+    return guarded([&] {
+        require(grid_hw, "grid_hw");
+        const ditrt_core::GridShape g = ditrt_core::grid_shape(n, height, width, nrow, padding);
+        grid_hw[0] = g.height;
+        grid_hw[1] = g.width;
+    });
+}
+
+ditrt_status ditrt_images_grid(const float* images, int64_t n, int64_t height, int64_t width, int64_t nrow,
+                               int64_t padding, uint8_t* out, int64_t capacity) {
+    return guarded([&] {
+        require(images, "images");
+        require(out, "out");
+        const ditrt_core::GridShape g = ditrt_core::grid_shape(n, height, width, nrow, padding);
+        const int64_t need = ditrt_core::checked_count({g.height, g.width, 3}, "the grid");
+        if (capacity < need)
+            throw Error(Status::BufferTooSmall, "the buffer holds " + std::to_string(capacity) + " bytes; the grid needs " +
+                                                    std::to_string(need));
+        ditrt_core::grid(images, n, height, width, nrow, padding, out);
+    });
+}
+
+ditrt_status ditrt_png_encode(const uint8_t* pixels, int64_t height, int64_t width, int64_t channels, uint8_t** png,
+                              int64_t* png_size) {
+    return guarded([&] {
+        require(png, "png");
+        *png = nullptr;
+        require(png_size, "png_size");
+        require(pixels, "pixels");
+        const std::vector<uint8_t> bytes = ditrt_core::png_encode(pixels, height, width, channels);
+        auto* memory = static_cast<uint8_t*>(std::malloc(bytes.size()));
+        if (!memory) throw std::bad_alloc();
+        std::memcpy(memory, bytes.data(), bytes.size());
+        *png = memory;
+        *png_size = int64_t(bytes.size());
+    });
+}
+
+ditrt_status ditrt_png_write(const char* path, const uint8_t* pixels, int64_t height, int64_t width, int64_t channels) {
+    return guarded([&] {
+        require(path, "path");
+        require(pixels, "pixels");
+        ditrt_core::png_write(path, pixels, height, width, channels);
+    });
+}
+
+void ditrt_free(void* memory) { std::free(memory); }
+
+// ---- noise ----
 
 const char* ditrt_noise_version(void) { return ditrt_core::kNoiseVersion; }
 

@@ -92,11 +92,11 @@ Compat check_engine_compat(const EngineEntry& e, const std::string& trt_version,
 Choice choose_engine(const std::vector<EngineEntry>& entries, const std::string& trt_version,
                      const std::string& compute_capability, const std::string& gpu_name,
                      const std::function<bool(const std::string&)>& exists,
-                     const std::map<std::string, std::string>* graph_sha256) {
+                     const std::map<std::string, std::string>* graph_sha256, const std::string& network) {
     Choice choice;
     std::vector<const EngineEntry*> candidates;
     for (const auto& e : entries) {
-        if (e.network != "denoiser" && e.problem.empty()) continue;  // plans of other networks are not ours
+        if (e.network != network && e.problem.empty()) continue;  // plans of other networks are not asked for
         Compat c = check_engine_compat(e, trt_version, compute_capability, gpu_name);
         if (c.ok && !exists(e.file)) c = {false, e.file + ": listed in the manifest but the file is missing; rebuild it"};
         else if (c.ok && graph_sha256 && (!e.has_graph_sha256 || e.graph_sha256 != *graph_sha256))

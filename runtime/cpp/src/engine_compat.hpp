@@ -31,11 +31,11 @@ struct Choice {
     std::vector<std::string> reasons;    // one line per rejected entry
 };
 
-// The best denoiser entry whose plan exists (and, when graph_sha256 is given, that was built from
-// that fp16 graph): this exact TensorRT first, then native over same-cc over ampere+, then newest.
+// The best entry of `network` whose plan exists (and, when graph_sha256 is given, that was built
+// from that fp16 graph): this exact TensorRT first, then native over same-cc over ampere+, then newest.
 Choice choose_engine(const std::vector<EngineEntry>& entries, const std::string& trt_version,
                      const std::string& compute_capability, const std::string& gpu_name,
                      const std::function<bool(const std::string&)>& exists,
-                     const std::map<std::string, std::string>* graph_sha256);
+                     const std::map<std::string, std::string>* graph_sha256, const std::string& network = "denoiser");
 
 }  // namespace ditrt_core

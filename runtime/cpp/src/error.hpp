@@ -12,7 +12,7 @@ namespace ditrt_core {
 
 // Mirrors ditrt_status (include/ditrt/ditrt.h); c_api.cpp static_asserts the values match.
 enum class Status { Ok = 0, InvalidArgument = 1, Artifact = 2, Schedule = 3, BufferTooSmall = 4, Executor = 5,
-                    Unavailable = 6, Internal = 7 };
+                    Unavailable = 6, Internal = 7, Cancelled = 8, Step = 9, Busy = 10, Io = 11 };
 
 class Error : public std::runtime_error {
 public:

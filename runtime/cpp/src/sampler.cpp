@@ -1,10 +1,14 @@
 #include "sampler.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <memory>
 
 #include "error.hpp"
 #include "noise.hpp"
+#include "pyjson.hpp"
 
 namespace ditrt_core {
 namespace {
@@ -80,105 +84,292 @@ void guide(float* cond, const float* uncond, int64_t n, int64_t out_channels, in
 
 namespace {
 
-// A request with the manifest's defaults filled in and every argument checked.
-struct Checked {
-    Schedule schedule;
-    bool ddim;
-    int64_t guided_channels;
-    double cfg_scale;
-};
-
-Checked check(const Manifest& m, const SampleRequest& r, int64_t capacity) {
-    if (r.labels.empty()) throw Error(Status::InvalidArgument, "need at least one class label");
-    for (int64_t label : r.labels)
-        if (label < 0 || label >= m.num_classes)
-            throw Error(Status::InvalidArgument,
-                        "class label " + std::to_string(label) + " out of range: this model has classes 0.." +
-                            std::to_string(m.num_classes - 1) + " (the null class " + std::to_string(m.null_class) +
-                            " is added by guidance)");
-    const std::string& sampler = r.sampler;
-    if (sampler != "ddpm" && sampler != "ddim")
-        throw Error(Status::InvalidArgument, "unknown sampler \"" + sampler + "\"; use ddpm or ddim");
-    const std::string& guidance = r.guidance;
-    auto gc = m.guided_channels.find(guidance);
-    if (gc == m.guided_channels.end()) {
-        std::string names;
-        for (const auto& [name, _] : m.guided_channels) names += (names.empty() ? "" : " or ") + name;
-        throw Error(Status::InvalidArgument, "unknown guidance \"" + guidance + "\"; use " + names);
-    }
-    const double scale = r.cfg_scale;
-    if (!std::isfinite(scale)) throw Error(Status::InvalidArgument, "cfg_scale must be finite, got " + std::to_string(scale));
-    if (sampler == "ddim" && !(r.eta >= 0.0 && r.eta <= 1.0))
-        throw Error(Status::InvalidArgument, "eta must be in [0, 1], got " + std::to_string(r.eta));
-    if ((r.initial_noise == nullptr) != (r.step_noise == nullptr))
-        throw Error(Status::InvalidArgument, "injected noise needs both initial_noise and step_noise (or neither)");
-    const int64_t need = int64_t(r.labels.size()) * m.in_channels * m.input_size * m.input_size;
-    if (capacity < need)
-        throw Error(Status::BufferTooSmall, "the output buffer holds " + std::to_string(capacity) + " floats; " +
-                                                std::to_string(r.labels.size()) + " latents need " + std::to_string(need));
-    return {respaced_schedule(m.base_betas(), r.steps), sampler == "ddim", gc->second, scale};
+std::string format_g(double v) {  // Python's f"{v:g}"
+    char buffer[64];
+    std::snprintf(buffer, sizeof buffer, "%g", v);
+    return buffer;
 }
 
-// One model call for all rows, split into chunks of the executor's max batch.
-void run_batched(Executor& ex, const float* latent, const float* timestep, const int64_t* labels, int64_t rows,
-                 int64_t in_per_row, int64_t out_per_row, float* out) {
-    const int64_t limit = ex.max_batch() > 0 ? ex.max_batch() : rows;
-    for (int64_t start = 0; start < rows; start += limit) {
-        const int64_t count = std::min(limit, rows - start);
-        ex.run(latent + start * in_per_row, timestep + start, labels + start, count, out + start * out_per_row);
-    }
+bool all_finite(const float* x, int64_t count) {
+    for (int64_t i = 0; i < count; ++i)
+        if (!std::isfinite(x[i])) return false;
+    return true;
+}
+
+const char* const kDitSamplers[] = {"ddpm", "ddim", "dpm++2m"};
+const char* const kSitSamplers[] = {"ode-euler", "ode-heun2", "ode-dopri5", "sde-euler", "sde-heun"};
+
+SamplerKind sampler_kind(const std::string& name) {
+    if (name == "ddpm") return SamplerKind::Ddpm;
+    if (name == "ddim") return SamplerKind::Ddim;
+    if (name == "dpm++2m") return SamplerKind::DpmSolver;
+    std::string other;
+    for (const char* sit : kSitSamplers)
+        if (name == sit) other = " (" + name + " samples sit models)";
+    throw Error(Status::InvalidArgument, "unknown sampler '" + name + "' for a dit model" + other + "; use ddpm, ddim, dpm++2m");
+}
+
+// runtime/conditioning.py ClassLabels.check, over the denoiser's condition input (its spec).
+void check_labels(const Condition& c, const std::vector<int64_t>& labels) {
+    std::vector<int64_t> bad;
+    for (int64_t label : labels)
+        if (label < 0 || label >= c.num_classes) bad.push_back(label);
+    if (bad.empty()) return;
+    std::sort(bad.begin(), bad.end());
+    bad.erase(std::unique(bad.begin(), bad.end()), bad.end());
+    std::string shown;
+    for (size_t i = 0; i < bad.size() && i < 10; ++i) shown += (i ? ", " : "") + std::to_string(bad[i]);
+    throw Error(Status::InvalidArgument, "class labels [" + shown + "]" + (bad.size() > 10 ? " ..." : "") +
+                                             " out of range: this model has classes 0.." + std::to_string(c.num_classes - 1) +
+                                             " (the null class " + std::to_string(c.null) + " is added by guidance)");
+}
+
+const TensorSpec& input_of(const NetworkSpec& spec, const std::string& role) {
+    const TensorSpec* t = spec.input_with_role(role);
+    if (!t)
+        throw Error(Status::Artifact, "the " + spec.name + " network has no single input with role '" + role + "'");
+    return *t;
 }
 
 }  // namespace
 
-SampleRequest with_defaults(const Manifest& m, std::vector<int64_t> labels) {
-    SampleRequest r;
-    r.labels = std::move(labels);
-    r.steps = m.default_steps;
-    r.sampler = m.default_sampler;
-    r.guidance = m.default_guidance;
-    r.cfg_scale = m.default_cfg_scale;
-    return r;
+int64_t checked_count(std::initializer_list<int64_t> factors, const std::string& what) {
+    int64_t count = 1;
+    for (int64_t f : factors) {
+        if (f < 0) throw Error(Status::InvalidArgument, what + ": a negative size");
+        if (f != 0 && count > kMaxValues / f)
+            throw Error(Status::InvalidArgument, what + " would hold more than 2^32 values (16 GiB of float32): refused; "
+                                                        "ask for fewer images per call");
+        count *= f;
+    }
+    return count;
 }
 
-void sample(const Manifest& m, Executor& executor, const SampleRequest& r, float* out, int64_t capacity) {
-    const Checked c = check(m, r, capacity);
-    const int64_t n = int64_t(r.labels.size()), hw = m.input_size * m.input_size, per_image = m.in_channels * hw;
-    const bool guided = c.cfg_scale > 1.0;  // as the official sample_ddp.py: no unconditional rows at scale <= 1
-    const int64_t rows = guided ? 2 * n : n, steps = int64_t(c.schedule.size());
-    const StepShape shape{n, m.in_channels, hw, m.out_channels, m.learned_variance()};
+void run_network(Executor& executor, const NetworkSpec& network, int64_t batch, const std::vector<TensorView>& inputs,
+                 const std::vector<TensorView>& outputs) {
+    const int64_t max = executor.max_batch(network.name);
+    const int64_t limit = max > 0 ? max : batch;
+    for (int64_t start = 0; start < batch; start += limit) {
+        const int64_t count = std::min(limit, batch - start);
+        auto chunk = [&](const std::vector<TensorView>& views) {
+            std::vector<TensorView> out;
+            for (const TensorView& v : views) {
+                const int64_t row_bytes = v.spec->per_row() * int64_t(dtype_size(v.spec->dtype));
+                TensorView c = v;
+                c.shape[0] = count;
+                c.data = static_cast<char*>(v.data) + start * row_bytes;
+                out.push_back(c);
+            }
+            return out;
+        };
+        executor.run(network, chunk(inputs), chunk(outputs));
+    }
+}
 
-    std::vector<int64_t> labels(r.labels);
-    if (guided) labels.insert(labels.end(), size_t(n), m.null_class);
-    std::vector<float> latent_in(size_t(rows * per_image)), timestep_in(static_cast<size_t>(rows));
-    std::vector<float> model_out(size_t(rows * m.out_channels * hw)), next(size_t(n * per_image));
+void CallbackExecutor::run(const NetworkSpec& network, const std::vector<TensorView>& inputs,
+                           const std::vector<TensorView>& outputs) {
+    auto to_c = [](const std::vector<TensorView>& views) {
+        std::vector<ditrt_tensor> out(views.size());
+        for (size_t i = 0; i < views.size(); ++i) {
+            ditrt_tensor& t = out[i];
+            std::memset(&t, 0, sizeof t);
+            t.name = views[i].spec->name.c_str();
+            t.dtype = int32_t(views[i].spec->dtype);
+            t.rank = int32_t(views[i].shape.size());
+            for (size_t d = 0; d < views[i].shape.size() && d < DITRT_MAX_RANK; ++d) t.shape[d] = views[i].shape[d];
+            t.data = views[i].data;
+        }
+        return out;
+    };
+    const std::vector<ditrt_tensor> in = to_c(inputs), out = to_c(outputs);
+    const int rc = fn_(user_, network.name.c_str(), in.data(), int64_t(in.size()), out.data(), int64_t(out.size()));
+    if (rc != 0)
+        throw Error(Status::Executor, "the " + network.name + " callback failed (returned " + std::to_string(rc) + ")");
+}
+
+Plan plan_sampling(const Manifest& m, const SampleOptions& o) {
+    Plan p;
+    p.sampler = o.sampler ? *o.sampler : m.default_sampler;
+    p.kind = sampler_kind(p.sampler);
+    // Sampler options: eta is ddim's; given to another sampler it is refused, never ignored.
+    if (o.eta && p.kind != SamplerKind::Ddim)
+        throw Error(Status::InvalidArgument, "eta applies to ddim only; " + p.sampler + " takes no eta");
+    if (p.kind == SamplerKind::Ddim) {
+        p.eta = o.eta ? *o.eta : m.has_default_eta ? m.default_eta : 0.0;
+        if (!(p.eta >= 0.0 && p.eta <= 1.0))
+            throw Error(Status::InvalidArgument, "eta must be a number in [0, 1], got " + (o.eta ? o.eta_text : format_g(p.eta)));
+    }
+    const std::string steps = o.steps ? *o.steps : m.default_steps;
+    const bool steps_is_int = !o.steps && m.default_steps_is_int;
+    if (p.kind == SamplerKind::DpmSolver) {
+        std::vector<double> ac;
+        double product = 1.0;
+        for (double beta : m.base_betas()) ac.push_back(product *= (1.0 - beta));  // np.cumprod(1 - betas)
+        p.dpm = dpm_schedule(ac, dpm_parse_steps(steps, steps_is_int, m.num_train_timesteps));
+        p.model_timesteps = p.dpm.model_timesteps;
+    } else {
+        p.respaced = respaced_schedule(m.base_betas(), steps);
+        p.model_timesteps.assign(p.respaced.timesteps.rbegin(), p.respaced.timesteps.rend());
+    }
+    const std::string guidance = o.guidance ? *o.guidance : m.default_guidance;
+    const int64_t* channels = m.guided(guidance);
+    if (!channels) {
+        std::string names;
+        for (const auto& [name, _] : m.guided_channels) names += (names.empty() ? "" : " or ") + name;
+        throw Error(Status::InvalidArgument, "unknown guidance '" + guidance + "'; use " + names);
+    }
+    p.guided_channels = *channels;
+    p.cfg_scale = o.cfg_scale ? *o.cfg_scale : m.default_cfg_scale;
+    if (!std::isfinite(p.cfg_scale) || !pyjson::fits_float32(p.cfg_scale))
+        throw Error(Status::InvalidArgument, "cfg_scale must be a finite float32 number, got " +
+                                                 (o.cfg_scale ? o.cfg_scale_text : format_g(p.cfg_scale)));
+    return p;
+}
+
+void sample(const Manifest& m, Executor& executor, const std::vector<int64_t>& labels, const SampleOptions& o, float* out,
+            int64_t capacity) {
+    if (labels.empty()) throw Error(Status::InvalidArgument, "class_labels must be a non-empty 1-D sequence of ints, got shape (0,)");
+    // The conditioning comes from the denoiser's spec: its one condition input, of kind "class"
+    // (the reader refuses other kinds, and more or fewer condition inputs than the model's).
+    const NetworkSpec& net = m.denoiser();
+    const TensorSpec& condition_input = input_of(net, "condition");
+    check_labels(condition_input.condition, labels);
+    const Plan p = plan_sampling(m, o);
+    const int64_t n = int64_t(labels.size()), C = m.in_channels, S = m.input_size, hw = S * S;
+    const int64_t per_image = checked_count({C, S, S}, "one latent");
+    const int64_t count = checked_count({n, C, S, S}, "the latents");
+    const bool guided = p.cfg_scale > 1.0;  // as the official sample_ddp.py: no unconditional rows at scale <= 1
+    const int64_t rows = guided ? 2 * n : n;
+    checked_count({rows, C, S, S}, "the denoiser's input");
+    const int64_t out_count = checked_count({rows, m.out_channels, S, S}, "the denoiser's output");
+    const int64_t K = p.calls();
+
+    // Noise: injected (checked as runtime/noise.py InjectedNoise) or the seeded stream.
+    const bool injected = o.initial_noise != nullptr;
+    if (injected) {
+        if (o.image_offset)
+            throw Error(Status::InvalidArgument, "image_offset selects seeded noise; it does not apply to injected noise");
+        if (o.initial_count != count)
+            throw Error(Status::InvalidArgument, "injected initial noise holds " + std::to_string(o.initial_count) +
+                                                     " values; expected (N, C, H, W) = " + std::to_string(count));
+        const bool optional_steps = p.kind == SamplerKind::DpmSolver && o.step_noise == nullptr;  // draws none
+        const int64_t want = optional_steps ? 0 : checked_count({K, n, C, S, S}, "the injected step noise");
+        if (!optional_steps && (o.step_noise == nullptr || o.step_count != want))
+            throw Error(Status::InvalidArgument, "injected step noise holds " + std::to_string(o.step_noise ? o.step_count : 0) +
+                                                     " values; expected (draws, images, C, H, W) = (" + std::to_string(K) + ", " +
+                                                     std::to_string(n) + ", " + std::to_string(C) + ", " + std::to_string(S) +
+                                                     ", " + std::to_string(S) + ") = " + std::to_string(want) +
+                                                     (p.kind == SamplerKind::DpmSolver ? " (or none: dpm++2m draws no noise)" : ""));
+        if (!all_finite(o.initial_noise, count))
+            throw Error(Status::InvalidArgument, "injected initial noise contains NaN or inf (in float32)");
+        if (o.step_noise && !all_finite(o.step_noise, want))
+            throw Error(Status::InvalidArgument, "injected step noise contains NaN or inf (in float32)");
+    } else if (o.image_offset && *o.image_offset + uint64_t(n - 1) < *o.image_offset) {
+        throw Error(Status::InvalidArgument, "image_offset " + std::to_string(*o.image_offset) + " + " + std::to_string(n) +
+                                                 " images passes the last image index 2^64 - 1");
+    }
+    if (capacity < count)
+        throw Error(Status::BufferTooSmall, "the output buffer holds " + std::to_string(capacity) + " floats; " +
+                                                std::to_string(n) + " latents need " + std::to_string(count));
+
+    std::vector<float> latent_in(static_cast<size_t>(rows * per_image)), time_in(static_cast<size_t>(rows));
+    std::vector<float> model_out(static_cast<size_t>(out_count)), next(static_cast<size_t>(count)), x0, state;
+    std::vector<int64_t> condition(labels);
+    if (guided) condition.insert(condition.end(), size_t(n), condition_input.condition.null);
     std::unique_ptr<NoiseSource> noise;
-    if (r.initial_noise) noise = std::make_unique<InjectedNoise>(r.initial_noise, r.step_noise, n * per_image);
-    else noise = std::make_unique<SeededNoise>(r.seed, n, per_image);
+    if (injected) noise = std::make_unique<InjectedNoise>(o.initial_noise, o.step_noise, count);
+    else noise = std::make_unique<SeededNoise>(o.seed, n, per_image, o.image_offset.value_or(0));
+    if (p.kind == SamplerKind::DpmSolver) x0.resize(size_t(count)), state.resize(size_t(count));
+
+    const TensorView views_in[] = {{&input_of(net, "latent"), {rows, C, S, S}, latent_in.data()},
+                                   {&input_of(net, "time"), {rows}, time_in.data()},
+                                   {&condition_input, {rows}, condition.data()}};
+    std::vector<TensorView> inputs;
+    for (const TensorSpec& t : net.inputs)  // in the spec's order
+        for (const TensorView& v : views_in)
+            if (v.spec == &t) inputs.push_back(v);
+    const std::vector<TensorView> outputs = {{&net.outputs[0], {rows, m.out_channels, S, S}, model_out.data()}};
+    const StepShape shape{n, C, hw, m.out_channels, m.learned_variance()};
 
     float* x = latent_in.data();  // the conditional half of the model input is x itself
     noise->initial(x);
-    for (int64_t k = 0; k < steps; ++k) {
-        const size_t i = size_t(steps - 1 - k);  // from the noisiest index down to 0
-        if (guided) std::copy(x, x + n * per_image, x + n * per_image);
-        std::fill(timestep_in.begin(), timestep_in.end(), float(c.schedule.timesteps[i]));
-        run_batched(executor, latent_in.data(), timestep_in.data(), labels.data(), rows, per_image,
-                    m.out_channels * hw, model_out.data());
-        if (guided)
-            guide(model_out.data(), model_out.data() + n * m.out_channels * hw, n, m.out_channels, hw, c.cfg_scale,
-                  c.guided_channels);
-        const float* step_noise = noise->step(k);
-        if (c.ddim) ddim_step(c.schedule, i, shape, x, model_out.data(), step_noise, r.eta, next.data());
-        else ddpm_step(c.schedule, i, shape, x, model_out.data(), step_noise, next.data());
+    for (int64_t k = 0; k < K; ++k) {
+        const double t = double(p.model_timesteps[size_t(k)]);
+        if (guided) std::copy(x, x + count, x + count);
+        std::fill(time_in.begin(), time_in.end(), float(t));
+        run_network(executor, net, rows, inputs, outputs);
+        if (guided) guide(model_out.data(), model_out.data() + n * m.out_channels * hw, n, m.out_channels, hw, p.cfg_scale,
+                          p.guided_channels);
+        const size_t i = size_t(K - 1 - k);  // ddpm / ddim: from the noisiest index down to 0
+        switch (p.kind) {
+            case SamplerKind::Ddpm:
+                ddpm_step(p.respaced, i, shape, x, model_out.data(), i == 0 ? nullptr : noise->step(k), next.data());
+                break;
+            case SamplerKind::Ddim: {
+                const bool noisy = i != 0 && p.eta != 0.0;  // else the noise is not used: not drawn
+                ddim_step(p.respaced, i, shape, x, model_out.data(), noisy ? noise->step(k) : nullptr, p.eta, next.data());
+                break;
+            }
+            case SamplerKind::DpmSolver:
+                dpmpp_2m_step(p.dpm, size_t(k), n, C, hw, m.out_channels, x, model_out.data(), state.data(), next.data(),
+                              x0.data());
+                std::swap(x0, state);
+                break;
+        }
+        if (!all_finite(next.data(), count))
+            throw Error(Status::Step, "sampling produced NaN or inf at step " + std::to_string(k + 1) + "/" + std::to_string(K) +
+                                          " (timestep " + format_g(t) + ") on " + executor.describe(net.name) +
+                                          "; the model output or cfg_scale " + format_g(p.cfg_scale) + " overflows float32");
         std::copy(next.begin(), next.end(), x);
+        if (o.progress && o.progress(k + 1, K, t) != 0)
+            throw Error(Status::Cancelled, "cancelled by the progress callback after step " + std::to_string(k + 1) + "/" +
+                                               std::to_string(K) + "; the output was not written");
     }
-    std::copy(x, x + n * per_image, out);
+    std::copy(x, x + count, out);
 }
 
-void CallbackExecutor::run(const float* latent, const float* timestep, const int64_t* class_label, int64_t rows,
-                           float* model_output) {
-    const int rc = fn_(user_, latent, timestep, class_label, rows, model_output);
-    if (rc != 0) throw Error(Status::Executor, "the denoiser callback failed (returned " + std::to_string(rc) + ")");
+std::vector<int64_t> image_shape(const Manifest& m) {
+    const NetworkSpec* spec = m.network("decoder");
+    if (!spec) throw Error(Status::Artifact, m.directory + " has no decoder network (export with --vae DIR to add a decoder)");
+    const std::vector<int64_t>& shape = spec->outputs[0].shape;
+    return {shape[1], shape[2], shape[3]};
+}
+
+void decode(const Manifest& m, Executor& executor, const float* latents, int64_t n, float* images, int64_t capacity) {
+    const std::vector<int64_t> shape = image_shape(m);
+    const NetworkSpec& net = *m.network("decoder");
+    const TensorSpec& in = input_of(net, "latent");
+    const TensorSpec& out = net.outputs[0];
+    if (in.dtype != DType::Float32 || out.dtype != DType::Float32)
+        throw Error(Status::Artifact, "the decoder network takes " + std::string(dtype_name(in.dtype)) + " and gives " +
+                                          dtype_name(out.dtype) + "; this runtime decodes float32 latents to float32 images");
+    if (n < 1) throw Error(Status::InvalidArgument, "latents hold no image (N = 0)");
+    const int64_t in_count = checked_count({n, m.in_channels, m.input_size, m.input_size}, "the latents");
+    const int64_t out_count = checked_count({n, shape[0], shape[1], shape[2]}, "the images");
+    if (!all_finite(latents, in_count)) throw Error(Status::InvalidArgument, "latents contain NaN or inf");
+    if (capacity < out_count)
+        throw Error(Status::BufferTooSmall, "the image buffer holds " + std::to_string(capacity) + " floats; " +
+                                                std::to_string(n) + " images need " + std::to_string(out_count));
+    std::vector<float> staging(static_cast<size_t>(out_count));  // the caller's buffer is written only on success
+    run_network(executor, net, n, {{&in, {n, m.in_channels, m.input_size, m.input_size}, const_cast<float*>(latents)}},
+                {{&out, {n, shape[0], shape[1], shape[2]}, staging.data()}});
+    const int64_t per_image = out_count / n;
+    std::vector<int64_t> bad;
+    int64_t values = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        int64_t here = 0;
+        for (int64_t e = 0; e < per_image; ++e) here += !std::isfinite(staging[size_t(j * per_image + e)]);
+        if (here) bad.push_back(j);
+        values += here;
+    }
+    if (!bad.empty()) {
+        std::string shown;
+        for (size_t i = 0; i < bad.size() && i < 10; ++i) shown += (i ? ", " : "") + std::to_string(bad[i]);
+        throw Error(Status::Step, "the decoder network (" + executor.describe("decoder") + ") produced " + std::to_string(values) +
+                                      " non-finite values (NaN/inf) in image(s) " + shown + (bad.size() > 10 ? " ..." : "") +
+                                      "; float16 overflow is the usual cause (decode in float32), else check the latents");
+    }
+    std::copy(staging.begin(), staging.end(), images);
 }
 
 }  // namespace ditrt_core

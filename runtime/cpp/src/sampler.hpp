@@ -1,12 +1,16 @@
 // Sampler steps, guidance and the loop: the math and float32 operation order of
-// runtime/samplers.py and runtime/pipeline.py. Every float64 table entry is cast to float32 at use;
-// the build disables FMA contraction (-ffp-contract=off) so that a * x - b * y rounds as numpy does.
+// runtime/samplers.py, runtime/dpm_solver.py and runtime/pipeline.py, with the Python runtime's
+// checks and messages. Every float64 table entry is cast to float32 at use; the build disables
+// FMA contraction (-ffp-contract=off) so that a * x - b * y rounds as numpy does.
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "dpm_solver.hpp"
 #include "executor.hpp"
 #include "manifest.hpp"
 #include "schedule.hpp"
@@ -30,20 +34,54 @@ void ddim_step(const Schedule& s, size_t i, const StepShape& shape, const float*
 void guide(float* cond, const float* uncond, int64_t n, int64_t out_channels, int64_t hw, double scale,
            int64_t guided_channels);
 
-struct SampleRequest {
-    std::vector<int64_t> labels;
-    std::string steps, sampler, guidance;  // with_defaults() fills them from the manifest
-    double eta = 0.0;
-    double cfg_scale = 0.0;
+// A request's options (ditrt_options): unset ones take the manifest's defaults.
+struct SampleOptions {
+    std::optional<std::string> sampler, steps, guidance;
+    std::optional<double> cfg_scale, eta;
+    std::string cfg_scale_text, eta_text;  // as given, for messages
     uint64_t seed = 0;
-    const float* initial_noise = nullptr;  // both or neither
+    std::optional<uint64_t> image_offset;
+    const float* initial_noise = nullptr;  // injected noise: initial (N, C, H, W), steps (K, N, C, H, W)
+    int64_t initial_count = 0;
     const float* step_noise = nullptr;
+    int64_t step_count = 0;
+    // Called after every model call with (calls done, total calls, that call's timestep); a
+    // non-zero return cancels the loop (Error(Status::Cancelled)).
+    std::function<int(int64_t, int64_t, double)> progress;
 };
 
-// A request for these labels with the manifest's `defaults` (sampler, steps, cfg_scale, guidance).
-SampleRequest with_defaults(const Manifest& m, std::vector<int64_t> labels);
+enum class SamplerKind { Ddpm, Ddim, DpmSolver };
 
-// The loop: latents (N, C, H, W) into out (capacity in floats). Throws Error on bad requests.
-void sample(const Manifest& m, Executor& executor, const SampleRequest& request, float* out, int64_t capacity);
+// A request's sampler, schedule, guidance and scale, checked (runtime/pipeline.py SampleRun).
+struct Plan {
+    SamplerKind kind = SamplerKind::Ddpm;
+    std::string sampler;
+    Schedule respaced;   // ddpm, ddim
+    DpmSchedule dpm;     // dpm++2m
+    std::vector<int64_t> model_timesteps;  // per model call, noisiest first
+    int64_t guided_channels = 0;
+    double cfg_scale = 0, eta = 0;
+    int64_t calls() const { return int64_t(model_timesteps.size()); }
+    int64_t noise_draws() const { return calls(); }  // the leading axis of injected step noise
+};
+
+Plan plan_sampling(const Manifest& m, const SampleOptions& options);
+
+// The loop: latents (N, C, H, W) for these class labels into out (capacity in floats), written
+// only when every step succeeded. Throws Error on bad requests, a failed executor, NaN/inf, or
+// a cancel.
+void sample(const Manifest& m, Executor& executor, const std::vector<int64_t>& labels, const SampleOptions& options,
+            float* out, int64_t capacity);
+
+// Images (N, 3, H, W) float32 from DiT-scale latents (N, C, h, w) through the decoder network.
+void decode(const Manifest& m, Executor& executor, const float* latents, int64_t n, float* images, int64_t capacity);
+
+// The decoder's image shape (3, H, W); Error(Artifact) when the artifact has no decoder.
+std::vector<int64_t> image_shape(const Manifest& m);
+
+// a * b * ... as the number of values of one buffer, refused (Error(InvalidArgument) naming
+// `what`) beyond kMaxValues: sizes never overflow and never reach an absurd allocation.
+inline constexpr int64_t kMaxValues = int64_t(1) << 32;  // 16 GiB of float32
+int64_t checked_count(std::initializer_list<int64_t> factors, const std::string& what);
 
 }  // namespace ditrt_core

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
-#include <limits>
 #include <set>
 
 #include "error.hpp"
@@ -11,37 +10,28 @@
 namespace ditrt_core {
 namespace {
 
-const char* kSpecHelp = "' is not 'N', 'ddimN' or comma-separated section counts";
+// ASCII whitespace (the \s of runtime/schedule.py's patterns that int() also accepts).
+bool py_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
 
 std::string strip(const std::string& s) {
     size_t b = 0, e = s.size();
-    while (b < e && std::isspace(static_cast<unsigned char>(s[b]))) ++b;
-    while (e > b && std::isspace(static_cast<unsigned char>(s[e - 1]))) --e;
+    while (b < e && py_space(s[b])) ++b;
+    while (e > b && py_space(s[e - 1])) --e;
     return s.substr(b, e - b);
 }
 
-// Python's int(text) for the forms a step count takes: surrounding whitespace, an optional sign,
-// digits with single underscores between them. Saturates instead of overflowing: a huge count is
-// still a count, and the caller reports that it does not fit.
+bool all_digits(const std::string& s) {
+    return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+// runtime/schedule.py _parse_count: 1 to 7 ASCII digits with optional whitespace around them.
 int64_t parse_count(const std::string& text, const std::string& spec) {
-    const std::string s = strip(text);
-    size_t i = 0;
-    bool negative = false;
-    if (i < s.size() && (s[i] == '+' || s[i] == '-')) negative = s[i++] == '-';
-    bool digit_before = false;
-    int64_t value = 0;
-    for (; i < s.size(); ++i) {
-        const char c = s[i];
-        if (c == '_' && digit_before && i + 1 < s.size() && std::isdigit(static_cast<unsigned char>(s[i + 1]))) continue;
-        if (!std::isdigit(static_cast<unsigned char>(c))) { digit_before = false; break; }
-        digit_before = true;
-        const int64_t max = std::numeric_limits<int64_t>::max();
-        value = value > (max - (c - '0')) / 10 ? max : value * 10 + (c - '0');
-    }
-    if (i != s.size() || !digit_before) throw Error(Status::Schedule, "step spec '" + spec + kSpecHelp);
-    if (negative) value = -value;
-    if (value < 1) throw Error(Status::Schedule, "step spec '" + spec + "': step counts must be positive");
-    return value;
+    const std::string digits = strip(text);
+    if (!all_digits(digits) || digits.size() > 7)
+        throw Error(Status::Schedule, "step spec '" + spec + "' is not 'N', 'ddimN' or comma-separated section counts");
+    const int64_t count = std::stoll(digits);
+    if (count < 1) throw Error(Status::Schedule, "step spec '" + spec + "': step counts must be positive");
+    return count;
 }
 
 std::vector<std::string> split_commas(const std::string& s) {
@@ -69,9 +59,15 @@ std::vector<int64_t> ddim_steps(int64_t num_timesteps, const std::string& spec) 
 }  // namespace
 
 std::vector<int64_t> space_timesteps(int64_t num_timesteps, const std::string& raw_spec) {
-    const std::string spec = strip(raw_spec);
+    std::string spec = raw_spec;
+    const std::string stripped = strip(raw_spec);
+    if (all_digits(stripped)) {  // str(int(spec)): "  007 " is "7"
+        const size_t first = stripped.find_first_not_of('0');
+        spec = first == std::string::npos ? "0" : stripped.substr(first);
+    }
+    spec = strip(spec);
     if (spec.empty())
-        throw Error(Status::Schedule, "step spec must be a string like '250', 'ddim50' or '10,20,30'; got '" +
+        throw Error(Status::Schedule, "step spec must be an int or a string like '250', 'ddim50' or '10,20,30'; got '" +
                                           raw_spec + "'");
     if (spec.rfind("ddim", 0) == 0) return ddim_steps(num_timesteps, spec);
     std::vector<int64_t> sections;

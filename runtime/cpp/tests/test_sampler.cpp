@@ -5,6 +5,8 @@
 #include "error.hpp"
 #include "manifest.hpp"
 #include "noise.hpp"
+#include "dpm_solver.hpp"
+#include "images.hpp"
 #include "sampler.hpp"
 #include "test_util.hpp"
 
@@ -89,45 +91,59 @@ TEST(Steps, NoNoiseAtTheLastStep) {
     }
 }
 
-namespace {
-
-// A denoiser that is a fixed function of its inputs, recording its batch sizes.
-class ToyExecutor : public ditrt_core::Executor {
-public:
-    ToyExecutor(int64_t max_batch, int64_t per_row, int64_t out_per_row)
-        : max_batch_(max_batch), per_row_(per_row), out_per_row_(out_per_row) {}
-    void attach(const ditrt_core::Manifest&, bool) override {}
-    int64_t max_batch() const override { return max_batch_; }
-    void run(const float* x, const float* t, const int64_t* y, int64_t rows, float* out) override {
-        calls.push_back(rows);
-        for (int64_t r = 0; r < rows; ++r)
-            for (int64_t e = 0; e < out_per_row_; ++e)
-                out[r * out_per_row_ + e] = 0.1f * x[r * per_row_ + e % per_row_] + 1e-3f * t[r] - 0.01f * float(y[r]) +
-                                            (e >= per_row_ ? 0.2f : 0.0f);
+TEST(DpmSolver, ScheduleAndStepsEqualPython) {
+    REQUIRE_PYTHON_VALUES();
+    const auto& cases = testutil::python_values()["dpm"];
+    ASSERT_GE(cases.size(), 3u);
+    std::vector<double> ac;
+    double product = 1.0;
+    for (double b : ditrt_core::linspace(1e-4, 0.02, 1000)) ac.push_back(product *= 1.0 - b);
+    for (const auto& c : cases) {
+        const auto s = ditrt_core::dpm_schedule(ac, c["steps"].get<int64_t>());
+        EXPECT_EQ(s.model_timesteps, c["timesteps"].get<std::vector<int64_t>>());
+        EXPECT_EQ(s.orders, c["orders"].get<std::vector<int>>());
+        const auto shape = c["shape"].get<std::vector<int64_t>>();  // (n, c, h, w); model output has 2c channels
+        const auto x = floats(c["x"]), mo = floats(c["model_output"]), state = floats(c["state"]);
+        const auto want_x = floats(c["expected_x"]), want_x0 = floats(c["expected_x0"]);
+        std::vector<float> got_x(want_x.size()), got_x0(want_x.size());
+        ditrt_core::dpmpp_2m_step(s, c["k"].get<size_t>(), shape[0], shape[1], shape[2] * shape[3], 2 * shape[1], x.data(),
+                                  mo.data(), state.data(), got_x.data(), got_x0.data());
+        // The same float32 operations; float64 coefficients agree to an ulp (libm vs numpy log/expm1).
+        double worst = 0;
+        for (size_t k = 0; k < want_x.size(); ++k) worst = std::max(worst, double(std::abs(got_x[k] - want_x[k])));
+        EXPECT_LE(worst, 2e-7 * max_abs(want_x)) << "k " << c["k"];
+        EXPECT_EQ(got_x0, want_x0) << "k " << c["k"];
     }
-    std::vector<int64_t> calls;
+}
 
-private:
-    int64_t max_batch_, per_row_, out_per_row_;
-};
+TEST(DpmSolver, StepCountsAsPython) {
+    EXPECT_EQ(ditrt_core::dpm_parse_steps(" 25 ", false, 1000), 25);
+    EXPECT_EQ(ditrt_core::dpm_parse_steps("999", false, 1000), 999);
+    EXPECT_EQ(ditrt_core::dpm_parse_steps("250", true, 1000), 250);
+    for (const char* bad : {"1000", "0", "ddim25", "10,20", "x", "", "-5", "2.5"})
+        EXPECT_THROW(ditrt_core::dpm_parse_steps(bad, false, 1000), ditrt_core::Error) << bad;
+    try {
+        ditrt_core::dpm_parse_steps("ddim25", false, 1000);
+    } catch (const ditrt_core::Error& e) {
+        EXPECT_EQ(std::string(e.what()), "dpm++2m takes the number of model calls as an int (e.g. 25) or a string of digits "
+                                         "(e.g. '25'), from 1 to 999; 'ddim25' is a DDPM/DDIM respacing spec");
+    }
+}
 
-}  // namespace
-
-TEST(Loop, ChunkingByMaxBatchGivesTheSameLatents) {
-    const auto m = ditrt_core::parse_manifest(testutil::minimal_manifest().dump(), ".");
-    ditrt_core::SampleRequest r = ditrt_core::with_defaults(m, {1, 2, 3});
-    r.steps = "5";
-    std::vector<float> whole(3 * 16), chunked(3 * 16);
-    ToyExecutor unlimited(0, 16, 32), limited(4, 16, 32);
-    ditrt_core::sample(m, unlimited, r, whole.data(), int64_t(whole.size()));
-    ditrt_core::sample(m, limited, r, chunked.data(), int64_t(chunked.size()));
-    EXPECT_EQ(unlimited.calls, (std::vector<int64_t>(5, 6)));  // guided: 2 rows per image
-    EXPECT_EQ(limited.calls.size(), 10u);
-    EXPECT_EQ(limited.calls[0], 4);
-    EXPECT_EQ(limited.calls[1], 2);
-    EXPECT_EQ(whole, chunked);
-    r.cfg_scale = 1.0;  // no unconditional rows at scale <= 1
-    ToyExecutor plain(0, 16, 32);
-    ditrt_core::sample(m, plain, r, whole.data(), int64_t(whole.size()));
-    EXPECT_EQ(plain.calls, (std::vector<int64_t>(5, 3)));
+TEST(Images, GridAndUint8EqualPython) {
+    REQUIRE_PYTHON_VALUES();
+    const auto& cases = testutil::python_values()["images"];
+    ASSERT_GE(cases.size(), 9u);
+    for (const auto& c : cases) {
+        const int64_t n = c["n"], h = c["h"], w = c["w"];
+        const auto images = floats(c["images"]);
+        std::vector<uint8_t> u8(size_t(n * h * w * 3));
+        ditrt_core::to_uint8(images.data(), n, h, w, u8.data());
+        EXPECT_EQ(u8, c["uint8"].get<std::vector<uint8_t>>()) << n << " images";
+        const auto g = ditrt_core::grid_shape(n, h, w, ditrt_core::kGridNrow, ditrt_core::kGridPadding);
+        EXPECT_EQ((std::vector<int64_t>{g.height, g.width}), c["grid_shape"].get<std::vector<int64_t>>()) << n << " images";
+        std::vector<uint8_t> grid(size_t(g.height * g.width * 3));
+        ditrt_core::grid(images.data(), n, h, w, ditrt_core::kGridNrow, ditrt_core::kGridPadding, grid.data());
+        EXPECT_EQ(grid, c["grid"].get<std::vector<uint8_t>>()) << n << " images";
+    }
 }

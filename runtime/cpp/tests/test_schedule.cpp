@@ -35,7 +35,8 @@ TEST(Respacing, OfficialChains) {
     EXPECT_EQ(space_timesteps(1000, "1000"), range(0, 1000, 1));
     EXPECT_EQ(space_timesteps(1000, "250").size(), 250u);
     EXPECT_EQ(space_timesteps(1000, " 25 ").size(), 25u);  // stripped, as Python's str.strip / int
-    EXPECT_EQ(space_timesteps(1000, "1_0"), space_timesteps(1000, "10"));  // int("1_0") == 10
+    EXPECT_EQ(space_timesteps(1000, " 0010 "), space_timesteps(1000, "10"));  // str(int(spec)) for digits
+    EXPECT_EQ(space_timesteps(1000, "ddim 10"), range(0, 1000, 100));  // _parse_count strips the count
     const auto sections = space_timesteps(1000, "10,20,30");
     EXPECT_EQ(sections.size(), 60u);
     EXPECT_EQ(sections.front(), 0);
@@ -51,11 +52,11 @@ TEST(Respacing, RoundsHalfToEvenLikePython) {
 
 TEST(Respacing, ImpossibleSpecsAreScheduleErrors) {
     EXPECT_NE(schedule_error(1000, "0").find("must be positive"), std::string::npos);
-    EXPECT_NE(schedule_error(1000, "-3").find("must be positive"), std::string::npos);
+    EXPECT_NE(schedule_error(1000, "-3").find("is not 'N', 'ddimN'"), std::string::npos);
     EXPECT_NE(schedule_error(1000, "ddim300").find("no integer stride"), std::string::npos);
     EXPECT_NE(schedule_error(1000, "1001").find("cannot take 1001 steps"), std::string::npos);
-    EXPECT_NE(schedule_error(1000, "99999999999999999999999").find("cannot take"), std::string::npos);
-    for (const char* bad : {"", "  ", "abc", "ddim", "10,,20", "2.5", "1__0", "_10", "10_", "ddimx"})
+    EXPECT_NE(schedule_error(1000, "99999999999999999999999").find("is not 'N'"), std::string::npos);  // > 7 digits
+    for (const char* bad : {"", "  ", "abc", "ddim", "10,,20", "2.5", "1_0", "+5", "_10", "10_", "ddimx", "12345678"})
         EXPECT_NE(schedule_error(1000, bad), "") << "spec '" << bad << "' was accepted";
     EXPECT_THROW(ditrt_core::respaced_schedule(ditrt_core::linspace(1e-4, 0.02, 1000), "1"), ditrt_core::Error);  // < 2 steps
 }
