@@ -46,10 +46,10 @@ def parse_steps(steps, num_timesteps: int) -> int:
     """The number of model calls: an int or a string of digits, 1 .. num_timesteps - 1."""
     accepted = (f"{NAME} takes the number of model calls as an int (e.g. 25) or a string of digits "
                 f"(e.g. '25'), from 1 to {num_timesteps - 1}")
-    if isinstance(steps, str) and re.fullmatch(r"\s*[0-9]+\s*", steps):
+    if isinstance(steps, str) and re.fullmatch(r"[ \t]*[0-9]+[ \t]*", steps):
         steps = int(steps)
     elif isinstance(steps, str):
-        respacing = re.fullmatch(r"\s*(ddim)?[0-9]+(\s*,\s*[0-9]+)*\s*", steps)
+        respacing = re.fullmatch(r"[ \t]*(ddim)?[0-9]+([ \t]*,[ \t]*[0-9]+)*[ \t]*", steps)
         raise ScheduleError(f"{accepted}; {steps!r} is " + ("a DDPM/DDIM respacing spec" if respacing else "not one"))
     elif isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
         raise ScheduleError(f"{accepted}; got {steps!r} ({type(steps).__name__})")

@@ -20,6 +20,8 @@ except through dopri5's error norm over the whole state: only ode-dopri5 needs t
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import Callable, Generator
 
@@ -375,8 +377,8 @@ def sde_heun(x: np.ndarray, grid: SdeGrid, noise: Noise | None) -> Loop:
 
 def parse_num_steps(steps) -> int:
     """SiT's --num-sampling-steps: an int or a string of digits, >= 2."""
-    if isinstance(steps, str) and steps.strip().isascii() and steps.strip().isdigit():
-        steps = int(steps)
+    if isinstance(steps, str) and re.fullmatch(r"[0-9]+", steps.strip(" \t")):
+        steps = int(steps.strip(" \t"))
     return check_int(steps, "num_steps (SiT's --num-sampling-steps)", 2, 100_000)
 
 

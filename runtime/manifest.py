@@ -320,7 +320,7 @@ def load_manifest(directory: str | Path) -> Manifest:
             data = upgrade_schema_2(upgrade_schema_1(data))
         elif version == 2 and type(version) is int:
             data = upgrade_schema_2(data)
-    except (KeyError, TypeError, AttributeError) as e:
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise ArtifactError(f"{path}: schema {version} manifest lacks a required field or has a bad one ({e!r}); "
                             f"re-export with this ditrt ({reexport_command(data, directory)})") from None
     if data.get("schema_version") != SCHEMA_VERSION or type(data.get("schema_version")) is not int:
@@ -348,7 +348,7 @@ def read_manifest_json(path: Path):
     try:
         with open(path, "rb") as f:
             return json.loads(f.read(MAX_MANIFEST_BYTES + 1).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, UTF-8, or a > 4300-digit integer
         raise ArtifactError(f"unreadable manifest {path}: {e}") from None
 
 

@@ -20,11 +20,11 @@ def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
     "ddimN" (smallest integer stride giving N steps) or "a,b,c" (sections of equal length)."""
     if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
         spec = str(int(spec))
-    elif isinstance(spec, str) and re.fullmatch(r"\s*[0-9]+\s*", spec):  # ASCII digits only ("²".isdigit() is True)
-        spec = str(int(spec))
+    elif isinstance(spec, str) and re.fullmatch(r"[0-9]+", spec.strip(" \t")):  # ASCII only ("²".isdigit() is True)
+        spec = str(int(spec.strip(" \t")))
     if not isinstance(spec, str) or not spec.strip():
         raise ScheduleError(f"step spec must be an int or a string like '250', 'ddim50' or '10,20,30'; got {spec!r}")
-    spec = spec.strip()
+    spec = spec.strip(" \t")
     if spec.startswith("ddim"):
         count = _parse_count(spec[4:], spec)
         for stride in range(1, num_timesteps):
@@ -48,9 +48,9 @@ def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
 
 
 def _parse_count(text: str, spec: str) -> int:
-    if not re.fullmatch(r"\s*[0-9]{1,7}\s*", text):
+    if not re.fullmatch(r"[0-9]{1,7}", text.strip(" \t")):
         raise ScheduleError(f"step spec '{spec}' is not 'N', 'ddimN' or comma-separated section counts")
-    count = int(text)
+    count = int(text.strip(" \t"))
     if count < 1:
         raise ScheduleError(f"step spec '{spec}': step counts must be positive")
     return count
