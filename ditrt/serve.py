@@ -248,7 +248,8 @@ class _SchedulerGauges:
                                   value=s["backend_calls"])
         limits = GaugeMetricFamily("ditrt_limit", "The server's limits (GET /v1/model)", labels=["name"])
         for name, value in self.service.limits().items():
-            limits.add_metric([name], value)
+            if value is not None:  # timeout_s None: no deadline
+                limits.add_metric([name], value)
         yield limits
 
 
@@ -269,9 +270,8 @@ class Service:
         return self.batcher.ready and not self.draining and not self.batcher.stats()["closed"]
 
     def limits(self) -> dict:
-        timeout = self.batcher.default_timeout
         return {**self.batcher.limits.to_dict(), "max_body_bytes": self.http.max_body_bytes,
-                "body_timeout_s": self.http.body_timeout, "timeout_s": timeout if timeout is not None else 0,
+                "body_timeout_s": self.http.body_timeout, "timeout_s": self.batcher.default_timeout,
                 "drain_timeout_s": self.http.drain_timeout}
 
     def refusal(self) -> HttpError | None:

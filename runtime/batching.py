@@ -59,6 +59,7 @@ from .validate import check_int, check_number
 
 POLICIES = ("step", "serial", "request")
 ADMISSION_MARGIN = 1.2  # a request is admitted when 1.2 x its estimated finish meets its deadline
+STALE_S = 10.0  # an idle scheduler whose last measurement is older takes any request (running it measures)
 FORCE_JOIN_S = 30.0  # close(): how long to wait for the worker after failing what is left
 
 
@@ -188,6 +189,11 @@ class CostModel:
         self.engine, self.decode = _Line(window), _Line(window)
         self._overhead: deque[float] = deque(maxlen=window)
         self._overhead_mean: float | None = None
+        self.measured_at = -math.inf  # time.monotonic() of the last tick measured
+
+    def age(self) -> float:
+        """Seconds since the last tick was measured."""
+        return time.monotonic() - self.measured_at
 
     @property
     def known(self) -> bool:
@@ -197,6 +203,7 @@ class CostModel:
         self.engine.observe(rows, engine_s)
         self._overhead.append(max(0.0, total_s - engine_s) / requests)
         self._overhead_mean = None
+        self.measured_at = time.monotonic()
 
     def tick_seconds(self, rows: int, requests: int) -> float:
         if self._overhead_mean is None:
@@ -406,9 +413,10 @@ class StepBatcher:
 
     def _check_deadlines(self, request: _Request) -> None:
         """Overloaded unless the request, and every admitted request that would meet its deadline
-        without it, is estimated to finish in time (under the lock). An idle scheduler takes any
-        request: the estimate is only as good as the last measurements, and running it measures."""
-        if not self.cost.known or not self._waiting() or \
+        without it, is estimated to finish in time (under the lock). An idle scheduler whose last
+        measurement is older than STALE_S takes any request: the machine may have changed speed,
+        and running the request measures it."""
+        if not self.cost.known or (not self._waiting() and self.cost.age() > STALE_S) or \
                 (request.deadline is None and all(r.deadline is None for r in self._waiting())):
             return
         now = time.monotonic()
