@@ -380,6 +380,38 @@ def test_body_limits_413_and_408(pipe):
         assert np.array_equal(latents(httpx.post(s.url + "/v1/samples", json=as_json(CHECK))), alone(pipe, CHECK))
 
 
+def test_event_loop_runs_no_network_and_no_encoding(vae_pipe, monkeypatch):
+    """Where the work runs: set-up (pipeline.start) in the set-up pool, every denoiser and decoder
+    call in the scheduler's worker, PNG and npy encoding in the encode pool; never on the event
+    loop's thread."""
+    from ditrt import serve as serving
+    seen: dict[str, set] = {"start": set(), "denoiser": set(), "decoder": set(), "encode": set()}
+
+    def record(what):
+        seen[what].add(threading.current_thread().name)
+
+    class Spy:
+        def __init__(self, backend, what):
+            self.inner, self.what, self.name, self.network = backend, what, backend.name, backend.network
+            self.precision, self.max_batch, self.min_batch, self.device = backend.precision, None, 1, "cpu"
+
+        def __call__(self, feeds):
+            record(self.what)
+            return self.inner(feeds)
+    spied = runtime.Pipeline(Spy(vae_pipe.backend, "denoiser"), vae_pipe.manifest, Spy(vae_pipe.decoder, "decoder"))
+    start, encode = spied.start, serving.outputs.encode
+    monkeypatch.setattr(spied, "start", lambda *a, **k: (record("start"), start(*a, **k))[1], raising=False)
+    monkeypatch.setattr(serving.outputs, "encode", lambda *a, **k: (record("encode"), encode(*a, **k))[1])
+    with Server(StepBatcher(spied)) as s, httpx.Client(base_url=s.url, timeout=60) as client:
+        loop_thread = s.thread.name
+        for fmt in ("png", "npy", "png"):
+            assert client.post("/v1/samples", json={"labels": [1, 2], "steps": 3, "format": fmt}).status_code == 200
+    assert all(seen.values()) and loop_thread not in set().union(*seen.values())
+    assert seen["denoiser"] == seen["decoder"] == {"ditrt-batcher"}
+    assert all(name.startswith("ditrt-setup") for name in seen["start"])
+    assert all(name.startswith("ditrt-encode") for name in seen["encode"])
+
+
 # ---- observability --------------------------------------------------------------------------------
 
 def test_metrics_scraped_and_parsed(vae_pipe):
