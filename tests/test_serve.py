@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -177,7 +176,8 @@ def test_sit_artifact_served_with_its_samplers_and_options(tmp_path_factory):
     sit = runtime.load(export_tiny_sit(tmp_path_factory), backend="onnxruntime-fp32", threads=1)
     cases = [({"labels": [1, 2], "sampler": "ode-dopri5", "steps": 5, "cfg_scale": 4.0, "seed": 1,
                "options": {"atol": 1e-3, "rtol": 1e-2}, "max_calls": 200},
-              dict(class_labels=[1, 2], sampler="ode-dopri5", num_steps=5, cfg_scale=4.0, seed=1, atol=1e-3, rtol=1e-2)),
+              dict(class_labels=[1, 2], sampler="ode-dopri5", num_steps=5, cfg_scale=4.0, seed=1, atol=1e-3,
+                   rtol=1e-2)),
              ({"labels": [3], "sampler": "sde-euler", "steps": 6, "seed": 2},
               dict(class_labels=[3], sampler="sde-euler", num_steps=6, seed=2)),
              ({"labels": [4], "sampler": "ode-heun2", "steps": 4, "cfg_scale": 1.0, "seed": 3},
