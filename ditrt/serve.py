@@ -88,7 +88,8 @@ class SampleRequest:
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; RecursionError: nesting
             raise InputError(f"invalid request: the body is not JSON ({_short(e)})") from None
         if not isinstance(data, dict):
-            raise InputError(f"invalid request: the body must be a JSON object with 'labels', got {type(data).__name__}")
+            raise InputError("invalid request: the body must be a JSON object with 'labels', got "
+                             f"{type(data).__name__}")
         unknown = [name for name in data if name not in SAMPLE_FIELDS]
         if unknown:
             raise InputError(f"invalid request: unknown field {_short(unknown[0])!r}; the fields are "

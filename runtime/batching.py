@@ -25,8 +25,9 @@ over the running and waiting requests, with tick and decode times from a `CostMo
 this backend) and refuses at once (`Overloaded`, a `QueueFull`: HTTP 429 + Retry-After) a
 request that would miss its deadline, or that would push an admitted request past its own. The
 estimate needs measurements: `warm_up=True` makes the worker's first calls (the denoiser at 1 and
-`max_batch` rows, the decoder at one image) before `ready` turns true; until the model has
-measurements, only the queue length bounds admission.
+`max_batch` rows, a few ticks of a one-image run, the decoder at one image) before `ready` turns
+true; until the model has measurements, only the queue length bounds admission, and an idle
+scheduler whose measurements are older than STALE_S takes any request (running it measures).
 
 Adaptive samplers (SiT's ode-dopri5: `SampleRun.total_steps` is None) are served: each row of a
 tick carries its own t, so a dopri5 run steps beside fixed-step runs. Their cost is the bound the
@@ -635,8 +636,8 @@ class StepBatcher:
                 done.append((r, error))
             elif r.run.steps_done >= r.max_calls:  # an adaptive run at its budget
                 done.append((r, InputError(
-                    f"{r.run.sampler.name} made {r.run.steps_done} model calls (its max_calls) without reaching the end "
-                    f"(t={r.run.timestep:.4g}); loosen its tolerances (atol, rtol) or raise max_calls (at most "
+                    f"{r.run.sampler.name} made {r.run.steps_done} model calls (its max_calls) without reaching the "
+                    f"end (t={r.run.timestep:.4g}); loosen its tolerances (atol, rtol) or raise max_calls (at most "
                     f"{self.limits.max_steps}, the server's max_steps)")))
         with self._cond:
             self.cost.observe_tick(rows, len(batch), engine_s, seconds)
