@@ -421,6 +421,13 @@ def test_oversized_requests_refused_before_any_call(pipe):
     assert gate.calls == 10 and stats["completed"] == 1 and stats["queue_depth"] == 0
 
 
+def wait_for_stats(batcher, key, value, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while batcher.stats()[key] != value:
+        assert time.monotonic() < deadline, f"{key} never reached {value}: {batcher.stats()}"
+        time.sleep(0.01)
+
+
 class SpyDecoder:
     def __init__(self, decoder):
         self.inner, self.name, self.network, self.precision = decoder, decoder.name, decoder.network, decoder.precision
@@ -440,8 +447,11 @@ def test_decode_stage_batches_across_requests(vae_pipe, decode_batch, calls):
     reqs = [dict(class_labels=labels, num_steps=3, sampler="ddim", seed=i)
             for i, labels in enumerate([[1], [2, 3], [4]])]
     with StepBatcher(runtime.Pipeline(gate, vae_pipe.manifest, spy), decode_batch=decode_batch) as b:
+        blocker = b.submit([0], num_steps=2, sampler="ddim")  # holds the worker in its call: the three start together
+        wait_for_stats(b, "running", 1)
         futures = [b.submit(**r, decode=True) for r in reqs]
         gate.open.set()
+        blocker.result(30)
         got = [f.result(30) for f in futures]
         stats = b.stats()
     assert spy.images == calls and stats["decoder_calls"] == len(calls) and stats["decoded_images"] == 4
@@ -459,13 +469,18 @@ def test_sit_samplers_served_together(sit_pipe):
             dict(class_labels=[4], num_steps=5, sampler="sde-euler", cfg_scale=1.0, seed=3),
             dict(class_labels=[5], num_steps=4, sampler="ode-heun2", cfg_scale=2.0, seed=4)]
     expected = [alone(sit_pipe, r) for r in reqs]
-    with StepBatcher(sit_pipe) as b:
+    gate = Gate(sit_pipe.backend)
+    gate.open.clear()
+    with StepBatcher(runtime.Pipeline(gate, sit_pipe.manifest)) as b:
+        blocker = b.submit([0], num_steps=2, sampler="ode-euler")  # holds the worker: the four start together
+        wait_for_stats(b, "running", 1)
         futures = [b.submit(**r) for r in reqs]
+        gate.open.set()
         got = [f.result(60) for f in futures]
-        stats = b.stats()
+        blocker.result(30)
     for e, g in zip(expected, got):
         assert np.array_equal(e, g)
-    assert stats["rows_per_call_mean"] > 4  # rows of several runs shared calls
+    assert gate.rows[:2] == [2, 4 + 2 + 1 + 2]  # the blocker, then one call over all four runs' rows
 
 
 def test_adaptive_run_stops_at_its_call_budget(sit_pipe):

@@ -490,6 +490,17 @@ def test_abuse_cases_against_ditrt_serve_defaults(tiny_artifact_with_vae, vae_pi
     assert "Traceback" not in s.log_path.read_text()
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--max-rows", "4"], "max_rows (rows in flight) must be an integer from 16"),
+    (["--max-body-bytes", "10", "--timeout", "nan"], "max_body_bytes must be an integer from 64"),
+])
+def test_cli_limit_flags_refused_before_serving(tiny_artifact, flags, message):
+    """A bad limit is exit 2 with the validator's message, before the port opens."""
+    r = subprocess.run([sys.executable, "-m", "ditrt.cli", "serve", str(tiny_artifact), "--port", str(free_port()),
+                        *flags], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
 def test_flood_admits_what_finishes_in_time(tiny_artifact, tmp_path):
     """The congestion-collapse flood, scaled to the test: identical long requests paced 30 ms apart
     with a 4 s timeout. Admitted ones finish in time (>= 90%); the rest get 429 + Retry-After at once."""
