@@ -343,6 +343,7 @@ class StepBatcher:
         self._calls = self._rows_total = self._last_rows = self._steps = 0
         self._decode_calls = self._decoded_images = 0
         self._completed = self._failed = self._cancelled = self._timed_out = self._rejected = 0
+        self._abandoned = 0  # failed by close() (not drained in time, or drain=False)
         self._worker = threading.Thread(target=self._loop, args=(warm_up,), name=name, daemon=True)
         self._worker.start()
 
@@ -493,7 +494,7 @@ class StepBatcher:
                 self._drain = False
                 self._cond.notify_all()
             self._worker.join(FORCE_JOIN_S)
-        return self._drain
+        return self._abandoned == 0
 
     def __enter__(self):
         return self
@@ -696,6 +697,7 @@ class StepBatcher:
     def _fail_all(self, error: BaseException) -> None:
         for r in self._waiting():
             self._failed += 1
+            self._abandoned += 1
             _settle(r.future, error=error)
         self._queue.clear()
         self._active.clear()
