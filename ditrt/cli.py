@@ -471,35 +471,53 @@ def build(artifact, network, precision, decoder_precision, min_batch, opt_batch,
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--max-batch", type=int, help="Most rows per backend call [the backend's limit]; requests join while they fit.")
-@click.option("--max-queue", type=int, default=64, show_default=True, help="Waiting requests before 429.")
 @click.option("--policy", type=click.Choice(["step", "serial", "request"]), default="step", show_default=True,
               help="step: continuous batching; serial: one request at a time; request: whole-request batches.")
-@click.option("--timeout", type=float, help="Per-request timeout in seconds [none].")
-@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
+              help="auto, a backend kind, or KIND-PRECISION.")
+@click.option("--precision", type=PRECISIONS, help="Graph precision [fp16 on TensorRT, else fp32].")
 @click.option("--threads", type=int, help="ONNX Runtime CPU threads.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check every file the backends read against the manifest's sha256 first.")
+@click.option("--allow-plan-host-code", is_flag=True,
+              help="Let a version-compatible TensorRT plan run the host code it embeds (only plans you trust).")
+@click.option("--decoder-precision", type=PRECISIONS,
+              help="Decoder graph precision [fp32 on ONNX Runtime, fp16 on TensorRT]; fp32 avoids fp16 VAE overflow.")
+@click.option("--max-batch", type=int, help="Rows per denoiser call [the engine's limit; else 64 on a GPU, 16 on a CPU].")
+@click.option("--max-rows", type=int, help="Rows of the running requests together [--max-batch].")
+@click.option("--max-images", type=int, help="Images (labels) per request [--max-rows / 2].")
+@click.option("--max-steps", type=int, help="Model calls per request; adaptive samplers stop there [1000].")
+@click.option("--max-queue", type=int, help="Requests admitted and waiting to start [64].")
+@click.option("--decode-batch", type=int, help="Images per decoder call [the engine's limit; else 8 GPU, 4 CPU].")
+@click.option("--max-body-bytes", type=int, default=64 * 1024, show_default=True, help="Largest request body (413).")
+@click.option("--body-timeout", type=float, default=10.0, show_default=True, help="Seconds to receive a body (408).")
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="A request's deadline in seconds, and the most it may ask for; admission refuses (429) what "
+                   "would miss it.")
+@click.option("--drain-timeout", type=float, default=30.0, show_default=True,
+              help="On SIGTERM: seconds to finish admitted requests (new ones get 503), then exit 0.")
 @click.option("--ray", "use_ray", is_flag=True, help="Deploy on Ray Serve (pip install 'ditrt[ray]').")
 @click.option("--replicas", type=int, default=1, show_default=True, help="Ray Serve replicas, each with its own scheduler.")
 @click.option("--address", help="Ray cluster address (auto: the running cluster) [a local Ray].")
-def serve(artifact, host, port, max_batch, max_queue, policy, timeout, backend, threads, use_ray, replicas, address):
-    """Serve class-conditional sampling over HTTP: POST /v1/samples, GET /v1/health, GET /v1/model."""
+def serve(artifact, host, port, policy, backend, precision, threads, verify, allow_plan_host_code, decoder_precision,
+          max_batch, max_rows, max_images, max_steps, max_queue, decode_batch, max_body_bytes, body_timeout, timeout,
+          drain_timeout, use_ray, replicas, address):
+    """Serve class-conditional sampling over HTTP: POST /v1/samples, GET /v1/model, /v1/health,
+    /v1/health/live, /v1/health/ready, /metrics (docs/serving.md). Bounded by default; SIGTERM drains."""
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         from ditrt import serve as serving
     except ImportError as e:
-        raise _Failed(f"ditrt serve needs fastapi and uvicorn: pip install 'ditrt[serve]' ({e})", 2) from None
-    options = dict(backend=backend, threads=threads, max_batch=max_batch, max_queue=max_queue, policy=policy,
-                   timeout=timeout)
+        raise _Failed(f"ditrt serve needs fastapi, uvicorn and prometheus_client: pip install 'ditrt[serve]' ({e})",
+                      2) from None
     with project_errors():
-        if use_ray:
-            _log(f"ditrt serve on Ray Serve: {replicas} replica(s) at http://{host}:{port}")
-            serving.serve_ray(artifact, address=address, replicas=replicas, host=host, port=port, **options)
-            return
-        batcher = serving.make_batcher(artifact, **options)
-        _log(f"ditrt serve {artifact} on {batcher.pipeline.backend.name} (policy {policy}, max batch "
-             f"{batcher.max_batch}) at http://{host}:{port}")
-    serving.serve_uvicorn(batcher, host, port)
+        http = serving.HttpLimits(max_body_bytes, body_timeout, drain_timeout)
+        serving.run(artifact, host, port, use_ray, replicas, address, http, log=_log, backend=backend,
+                    precision=precision, threads=threads, verify=verify, allow_plan_host_code=allow_plan_host_code,
+                    decoder_precision=decoder_precision, policy=policy, timeout=timeout, max_batch=max_batch,
+                    max_rows=max_rows, max_images=max_images, max_steps=max_steps, max_queue=max_queue,
+                    decode_batch=decode_batch)
 
 
 if __name__ == "__main__":
