@@ -82,7 +82,8 @@ def test_numpy_classifier_equals_sklearn(sklearn_digits):
     assert np.array_equal(clf.predict(images), mlp.predict(levels.reshape(len(levels), 64) / 16))
 
 
-def test_shipped_classifier_equals_sklearn_refit(sklearn_digits, tmp_path):
+@pytest.mark.slow  # refits the MLP: ~10 s on an idle core, ~50 s on shared ones
+def test_shipped_classifier_equals_sklearn_refit(sklearn_digits):
     """classifier.npz is what train_classifier fitted: refitting with the recorded settings and seed
     gives a scikit-learn model whose predict_proba the shipped arrays reproduce (and the held-out
     accuracy recorded in training.json)."""
@@ -173,6 +174,14 @@ def test_precision_recall_on_constructed_sets():
     # k = 1: fake radii 0.1; real x = 0 still the only one covered; the real manifold (radius 1)
     # still holds all of A and none of B
     assert quality.precision_recall(real, fake, k=1) == (pytest.approx(0.5), pytest.approx(0.1))
+
+
+def test_precision_recall_ball_includes_its_boundary():
+    """k = 1 on the real line 0..9: every real ball has radius 1. A fake point exactly 1 above x = 4
+    is on the boundary, which counts as inside (the paper's f(x) = 1 if ||x - r|| <= NND_k(r))."""
+    real = np.stack([np.arange(10.0), np.zeros(10)], axis=1)
+    fake = np.array([[4.0, 1.0], [4.0, 1.5], [20.0, 0.0], [21.0, 0.0]])
+    assert quality.precision_recall(real, fake, k=1) == (0.25, 0.0)
 
 
 def test_precision_recall_known_extremes():
@@ -282,12 +291,12 @@ def _short_training(seed: int):
     from ditrt.exporter import train_digits as T
     T.configure_determinism(1)
     levels, labels = T.load_digits()
-    images = T.training_images(levels[:96])
-    vae, _ = T.train_vae(images, T.VaeSettings(steps=4, batch_size=16), seed, log=lambda m: None)
+    images = T.training_images(levels[:32])
+    vae, _ = T.train_vae(images, T.VaeSettings(steps=2, batch_size=8), seed, log=lambda m: None)
     mean, std = T.posterior_statistics(vae, images)
     scale = T.latent_scaling_factor(mean, std, T.stage_generator(seed, "vae"))
-    dit, _ = T.train_denoiser("dit", mean, std, scale, torch.from_numpy(labels[:96]),
-                              T.DenoiserSettings(steps=15, batch_size=16), seed, log=lambda m: None)
+    dit, _ = T.train_denoiser("dit", mean, std, scale, torch.from_numpy(labels[:32]),
+                              T.DenoiserSettings(steps=10, batch_size=8), seed, log=lambda m: None)
     return vae.state_dict(), dit.state_dict(), scale
 
 
@@ -313,3 +322,22 @@ def test_training_script_runs_are_bitwise_identical(sklearn_digits, tmp_path):
         outs.append(out)
     for name in ("dit.safetensors", "vae/diffusion_pytorch_model.safetensors", "classifier.npz"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_shipped_dit_draws_the_requested_digits_through_the_runtime(sklearn_digits, tmp_path):
+    """The shipped DiT and VAE exported to ONNX (fp32), sampled and decoded by the runtime (DDIM-50,
+    cfg 4, default guidance): the classifier reads >= 90% of 100 balanced samples as the label asked for."""
+    pytest.importorskip("torch")
+    from ditrt import runtime
+    from ditrt.exporter.checkpoints import load_checkpoint
+    from ditrt.exporter.onnx_export import export_artifact, source_from_checkpoint
+    from ditrt.exporter.vae import load_vae
+    art = tmp_path / "digits"
+    export_artifact(source_from_checkpoint(load_checkpoint(DIGITS / "dit.safetensors", num_heads=4)), art, ("fp32",),
+                    log=lambda m: None, vae=load_vae(DIGITS / "vae", in_channels=4))
+    pipe = runtime.load(art, backend="onnxruntime-fp32", threads=1)
+    labels = np.repeat(np.arange(10), 10)
+    images = pipe.decode(pipe.sample(labels, num_steps=50, sampler="ddim", cfg_scale=4.0, seed=0, progress=False))
+    classifier = quality.DigitClassifier.load(DIGITS / "classifier.npz")
+    assert (classifier.predict(images) == labels).mean() >= 0.9
