@@ -1,0 +1,200 @@
+"""Sample-quality metrics for the digits example model, in numpy only (no torch, no scikit-learn).
+
+- The image mapping. Training images are scikit-learn's 8x8 digits (grey levels 0..16) made into
+  what an sd-vae-style VAE takes: `real_digit_images` maps level v to v / 8 - 1 in [-1, 1],
+  repeats each pixel as an `upsample` x `upsample` block (nearest) and copies the grey into R, G
+  and B. `classifier_input` is its exact inverse for any (N, 3, H, W) batch in the decoder's range:
+  clip to [-1, 1] (as the PNG writers do), average R, G, B, average each (H / 8) x (W / 8) block
+  (area downsampling to 8x8), then (g + 1) * 8, giving levels in 0..16 again. Real digits come back
+  bit for bit; generated ones are read the same way.
+- `DigitClassifier`: a one-hidden-layer MLP trained with scikit-learn on the real digits (by
+  `ditrt.exporter.train_digits`) and stored as plain arrays; its ReLU hidden layer is the feature
+  space of the Frechet distance and of precision / recall (as Inception's pool features are for FID).
+- `frechet_distance`: FID's formula on two feature sets.
+- `precision_recall`: Kynkaanniemi et al. 2019 (improved precision and recall, k-NN balls).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+DIGIT_SIDE = 8  # scikit-learn's digits are 8x8
+DIGIT_LEVELS = 16  # ... with grey levels 0..16
+
+
+def real_digit_images(digits: np.ndarray, upsample: int = 8) -> np.ndarray:
+    """(N, 8, 8) grey levels 0..16 -> (N, 3, 8 * upsample, 8 * upsample) float32 in [-1, 1]: the
+    training images of the digits model (level / 8 - 1, nearest upsampling, grey in R, G and B)."""
+    digits = np.asarray(digits)
+    if digits.ndim != 3 or digits.shape[1:] != (DIGIT_SIDE, DIGIT_SIDE):
+        raise InputError(f"digits must be shaped (N, {DIGIT_SIDE}, {DIGIT_SIDE}), got {digits.shape}")
+    if digits.min(initial=0) < 0 or digits.max(initial=0) > DIGIT_LEVELS:
+        raise InputError(f"digit grey levels must lie in 0..{DIGIT_LEVELS}")
+    if isinstance(upsample, bool) or not isinstance(upsample, (int, np.integer)) or upsample < 1:
+        raise InputError(f"upsample must be a positive integer, got {upsample!r}")
+    grey = digits.astype(np.float32) / np.float32(DIGIT_LEVELS / 2) - np.float32(1)  # (N, 8, 8)
+    grey = grey.repeat(upsample, axis=1).repeat(upsample, axis=2)  # (N, 8u, 8u)
+    return np.ascontiguousarray(np.repeat(grey[:, None], 3, axis=1))  # (N, 3, 8u, 8u)
+
+
+def classifier_input(images: np.ndarray) -> np.ndarray:
+    """(N, 3, H, W) images in [-1, 1] (H, W multiples of 8) -> (N, 64) float64 grey levels 0..16:
+    the exact inverse of `real_digit_images`, applied alike to real and generated images."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] % DIGIT_SIDE or images.shape[3] % DIGIT_SIDE:
+        raise InputError(f"images must be shaped (N, 3, H, W) with H and W multiples of {DIGIT_SIDE}, got {images.shape}")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise InputError(f"images must be floating point (the decoder's [-1, 1] range), got {images.dtype}")
+    if not np.isfinite(images).all():
+        raise InputError("images contain NaN or inf")
+    n, _, h, w = images.shape
+    grey = np.clip(images.astype(np.float64), -1.0, 1.0).mean(axis=1)  # (N, H, W)
+    blocks = grey.reshape(n, DIGIT_SIDE, h // DIGIT_SIDE, DIGIT_SIDE, w // DIGIT_SIDE).mean(axis=(2, 4))  # (N, 8, 8)
+    return ((blocks + 1.0) * (DIGIT_LEVELS / 2)).reshape(n, DIGIT_SIDE * DIGIT_SIDE)
+
+
+@dataclass(frozen=True)
+class DigitClassifier:
+    """scikit-learn's MLPClassifier (one ReLU hidden layer, softmax output) in numpy, float64.
+    Its input is `classifier_input(images) * input_scale` (levels 0..16 scaled to 0..1)."""
+    hidden_weight: np.ndarray  # (64, F)
+    hidden_bias: np.ndarray  # (F,)
+    output_weight: np.ndarray  # (F, 10)
+    output_bias: np.ndarray  # (10,)
+    classes: np.ndarray  # (10,) the label of each output column
+    input_scale: float
+
+    ARRAYS = ("hidden_weight", "hidden_bias", "output_weight", "output_bias", "classes", "input_scale")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DigitClassifier":
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {name: z[name] for name in cls.ARRAYS}
+        except KeyError as e:
+            raise InputError(f"{path} is not a digit classifier: array {e.args[0]} is missing") from None
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read the digit classifier {path}: {e}") from None
+        classifier = cls(**{k: v.astype(np.float64) for k, v in arrays.items() if k not in ("classes", "input_scale")},
+                         classes=arrays["classes"], input_scale=float(arrays["input_scale"]))
+        d, f = classifier.hidden_weight.shape
+        if d != DIGIT_SIDE * DIGIT_SIDE or classifier.hidden_bias.shape != (f,) or classifier.output_weight.shape[0] != f \
+                or classifier.output_bias.shape != classifier.output_weight.shape[1:] \
+                or classifier.classes.shape != classifier.output_bias.shape:
+            raise InputError(f"{path}: inconsistent classifier shapes")
+        return classifier
+
+    def save(self, path: str | Path) -> None:
+        np.savez(path, **{name: np.asarray(getattr(self, name)) for name in self.ARRAYS})
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) -> (N, F) float64: the hidden layer's ReLU activations."""
+        x = classifier_input(images) * self.input_scale  # (N, 64)
+        return np.maximum(x @ self.hidden_weight + self.hidden_bias, 0.0)
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) -> (N, 10) class probabilities (columns in `classes` order)."""
+        return self.proba_from_features(self.features(images))
+
+    def proba_from_features(self, features: np.ndarray) -> np.ndarray:
+        """(N, F) hidden activations -> (N, 10) softmax probabilities."""
+        logits = features @ self.output_weight + self.output_bias  # (N, 10)
+        logits = logits - logits.max(axis=1, keepdims=True)  # as scikit-learn's softmax
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) -> (N,) labels."""
+        return self.classes[self.predict_proba(images).argmax(axis=1)]
+
+
+def _check_features(features: np.ndarray, what: str, min_rows: int = 2) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < min_rows:
+        raise InputError(f"{what} must be shaped (N, F) with N >= {min_rows}, got {features.shape}")
+    if not np.isfinite(features).all():
+        raise InputError(f"{what} contain NaN or inf")
+    return features
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a symmetric positive semi-definite matrix (eigenvalues
+    rounded below zero are taken as zero)."""
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """FID's ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) between two (N, F) feature sets
+    (covariances with ddof 1). (S_a S_b)^1/2 has the eigenvalues of the symmetric PSD matrix
+    S_a^1/2 S_b S_a^1/2, so its trace is their square roots' sum: no general matrix square root."""
+    a, b = _check_features(features_a, "features_a"), _check_features(features_b, "features_b")
+    if a.shape[1] != b.shape[1]:
+        raise InputError(f"feature widths differ: {a.shape[1]} vs {b.shape[1]}")
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a, cov_b = np.cov(a, rowvar=False, ddof=1), np.cov(b, rowvar=False, ddof=1)
+    root_a = _psd_sqrt(np.atleast_2d(cov_a))
+    middle = root_a @ np.atleast_2d(cov_b) @ root_a
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(np.atleast_2d(cov_a)) + np.trace(np.atleast_2d(cov_b))
+                 - 2.0 * trace_sqrt)
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(Na, Nb) squared Euclidean distances, clipped at zero (the expanded form can round below)."""
+    d = (a * a).sum(axis=1)[:, None] + (b * b).sum(axis=1)[None, :] - 2.0 * (a @ b.T)
+    return np.maximum(d, 0.0)
+
+
+def _knn_radii(points: np.ndarray, k: int, chunk: int) -> np.ndarray:
+    """Squared distance from each point to its k-th nearest other point (itself excluded)."""
+    radii = np.empty(len(points))
+    for start in range(0, len(points), chunk):
+        d = _squared_distances(points[start:start + chunk], points)  # (c, N)
+        d[np.arange(len(d)), np.arange(start, start + len(d))] = np.inf  # not its own neighbour
+        radii[start:start + chunk] = np.partition(d, k - 1, axis=1)[:, k - 1]
+    return radii
+
+
+def _covered(queries: np.ndarray, centres: np.ndarray, radii: np.ndarray, chunk: int) -> np.ndarray:
+    """Whether each query lies in at least one ball (centre, k-NN radius), boundary included."""
+    inside = np.empty(len(queries), dtype=bool)
+    for start in range(0, len(queries), chunk):
+        inside[start:start + chunk] = (_squared_distances(queries[start:start + chunk], centres) <= radii[None]).any(axis=1)
+    return inside
+
+
+def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3,
+                     chunk: int = 1024) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019). Each set's manifold is the union
+    of balls around its points with radius the distance to the k-th nearest other point of the same
+    set. Precision: the fraction of fake points inside the real manifold; recall: the fraction of
+    real points inside the fake manifold."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError(f"k must be a positive integer, got {k!r}")
+    real = _check_features(real_features, "real_features", k + 1)
+    fake = _check_features(fake_features, "fake_features", k + 1)
+    if real.shape[1] != fake.shape[1]:
+        raise InputError(f"feature widths differ: {real.shape[1]} vs {fake.shape[1]}")
+    precision = _covered(fake, real, _knn_radii(real, k, chunk), chunk).mean()
+    recall = _covered(real, fake, _knn_radii(fake, k, chunk), chunk).mean()
+    return float(precision), float(recall)
+
+
+def digit_scores(classifier: DigitClassifier, images: np.ndarray, labels: np.ndarray, real_features: np.ndarray,
+                 k: int = 3) -> dict[str, float]:
+    """Generated images (N, 3, H, W) sampled for `labels` (N,) against the real digits' features:
+    accuracy (the classifier reads the requested label), Frechet distance, precision and recall."""
+    labels = np.asarray(labels)
+    if labels.shape != (len(images),):
+        raise InputError(f"labels must be shaped ({len(images)},) like the images, got {labels.shape}")
+    features = classifier.features(images)
+    predicted = classifier.classes[classifier.proba_from_features(features).argmax(axis=1)]
+    precision, recall = precision_recall(real_features, features, k)
+    return {"accuracy": float((predicted == labels).mean()), "frechet_distance": frechet_distance(real_features, features),
+            "precision": precision, "recall": recall}
