@@ -47,8 +47,6 @@ import torch
 
 from ditrt.runtime import quality
 from ditrt.runtime.config import DiTConfig, Diffusion
-from ditrt.runtime.noise import SeededNoise
-from ditrt.runtime.samplers import get_sampler, guide
 from ditrt.runtime.schedule import respaced_schedule
 
 from .model import DiT
@@ -115,7 +113,8 @@ class ClassifierSettings:
 @dataclass(frozen=True)
 class EvalSettings:
     per_class: int = 20  # balanced labels: 0..9, each this many times
-    sampler: str = "ddim"
+    sampler: str = "ddim"  # the DiT's
+    sit_sampler: str = "ode-euler"  # the SiT's
     steps: int = 50
     cfg_scale: float = 4.0
 
@@ -249,7 +248,8 @@ class DiTTrainingLoss:
     sample and cast to float32, as the official `_extract_into_tensor`."""
 
     def __init__(self, config: DiTConfig):
-        self.schedule = respaced_schedule(Diffusion.official(config), Diffusion.official(config).num_train_timesteps)
+        diffusion = Diffusion(variance="learned_range" if config.learn_sigma else "fixed_large")
+        self.schedule = respaced_schedule(diffusion, diffusion.num_train_timesteps)
         self.num_timesteps = len(self.schedule)
         s = self.schedule
         self.tables = {name: torch.from_numpy(np.asarray(value, dtype=np.float64)) for name, value in {
@@ -394,42 +394,25 @@ def train_denoiser(family: str, latent_mean: torch.Tensor, latent_std: torch.Ten
 
 # ---- sampling (the runtime's samplers over the torch model) -------------------------------------
 
-@torch.no_grad()
-def sample_dit(model: DiT, labels: np.ndarray, sampler: str, steps: int, cfg_scale: float, seed: int,
-               guided_channels: int | None = None) -> np.ndarray:
-    """Latents (N, C, H, W) from the runtime's sampler loop (schedules, guidance, seeded noise) with
-    the torch model as the network: what `runtime.load(...).sample` computes, without an export."""
-    config = model.config
-    diffusion = Diffusion.official(config)
-    chosen = get_sampler(sampler)
-    schedule = chosen.schedule(diffusion, steps)
-    guided = guided_channels or diffusion.guided_channels["official"]
-    n = len(labels)
-    noise = SeededNoise(seed, n, config.latent_shape)
-    rows_labels = torch.from_numpy(np.concatenate([labels, np.full(n, config.null_class)]).astype(np.int64))
-    x, state = noise.initial(), None
-    for k, t in enumerate(schedule.model_timesteps):
-        out = model(torch.from_numpy(np.concatenate([x, x])), torch.full((2 * n,), float(t)), rows_labels).numpy()
-        out = guide(out[:n], out[n:], cfg_scale, guided)
-        x, state = chosen.step(x, out, schedule, k, noise.step(k) if chosen.uses_noise else None, state,
-                               **chosen.bind())
-    return x
+def sample(model: DiT, family: str, labels: np.ndarray, sampler: str, steps: int, cfg_scale: float,
+           seed: int) -> np.ndarray:
+    """Latents (N, C, H, W) from the runtime's own pipeline (the sampler registry's loop, official
+    guidance, the seeded noise stream) over the torch model: what `runtime.load(...).sample` computes
+    for the exported model, without an export."""
+    from ditrt.runtime.config import FAMILIES, Guidance
+    from ditrt.runtime.manifest import Manifest, network_section, new_manifest
+    from ditrt.runtime.networks import denoiser_spec
+    from ditrt.runtime.pipeline import Pipeline
 
-
-@torch.no_grad()
-def sample_sit_euler(model: DiT, labels: np.ndarray, steps: int, cfg_scale: float, seed: int) -> np.ndarray:
-    """Euler on the probability-flow ODE dx/dt = v(x, t) from t = 0 (noise) to 1 (data), guidance on
-    every channel: v = v_null + s (v_label - v_null)."""
-    config = model.config
-    n = len(labels)
-    x = torch.from_numpy(SeededNoise(seed, n, config.latent_shape).initial())
-    rows_labels = torch.from_numpy(np.concatenate([labels, np.full(n, config.null_class)]).astype(np.int64))
-    dt = 1.0 / steps
-    for i in range(steps):
-        v = model(torch.cat([x, x]), torch.full((2 * n,), i * dt), rows_labels)
-        v_label, v_null = v[:n], v[n:]
-        x = x + dt * (v_null + cfg_scale * (v_label - v_null))
-    return x.numpy()
+    from .torch_backend import TorchBackend
+    fam, config = FAMILIES[family], model.config
+    process = fam.default_process(config)
+    spec = denoiser_spec(config, fam, process)
+    data = new_manifest(family=fam, config=config, model_extra={}, source={"kind": "in-memory"}, process=process,
+                        guidance=Guidance.official(config), defaults=fam.defaults,
+                        networks={"denoiser": network_section(spec, {})}, versions={})
+    pipe = Pipeline(TorchBackend(model, spec), Manifest(data, Path("."), graphs_required=False))
+    return pipe.sample(labels, num_steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed, progress=False)
 
 
 @torch.no_grad()
@@ -541,12 +524,9 @@ def run(out: Path, seed: int = 0, family: str = "dit", threads: int = 1, vae_dir
     ev = eval_settings
     eval_labels = np.repeat(np.arange(NUM_CLASSES), ev.per_class)
     start = time.perf_counter()
-    if family == "dit":
-        latents = sample_dit(model, eval_labels, ev.sampler, ev.steps, ev.cfg_scale, seed)
-        how = f"runtime {ev.sampler}-{ev.steps} over the torch EMA model, cfg {ev.cfg_scale} official guidance"
-    else:
-        latents = sample_sit_euler(model, eval_labels, ev.steps, ev.cfg_scale, seed)
-        how = f"Euler ODE {ev.steps} steps, cfg {ev.cfg_scale} on every channel"
+    sampler = ev.sampler if family == "dit" else ev.sit_sampler
+    latents = sample(model, family, eval_labels, sampler, ev.steps, ev.cfg_scale, seed)
+    how = f"runtime {sampler} {ev.steps} steps over the torch EMA model, cfg {ev.cfg_scale} official guidance"
     samples = decode(vae, latents, scaling_factor)
     summary["samples"] = {"how": how, "images": len(eval_labels), "seed": seed,
                           "seconds": round(time.perf_counter() - start, 1),

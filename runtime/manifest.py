@@ -35,7 +35,9 @@ MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB; a bigger "manifest" is 
 
 
 class Manifest:
-    def __init__(self, data: dict, directory: Path):
+    def __init__(self, data: dict, directory: Path, graphs_required: bool = True):
+        """`graphs_required` False: the manifest of a model held in memory (training, a torch
+        backend), which samples through a backend given to the Pipeline directly."""
         from .samplers import SAMPLERS
         self.data = data
         self.directory = Path(directory)
@@ -53,7 +55,7 @@ class Manifest:
             self.networks[name] = spec
             for precision in self._graphs(name):
                 self._check_graph(name, precision)
-        if not self._graphs("denoiser"):
+        if graphs_required and not self._graphs("denoiser"):
             raise ArtifactError("manifest field networks.denoiser.graphs lists no graph: nothing can sample with this "
                                 "artifact; re-export it")
         if not isinstance(data.get("engines", []), list):
