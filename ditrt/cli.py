@@ -264,6 +264,43 @@ def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, g
     click.echo(json.dumps(summary.to_dict()))
 
 
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--num-images", type=int, default=1000, show_default=True,
+              help="Images per configuration (balanced labels; image i's label and noise from (seed, i)).")
+@sampling_options
+@click.option("--compare", "compares", multiple=True, metavar="KEY=VALUE,...",
+              help="Another configuration over the base options above, e.g. 'sampler=ddim,steps=50' or "
+                   "'precision=fp16' (keys: sampler, steps, cfg_scale, guidance, eta, backend, precision, "
+                   "decoder_precision, or a sampler option). Repeatable; each is scored against the first (the base).")
+@click.option("--batch", type=int, default=100, show_default=True, help="Images per sampling call.")
+@click.option("--classifier", type=click.Path(path_type=Path),
+              help="The digit classifier (.npz) [the one shipped with the example, exporter/data/digits].")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the report as JSON.")
+def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, sampler_options, seed, backend, precision,
+            threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, compares, batch, classifier,
+            json_path) -> None:
+    """Score what each configuration costs: sample N images, decode them and report the digit
+    classifier's accuracy, the Frechet distance, precision and recall against the real digits,
+    and images/s, each relative to the first configuration (the digits example; needs
+    scikit-learn: pip install 'ditrt[quality]')."""
+    import ditrt.exporter
+    from ditrt.runtime import quality as Q
+    from ditrt.runtime.files import write_json_atomic
+    from ditrt.runtime.generate import SamplingOptions
+    from ditrt.runtime.samplers import parse_options
+    with project_errors():
+        base = SamplingOptions(sampler, steps, cfg_scale, guidance, eta, parse_options(sampler_options), backend,
+                               precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code)
+        runs = [Q.QualityRun("base", base), *(Q.parse_run(text, base) for text in compares)]
+        path = classifier or Path(ditrt.exporter.__file__).resolve().parent / "data" / "digits" / "classifier.npz"
+        report = Q.compare(artifact, runs, Q.DigitClassifier.load(path), num_images, seed, batch, threads,
+                           log=_log if progress else lambda m: None)
+        if json_path:
+            write_json_atomic(json_path, report)
+    click.echo(Q.format_report(report))
+
+
 class _GenerateBar:
     """A redrawn bar (images/s, ETA) on a terminal, one line per finished shard elsewhere (logs)."""
 

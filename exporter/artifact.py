@@ -130,8 +130,10 @@ def _versions() -> dict:
 # ---- what `ditrt export` exports ----------------------------------------------------------------------
 
 DATA = Path(__file__).resolve().parent / "data"
-EXAMPLE_CHECKPOINT = DATA / "dit_tiny_official.pt"  # the golden tiny model: depth 2, hidden 64, 4 heads, 10 classes
-EXAMPLE_VAE = DATA / "example_vae"
+# The trained digits example (exporter/data/digits/README.md, exporter/train_digits.py): a DiT of
+# depth 4, hidden 128, 4 heads on 8x8x4 latents of its own small VAE, 10 classes (the digits).
+EXAMPLE_CHECKPOINT = DATA / "digits" / "dit.safetensors"
+EXAMPLE_VAE = DATA / "digits" / "vae"
 EXAMPLE_OVERRIDES = {"num_heads": 4}
 
 

@@ -141,8 +141,9 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     root_a = _psd_sqrt(np.atleast_2d(cov_a))
     middle = root_a @ np.atleast_2d(cov_b) @ root_a
     trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(np.atleast_2d(cov_a)) + np.trace(np.atleast_2d(cov_b))
-                 - 2.0 * trace_sqrt)
+    distance = ((mu_a - mu_b) ** 2).sum() + np.trace(np.atleast_2d(cov_a)) + np.trace(np.atleast_2d(cov_b)) \
+        - 2.0 * trace_sqrt
+    return float(max(distance, 0.0))  # >= 0 in exact arithmetic; equal sets can round to -1e-15
 
 
 def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -198,3 +199,126 @@ def digit_scores(classifier: DigitClassifier, images: np.ndarray, labels: np.nda
     precision, recall = precision_recall(real_features, features, k)
     return {"accuracy": float((predicted == labels).mean()), "frechet_distance": frechet_distance(real_features, features),
             "precision": precision, "recall": recall}
+
+
+# ---- `ditrt quality`: what each configuration costs in quality and speed ----------------------------
+
+def load_real_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits (1,797 8x8 images, no download) as the training images and
+    their labels: the reference the samples are scored against."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise InputError(f"ditrt quality compares with scikit-learn's digits: pip install 'ditrt[quality]' ({e})") from None
+    digits = load_digits()
+    return real_digit_images(digits.images), digits.target.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class QualityRun:
+    """One configuration: a name and the sampling options (runtime.generate.SamplingOptions)."""
+    name: str
+    sampling: object
+
+
+# `--compare` keys: SamplingOptions fields; anything else is a sampler option (e.g. atol).
+_RUN_KEYS = {"sampler": str, "steps": str, "cfg_scale": float, "guidance": str, "eta": float, "backend": str,
+             "precision": str, "decoder_precision": str}
+
+
+def parse_run(text: str, base) -> QualityRun:
+    """A configuration from `key=value,key=value` over the base options, e.g. `sampler=ddim,steps=50`
+    or `precision=fp16` (keys: sampler, steps, cfg_scale, guidance, eta, backend, precision,
+    decoder_precision, or a sampler option)."""
+    from dataclasses import replace
+    changes, options = {}, dict(base.sampler_options)
+    for item in [p.strip() for p in str(text).split(",") if p.strip()]:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key or not value.strip():
+            raise InputError(f"--compare takes key=value pairs separated by commas (e.g. sampler=ddim,steps=50), "
+                             f"got {item!r} in {text!r}")
+        if key in _RUN_KEYS:
+            try:
+                changes[key] = _RUN_KEYS[key](value.strip())
+            except ValueError:
+                raise InputError(f"--compare {key} must be a number, got {value!r}") from None
+        else:
+            try:
+                options[key] = float(value)
+            except ValueError:
+                options[key] = value.strip()
+    if not changes and options == base.sampler_options:
+        raise InputError(f"--compare {text!r} changes nothing")
+    return QualityRun(text.strip(), replace(base, **changes, sampler_options=options))
+
+
+def compare(artifact, runs: list[QualityRun], classifier: DigitClassifier, num_images: int = 1000, seed: int = 0,
+            batch: int = 100, threads: int | None = None, log=lambda m: None) -> dict:
+    """Sample `num_images` balanced images (image i: label and noise from (seed, i), as `ditrt
+    generate`) with each configuration, decode them with the artifact's decoder and score them:
+    accuracy, Frechet distance, precision / recall against the real digits, images/s (sampling and
+    decoding); each relative to the first configuration."""
+    import time
+    from .generate import balanced_labels
+    from .manifest import load_manifest
+    from .pipeline import load
+    from .validate import check_int
+    num_images = check_int(num_images, "--num-images", 20, 1_000_000)
+    batch = check_int(batch, "--batch", 1, 100_000)
+    if not runs:
+        raise InputError("quality needs at least one configuration")
+    manifest = load_manifest(artifact)
+    manifest.network("decoder")  # images are scored: the artifact needs its decoder
+    (condition,) = manifest.network("denoiser").conditions
+    if condition.condition.num_classes != len(classifier.classes):
+        raise InputError(f"the artifact has {condition.condition.num_classes} classes, the classifier "
+                         f"{len(classifier.classes)}: ditrt quality scores the digits example")
+    real_images, real_labels = load_real_digits()
+    real_features = classifier.features(real_images)
+    labels = balanced_labels(seed, 0, num_images, condition.condition.num_classes)
+    rows, pipes = [], {}
+    for run in runs:
+        s = run.sampling
+        key = (s.backend, s.precision, s.decoder_precision)
+        if key not in pipes:
+            pipes[key] = load(artifact, backend=s.backend, precision=s.precision, threads=threads, verify=s.verify,
+                              decoder=True, decoder_precision=s.decoder_precision)
+        pipe = pipes[key]
+        log(f"{run.name}: {num_images} images on {pipe.backend.name} ...")
+        images, calls = [], 0
+        start = time.perf_counter()
+        for first in range(0, num_images, batch):
+            latents = pipe.sample(labels[first:first + batch], num_steps=s.steps, sampler=s.sampler,
+                                  cfg_scale=s.cfg_scale, guidance=s.guidance, eta=s.eta, seed=seed, image_offset=first,
+                                  progress=False, **s.sampler_options)
+            calls += pipe.last_stats.steps
+            images.append(pipe.decode(latents))
+        seconds = time.perf_counter() - start
+        scores = digit_scores(classifier, np.concatenate(images), labels, real_features)
+        rows.append({"run": run.name, "backend": pipe.backend.name, "images": num_images,
+                     "model_calls_per_batch": calls // -(-num_images // batch), **scores, "seconds": seconds,
+                     "images_per_s": num_images / seconds})
+    first = rows[0]
+    for row in rows:
+        row["frechet_vs_first"] = row["frechet_distance"] - first["frechet_distance"]
+        row["accuracy_vs_first"] = row["accuracy"] - first["accuracy"]
+        row["speed_vs_first"] = row["images_per_s"] / first["images_per_s"]
+    reference = digit_scores(classifier, real_images, real_labels, real_features)
+    from .noise import NOISE_VERSION
+    return {"artifact": str(artifact), "num_images": num_images, "seed": seed, "labels": "balanced",
+            "noise": NOISE_VERSION, "classifier_classes": len(classifier.classes),
+            "real_digits_self_check": reference, "runs": rows}
+
+
+def format_report(report: dict) -> str:
+    columns = [("run", "{}"), ("accuracy", "{:.3f}"), ("frechet_distance", "{:.3f}"), ("precision", "{:.3f}"),
+               ("recall", "{:.3f}"), ("images_per_s", "{:.2f}"), ("frechet_vs_first", "{:+.3f}"),
+               ("speed_vs_first", "{:.2f}x")]
+    table = [[name for name, _ in columns]] + [[fmt.format(r[name]) for name, fmt in columns] for r in report["runs"]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    ref = report["real_digits_self_check"]
+    lines.append(f"{report['num_images']} balanced images per run, seed {report['seed']}, noise {report['noise']}; "
+                 f"real digits against themselves: accuracy {ref['accuracy']:.3f}, Frechet {ref['frechet_distance']:.3f}")
+    return "\n".join(lines)

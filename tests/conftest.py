@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
-TINY_CHECKPOINT = ROOT / "exporter" / "data" / "dit_tiny_official.pt"
+TINY_CHECKPOINT = GOLDEN_DIR / "dit_official_layout.pt"  # the official golden model (shared/golden)
 
 
 @pytest.fixture(scope="session")
@@ -46,11 +46,11 @@ def max_rel_err(actual: np.ndarray, reference: np.ndarray) -> float:
 
 @pytest.fixture(scope="session")
 def tiny_artifact_with_vae(tmp_path_factory, tiny_checkpoint) -> Path:
-    """The golden checkpoint and the golden small VAE (exporter/data/example_vae) in one artifact."""
+    """The golden checkpoint and the golden small VAE (tests/golden/vae/vae) in one artifact."""
     from ditrt.exporter.artifact import export_artifact
     from ditrt.exporter.denoiser import source_from_checkpoint
     from ditrt.exporter.vae import load_vae
     out = tmp_path_factory.mktemp("artifacts") / "tiny_vae"
     export_artifact(source_from_checkpoint(tiny_checkpoint), out, log=lambda m: None,
-                    vae=load_vae(ROOT / "exporter" / "data" / "example_vae", in_channels=4))
+                    vae=load_vae(GOLDEN_DIR / "vae" / "vae", in_channels=4))
     return out

@@ -29,7 +29,7 @@ from ditrt.runtime.images import (NonFiniteImageError, ImageError, check_finite,
 from ditrt.runtime.files import sha256_file  # noqa: E402
 from helpers import read_png  # noqa: E402
 
-EXAMPLE_VAE = ROOT / "exporter" / "data" / "example_vae"
+EXAMPLE_VAE = ROOT / "tests" / "golden" / "vae" / "vae"  # the golden small VAE (shared/golden/vae/vae)
 VAE_GOLDEN = GOLDEN_DIR / "vae"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # Pixels where the exported fp32 decoder's uint8 output differs from the golden one (by exactly one
