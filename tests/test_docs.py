@@ -141,7 +141,8 @@ def test_the_link_check_sees_a_broken_link(tmp_path):
 NOT_PYTHON = {"ditrt.backends": "the entry-point group backend plugins register under",
               "ditrt.manifest": "the manifest's schema name",
               "ditrt.hpp": "the C++ runtime's header",
-              "ditrt.generate": "the generate run record's schema name"}
+              "ditrt.generate": "the generate run record's schema name",
+              "ditrt.serve.access": "the server's access-log logger name"}
 NAME = re.compile(r"`(ditrt(?:\.[A-Za-z_]\w*)+)(?=[`(\s\[])")
 
 
