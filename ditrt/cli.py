@@ -119,8 +119,8 @@ def inspect(checkpoint: Path, num_heads: int | None, input_size: int | None, as_
 @click.option("--config", "config_name", help="Named config (DiT-XL/2, DiT-S/4, ...) for --random-init.")
 @click.option("--random-init", is_flag=True, help="Random weights for --config (for trying things without a checkpoint).")
 @click.option("--image-size", type=int, help="Image side in pixels (latent = /8); only with --random-init.")
-@click.option("--num-classes", type=int, default=1000, show_default=True, help="Classes, only with --random-init.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-init.")
+@click.option("--num-classes", type=int, help="Classes, only with --random-init [1000].")
+@click.option("--seed", type=int, help="Seed for --random-init [0].")
 @click.option("--num-heads", type=int, help="Override: attention heads (checkpoints of custom configs).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Artifact directory [engines/<name>].")
 @click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset (18..25).")
@@ -404,9 +404,17 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
     from ditrt.runtime import parity as P
     if sum([bool(against), bool(save_golden), activation_ranges]) != 1:
         raise click.UsageError("give exactly one of --against, --save-golden or --activation-ranges")
+    mode = "--against" if against else "--save-golden" if save_golden else "--activation-ranges"
+    used = {"--against": {"backends", "steps", "batches", "max_rel_errs", "atol", "rtol", "json_path", "junit_path",
+                          "checkpoint", "threads"},
+            "--save-golden": {"steps", "batches", "checkpoint"},
+            "--activation-ranges": {"headroom", "json_path", "checkpoint"}}[mode]
     ctx = click.get_current_context()
-    if ctx.get_parameter_source("headroom") == click.core.ParameterSource.COMMANDLINE and not activation_ranges:
-        raise click.UsageError("--headroom applies to --activation-ranges only")
+    unused = [p.opts[0] for p in ctx.command.params if p.name not in used | {"artifact", "against", "save_golden",
+                                                                              "activation_ranges"}
+              and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+    if unused:
+        raise click.UsageError(f"{' and '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply with {mode}")
     needs_torch = activation_ranges or save_golden or against == "reference"
     if needs_torch:
         _require_torch("parity --against reference" if against else "parity", exit_code=2)

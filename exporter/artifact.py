@@ -138,9 +138,9 @@ EXAMPLE_OVERRIDES = {"num_heads": 4}
 
 
 def resolve_source(checkpoint: str | Path | None = None, example: bool = False, config_name: str | None = None,
-                   random_init: bool = False, image_size: int | None = None, num_classes: int = 1000, seed: int = 0,
-                   num_heads: int | None = None, family: str = "dit", transport: dict | None = None
-                   ) -> tuple[ExportSource, str]:
+                   random_init: bool = False, image_size: int | None = None, num_classes: int | None = None,
+                   seed: int | None = None, num_heads: int | None = None, family: str = "dit",
+                   transport: dict | None = None) -> tuple[ExportSource, str]:
     """The export source for `ditrt export`'s options, and the artifact's default name. `transport`
     ({path_type, prediction}, SiT's create_transport names) says how a SiT was trained: no tensor
     records it, and only the Linear path with velocity prediction is implemented (others refused)."""
@@ -155,9 +155,11 @@ def resolve_source(checkpoint: str | Path | None = None, example: bool = False, 
         raise ExportOptionError("--random-init needs --config NAME (e.g. --config DiT-XL/2)")
     if config_name and not random_init:
         raise ExportOptionError("--config only applies with --random-init (a checkpoint's config comes from its tensors)")
-    if image_size is not None and not random_init:
-        raise ExportOptionError("--image-size only applies with --random-init (a checkpoint's latent size comes from "
-                                "its pos_embed)")
+    for flag, value, why in (("--image-size", image_size, "latent size comes from its pos_embed"),
+                              ("--num-classes", num_classes, "classes come from its label embedding"),
+                              ("--seed", seed, "weights are its own")):
+        if value is not None and not random_init:
+            raise ExportOptionError(f"{flag} only applies with --random-init (a checkpoint's {why})")
     overrides = {} if num_heads is None else {"num_heads": check_int(num_heads, "--num-heads", 1, 4096)}
     if transport:
         if family != "sit":
@@ -167,9 +169,10 @@ def resolve_source(checkpoint: str | Path | None = None, example: bool = False, 
         read_transport({**Transport().to_dict(), **transport}, None, ExportOptionError, where="the SiT's transport ")
     if random_init:
         size = 256 if image_size is None else check_int(image_size, "--image-size (pixels)", 8, 8192)
-        cfg = named_config(config_name, size, num_classes=check_int(num_classes, "--num-classes", 1, 1 << 20), **overrides)
+        classes = 1000 if num_classes is None else check_int(num_classes, "--num-classes", 1, 1 << 20)
+        cfg = named_config(config_name, size, num_classes=classes, **overrides)
         name = config_name if config_name.startswith("DiT-") else f"DiT-{config_name}"
-        return (source_from_random_init(cfg, check_int(seed, "--seed", 0, 2**63), name, family),
+        return (source_from_random_init(cfg, 0 if seed is None else check_int(seed, "--seed", 0, 2**63), name, family),
                 f"{name.replace('/', '-')}-{cfg.input_size * 8}-random")
     path = EXAMPLE_CHECKPOINT if example else Path(checkpoint)
     ckpt = load_checkpoint(path, **({**EXAMPLE_OVERRIDES, **overrides} if example else overrides))
@@ -177,7 +180,8 @@ def resolve_source(checkpoint: str | Path | None = None, example: bool = False, 
 
 
 def export_command(checkpoint=None, example: bool = False, config_name=None, random_init: bool = False,
-                   image_size=None, num_classes: int = 1000, seed: int = 0, num_heads=None, family: str = "dit",
+                   image_size=None, num_classes: int | None = None, seed: int | None = None, num_heads=None,
+                   family: str = "dit",
                    out_dir=None, precisions=("fp32", "fp16"), opset: int = DEFAULT_OPSET, fp32_blocks=(), vae_dir=None,
                    no_vae: bool = False, force: bool = False, log: Callable[[str], None] = print,
                    transport: dict | None = None) -> Path:
@@ -186,6 +190,9 @@ def export_command(checkpoint=None, example: bool = False, config_name=None, ran
     from .vae import load_vae
     if vae_dir is not None and no_vae:
         raise ExportOptionError("give --vae DIR or --no-vae, not both")
+    if no_vae and not example:
+        raise ExportOptionError("--no-vae applies to --example (which embeds a VAE); a checkpoint exports the denoiser "
+                                "alone unless --vae DIR is given")
     if out_dir is not None:  # before the checkpoint is read: a bad --out is refused at once
         prepare_out_dir(out_dir, force, log=lambda m: None)
     source, default_name = resolve_source(checkpoint, example, config_name, random_init, image_size, num_classes, seed,

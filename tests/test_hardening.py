@@ -785,3 +785,26 @@ def test_a_signal_mid_export_runs_the_cleanup_and_keeps_the_old_artifact(art, tm
     assert "Traceback" not in rest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no lock, no temporary folder
     assert {p.name: p.read_bytes() for p in art.iterdir()} == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--save-golden", "g.npz", "--json", "r.json"], "--json does not apply with --save-golden"),
+    (["--save-golden", "g.npz", "--backends", "onnxruntime-fp32", "--junit", "r.xml"],
+     "--backends and --junit do not apply with --save-golden"),
+    (["--activation-ranges", "--backends", "onnxruntime-fp32"], "--backends does not apply with --activation-ranges"),
+    (["--against", "reference", "--headroom", "4"], "--headroom does not apply with --against"),
+])
+def test_parity_options_a_mode_would_ignore_are_refused(tiny_artifact, tmp_path, args, message):
+    r = ditrt("parity", tiny_artifact, *[str(tmp_path / a) if a.endswith((".npz", ".json", ".xml")) else a for a in args])
+    assert r.returncode == 2 and message in r.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "3"], "--seed only applies with --random-init"),
+    (["--num-classes", "10"], "--num-classes only applies with --random-init"),
+    (["--no-vae"], "--no-vae applies to --example"),
+])
+def test_export_options_a_checkpoint_would_ignore_are_refused(tmp_path, args, message):
+    r = ditrt("export", TINY_CHECKPOINT, "--num-heads", "4", *args, "--out", tmp_path / "x")
+    assert r.returncode == 2 and message in r.stderr and not (tmp_path / "x").exists()
