@@ -126,17 +126,22 @@ def run_policy(artifact: Path, policy: str, args) -> dict:
     threads = [threading.Thread(target=client, args=("long", i, args.long_requests)) for i in range(args.long_clients)]
     threads += [threading.Thread(target=client, args=("short", 100 + i, args.short_requests))
                 for i in range(args.short_clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(args.time_limit)
-    wall = time.perf_counter() - start
+    wall = run_threads(threads, args.time_limit)
     stats = httpx.get(served.url + "/v1/model", timeout=10).json()["stats"]
     row = summarize(policy, records, wall, served, ["short", "long"], stats)
     row["exit_code"] = served.stop()
     row["images_per_s"] = row["served"] / wall
     return row
+
+
+def run_threads(threads: list, time_limit: float) -> float:
+    """Start the client threads, wait for them (each at most time_limit), return the wall time."""
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(time_limit)
+    return time.perf_counter() - start
 
 
 def run_png_mix(artifact: Path, args) -> dict:
@@ -164,12 +169,7 @@ def run_png_mix(artifact: Path, args) -> dict:
     threads += [threading.Thread(target=client, args=("npy", 100 + i)) for i in range(args.npy_clients)]
     prober = threading.Thread(target=probe)
     prober.start()
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(args.time_limit)
-    wall = time.perf_counter() - start
+    wall = run_threads(threads, args.time_limit)
     done.set()
     prober.join()
     stats = httpx.get(served.url + "/v1/model", timeout=10).json()["stats"]

@@ -25,7 +25,7 @@ from typing import Callable
 from ditrt import runtime
 from ditrt.runtime import outputs
 from ditrt.runtime.batching import Overloaded, StepBatcher
-from ditrt.runtime.errors import InputError, QueueFull, RequestTimeout, SchedulerClosed, StepError
+from ditrt.runtime.errors import DitrtError, InputError, QueueFull, RequestTimeout, SchedulerClosed, StepError
 from ditrt.runtime.samplers import SAMPLERS
 from ditrt.runtime.validate import check_choice, check_int, check_number
 
@@ -399,6 +399,18 @@ async def _send_json(send, status: int, body: dict, headers: dict | None = None)
     await send({"type": "http.response.body", "body": data})
 
 
+# A request's DitrtError -> (HTTP status, the `rejected` metric's reason or None, answer Retry-After).
+# Checked in this order: the first matching kind wins (Overloaded is a QueueFull, both InputErrors).
+_ERROR_STATUS = {
+    Overloaded: (429, "deadline", True),
+    QueueFull: (429, "queue_full", True),
+    InputError: (400, None, False),
+    RequestTimeout: (504, None, False),
+    SchedulerClosed: (503, "draining", True),
+    StepError: (500, None, False),
+}
+
+
 def create_app(batcher: StepBatcher | Callable[[], StepBatcher], http: HttpLimits = HttpLimits()):
     """The FastAPI app over a scheduler, or over a function that makes one when the app starts (a
     Ray Serve replica: the app's lifespan owns its scheduler, no module state; it is warm before
@@ -493,27 +505,13 @@ def create_app(batcher: StepBatcher | Callable[[], StepBatcher], http: HttpLimit
         except ClientGone:
             note["error"] = "the client disconnected; its request was cancelled"
             return Response(status_code=499)
-        except Overloaded as e:
-            service.metrics.rejected.labels("deadline").inc()
+        except DitrtError as e:
+            status, rejected, retry = _ERROR_STATUS[next(kind for kind in _ERROR_STATUS if isinstance(e, kind))]
+            if rejected:
+                service.metrics.rejected.labels(rejected).inc()
             note["error"] = _short(e)
-            return error(429, str(e), {"Retry-After": str(max(1, math.ceil(e.retry_after)))})
-        except QueueFull as e:
-            service.metrics.rejected.labels("queue_full").inc()
-            note["error"] = _short(e)
-            return error(429, str(e), {"Retry-After": str(http.retry_after)})
-        except InputError as e:
-            note["error"] = _short(e)
-            return error(400, str(e))
-        except RequestTimeout as e:
-            note["error"] = _short(e)
-            return error(504, str(e))
-        except SchedulerClosed as e:
-            service.metrics.rejected.labels("draining").inc()
-            note["error"] = _short(e)
-            return error(503, str(e), {"Retry-After": str(http.retry_after)})
-        except StepError as e:
-            note["error"] = _short(e)
-            return error(500, str(e))
+            retry_after = max(1, math.ceil(e.retry_after)) if isinstance(e, Overloaded) else http.retry_after
+            return error(status, str(e), {"Retry-After": str(retry_after)} if retry else None)
         service.metrics.sample_latency.labels(fmt).observe(time.perf_counter() - start)
         note["bytes"] = len(content)
         return Response(content, media_type=outputs.FORMATS[fmt])
