@@ -17,6 +17,7 @@ import torch
 
 from ditrt.runtime.errors import InputError
 from ditrt.runtime.files import sha256_file
+from ditrt.runtime.validate import check_int
 
 from .model import DIT_CONFIGS, DiT, DiTConfig, get_2d_sincos_pos_embed
 
@@ -318,10 +319,7 @@ def _diffusers_config_overrides(path: Path) -> dict:
     overrides = {}
     for key, name in (("num_attention_heads", "num_heads"), ("sample_size", "input_size")):
         if key in cfg:
-            value = cfg[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise CheckpointError(f"diffusers config {config_path}: {key} must be a positive integer, got {value!r}")
-            overrides[name] = value
+            overrides[name] = check_int(cfg[key], f"diffusers config {config_path}: {key}", 1, error=CheckpointError)
     return overrides
 
 

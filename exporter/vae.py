@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from ditrt.runtime.errors import InputError
 from ditrt.runtime.files import sha256_file
+from ditrt.runtime.validate import check_number
 
 from .checkpoints import check_keys
 
@@ -117,9 +117,7 @@ def _scaling_factor(config: dict, folder: Path, notes: list[str]) -> float:
         notes.append(f"config.json has no scaling_factor: using {DEFAULT_SCALING_FACTOR} (the sd-vae value the "
                      "official DiT scripts hard-code)")
         return DEFAULT_SCALING_FACTOR
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise VaeError(f"{folder / CONFIG_NAME}: scaling_factor {value!r} is not a positive number")
-    return float(value)
+    return check_number(value, f"{folder / CONFIG_NAME}: scaling_factor", 0, low_open=True, error=VaeError)
 
 
 def _find_weights(folder: Path) -> tuple[Path, str]:

@@ -25,6 +25,7 @@ from .config import (DiTConfig, Defaults, Family, Guidance, read_defaults, read_
 from .errors import ArtifactError
 from .files import artifact_path, atomic_output, file_key, sha256_file, write_json_atomic
 from .networks import NetworkSpec, denoiser_spec
+from .validate import check_number
 
 SCHEMA = "ditrt.manifest"
 SCHEMA_VERSION = 3
@@ -297,8 +298,7 @@ def _check_decoder(spec: NetworkSpec, m: Manifest) -> None:
     if len(out) != 4 or out[1] != 3:
         raise ArtifactError(f"manifest field networks.decoder.outputs[0].shape {out} is not an RGB image batch")
     factor = spec.extra.get("scaling_factor")
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1e3:
-        raise ArtifactError(f"manifest field networks.decoder.scaling_factor must be a positive number, got {factor!r}")
+    check_number(factor, "manifest field networks.decoder.scaling_factor", 0, 1e3, low_open=True, error=ArtifactError)
 
 
 _CROSS_CHECKS = {"denoiser": _check_denoiser, "decoder": _check_decoder}

@@ -152,8 +152,7 @@ def normal(seed: int, images: np.ndarray | Sequence[int], draw: int, shape: tupl
     draw = _check_uint(draw, "draw", 32)
     image_index = _check_images(images)
     shape = tuple(shape)
-    if any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0 for n in shape):
-        raise InputError(f"shape must be non-negative integers, got {shape!r}")
+    shape = tuple(check_int(n, f"shape {shape!r}: each size", 0) for n in shape)
     count = int(np.prod(shape, dtype=object))
     if count > MAX_VALUES:
         raise InputError(f"a draw holds at most 2^34 values per image, asked for {count}")

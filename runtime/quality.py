@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .validate import check_int
 
 DIGIT_SIDE = 8  # scikit-learn's digits are 8x8
 DIGIT_LEVELS = 16  # ... with grey levels 0..16
@@ -34,8 +35,7 @@ def real_digit_images(digits: np.ndarray, upsample: int = 8) -> np.ndarray:
         raise InputError(f"digits must be shaped (N, {DIGIT_SIDE}, {DIGIT_SIDE}), got {digits.shape}")
     if digits.min(initial=0) < 0 or digits.max(initial=0) > DIGIT_LEVELS:
         raise InputError(f"digit grey levels must lie in 0..{DIGIT_LEVELS}")
-    if isinstance(upsample, bool) or not isinstance(upsample, (int, np.integer)) or upsample < 1:
-        raise InputError(f"upsample must be a positive integer, got {upsample!r}")
+    upsample = check_int(upsample, "upsample", 1)
     grey = digits.astype(np.float32) / np.float32(DIGIT_LEVELS / 2) - np.float32(1)  # (N, 8, 8)
     grey = grey.repeat(upsample, axis=1).repeat(upsample, axis=2)  # (N, 8u, 8u)
     return np.ascontiguousarray(np.repeat(grey[:, None], 3, axis=1))  # (N, 3, 8u, 8u)
@@ -176,8 +176,7 @@ def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: in
     of balls around its points with radius the distance to the k-th nearest other point of the same
     set. Precision: the fraction of fake points inside the real manifold; recall: the fraction of
     real points inside the fake manifold."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise InputError(f"k must be a positive integer, got {k!r}")
+    k = check_int(k, "k", 1)
     real = _check_features(real_features, "real_features", k + 1)
     fake = _check_features(fake_features, "fake_features", k + 1)
     if real.shape[1] != fake.shape[1]:

@@ -107,7 +107,7 @@ def test_manifest_decoder_fields_are_checked(tiny_artifact_with_vae, tmp_path):
     data = json.loads((art / "manifest.json").read_text())
     data["networks"]["decoder"]["scaling_factor"] = "0.18215"
     (art / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(ArtifactError, match="networks.decoder.scaling_factor must be a positive number"):
+    with pytest.raises(ArtifactError, match="networks.decoder.scaling_factor must be a number in \\(0, 1000\\]"):
         load_manifest(art)
 
 

@@ -230,7 +230,7 @@ def test_an_image_is_the_same_alone_in_a_batch_or_at_an_offset():
     (lambda: noise.normal(0, [[0]], 0, (4,)), "images must be a 1-D sequence"),
     (lambda: noise.normal(0, [0], -1, (4,)), "draw must be a non-negative integer below 2^32, got -1"),
     (lambda: noise.normal(0, [0], 2 ** 32, (4,)), "draw must be a non-negative integer below 2^32"),
-    (lambda: noise.normal(0, [0], 0, (4, -1)), "shape must be non-negative integers"),
+    (lambda: noise.normal(0, [0], 0, (4, -1)), "each size must be a non-negative integer"),
     (lambda: noise.normal(0, [0], 0, (2 ** 35,)), "at most 2^34 values per image"),
     (lambda: noise.SeededNoise(0, 1, (4,)).step(-1), "a step index must be a non-negative integer"),
     (lambda: noise.SeededNoise(0, 3, (4,), image_offset=2 ** 64 - 2), "passes the last image index"),

@@ -51,7 +51,6 @@ def test_profile_defaults_and_image_mapping():
     p = EngineProfile()
     assert (p.min_rows, p.opt_rows, p.max_rows) == (1, 16, 64)
     assert p.images_per_call(guided=True) == 32 and p.images_per_call(guided=False) == 64
-    assert settings.rows_for_images(8, guided=True) == 16 and settings.rows_for_images(8, guided=False) == 8
     assert EngineProfile.from_dict(p.to_dict()) == p
 
 

@@ -37,10 +37,6 @@ def parity_bound(precision: str) -> float:
 
 # ---- profile ----------------------------------------------------------------------------------
 
-def rows_for_images(images: int, guided: bool) -> int:
-    """Engine rows one sampling step needs for `images` images (guidance doubles them)."""
-    return images * (2 if guided else 1)
-
 @dataclass(frozen=True)
 class EngineProfile:
     """One optimisation profile over the batch axis, in engine rows (see the module docstring)."""
