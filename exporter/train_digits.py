@@ -460,7 +460,10 @@ def save_vae(vae, scaling_factor: float, directory: Path) -> None:
 def save_denoiser(model: DiT, path: Path, family: str) -> None:
     from safetensors.torch import save_file
     state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"family": family, "config": json.dumps(model.config.to_dict())})
+    # One metadata key: safetensors writes its metadata map in hash order, so several keys would make
+    # two runs' files differ in their header bytes (same weights).
+    save_file(state, str(path), metadata={"ditrt": json.dumps({"family": family, "config": model.config.to_dict()},
+                                                              sort_keys=True)})
 
 
 def versions() -> dict:

@@ -324,20 +324,3 @@ def test_training_script_runs_are_bitwise_identical(sklearn_digits, tmp_path):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
 
 
-@pytest.mark.slow
-def test_shipped_dit_draws_the_requested_digits_through_the_runtime(sklearn_digits, tmp_path):
-    """The shipped DiT and VAE exported to ONNX (fp32), sampled and decoded by the runtime (DDIM-50,
-    cfg 4, default guidance): the classifier reads >= 90% of 100 balanced samples as the label asked for."""
-    pytest.importorskip("torch")
-    from ditrt import runtime
-    from ditrt.exporter.checkpoints import load_checkpoint
-    from ditrt.exporter.onnx_export import export_artifact, source_from_checkpoint
-    from ditrt.exporter.vae import load_vae
-    art = tmp_path / "digits"
-    export_artifact(source_from_checkpoint(load_checkpoint(DIGITS / "dit.safetensors", num_heads=4)), art, ("fp32",),
-                    log=lambda m: None, vae=load_vae(DIGITS / "vae", in_channels=4))
-    pipe = runtime.load(art, backend="onnxruntime-fp32", threads=1)
-    labels = np.repeat(np.arange(10), 10)
-    images = pipe.decode(pipe.sample(labels, num_steps=50, sampler="ddim", cfg_scale=4.0, seed=0, progress=False))
-    classifier = quality.DigitClassifier.load(DIGITS / "classifier.npz")
-    assert (classifier.predict(images) == labels).mean() >= 0.9
