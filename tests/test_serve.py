@@ -543,7 +543,7 @@ def test_sigterm_drains(tiny_artifact, pipe, tmp_path):
     """SIGTERM to `ditrt serve`: new requests get 503 + Retry-After, /ready turns 503, the request
     in flight finishes (correct latents), the process exits 0."""
     with ServeProcess(tiny_artifact, "--threads", "1", "--drain-timeout", "30", tmp_path=tmp_path) as s:
-        req = dict(class_labels=[5], num_steps=600, sampler="ddpm", seed=4)
+        req = dict(class_labels=[5, 1, 2, 3, 4, 6, 7, 8], num_steps=1000, sampler="ddpm", seed=4)  # ~1 s here: time to drain
         with ThreadPoolExecutor(1) as ex:
             in_flight = ex.submit(httpx.post, s.url + "/v1/samples", json=as_json(req), timeout=120)
             wait_for(lambda: httpx.get(s.url + "/v1/health").json()["in_flight"] == 1, 30)
@@ -620,7 +620,7 @@ def test_ray_serve_request_and_drain(tiny_artifact, pipe):
         assert np.array_equal(latents(r), alone(pipe, CHECK))
         assert httpx.get(url + "/v1/model", timeout=30).json()["backend"] == "onnxruntime-fp32"
         assert httpx.get(url + "/v1/health/ready", timeout=30).status_code == 200
-        long = dict(class_labels=[6], num_steps=800, sampler="ddpm", seed=8)
+        long = dict(class_labels=[6, 1, 2, 3, 4, 5, 7, 8], num_steps=1000, sampler="ddpm", seed=8)  # ~1 s here
         with ThreadPoolExecutor(1) as ex:
             running = ex.submit(httpx.post, url + "/v1/samples", json=as_json(long), timeout=300)
             wait_for(lambda: httpx.get(url + "/v1/health", timeout=30).json()["in_flight"] == 1, 60, 0.1)
