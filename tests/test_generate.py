@@ -55,6 +55,18 @@ def reference(tiny_artifact_with_vae, tmp_path_factory) -> Path:
     return out
 
 
+def process_group_gone(pgid: int, timeout: float) -> bool:
+    """Whether every process of group `pgid` (a killed coordinator's workers) exits within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def assert_same_run(out: Path, reference: Path) -> None:
     images, labels = load_npz(out / "s.npz")
     ref_images, ref_labels = load_npz(reference / "s.npz")
@@ -91,14 +103,7 @@ def test_a_run_killed_midway_resumes_to_the_same_bytes(tiny_artifact_with_vae, r
     os.kill(run.pid, signal.SIGKILL)  # the coordinator only: its workers must notice and exit by themselves
     run.communicate()
     assert 1 <= len(finished) < 5, "the kill must land mid-way"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(run.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
+    if not process_group_gone(run.pid, 20):
         pytest.fail("worker processes outlived their killed coordinator")
     half_written = out / "shards" / ".000004.npz.dead.npz.tmp"  # what a kill during a shard write leaves
     half_written.write_bytes(b"PK\x03\x04 half a shard")
@@ -131,15 +136,9 @@ G.generate(G.GenerateJob(Path({str(tiny_artifact_with_vae)!r}), Path({str(tmp_pa
     assert (tmp_path / "busy").exists(), "no worker started a shard"
     os.kill(run.pid, signal.SIGKILL)
     run.wait()
-    deadline = time.monotonic() + 10  # the shard has 55+ s to go
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(run.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    os.killpg(run.pid, signal.SIGKILL)
-    pytest.fail("worker processes kept computing after their coordinator was killed")
+    if not process_group_gone(run.pid, 10):  # the shard has 55+ s to go
+        os.killpg(run.pid, signal.SIGKILL)
+        pytest.fail("worker processes kept computing after their coordinator was killed")
 
 
 @pytest.mark.slow
