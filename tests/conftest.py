@@ -12,10 +12,15 @@ GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 TINY_CHECKPOINT = GOLDEN_DIR / "dit_official_layout.pt"  # the official golden model (shared/golden)
 
 
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz file (a golden), read into memory and the file closed."""
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
 @pytest.fixture(scope="session")
 def golden() -> dict[str, np.ndarray]:
-    with np.load(GOLDEN_DIR / "official_vectors.npz") as z:
-        return {k: z[k] for k in z.files}
+    return read_npz(GOLDEN_DIR / "official_vectors.npz")
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import GOLDEN_DIR, ROOT, max_rel_err
+from conftest import GOLDEN_DIR, ROOT, max_rel_err, read_npz
 
 CPP = ROOT / "runtime" / "cpp"
 BUILD_ROOT = CPP / "build"
@@ -506,8 +506,7 @@ def test_cpp_reproduces_the_official_golden_loops(cpp_pipe, golden, sampler, spe
 
 @pytest.fixture(scope="session")
 def dpm_golden() -> tuple[dict, dict]:
-    with np.load(GOLDEN_DIR / "dpm_vectors.npz") as z:
-        return {k: z[k] for k in z.files}, json.loads((GOLDEN_DIR / "dpm_vectors.json").read_text())
+    return read_npz(GOLDEN_DIR / "dpm_vectors.npz"), json.loads((GOLDEN_DIR / "dpm_vectors.json").read_text())
 
 
 @pytest.mark.parametrize("run", range(6))

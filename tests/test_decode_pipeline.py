@@ -11,7 +11,7 @@ from ditrt import runtime
 from ditrt.runtime import images
 from ditrt.runtime.errors import ArtifactError, StepError
 from ditrt.runtime.manifest import load_manifest
-from conftest import GOLDEN_DIR, max_rel_err
+from conftest import GOLDEN_DIR, max_rel_err, read_npz
 from helpers import read_png  # noqa: E402
 
 
@@ -21,8 +21,7 @@ def ditrt(*args):
 
 @pytest.fixture(scope="module")
 def vae_golden():
-    with np.load(GOLDEN_DIR / "vae" / "vae_vectors.npz") as z:
-        return {k: z[k] for k in z.files}
+    return read_npz(GOLDEN_DIR / "vae" / "vae_vectors.npz")
 
 
 def test_the_manifest_describes_the_decoder(tiny_artifact_with_vae):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import max_rel_err
+from conftest import max_rel_err, read_npz
 from ditrt.runtime.dpm_solver import dpm_schedule, dpmpp_2m_step
 from ditrt.runtime.samplers import guide
 from ditrt.runtime.schedule import ScheduleError
@@ -22,8 +22,7 @@ OUT = RNG.standard_normal((2, 8, 4, 4)).astype(np.float32)  # eps + learned-vari
 
 @pytest.fixture(scope="module")
 def dpm_golden():
-    with np.load(GOLDEN_DIR / "dpm_vectors.npz") as z:
-        return {k: z[k] for k in z.files}
+    return read_npz(GOLDEN_DIR / "dpm_vectors.npz")
 
 
 DPM_META = json.loads((GOLDEN_DIR / "dpm_vectors.json").read_text())

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, max_rel_err
+from conftest import ROOT, max_rel_err, read_npz
 from ditrt import runtime
 from ditrt.runtime.errors import ArtifactError, InputError
 
@@ -31,8 +31,7 @@ def _ditrt(*args, **kwargs):
 
 @pytest.fixture(scope="module")
 def sit_golden():
-    with np.load(SIT_DIR / "sit_vectors.npz") as z:
-        return {k: z[k] for k in z.files}
+    return read_npz(SIT_DIR / "sit_vectors.npz")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import max_rel_err
+from conftest import max_rel_err, read_npz
 from ditrt.exporter.model import SiT
 from ditrt.runtime import flow
 from ditrt.runtime.config import DiTConfig, Transport, read_transport
@@ -63,8 +63,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def sit_golden() -> dict[str, np.ndarray]:
-    with np.load(GOLDEN_DIR / "sit_vectors.npz") as z:
-        return {k: z[k] for k in z.files}
+    return read_npz(GOLDEN_DIR / "sit_vectors.npz")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import GOLDEN_DIR, ROOT, max_rel_err
+from conftest import GOLDEN_DIR, ROOT, max_rel_err, read_npz
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -40,8 +40,7 @@ MAX_BOUNDARY_PIXELS = {"per_image": 12, "grid": 12}  # measured: 6 and 6
 
 @pytest.fixture(scope="module")
 def vae_golden() -> dict[str, np.ndarray]:
-    with np.load(VAE_GOLDEN / "vae_vectors.npz") as z:
-        return {k: z[k] for k in z.files}
+    return read_npz(VAE_GOLDEN / "vae_vectors.npz")
 
 
 @pytest.fixture(scope="module")
