@@ -49,9 +49,8 @@ from ditrt.runtime import quality
 from ditrt.runtime.config import DiTConfig, Diffusion
 from ditrt.runtime.schedule import respaced_schedule
 
-from .model import DiT
+from .model import DiT, count_parameters
 
-SHIPPED_DIR = Path(__file__).resolve().parent / "data" / "digits"
 NUM_CLASSES = 10
 IMAGE_UPSAMPLE = 8  # 8x8 digits -> 64x64 images -> 8x8 latents through the 8x-downsampling VAE
 FAMILIES = ("dit", "sit")
@@ -135,8 +134,12 @@ def configure_determinism(threads: int) -> None:
     torch.use_deterministic_algorithms(True)
 
 
+def stage_seed(seed: int, stage: str) -> int:
+    return seed * 1000 + _STAGE_SEEDS[stage]
+
+
 def stage_generator(seed: int, stage: str) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1000 + _STAGE_SEEDS[stage])
+    return torch.Generator().manual_seed(stage_seed(seed, stage))
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -191,7 +194,7 @@ def train_vae(images: torch.Tensor, settings: VaeSettings, seed: int, log: Log) 
     """A diffusers AutoencoderKL trained on `images` (N, 3, 64, 64); returns it (eval mode) and a summary."""
     import diffusers
     gen = stage_generator(seed, "vae")
-    torch.manual_seed(seed * 1000 + _STAGE_SEEDS["vae"])  # diffusers' init draws from the global generator
+    torch.manual_seed(stage_seed(seed, "vae"))  # diffusers' init draws from the global generator
     vae = diffusers.AutoencoderKL.from_config(settings.diffusers_config())
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.lr, weight_decay=0.0)
     progress = _Progress("vae", settings.steps, log, every=100)
@@ -211,7 +214,7 @@ def train_vae(images: torch.Tensor, settings: VaeSettings, seed: int, log: Log) 
         progress.add(step, loss=loss.item(), mse=mse.item(), kl=kl.item())
     vae.eval().requires_grad_(False)
     return vae, {"steps": settings.steps, "seconds": round(progress.elapsed, 1), "final": progress.last,
-                 "parameters": sum(p.numel() for p in vae.parameters())}
+                 "parameters": count_parameters(vae)}
 
 
 @torch.no_grad()
@@ -234,7 +237,7 @@ def latent_scaling_factor(mean: torch.Tensor, std: torch.Tensor, gen: torch.Gene
 @torch.no_grad()
 def reconstruction_error(vae, images: torch.Tensor, mean: torch.Tensor) -> dict:
     """How far the decoded posterior means land from the inputs, in the classifier's 0..16 levels."""
-    decoded = torch.cat([vae.decode(mean[s:s + 256]).sample for s in range(0, len(mean), 256)])
+    decoded = _decode_batches(vae, mean)
     diff = quality.classifier_input(decoded.numpy()) - quality.classifier_input(images.numpy())
     return {"levels_rms": float(np.sqrt((diff ** 2).mean())), "levels_max_abs": float(np.abs(diff).max())}
 
@@ -388,7 +391,7 @@ def train_denoiser(family: str, latent_mean: torch.Tensor, latent_std: torch.Ten
             log(f"{family}: --minutes {minutes} reached after {step} steps")
             break
     summary = {"config": config.to_dict(), "steps": step, "seconds": round(progress.elapsed, 1),
-               "final": progress.last, "parameters": sum(p.numel() for p in ema.parameters())}
+               "final": progress.last, "parameters": count_parameters(ema)}
     return ema, summary
 
 
@@ -419,7 +422,12 @@ def sample(model: DiT, family: str, labels: np.ndarray, sampler: str, steps: int
 def decode(vae, latents: np.ndarray, scaling_factor: float) -> np.ndarray:
     """(N, 3, 64, 64) images from DiT-scale latents: vae.decode(latents / scaling_factor).sample."""
     z = torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)) / scaling_factor
-    return torch.cat([vae.decode(z[s:s + 256]).sample for s in range(0, len(z), 256)]).numpy()
+    return _decode_batches(vae, z).numpy()
+
+
+def _decode_batches(vae, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """vae.decode(z).sample, in batches (a whole data set at once would not fit)."""
+    return torch.cat([vae.decode(z[s:s + batch_size]).sample for s in range(0, len(z), batch_size)])
 
 
 # ---- stage 3: the classifier --------------------------------------------------------------------
@@ -431,10 +439,11 @@ def train_classifier(levels: np.ndarray, labels: np.ndarray, settings: Classifie
     from sklearn.model_selection import train_test_split
     from sklearn.neural_network import MLPClassifier
     inputs = quality.classifier_input(quality.real_digit_images(levels, IMAGE_UPSAMPLE)) / quality.DIGIT_LEVELS
+    random_state = stage_seed(seed, "classifier")
     train_x, test_x, train_y, test_y = train_test_split(inputs, labels, test_size=settings.held_out, stratify=labels,
-                                                        random_state=seed * 1000 + _STAGE_SEEDS["classifier"])
+                                                        random_state=random_state)
     mlp = MLPClassifier(hidden_layer_sizes=(settings.hidden,), activation="relu", alpha=settings.alpha,
-                        max_iter=settings.max_iter, random_state=seed * 1000 + _STAGE_SEEDS["classifier"])
+                        max_iter=settings.max_iter, random_state=random_state)
     mlp.fit(train_x, train_y)
     classifier = quality.DigitClassifier(mlp.coefs_[0], mlp.intercepts_[0], mlp.coefs_[1], mlp.intercepts_[1],
                                          mlp.classes_, 1.0 / quality.DIGIT_LEVELS)

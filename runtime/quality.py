@@ -262,7 +262,6 @@ def compare(artifact, runs: list[QualityRun], classifier: DigitClassifier, num_i
     from .generate import balanced_labels
     from .manifest import load_manifest
     from .pipeline import load
-    from .validate import check_int
     num_images = check_int(num_images, "--num-images", 20, 1_000_000)
     batch = check_int(batch, "--batch", 1, 100_000)
     if not runs:

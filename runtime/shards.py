@@ -134,12 +134,14 @@ def write_npz(path: Path, shard_files: list[tuple[Shard, Path]], labels: np.ndar
     (the latents, float32 (N, C, H, W), for an artifact without a decoder), and the labels as `arr_1`
     (as ADM's image_sample.py saves them) and `labels`. One shard in memory at a time. Returns
     arr_0's shape."""
-    first, _ = read_shard(shard_files[0][1], shard_files[0][0], output)
-    shape, dtype = (len(labels), *first.shape[1:]), first.dtype
-    del first
+    (first_shard, first_file), rest = shard_files[0], shard_files[1:]
+    samples, _ = read_shard(first_file, first_shard, output, labels[first_shard.start:first_shard.stop])
+    shape = (len(labels), *samples.shape[1:])  # shard 0 sets the sample shape and dtype
     with atomic_output(path, suffix=".npz") as f, NpzWriter(f) as npz:
-        with npz.member("arr_0", dtype, shape) as write:
-            for shard, file in shard_files:
+        with npz.member("arr_0", samples.dtype, shape) as write:
+            write(samples)
+            del samples
+            for shard, file in rest:
                 samples, _ = read_shard(file, shard, output, labels[shard.start:shard.stop])
                 if samples.shape[1:] != shape[1:]:
                     raise StepError(f"{shard} holds {output} of shape {samples.shape[1:]}, shard 0 {shape[1:]}")

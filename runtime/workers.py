@@ -36,7 +36,6 @@ class ShardResult:
     samples: np.ndarray  # images uint8 (n, H, W, 3), or latents float32 (n, C, H, W) without a decoder
     labels: np.ndarray  # int64 (n,)
     seconds: float
-    backend: str
 
 
 class ShardWorker:
@@ -61,7 +60,7 @@ class ShardWorker:
             latents = self.pipeline.sample(task.labels[s:s + self.batch], seed=self.seed, progress=False,
                                            image_offset=shard.start + s, **self.sample_kwargs)
             parts.append(to_uint8(self.pipeline.decode(latents)) if self.decode else latents)
-        return ShardResult(shard, np.concatenate(parts), task.labels, time.perf_counter() - start_time, self.backend)
+        return ShardResult(shard, np.concatenate(parts), task.labels, time.perf_counter() - start_time)
 
 
 def _failure(e: BaseException) -> tuple:
