@@ -194,10 +194,7 @@ Plan plan_sampling(const Manifest& m, const SampleOptions& o) {
     const std::string steps = o.steps ? *o.steps : m.default_steps;
     const bool steps_is_int = !o.steps && m.default_steps_is_int;
     if (p.kind == SamplerKind::DpmSolver) {
-        std::vector<double> ac;
-        double product = 1.0;
-        for (double beta : m.base_betas()) ac.push_back(product *= (1.0 - beta));  // np.cumprod(1 - betas)
-        p.dpm = dpm_schedule(ac, dpm_parse_steps(steps, steps_is_int, m.num_train_timesteps));
+        p.dpm = dpm_schedule(alphas_cumprod(m.base_betas()), dpm_parse_steps(steps, steps_is_int, m.num_train_timesteps));
         p.model_timesteps = p.dpm.model_timesteps;
     } else {
         p.respaced = respaced_schedule(m.base_betas(), steps);

@@ -15,6 +15,9 @@ std::vector<int64_t> space_timesteps(int64_t num_timesteps, const std::string& s
 // numpy.linspace(start, stop, num) in float64, same arithmetic (i * step + start, last = stop).
 std::vector<double> linspace(double start, double stop, int64_t num);
 
+// numpy.cumprod(1 - betas) in float64.
+std::vector<double> alphas_cumprod(const std::vector<double>& betas);
+
 struct Schedule {
     std::vector<int64_t> timesteps;
     std::vector<double> betas, alphas_cumprod, alphas_cumprod_prev, sqrt_recip_alphas_cumprod,
