@@ -10,20 +10,6 @@
 namespace ditrt_core {
 namespace {
 
-// ASCII whitespace (the \s of runtime/schedule.py's patterns that int() also accepts).
-bool py_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
-
-std::string strip(const std::string& s) {
-    size_t b = 0, e = s.size();
-    while (b < e && py_space(s[b])) ++b;
-    while (e > b && py_space(s[e - 1])) --e;
-    return s.substr(b, e - b);
-}
-
-bool all_digits(const std::string& s) {
-    return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
-}
-
 // runtime/schedule.py _parse_count: 1 to 7 ASCII digits with optional whitespace around them.
 int64_t parse_count(const std::string& text, const std::string& spec) {
     const std::string digits = strip(text);
@@ -57,6 +43,19 @@ std::vector<int64_t> ddim_steps(int64_t num_timesteps, const std::string& spec) 
 }
 
 }  // namespace
+
+bool py_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
+
+std::string strip(const std::string& s) {
+    size_t b = 0, e = s.size();
+    while (b < e && py_space(s[b])) ++b;
+    while (e > b && py_space(s[e - 1])) --e;
+    return s.substr(b, e - b);
+}
+
+bool all_digits(const std::string& s) {
+    return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
 
 std::vector<int64_t> space_timesteps(int64_t num_timesteps, const std::string& raw_spec) {
     std::string spec = raw_spec;
