@@ -9,17 +9,12 @@
 namespace ditrt_core {
 namespace {
 
-bool py_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
 bool digit(char c) { return c >= '0' && c <= '9'; }
 
 // re.fullmatch(r"\s*[0-9]+\s*", s): the digits, or "" when it does not match.
 std::string digits_only(const std::string& s) {
-    size_t b = 0, e = s.size();
-    while (b < e && py_space(s[b])) ++b;
-    while (e > b && py_space(s[e - 1])) --e;
-    for (size_t i = b; i < e; ++i)
-        if (!digit(s[i])) return "";
-    return s.substr(b, e - b);
+    const std::string stripped = strip(s);
+    return all_digits(stripped) ? stripped : "";
 }
 
 // re.fullmatch(r"\s*(ddim)?[0-9]+(\s*,\s*[0-9]+)*\s*", s): a DDPM/DDIM respacing spec.

@@ -157,10 +157,4 @@ void png_write(const std::string& path, const uint8_t* pixels, int64_t height, i
     }
 }
 
-std::string per_image_name(int64_t index) {
-    char name[32];
-    std::snprintf(name, sizeof name, "%06lld.png", static_cast<long long>(index));
-    return name;
-}
-
 }  // namespace ditrt_core

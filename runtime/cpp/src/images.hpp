@@ -31,7 +31,4 @@ std::vector<uint8_t> png_encode(const uint8_t* pixels, int64_t height, int64_t w
 // path that exists and is not a regular file (a directory, a symbolic link, a device) is refused.
 void png_write(const std::string& path, const uint8_t* pixels, int64_t height, int64_t width, int64_t channels);
 
-// sample_ddp.py's name of image `index`: 000000.png, 000001.png, ...
-std::string per_image_name(int64_t index);
-
 }  // namespace ditrt_core

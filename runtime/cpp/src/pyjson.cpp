@@ -172,12 +172,6 @@ bool is_marked(const Json& j, const std::string& mark) {
 
 bool is_bigint(const Json& j) { return is_marked(j, kBigInt); }
 
-std::string format_g(double v) {
-    char buffer[64];
-    std::snprintf(buffer, sizeof buffer, "%g", v);
-    return buffer;
-}
-
 std::string integers(bool has_low, int64_t low, bool has_high, int64_t high) {  // validate._integers
     std::string base = !has_low ? "an integer" : low == 1 ? "a positive integer" : low == 0 ? "a non-negative integer"
                                                                                            : "an integer >= " + std::to_string(low);
@@ -221,14 +215,17 @@ Json parse(const std::string& text) {
     }
 }
 
+std::string format_g(double v) {
+    char buffer[64];
+    std::snprintf(buffer, sizeof buffer, "%g", v);
+    return buffer;
+}
+
 bool fits_float32(double v) { return std::abs(v) < 0x1.ffffffp127; }
 
 bool is_str(const Json& j) { return j.is_string() && !is_marked(j, kMark); }
 bool is_int(const Json& j) { return j.is_number_integer() || is_bigint(j); }
 bool is_number(const Json& j) { return j.is_number() || is_bigint(j); }
-bool is_dict(const Json& j) { return j.is_object(); }
-bool is_list(const Json& j) { return j.is_array(); }
-std::string str(const Json& j) { return j.get<std::string>(); }
 
 bool int64_value(const Json& j, int64_t* out) {
     if (is_bigint(j)) return false;

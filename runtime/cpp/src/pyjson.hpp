@@ -34,9 +34,6 @@ Json parse(const std::string& text);
 bool is_str(const Json& j);     // a str (not one of the parse's internal markers)
 bool is_int(const Json& j);     // an int of any size (not a bool)
 bool is_number(const Json& j);  // an int or a float (not a bool)
-bool is_dict(const Json& j);
-bool is_list(const Json& j);
-std::string str(const Json& j);  // is_str(j) required
 
 // The value of an int that fits int64; false for bigger ints (is_int(j) required).
 bool int64_value(const Json& j, int64_t* out);
@@ -50,6 +47,8 @@ bool fits_float32(double v);
 size_t code_points(const std::string& utf8);
 // An approximation of Python's repr(value), for messages.
 std::string repr(const Json& j);
+// Python's f"{v:g}", for messages.
+std::string format_g(double v);
 
 // The checks of runtime/validate.py (check_int, check_number, check_choice), with its messages;
 // `what` names the field ("manifest field model.input_size"). They throw Error(status, message).

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
 #include <cstring>
 #include <memory>
 
@@ -84,19 +83,12 @@ void guide(float* cond, const float* uncond, int64_t n, int64_t out_channels, in
 
 namespace {
 
-std::string format_g(double v) {  // Python's f"{v:g}"
-    char buffer[64];
-    std::snprintf(buffer, sizeof buffer, "%g", v);
-    return buffer;
-}
-
 bool all_finite(const float* x, int64_t count) {
     for (int64_t i = 0; i < count; ++i)
         if (!std::isfinite(x[i])) return false;
     return true;
 }
 
-const char* const kDitSamplers[] = {"ddpm", "ddim", "dpm++2m"};
 const char* const kSitSamplers[] = {"ode-euler", "ode-heun2", "ode-dopri5", "sde-euler", "sde-heun"};
 
 SamplerKind sampler_kind(const std::string& name) {
@@ -197,15 +189,12 @@ Plan plan_sampling(const Manifest& m, const SampleOptions& o) {
     if (p.kind == SamplerKind::Ddim) {
         p.eta = o.eta ? *o.eta : m.has_default_eta ? m.default_eta : 0.0;
         if (!(p.eta >= 0.0 && p.eta <= 1.0))
-            throw Error(Status::InvalidArgument, "eta must be a number in [0, 1], got " + (o.eta ? o.eta_text : format_g(p.eta)));
+            throw Error(Status::InvalidArgument, "eta must be a number in [0, 1], got " + (o.eta ? o.eta_text : pyjson::format_g(p.eta)));
     }
     const std::string steps = o.steps ? *o.steps : m.default_steps;
     const bool steps_is_int = !o.steps && m.default_steps_is_int;
     if (p.kind == SamplerKind::DpmSolver) {
-        std::vector<double> ac;
-        double product = 1.0;
-        for (double beta : m.base_betas()) ac.push_back(product *= (1.0 - beta));  // np.cumprod(1 - betas)
-        p.dpm = dpm_schedule(ac, dpm_parse_steps(steps, steps_is_int, m.num_train_timesteps));
+        p.dpm = dpm_schedule(alphas_cumprod(m.base_betas()), dpm_parse_steps(steps, steps_is_int, m.num_train_timesteps));
         p.model_timesteps = p.dpm.model_timesteps;
     } else {
         p.respaced = respaced_schedule(m.base_betas(), steps);
@@ -222,7 +211,7 @@ Plan plan_sampling(const Manifest& m, const SampleOptions& o) {
     p.cfg_scale = o.cfg_scale ? *o.cfg_scale : m.default_cfg_scale;
     if (!std::isfinite(p.cfg_scale) || !pyjson::fits_float32(p.cfg_scale))
         throw Error(Status::InvalidArgument, "cfg_scale must be a finite float32 number, got " +
-                                                 (o.cfg_scale ? o.cfg_scale_text : format_g(p.cfg_scale)));
+                                                 (o.cfg_scale ? o.cfg_scale_text : pyjson::format_g(p.cfg_scale)));
     return p;
 }
 
@@ -318,8 +307,8 @@ void sample(const Manifest& m, Executor& executor, const std::vector<int64_t>& l
         }
         if (!all_finite(next.data(), count))
             throw Error(Status::Step, "sampling produced NaN or inf at step " + std::to_string(k + 1) + "/" + std::to_string(K) +
-                                          " (timestep " + format_g(t) + ") on " + executor.describe(net.name) +
-                                          "; the model output or cfg_scale " + format_g(p.cfg_scale) + " overflows float32");
+                                          " (timestep " + pyjson::format_g(t) + ") on " + executor.describe(net.name) +
+                                          "; the model output or cfg_scale " + pyjson::format_g(p.cfg_scale) + " overflows float32");
         std::copy(next.begin(), next.end(), x);
         if (o.progress && o.progress(k + 1, K, t) != 0)
             throw Error(Status::Cancelled, "cancelled by the progress callback after step " + std::to_string(k + 1) + "/" +

@@ -62,7 +62,6 @@ struct Plan {
     int64_t guided_channels = 0;
     double cfg_scale = 0, eta = 0;
     int64_t calls() const { return int64_t(model_timesteps.size()); }
-    int64_t noise_draws() const { return calls(); }  // the leading axis of injected step noise
 };
 
 Plan plan_sampling(const Manifest& m, const SampleOptions& options);

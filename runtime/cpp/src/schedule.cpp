@@ -10,20 +10,6 @@
 namespace ditrt_core {
 namespace {
 
-// ASCII whitespace (the \s of runtime/schedule.py's patterns that int() also accepts).
-bool py_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
-
-std::string strip(const std::string& s) {
-    size_t b = 0, e = s.size();
-    while (b < e && py_space(s[b])) ++b;
-    while (e > b && py_space(s[e - 1])) --e;
-    return s.substr(b, e - b);
-}
-
-bool all_digits(const std::string& s) {
-    return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
-}
-
 // runtime/schedule.py _parse_count: 1 to 7 ASCII digits with optional whitespace around them.
 int64_t parse_count(const std::string& text, const std::string& spec) {
     const std::string digits = strip(text);
@@ -57,6 +43,19 @@ std::vector<int64_t> ddim_steps(int64_t num_timesteps, const std::string& spec) 
 }
 
 }  // namespace
+
+bool py_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
+
+std::string strip(const std::string& s) {
+    size_t b = 0, e = s.size();
+    while (b < e && py_space(s[b])) ++b;
+    while (e > b && py_space(s[e - 1])) --e;
+    return s.substr(b, e - b);
+}
+
+bool all_digits(const std::string& s) {
+    return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
 
 std::vector<int64_t> space_timesteps(int64_t num_timesteps, const std::string& raw_spec) {
     std::string spec = raw_spec;
@@ -103,6 +102,13 @@ std::vector<double> linspace(double start, double stop, int64_t num) {
     return y;
 }
 
+std::vector<double> alphas_cumprod(const std::vector<double>& betas) {
+    std::vector<double> ac(betas.size());
+    double product = 1.0;
+    for (size_t i = 0; i < betas.size(); ++i) ac[i] = product *= (1.0 - betas[i]);
+    return ac;
+}
+
 Schedule schedule_from_betas(const std::vector<double>& betas, const std::vector<int64_t>& timesteps) {
     const size_t n = betas.size();
     if (n < 2)
@@ -113,9 +119,7 @@ Schedule schedule_from_betas(const std::vector<double>& betas, const std::vector
     s.betas = betas;
     auto table = [n](auto f) { std::vector<double> v(n); for (size_t i = 0; i < n; ++i) v[i] = f(i); return v; };
     std::vector<double> alphas = table([&](size_t i) { return 1.0 - betas[i]; });
-    s.alphas_cumprod.resize(n);
-    double product = 1.0;
-    for (size_t i = 0; i < n; ++i) s.alphas_cumprod[i] = product *= alphas[i];
+    s.alphas_cumprod = alphas_cumprod(betas);
     const auto& ac = s.alphas_cumprod;
     s.alphas_cumprod_prev = table([&](size_t i) { return i == 0 ? 1.0 : ac[i - 1]; });
     const auto& prev = s.alphas_cumprod_prev;
@@ -134,9 +138,7 @@ Schedule schedule_from_betas(const std::vector<double>& betas, const std::vector
 
 Schedule respaced_schedule(const std::vector<double>& base_betas, const std::string& spec) {
     const std::vector<int64_t> keep = space_timesteps(int64_t(base_betas.size()), spec);
-    std::vector<double> base_ac(base_betas.size());
-    double product = 1.0;
-    for (size_t i = 0; i < base_betas.size(); ++i) base_ac[i] = product *= (1.0 - base_betas[i]);
+    const std::vector<double> base_ac = alphas_cumprod(base_betas);
     std::vector<double> betas;
     double last = 1.0;
     for (int64_t t : keep) {

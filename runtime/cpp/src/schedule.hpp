@@ -9,11 +9,20 @@
 
 namespace ditrt_core {
 
+// Step specs as Python reads them: ASCII whitespace (the \s of runtime/schedule.py's and
+// dpm_solver.py's patterns that int() also accepts), strip() over it, one or more ASCII digits.
+bool py_space(char c);
+std::string strip(const std::string& s);
+bool all_digits(const std::string& s);
+
 // The official space_timesteps: "N", "ddimN" or "a,b,c". Throws Error(Status::Schedule).
 std::vector<int64_t> space_timesteps(int64_t num_timesteps, const std::string& spec);
 
 // numpy.linspace(start, stop, num) in float64, same arithmetic (i * step + start, last = stop).
 std::vector<double> linspace(double start, double stop, int64_t num);
+
+// numpy.cumprod(1 - betas) in float64.
+std::vector<double> alphas_cumprod(const std::vector<double>& betas);
 
 struct Schedule {
     std::vector<int64_t> timesteps;
