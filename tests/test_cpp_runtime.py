@@ -770,6 +770,22 @@ def _set_input_size(m, size):
     m["networks"]["denoiser"]["outputs"][0]["shape"][2:] = [size, size]
 
 
+@pytest.mark.parametrize("factor, accepted", [(1000, True), (1000.0, True), (1e-300, True), (1000.0001, False),
+                                              (0, False), (-0.0, False), ("0.18215", False)])
+def test_decoder_scaling_factor_bounds_are_one_rule(lib, cpp_pipe, cpp_artifact, tmp_path, factor, accepted):
+    """Both readers take networks.decoder.scaling_factor in (0, 1000] (C++ once refused 1000)."""
+    def edit(m):
+        m["networks"]["decoder"]["scaling_factor"] = factor
+    directory = _edited_artifact(cpp_artifact, tmp_path, edit)
+    if accepted:
+        from ditrt.runtime.manifest import load_manifest
+        load_manifest(directory)
+        assert _open_status(lib, cpp_pipe.executor, directory)[0] == OK
+    else:
+        message = _both_refuse(lib, cpp_pipe.executor, directory, "networks.decoder.scaling_factor")
+        assert "must be a number in (0, 1000]" in message
+
+
 @pytest.mark.parametrize("size", [2**31, 2**32], ids=["2^31", "2^32"])
 def test_input_size_2_31_and_2_32_are_refused(lib, cpp_pipe, cpp_artifact, tmp_path, size):
     """Issue 22: the buffer sizes overflowed and ditrt_sample returned OK without writing."""

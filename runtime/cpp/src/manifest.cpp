@@ -441,8 +441,8 @@ void check_decoder(NetworkSpec& spec, const Json& data, const Manifest& m) {
         fail(kField + "networks.decoder.outputs[0].shape " + shape_text(out) + " is not an RGB image batch");
     const Json& factor = get(data, "scaling_factor");
     double v = 0;
-    if (!pyjson::is_number(factor) || !pyjson::float_value(factor, &v) || !(0 < v && v < 1e3))
-        fail(kField + "networks.decoder.scaling_factor must be a positive number, got " + pyjson::repr(factor));
+    if (!pyjson::is_number(factor) || !pyjson::float_value(factor, &v) || !(0 < v && v <= 1e3))  // Python: (0, 1000]
+        fail(kField + "networks.decoder.scaling_factor must be a number in (0, 1000], got " + pyjson::repr(factor));
     spec.scaling_factor = v;
 }
 
