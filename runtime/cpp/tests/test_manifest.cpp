@@ -102,7 +102,7 @@ TEST(Manifest, ErrorsNameTheField) {
     EXPECT_MENTIONS(with([](json& m) { m["networks"]["denoiser"]["outputs"][0]["shape"][1] = 4; }),
                     "networks.denoiser inputs/outputs");
     EXPECT_MENTIONS(with([](json& m) { m["networks"]["decoder"]["scaling_factor"] = 0; }, true),
-                    "networks.decoder.scaling_factor must be a positive number");
+                    "networks.decoder.scaling_factor must be a number in (0, 1000]");
     EXPECT_EQ(with([](json& m) { m["defaults"]["steps"] = "ddim300"; }), "");  // checked when sampling, as Python
 }
 
