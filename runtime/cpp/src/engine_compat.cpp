@@ -97,6 +97,7 @@ Choice choose_engine(const std::vector<EngineEntry>& entries, const std::string&
     std::vector<const EngineEntry*> candidates;
     for (const auto& e : entries) {
         if (e.network != network && e.problem.empty()) continue;  // plans of other networks are not asked for
+        if (e.precision != "fp16" && e.problem.empty()) continue;  // this runtime runs fp16 plans (compat.choose_for)
         Compat c = check_engine_compat(e, trt_version, compute_capability, gpu_name);
         if (c.ok && !exists(e.file)) c = {false, e.file + ": listed in the manifest but the file is missing; rebuild it"};
         else if (c.ok && graph_sha256 && (!e.has_graph_sha256 || e.graph_sha256 != *graph_sha256))

@@ -545,6 +545,7 @@ EngineEntry read_engine(const Json& e, size_t index) {
         if (!e.is_object()) fail("engines[" + std::to_string(index) + "] is not an object");
         out.file = entry_string(e, "file");
         out.network = e.contains("network") ? entry_string(e, "network") : "denoiser";
+        if (e.contains("precision")) out.precision = pyjson::is_str(e["precision"]) ? e["precision"].get<std::string>() : "";
         if (e.contains("sha256") && pyjson::is_str(e["sha256"])) out.sha256 = e["sha256"].get<std::string>();
         out.trt_version = entry_string(e, "tensorrt.version");
         const Json& cc = entry_field(e, "gpu.compute_capability");

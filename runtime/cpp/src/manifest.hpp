@@ -57,6 +57,7 @@ struct EngineEntry {
     // refuses a manifest for an engine entry.
     std::string problem;
     std::string network, file, sha256, trt_version, gpu_name, compute_capability, hardware_compat, built_utc;
+    std::string precision = "fp16";  // "precision" (absent: fp16, as Python); a non-string matches none
     bool version_compatible = false;
     int64_t opt_level = 3, min_rows = 1, opt_rows = 1, max_rows = 1;
     std::map<std::string, std::string> graph_sha256;  // of the fp16 graph the plan was built from

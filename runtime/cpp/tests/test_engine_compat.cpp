@@ -63,6 +63,27 @@ TEST(EngineCompat, ChoosePrefersExactVersionThenNativeThenNewest) {
     EXPECT_EQ(c.reasons.size(), 3u);
 }
 
+TEST(EngineCompat, ChoosesOnlyFp16Plans) {
+    // An fp32 plan (`ditrt build --precision fp32`) is never taken for the fp16 one, whatever its date.
+    json fp32 = entry("denoiser.fp32.plan", "11.4", "9.0", "none", false, "2026-09");
+    fp32["precision"] = "fp32";
+    json odd = entry("odd.plan", "11.4", "9.0", "none", false, "2026-08");
+    odd["precision"] = 16;
+    json fp16 = entry("denoiser.fp16.plan", "11.4", "9.0", "none", false, "2026-01");
+    fp16["precision"] = "fp16";
+    const json unnamed = entry("unnamed.plan", "11.4", "9.0", "none", false, "2026-02");  // no field: fp16
+    auto exists = [](const std::string&) { return true; };
+    const std::vector<ditrt_core::EngineEntry> three = {parsed(fp32), parsed(odd), parsed(fp16)}, two = {parsed(fp16), parsed(unnamed)},
+                                               one = {parsed(fp32)};  // Choice points into its vector
+    auto c = ditrt_core::choose_engine(three, "11.4", "9.0", "", exists, nullptr);
+    ASSERT_NE(c.entry, nullptr);
+    EXPECT_EQ(c.entry->file, "denoiser.fp16.plan");
+    c = ditrt_core::choose_engine(two, "11.4", "9.0", "", exists, nullptr);
+    EXPECT_EQ(c.entry->file, "unnamed.plan");  // the newer of the two fp16 plans
+    c = ditrt_core::choose_engine(one, "11.4", "9.0", "", exists, nullptr);
+    EXPECT_EQ(c.entry, nullptr);
+}
+
 TEST(EngineCompat, EqualsPythonVerdicts) {
     REQUIRE_PYTHON_VALUES();
     const auto& cases = testutil::python_values()["compat"];
