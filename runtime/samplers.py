@@ -27,7 +27,7 @@ from . import flow
 from .config import Diffusion
 from .dpm_solver import dpm_schedule, dpmpp_2m_step
 from .errors import InputError
-from .schedule import Schedule, respaced_schedule  # noqa: F401  (respaced_schedule: a schedule builder for plugins)
+from .schedule import Schedule, respaced_schedule
 from .validate import check_number
 
 Loop = Generator[tuple[np.ndarray, float], np.ndarray, np.ndarray]
@@ -157,17 +157,14 @@ def register_sampler(sampler: Sampler) -> None:
     SAMPLERS[sampler.name] = sampler
 
 
-def _respaced(diffusion: Diffusion, steps) -> Schedule:
-    return respaced_schedule(diffusion, steps)
-
-
 def _dpm_schedule(diffusion: Diffusion, steps):
     return dpm_schedule(diffusion.alphas_cumprod(), steps)
 
 
-register_sampler(Sampler("ddpm", "dit", "the official DDPM loop (learned-range or fixed-large variance)", _respaced,
-                         fixed_step_loop(_ddpm), RESPACING_HELP, parity_steps=str, noise_draws=len, model_calls=len))
-register_sampler(Sampler("ddim", "dit", "the official DDIM loop (eta 0 deterministic)", _respaced,
+register_sampler(Sampler("ddpm", "dit", "the official DDPM loop (learned-range or fixed-large variance)",
+                         respaced_schedule, fixed_step_loop(_ddpm), RESPACING_HELP, parity_steps=str, noise_draws=len,
+                         model_calls=len))
+register_sampler(Sampler("ddim", "dit", "the official DDIM loop (eta 0 deterministic)", respaced_schedule,
                          fixed_step_loop(_ddim), RESPACING_HELP, parity_steps=lambda n: f"ddim{n}", noise_draws=len,
                          model_calls=len, options={"eta": 0.0}, check_options=_check_eta))
 # The 2M solver draws no noise; injected noise keeps DiT's (initial, steps (K, ...)) form, steps unused.
