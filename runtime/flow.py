@@ -379,7 +379,7 @@ def parse_num_steps(steps) -> int:
     """SiT's --num-sampling-steps: an int or a string of digits, >= 2."""
     if isinstance(steps, str) and re.fullmatch(r"[0-9]+", steps.strip(" \t")):
         steps = int(steps.strip(" \t"))
-    return check_int(steps, "num_steps (SiT's --num-sampling-steps)", 2, 100_000)
+    return _check_num_steps(steps)
 
 
 def check_sde_options(options: dict) -> dict:

@@ -27,6 +27,14 @@ BATCH = "batch"  # the one dynamic axis, first in every tensor
 INPUT_ROLES = ("latent", "time", "condition")
 OUTPUT_ROLES = ("prediction", "image")
 
+# Max |onnx - torch fp32| / max |torch fp32| at export time, for both networks.
+# fp32: same math, other kernels: 3e-7 (golden tiny DiT), 1.5e-6 (DiT-XL/2), 1.2e-6 (tiny VAE) and
+#   7.4e-6 (sd-vae layout at 256 px: tight; PyTorch's own fp32 is off a float64 decode by 4.4e-6).
+# fp16: unit roundoff 4.9e-4 through every layer: 5.2e-4 (golden tiny), 5.6e-4 (DiT-XL/2, random
+#   init), 6.6e-4..1.1e-3 (VAEs); 5e-3 flags a real problem (a rounded sinusoid table cost 3e-2, a
+#   float16 overflow fails any bound) without noise.
+EXPORT_BOUNDS = {"fp32": 1e-5, "fp16": 5e-3}
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -75,7 +83,7 @@ class NetworkSpec:
     outputs: tuple[TensorSpec, ...]
     batch_unit: str  # "rows" (denoiser: 2 per image under guidance) or "images"
     # max error relative to the reference's largest magnitude, per graph precision, at export
-    export_bounds: dict = field(default_factory=lambda: {"fp32": 1e-5, "fp16": 5e-3})
+    export_bounds: dict = field(default_factory=lambda: dict(EXPORT_BOUNDS))
     extra: dict = field(default_factory=dict)  # network-specific manifest fields (e.g. scaling_factor)
 
     @property
@@ -170,15 +178,6 @@ class NetworkSpec:
 
 # ---- the networks ---------------------------------------------------------------------------------
 
-# Max |onnx - torch fp32| / max |torch fp32| at export time, for both networks.
-# fp32: same math, other kernels: 3e-7 (golden tiny DiT), 1.5e-6 (DiT-XL/2), 1.2e-6 (tiny VAE) and
-#   7.4e-6 (sd-vae layout at 256 px: tight; PyTorch's own fp32 is off a float64 decode by 4.4e-6).
-# fp16: unit roundoff 4.9e-4 through every layer: 5.2e-4 (golden tiny), 5.6e-4 (DiT-XL/2, random
-#   init), 6.6e-4..1.1e-3 (VAEs); 5e-3 flags a real problem (a rounded sinusoid table cost 3e-2, a
-#   float16 overflow fails any bound) without noise.
-EXPORT_BOUNDS = {"fp32": 1e-5, "fp16": 5e-3}
-
-
 def denoiser_spec(config: DiTConfig, family: Family, process) -> NetworkSpec:
     C, S, K = config.in_channels, config.input_size, config.num_classes
     out = family.output_channels(config)
@@ -192,7 +191,6 @@ def denoiser_spec(config: DiTConfig, family: Family, process) -> NetworkSpec:
                            condition=ClassLabels(K, K))),
         outputs=(TensorSpec("model_output", "float32", (BATCH, out, S, S), "prediction", meaning),),
         batch_unit="rows",
-        export_bounds=dict(EXPORT_BOUNDS),
         extra={"guidance_rows": "conditional rows first, then the same latents with the null condition"})
 
 
@@ -206,5 +204,4 @@ def decoder_spec(latent_shape: tuple[int, int, int], upsampling: int, scaling_fa
         outputs=(TensorSpec("image", "float32", (BATCH, 3, h * upsampling, w * upsampling), "image",
                             "RGB, nominally [-1, 1], not clamped (vae.decode(latent / scaling_factor).sample)"),),
         batch_unit="images",
-        export_bounds=dict(EXPORT_BOUNDS),
         extra={"scaling_factor": scaling_factor, **({"source": source} if source is not None else {})})

@@ -150,7 +150,12 @@ def normal(seed: int, images: np.ndarray | Sequence[int], draw: int, shape: tupl
     j-th value of its stream in C order."""
     seed = _check_uint(seed, "seed", 64)
     draw = _check_uint(draw, "draw", 32)
-    image_index = _check_images(images)
+    return _normal(seed, _check_images(images), draw, shape)
+
+
+def _normal(seed: int, image_index: np.ndarray, draw: int, shape: tuple[int, ...]) -> np.ndarray:
+    """`normal` for a checked seed and draw and uint64 image indices (SeededNoise checks them once
+    per run, not at every step)."""
     shape = tuple(shape)
     shape = tuple(check_int(n, f"shape {shape!r}: each size", 0) for n in shape)
     count = int(np.prod(shape, dtype=object))
@@ -189,11 +194,12 @@ class SeededNoise:
         self.shape = tuple(shape)
 
     def initial(self) -> np.ndarray:
-        return normal(self.seed, self.images, 0, self.shape)
+        return _normal(self.seed, self.images, 0, self.shape)
 
     def step(self, k: int) -> np.ndarray:
         """Noise for the k-th step from the noisiest (draw k + 1): any k, any order, same array."""
-        return normal(self.seed, self.images, _check_uint(k, "a step index", 32) + 1, self.shape)
+        draw = _check_uint(_check_uint(k, "a step index", 32) + 1, "draw", 32)
+        return _normal(self.seed, self.images, draw, self.shape)
 
 
 class InjectedNoise:

@@ -125,7 +125,7 @@ def save_npy(path: str | Path, array) -> None:
 
 def check_writable(path: Path) -> None:
     """Refuse at once what would fail only after the work: a directory or other non-file in the way."""
-    if os.path.lexists(path) and (path.is_dir() or not path.is_file()):
+    if os.path.lexists(path) and not path.is_file():
         raise InputError(f"{path} exists and is not a regular file; refusing to replace it")
 
 

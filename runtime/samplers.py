@@ -27,7 +27,7 @@ from . import flow
 from .config import Diffusion
 from .dpm_solver import dpm_schedule, dpmpp_2m_step
 from .errors import InputError
-from .schedule import Schedule, respaced_schedule  # noqa: F401  (respaced_schedule: a schedule builder for plugins)
+from .schedule import Schedule, respaced_schedule
 from .validate import check_number
 
 Loop = Generator[tuple[np.ndarray, float], np.ndarray, np.ndarray]
@@ -96,13 +96,16 @@ def guide(cond: np.ndarray, uncond: np.ndarray, scale: float, guided_channels: i
     return out
 
 
-def fixed_step_loop(step: Callable[..., tuple[np.ndarray, Any]]) -> Callable[..., Loop]:
-    """A loop over every model timestep of a schedule, one step function call per model call."""
+def fixed_step_loop(step: Callable[..., tuple[np.ndarray, Any]],
+                    draws: Callable[..., bool] = lambda sched, k, **options: True) -> Callable[..., Loop]:
+    """A loop over every model timestep of a schedule, one step function call per model call.
+    `draws(sched, k, **options)` False: step k adds no noise, so none is drawn (the step gets None)."""
     def loop(x: np.ndarray, sched, noise: Callable[[int], np.ndarray] | None, **options) -> Loop:
         state = None
         for k, t in enumerate(sched.model_timesteps):
             out = yield x, float(t)
-            x, state = step(x, out, sched, k, noise(k) if noise is not None else None, state, **options)
+            w = noise(k) if noise is not None and draws(sched, k, **options) else None
+            x, state = step(x, out, sched, k, w, state, **options)
         return x
     return loop
 
@@ -149,6 +152,15 @@ def _ddim(x, model_output, sched, k, noise, state, eta):
     return ddim_step(x, model_output, sched, len(sched) - 1 - k, noise, eta), state
 
 
+def _not_last(sched, k, **options) -> bool:
+    """The official loops add no noise at the last call (i = 0)."""
+    return k != len(sched) - 1
+
+
+def _ddim_draws(sched, k, eta) -> bool:
+    return eta != 0 and _not_last(sched, k)  # eta 0: sigma is 0 at every step
+
+
 RESPACING_HELP = "N (N evenly spaced steps), ddimN (integer stride) or section counts a,b,c"
 SAMPLERS: dict[str, Sampler] = {}
 
@@ -157,19 +169,16 @@ def register_sampler(sampler: Sampler) -> None:
     SAMPLERS[sampler.name] = sampler
 
 
-def _respaced(diffusion: Diffusion, steps) -> Schedule:
-    return respaced_schedule(diffusion, steps)
-
-
 def _dpm_schedule(diffusion: Diffusion, steps):
     return dpm_schedule(diffusion.alphas_cumprod(), steps)
 
 
-register_sampler(Sampler("ddpm", "dit", "the official DDPM loop (learned-range or fixed-large variance)", _respaced,
-                         fixed_step_loop(_ddpm), RESPACING_HELP, parity_steps=str, noise_draws=len, model_calls=len))
-register_sampler(Sampler("ddim", "dit", "the official DDIM loop (eta 0 deterministic)", _respaced,
-                         fixed_step_loop(_ddim), RESPACING_HELP, parity_steps=lambda n: f"ddim{n}", noise_draws=len,
-                         model_calls=len, options={"eta": 0.0}, check_options=_check_eta))
+register_sampler(Sampler("ddpm", "dit", "the official DDPM loop (learned-range or fixed-large variance)",
+                         respaced_schedule, fixed_step_loop(_ddpm, _not_last), RESPACING_HELP, parity_steps=str,
+                         noise_draws=len, model_calls=len))
+register_sampler(Sampler("ddim", "dit", "the official DDIM loop (eta 0 deterministic)", respaced_schedule,
+                         fixed_step_loop(_ddim, _ddim_draws), RESPACING_HELP, parity_steps=lambda n: f"ddim{n}",
+                         noise_draws=len, model_calls=len, options={"eta": 0.0}, check_options=_check_eta))
 # The 2M solver draws no noise; injected noise keeps DiT's (initial, steps (K, ...)) form, steps unused.
 register_sampler(Sampler("dpm++2m", "dit", "DPM-Solver++(2M), data prediction, midpoint: diffusers' "
                          "DPMSolverMultistepScheduler defaults (linspace timesteps, lower-order final, final sigma 0)",
