@@ -19,7 +19,6 @@ import onnx
 import torch
 
 from ditrt import runtime
-from ditrt.runtime.config import Guidance
 from ditrt.runtime.errors import StepError
 from ditrt.runtime.files import (Terminated, claimed_output, listed_files, resolve_out_dir, signals_raise,
                                  swap_into_place, write_json_atomic)
@@ -64,9 +63,7 @@ def export_artifact(source: ExportSource, out_dir: str | Path, precisions: tuple
                 networks = {e.spec.name: export_network(e, tmp, precisions, opset, steps) for e in exporters}
                 with steps("writing manifest"):
                     data = new_manifest(family=source.family, config=source.config, model_extra=source.model_fields(),
-                                        source=source.description, process=source.family.default_process(source.config),
-                                        guidance=Guidance.official(source.config), defaults=source.family.defaults,
-                                        networks=networks, versions=_versions())
+                                        source=source.description, networks=networks, versions=_versions())
                     write_json_atomic(tmp / MANIFEST_NAME, data)
                     write_manifest_digest(tmp)
                 with signals.held():  # the swap's two renames run to the end

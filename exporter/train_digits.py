@@ -402,7 +402,7 @@ def sample(model: DiT, family: str, labels: np.ndarray, sampler: str, steps: int
     """Latents (N, C, H, W) from the runtime's own pipeline (the sampler registry's loop, official
     guidance, the seeded noise stream) over the torch model: what `runtime.load(...).sample` computes
     for the exported model, without an export."""
-    from ditrt.runtime.config import FAMILIES, Guidance
+    from ditrt.runtime.config import FAMILIES
     from ditrt.runtime.manifest import Manifest, network_section, new_manifest
     from ditrt.runtime.networks import denoiser_spec
     from ditrt.runtime.pipeline import Pipeline
@@ -411,8 +411,7 @@ def sample(model: DiT, family: str, labels: np.ndarray, sampler: str, steps: int
     fam, config = FAMILIES[family], model.config
     process = fam.default_process(config)
     spec = denoiser_spec(config, fam, process)
-    data = new_manifest(family=fam, config=config, model_extra={}, source={"kind": "in-memory"}, process=process,
-                        guidance=Guidance.official(config), defaults=fam.defaults,
+    data = new_manifest(family=fam, config=config, model_extra={}, source={"kind": "in-memory"},
                         networks={"denoiser": network_section(spec, {})}, versions={})
     pipe = Pipeline(TorchBackend(model, spec), Manifest(data, Path("."), graphs_required=False))
     return pipe.sample(labels, num_steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed, progress=False)

@@ -408,9 +408,11 @@ def upgrade_schema_2(data: dict) -> dict:
 
 # ---- writing: the one place manifest dicts are made ------------------------------------------------
 
-def new_manifest(*, family: Family, config: DiTConfig, model_extra: dict, source: dict, process, guidance: Guidance,
-                 defaults: Defaults, networks: dict, versions: dict) -> dict:
-    """A complete schema-3 manifest. `networks`: name -> `network_section(...)`."""
+def new_manifest(*, family: Family, config: DiTConfig, model_extra: dict, source: dict, networks: dict,
+                 versions: dict) -> dict:
+    """A complete schema-3 manifest: the family's training process, official guidance and defaults
+    for `config`. `networks`: name -> `network_section(...)`."""
+    process, guidance, defaults = family.default_process(config), Guidance.official(config), family.defaults
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
