@@ -268,7 +268,7 @@ class Service:
         self._idle = threading.Condition()
 
     def ready(self) -> bool:
-        return self.batcher.ready and not self.draining and not self.batcher.stats()["closed"]
+        return self.batcher.ready and not self.draining and not self.batcher.closed
 
     def limits(self) -> dict:
         return {**self.batcher.limits.to_dict(), "max_body_bytes": self.http.max_body_bytes,
@@ -278,7 +278,7 @@ class Service:
     def refusal(self) -> HttpError | None:
         """503 while warming up, draining or closed."""
         retry = {"Retry-After": str(self.http.retry_after)}
-        if self.draining or self.batcher.stats()["closed"]:
+        if self.draining or self.batcher.closed:
             return HttpError(503, "the server is shutting down (draining); retry on another instance", retry)
         if not self.batcher.ready:
             problem = self.batcher.stats()["warm_up_error"]
@@ -320,7 +320,7 @@ class Service:
         return finished
 
     def close(self) -> None:
-        if not self.batcher.stats()["closed"]:
+        if not self.batcher.closed:
             self.drain()
         self.setup_pool.shutdown(wait=False)
         self.encode_pool.shutdown(wait=False)
