@@ -64,6 +64,18 @@ def _log(message: str) -> None:
 BACKEND_CHOICES = ["auto", *BACKENDS, *backend_ids()]
 PRECISIONS = click.Choice(["fp32", "fp16"])
 
+# Options several commands take word for word (sampling_options, `serve`; --threads also `decode`, `parity`).
+BACKEND_OPTION = click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
+                              help="auto, a backend kind, or KIND-PRECISION.")
+PRECISION_OPTION = click.option("--precision", type=PRECISIONS, help="Graph precision [fp16 on TensorRT, else fp32].")
+THREADS_OPTION = click.option("--threads", type=int, help="ONNX Runtime CPU threads.")
+HOST_CODE_OPTION = click.option("--allow-plan-host-code", is_flag=True,
+                                help="Let a version-compatible TensorRT plan run the host code it embeds (only plans "
+                                     "you trust).")
+DECODER_PRECISION_OPTION = click.option("--decoder-precision", type=PRECISIONS,
+                                        help="Decoder graph precision [fp32 on ONNX Runtime, fp16 on TensorRT]; fp32 "
+                                             "avoids fp16 VAE overflow.")
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(runtime.__version__, prog_name="ditrt")
@@ -163,19 +175,15 @@ def sampling_options(command):
                      help="A sampler option, e.g. atol=1e-6 for ode-dopri5 (repeatable; refused by samplers that "
                           "take none)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Non-negative seed of the per-image noise."),
-        click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
-                     help="auto, a backend kind, or KIND-PRECISION."),
-        click.option("--precision", type=PRECISIONS, help="Graph precision [fp16 on TensorRT, else fp32]."),
-        click.option("--threads", type=int, help="ONNX Runtime CPU threads."),
+        BACKEND_OPTION,
+        PRECISION_OPTION,
+        THREADS_OPTION,
         click.option("--max-batch", type=int,
                      help="Largest batch per backend call, in rows (bigger requests are chunked)."),
         click.option("--verify/--no-verify", default=True, show_default=True,
                      help="Check every file the backend reads against the manifest's sha256 first."),
-        click.option("--allow-plan-host-code", is_flag=True,
-                     help="Let a version-compatible TensorRT plan run the host code it embeds (only plans you trust)."),
-        click.option("--decoder-precision", type=PRECISIONS,
-                     help="Decoder graph precision [fp32 on ONNX Runtime, fp16 on TensorRT]; fp32 avoids fp16 VAE "
-                          "overflow."),
+        HOST_CODE_OPTION,
+        DECODER_PRECISION_OPTION,
         click.option("--progress/--no-progress", default=True, show_default=True),
     ]
     for option in reversed(options):
@@ -327,7 +335,7 @@ class _GenerateBar:
 @click.option("--out-dir", type=click.Path(path_type=Path), help="One PNG per image, 000000.png ...")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
 @click.option("--decoder-precision", type=PRECISIONS, help="Decoder graph precision.")
-@click.option("--threads", type=int, help="ONNX Runtime CPU threads.")
+@THREADS_OPTION
 @click.option("--verify/--no-verify", default=True, show_default=True)
 def decode(artifact, latents, out_path, out_dir, backend, decoder_precision, threads, verify) -> None:
     """Decode saved latents (N, C, H, W) .npy with ARTIFACT's VAE decoder into PNGs."""
@@ -394,7 +402,7 @@ def verify(artifact, accept_manifest_edits) -> None:
 @click.option("--activation-ranges", is_flag=True, help="Largest |activation| per block and branch, flagged near the fp16 range.")
 @click.option("--headroom", type=float, default=8.0, show_default=True, help="--activation-ranges flags branches above 65504 / headroom (>= 1).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Weights for the PyTorch reference, if the manifest's source path is not here.")
-@click.option("--threads", type=int, help="ONNX Runtime CPU threads.")
+@THREADS_OPTION
 def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol, json_path, junit_path, save_golden,
            activation_ranges, headroom, checkpoint, threads) -> None:
     """Numerical parity of an artifact's backends against the PyTorch reference or a golden file.
@@ -518,16 +526,13 @@ def build(artifact, network, precision, decoder_precision, min_batch, opt_batch,
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--policy", type=click.Choice(["step", "serial", "request"]), default="step", show_default=True,
               help="step: continuous batching; serial: one request at a time; request: whole-request batches.")
-@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
-              help="auto, a backend kind, or KIND-PRECISION.")
-@click.option("--precision", type=PRECISIONS, help="Graph precision [fp16 on TensorRT, else fp32].")
-@click.option("--threads", type=int, help="ONNX Runtime CPU threads.")
+@BACKEND_OPTION
+@PRECISION_OPTION
+@THREADS_OPTION
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every file the backends read against the manifest's sha256 first.")
-@click.option("--allow-plan-host-code", is_flag=True,
-              help="Let a version-compatible TensorRT plan run the host code it embeds (only plans you trust).")
-@click.option("--decoder-precision", type=PRECISIONS,
-              help="Decoder graph precision [fp32 on ONNX Runtime, fp16 on TensorRT]; fp32 avoids fp16 VAE overflow.")
+@HOST_CODE_OPTION
+@DECODER_PRECISION_OPTION
 @click.option("--max-batch", type=int, help="Rows per denoiser call [the engine's limit; else 64 on a GPU, 16 on a CPU].")
 @click.option("--max-rows", type=int, help="Rows of the running requests together [--max-batch].")
 @click.option("--max-images", type=int, help="Images (labels) per request [--max-rows / 2].")

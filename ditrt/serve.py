@@ -35,7 +35,14 @@ access_log = logging.getLogger("ditrt.serve.access")
 DEFAULT_TIMEOUT_S = 300.0  # a request's deadline unless it asks for less (and the most it may ask for)
 SAMPLE_FIELDS = ("labels", "steps", "sampler", "cfg_scale", "guidance", "seed", "eta", "format", "timeout", "options",
                  "max_calls")
-SAMPLER_OPTIONS = sorted({name for s in SAMPLERS.values() for name in s.options} - {"eta"})  # eta has its field
+
+
+def _body_options(sampler) -> list[str]:
+    """The sampler's options a request gives in `options` (eta has its own field)."""
+    return sorted(set(sampler.options) - {"eta"})
+
+
+SAMPLER_OPTIONS = sorted({name for s in SAMPLERS.values() for name in _body_options(s)})
 ROUTES = ("/v1/samples", "/v1/health", "/v1/health/live", "/v1/health/ready", "/v1/model", "/metrics")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500)
@@ -268,7 +275,7 @@ class Service:
         self._idle = threading.Condition()
 
     def ready(self) -> bool:
-        return self.batcher.ready and not self.draining and not self.batcher.stats()["closed"]
+        return self.batcher.ready and not self.draining and not self.batcher.closed
 
     def limits(self) -> dict:
         return {**self.batcher.limits.to_dict(), "max_body_bytes": self.http.max_body_bytes,
@@ -278,7 +285,7 @@ class Service:
     def refusal(self) -> HttpError | None:
         """503 while warming up, draining or closed."""
         retry = {"Retry-After": str(self.http.retry_after)}
-        if self.draining or self.batcher.stats()["closed"]:
+        if self.draining or self.batcher.closed:
             return HttpError(503, "the server is shutting down (draining); retry on another instance", retry)
         if not self.batcher.ready:
             problem = self.batcher.stats()["warm_up_error"]
@@ -320,7 +327,7 @@ class Service:
         return finished
 
     def close(self) -> None:
-        if not self.batcher.stats()["closed"]:
+        if not self.batcher.closed:
             self.drain()
         self.setup_pool.shutdown(wait=False)
         self.encode_pool.shutdown(wait=False)
@@ -330,12 +337,12 @@ def model_summary(service: Service) -> dict:
     batcher = service.batcher
     pipe, m = batcher.pipeline, batcher.pipeline.manifest
     decoder = getattr(pipe, "decoder", None)
+    samplers = {name: entry for name, entry in SAMPLERS.items() if entry.family == m.family.name}
     return {"model": asdict(m.model), "family": m.family.name, "latent_shape": list(pipe.latent_shape),
             m.family.process_section: asdict(m.process), "guidance": m.guidance.to_dict(),
             "noise": runtime.NOISE_VERSION, "defaults": m.defaults.to_dict(), "networks": list(m.networks),
-            "samplers": [s for s, e in SAMPLERS.items() if e.family == m.family.name],
-            "sampler_options": {s: sorted(set(e.options) - {"eta"}) for s, e in SAMPLERS.items()
-                                if e.family == m.family.name and set(e.options) - {"eta"}},
+            "samplers": list(samplers),
+            "sampler_options": {s: _body_options(e) for s, e in samplers.items() if _body_options(e)},
             "backend": pipe.backend.name, "decoder": decoder.name if decoder is not None else None,
             "formats": ["npy", "png"] if decoder is not None else ["npy"],
             "max_batch": batcher.limits.max_batch, "policy": batcher.policy, "limits": service.limits(),

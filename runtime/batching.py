@@ -364,6 +364,11 @@ class StepBatcher:
     def alive(self) -> bool:
         return self._worker.is_alive()
 
+    @property
+    def closed(self) -> bool:
+        """True once `close` was called: no new requests are taken."""
+        return self._closed
+
     # ---- the caller's side ----------------------------------------------------------------------
 
     def submit(self, class_labels, num_steps=None, sampler=None, cfg_scale=None, guidance=None, seed=0, eta=None,

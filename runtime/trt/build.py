@@ -31,6 +31,7 @@ from ..parity import compare
 from . import device
 from .settings import (BuildFlags, EngineProfile, default_profile, parity_batches, parity_bound, plan_filename,
                        timing_cache_filename)
+from .versions import cc_string
 
 class BuildError(StepError):
     """TensorRT could not build the plan, or the plan failed its parity check: nothing was recorded."""
@@ -92,7 +93,7 @@ def build_engine(artifact_dir: str | Path, network: str = "denoiser", precision:
     name = plan_filename(network, precision, env.gpu.sm, env.trt_version, flags.hardware_compat, flags.version_compatible)
     timing_cache = Path(flags.timing_cache) if flags.timing_cache else artifact_dir / timing_cache_filename(env.gpu.sm, env.trt_version)
     log(f"building {name} from {graph['file']} (strongly typed) on {env.gpu.name} (compute capability "
-        f"{env.gpu.compute_capability[0]}.{env.gpu.compute_capability[1]}), TensorRT {env.trt_version}: batch "
+        f"{cc_string(env.gpu.compute_capability)}), TensorRT {env.trt_version}: batch "
         f"{profile.min_rows}/{profile.opt_rows}/{profile.max_rows} {spec.batch_unit}, opt level {flags.opt_level}, "
         f"timing cache {timing_cache}")
     loader = engine_loader(manifest.graph_path(network, precision), profile, flags, spec, timing_cache, trt)

@@ -132,14 +132,13 @@ def choose_engine(entries: Sequence[dict], trt_version: str, compute_capability,
             elif graph_sha256 is not None and entry.get("graph", {}).get("sha256") != graph_sha256:
                 ok, reason = False, f"{e.file}: built from another graph than the artifact's; rebuild it with: {rebuild}"
         if ok:
-            candidates.append(entry)
+            candidates.append((entry, e))
         else:
             reasons.append(reason)
     if not candidates:
         return None, reasons
-    newest_first = sorted(candidates, key=lambda entry: str(entry.get("built_utc", "")), reverse=True)
-    best = min(newest_first, key=lambda entry: (read_entry(entry).trt_version != here,
-                                                 rank[read_entry(entry).flags.hardware_compat]))
+    newest_first = sorted(candidates, key=lambda c: str(c[0].get("built_utc", "")), reverse=True)
+    best, _ = min(newest_first, key=lambda c: (c[1].trt_version != here, rank[c[1].flags.hardware_compat]))
     return best, reasons
 
 def no_engine_message(artifact: str, entries: Iterable[dict], reasons: list[str], trt_version: str,
