@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -30,6 +31,8 @@ struct Toy {
     int reentry_status = -1;
 };
 
+std::mutex toy_lock;  // concurrent ditrt_sample calls run the callback concurrently (ditrt.h, Threads)
+
 const ditrt_tensor* by_name(const ditrt_tensor* t, int64_t n, const char* name) {
     for (int64_t i = 0; i < n; ++i)
         if (std::strcmp(t[i].name, name) == 0) return &t[i];
@@ -42,7 +45,10 @@ int toy_run(void* user, const char* network, const ditrt_tensor* in, int64_t n_i
     std::vector<std::string> names{network};
     for (int64_t i = 0; i < n_in; ++i) names.push_back(in[i].name);
     for (int64_t i = 0; i < n_out; ++i) names.push_back(out[i].name);
-    toy.names.push_back(names);
+    {
+        std::lock_guard<std::mutex> hold(toy_lock);
+        toy.names.push_back(names);
+    }
     if (toy.fail) return toy.fail;
     if (toy.reenter) {
         const int64_t label = 1;
@@ -53,7 +59,10 @@ int toy_run(void* user, const char* network, const ditrt_tensor* in, int64_t n_i
         const ditrt_tensor *x = by_name(in, n_in, "latent"), *t = by_name(in, n_in, "timestep"),
                            *y = by_name(in, n_in, "class_label");
         const int64_t rows = x->shape[0];
-        toy.denoiser_rows.push_back(rows);
+        {
+            std::lock_guard<std::mutex> hold(toy_lock);
+            toy.denoiser_rows.push_back(rows);
+        }
         auto* o = static_cast<float*>(out[0].data);
         for (int64_t r = 0; r < rows; ++r)
             for (int64_t e = 0; e < kOutPerRow; ++e)
@@ -62,7 +71,10 @@ int toy_run(void* user, const char* network, const ditrt_tensor* in, int64_t n_i
                                         0.01f * float(static_cast<const int64_t*>(y->data)[r]) + toy.poison;
     } else {
         const int64_t images = in[0].shape[0];
-        toy.decoder_images.push_back(images);
+        {
+            std::lock_guard<std::mutex> hold(toy_lock);
+            toy.decoder_images.push_back(images);
+        }
         auto* o = static_cast<float*>(out[0].data);
         for (int64_t j = 0; j < images; ++j)
             for (int64_t e = 0; e < kImage; ++e)
@@ -285,8 +297,6 @@ TEST_F(CApi, ConcurrentSamplesOnOnePipelineAgreeWithSequentialOnes) {
     std::vector<std::vector<float>> got(4, std::vector<float>(2 * kPerImage));
     std::vector<ditrt_status> status(4);
     std::vector<std::thread> threads;
-    Toy* toy_ptr = &toy;
-    (void)toy_ptr;
     for (int i = 0; i < 4; ++i)
         threads.emplace_back([&, i] {
             const int64_t labels[] = {1, 7};
