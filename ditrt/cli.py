@@ -119,7 +119,7 @@ def inspect(checkpoint: Path, num_heads: int | None, input_size: int | None, as_
 # ---- export -------------------------------------------------------------------------------------
 
 @main.command()
-@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
+@click.argument("checkpoint", required=False)
 @click.option("--example", is_flag=True, help="Use the embedded example model (and its VAE) as the checkpoint.")
 @click.option("--family", type=click.Choice(list(runtime.FAMILIES)), default="dit", show_default=True,
               help="How the checkpoint was trained: dit (DDPM, eps) or sit (flow matching, velocity). No tensor "
@@ -143,16 +143,19 @@ def inspect(checkpoint: Path, num_heads: int | None, input_size: int | None, as_
                    "[--example embeds a small one].")
 @click.option("--no-vae", is_flag=True, help="With --example: export the denoiser only.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
+@click.option("--revision", help="With a Hugging Face id: the commit (or branch, tag) to fetch [main].")
 def export(checkpoint, example, family, path_type, prediction, config_name, random_init, image_size, num_classes, seed,
-           num_heads, out_dir, opset, precision, fp32_blocks, vae_dir, no_vae, force) -> None:
-    """Export a checkpoint (or a random-init named config) to ONNX with a validated manifest."""
+           num_heads, out_dir, opset, precision, fp32_blocks, vae_dir, no_vae, force, revision) -> None:
+    """Export a checkpoint (a file, a diffusers DiTPipeline folder, a Hugging Face id or an official checkpoint
+    name; or a random-init named config) to ONNX with a validated manifest."""
     _require_torch("export")
     from ditrt.exporter.artifact import export_command
     with project_errors():
         out = export_command(checkpoint, example, config_name, random_init, image_size, num_classes, seed, num_heads,
                              family, out_dir, tuple(p.strip() for p in precision.split(",") if p.strip()), opset,
                              _int_list(fp32_blocks, "--fp32-blocks"), vae_dir, no_vae, force, log=_log,
-                             transport={k: v for k, v in (("path_type", path_type), ("prediction", prediction)) if v})
+                             transport={k: v for k, v in (("path_type", path_type), ("prediction", prediction)) if v},
+                             revision=revision)
     click.echo(str(out))
 
 
@@ -193,7 +196,8 @@ def sampling_options(command):
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--labels", required=True, help="Comma-separated class labels, one image each (e.g. 207,360).")
+@click.option("--labels", required=True,
+              help="Comma-separated class labels or class names, one image each (e.g. 207,360 or tench,goldfish).")
 @sampling_options
 @click.option("--image-offset", type=int, default=0, show_default=True,
               help="Image j of this call draws the noise of image OFFSET + j of the seed's stream (and its PNG is "
@@ -212,8 +216,9 @@ def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_o
     decoder, and/or the latents (N, C, H, W) float32 as .npy."""
     from ditrt.runtime.outputs import OutputPlan
     from ditrt.runtime.samplers import parse_options
-    label_list = _int_list(labels, "--labels")
+    from ditrt.runtime.labels import split_labels
     with project_errors():
+        label_list = split_labels(labels)  # numbers or names: the pipeline resolves names from the manifest
         options = parse_options(sampler_options)
         manifest = runtime.load_manifest(artifact)
         plan = OutputPlan.from_options(out_path, out_dir, latents_path, "decoder" in manifest.networks, decoder_precision)
@@ -238,8 +243,9 @@ def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_o
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="The run directory: run.json (the run record), shards/, png/.")
 @click.option("--labels", default="balanced", show_default=True,
-              help="balanced: every class the same count, in a seeded order; random: seeded uniform; or FILE.npy "
-                   "with --num-images class labels. Image i's label depends only on (seed, i).")
+              help="balanced: every class the same count, in a seeded order; random: seeded uniform; FILE.npy "
+                   "with --num-images class labels; or comma-separated class numbers or names (tench,goldfish) "
+                   "balanced over. Image i's label depends only on (seed, i).")
 @sampling_options
 @click.option("--batch", type=int, default=32, show_default=True, help="Images per sampling call within a shard.")
 @click.option("--shard-size", type=int, default=256, show_default=True,
@@ -285,9 +291,15 @@ def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, g
 @click.option("--classifier", type=click.Path(path_type=Path),
               help="The digit classifier (.npz) [the one shipped with the example, exporter/data/digits].")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the report as JSON.")
+@click.option("--labels", default="balanced", show_default=True,
+              help="balanced: every class; or comma-separated class numbers or names (e.g. 3,7) the images are "
+                   "balanced over.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path),
+              help="Also draw Frechet distance and accuracy against images/s (and block evaluations) as a PNG "
+                   "(needs matplotlib: pip install 'ditrt[quality]').")
 def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, sampler_options, seed, backend, precision,
             threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, compares, batch, classifier,
-            json_path) -> None:
+            json_path, labels, plot_path) -> None:
     """Score what each configuration costs: sample N images, decode them and report the digit
     classifier's accuracy, the Frechet distance, precision and recall against the real digits,
     and images/s, each relative to the first configuration (the digits example; needs
@@ -297,15 +309,20 @@ def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, samp
     from ditrt.runtime.files import write_json_atomic
     from ditrt.runtime.generate import SamplingOptions
     from ditrt.runtime.samplers import parse_options
+    from ditrt.runtime.plots import check_plot_target, plot_report
     with project_errors():
+        if plot_path:
+            check_plot_target(plot_path)
         base = SamplingOptions(sampler, steps, cfg_scale, guidance, eta, parse_options(sampler_options), backend,
                                precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code)
         runs = [Q.QualityRun("base", base), *(Q.parse_run(text, base) for text in compares)]
         path = classifier or Path(ditrt.exporter.__file__).resolve().parent / "data" / "digits" / "classifier.npz"
         report = Q.compare(artifact, runs, Q.DigitClassifier.load(path), num_images, seed, batch, threads,
-                           log=_log if progress else lambda m: None)
+                           log=_log if progress else lambda m: None, labels=labels)
         if json_path:
             write_json_atomic(json_path, report)
+        if plot_path:
+            _log(f"wrote {plot_report(report, plot_path)}")
     click.echo(Q.format_report(report))
 
 

@@ -63,7 +63,8 @@ def export_artifact(source: ExportSource, out_dir: str | Path, precisions: tuple
                 networks = {e.spec.name: export_network(e, tmp, precisions, opset, steps) for e in exporters}
                 with steps("writing manifest"):
                     data = new_manifest(family=source.family, config=source.config, model_extra=source.model_fields(),
-                                        source=source.description, networks=networks, versions=_versions())
+                                        source=source.description, networks=networks, versions=_versions(),
+                                        labels=source.labels)
                     write_json_atomic(tmp / MANIFEST_NAME, data)
                     write_manifest_digest(tmp)
                 with signals.held():  # the swap's two renames run to the end
@@ -137,15 +138,21 @@ EXAMPLE_OVERRIDES = {"num_heads": 4}
 def resolve_source(checkpoint: str | Path | None = None, example: bool = False, config_name: str | None = None,
                    random_init: bool = False, image_size: int | None = None, num_classes: int | None = None,
                    seed: int | None = None, num_heads: int | None = None, family: str = "dit",
-                   transport: dict | None = None) -> tuple[ExportSource, str]:
-    """The export source for `ditrt export`'s options, and the artifact's default name. `transport`
-    ({path_type, prediction}, SiT's create_transport names) says how a SiT was trained: no tensor
-    records it, and only the Linear path with velocity prediction is implemented (others refused)."""
+                   transport: dict | None = None, revision: str | None = None,
+                   ) -> tuple[ExportSource, str, Path | None]:
+    """The export source for `ditrt export`'s options, the artifact's default name and the VAE folder
+    that came with the checkpoint (a pipeline folder's or a hub repository's vae/), if any. CHECKPOINT
+    is a path, a pipeline folder, a Hugging Face id or an official name (exporter.sources.locate).
+    `transport` ({path_type, prediction}, SiT's create_transport names) says how a SiT was trained:
+    no tensor records it, and only the Linear path with velocity prediction is implemented (others
+    refused)."""
     from ditrt.runtime.validate import check_int
 
     from .checkpoints import load_checkpoint
     from .denoiser import source_from_checkpoint, source_from_random_init
     from .model import named_config
+    if revision is not None and checkpoint is None:
+        raise ExportOptionError("--revision pins a Hugging Face repository's commit: give the repository id (org/name)")
     if sum([checkpoint is not None, bool(example), bool(random_init)]) != 1:
         raise ExportOptionError("give exactly one of CHECKPOINT, --example or --config NAME --random-init")
     if random_init and not config_name:
@@ -170,10 +177,17 @@ def resolve_source(checkpoint: str | Path | None = None, example: bool = False, 
         cfg = named_config(config_name, size, num_classes=classes, **overrides)
         name = config_name if config_name.startswith("DiT-") else f"DiT-{config_name}"
         return (source_from_random_init(cfg, 0 if seed is None else check_int(seed, "--seed", 0, 2**63), name, family),
-                f"{name.replace('/', '-')}-{cfg.input_size * 8}-random")
-    path = EXAMPLE_CHECKPOINT if example else Path(checkpoint)
-    ckpt = load_checkpoint(path, **({**EXAMPLE_OVERRIDES, **overrides} if example else overrides))
-    return source_from_checkpoint(ckpt, family), ("example" if example else path.stem)
+                f"{name.replace('/', '-')}-{cfg.input_size * 8}-random", None)
+    if example:
+        ckpt = load_checkpoint(EXAMPLE_CHECKPOINT, **{**EXAMPLE_OVERRIDES, **overrides})
+        return source_from_checkpoint(ckpt, family), "example", None
+    from .sources import locate
+    located = locate(checkpoint, revision, family)
+    source = source_from_checkpoint(load_checkpoint(located.weights, **overrides), family)
+    located.check_scheduler(family, source.family.default_process(source.config))
+    source.labels = located.labels(source.config.num_classes)
+    source.description.update(located.origin)
+    return source, located.default_name, located.vae_dir
 
 
 def export_command(checkpoint=None, example: bool = False, config_name=None, random_init: bool = False,
@@ -181,22 +195,24 @@ def export_command(checkpoint=None, example: bool = False, config_name=None, ran
                    family: str = "dit",
                    out_dir=None, precisions=("fp32", "fp16"), opset: int = DEFAULT_OPSET, fp32_blocks=(), vae_dir=None,
                    no_vae: bool = False, force: bool = False, log: Callable[[str], None] = print,
-                   transport: dict | None = None) -> Path:
-    """`ditrt export`: resolve the source (and the VAE: `vae_dir`, or the example's unless
-    `no_vae`), export, return the artifact directory."""
+                   transport: dict | None = None, revision: str | None = None) -> Path:
+    """`ditrt export`: resolve the source (and the VAE: `vae_dir`, else the one that came with the
+    checkpoint, or the example's unless `no_vae`), export, return the artifact directory."""
     from .vae import load_vae
     if vae_dir is not None and no_vae:
         raise ExportOptionError("give --vae DIR or --no-vae, not both")
-    if no_vae and not example:
-        raise ExportOptionError("--no-vae applies to --example (which embeds a VAE); a checkpoint exports the denoiser "
-                                "alone unless --vae DIR is given")
     if out_dir is not None:  # before the checkpoint is read: a bad --out is refused at once
         prepare_out_dir(out_dir, force, log=lambda m: None)
-    source, default_name = resolve_source(checkpoint, example, config_name, random_init, image_size, num_classes, seed,
-                                          num_heads, family, transport)
+    source, default_name, bundled_vae = resolve_source(checkpoint, example, config_name, random_init, image_size,
+                                                       num_classes, seed, num_heads, family, transport, revision)
+    if example:
+        bundled_vae = EXAMPLE_VAE
+    if no_vae and bundled_vae is None:
+        raise ExportOptionError("--no-vae applies to --example, pipeline folders and hub ids (which carry a VAE); a "
+                                "checkpoint file exports the denoiser alone unless --vae DIR is given")
     vae = None
-    if vae_dir is not None or (example and not no_vae):
-        vae = load_vae(vae_dir if vae_dir is not None else EXAMPLE_VAE, in_channels=source.config.in_channels)
+    if vae_dir is not None or (bundled_vae is not None and not no_vae):
+        vae = load_vae(vae_dir if vae_dir is not None else bundled_vae, in_channels=source.config.in_channels)
     out_dir = Path(out_dir) if out_dir is not None else Path("engines") / default_name
     export_artifact(source, out_dir, tuple(precisions), opset, force, tuple(fp32_blocks), log=log, vae=vae)
     return out_dir

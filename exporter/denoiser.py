@@ -12,6 +12,7 @@ import onnx
 import torch
 
 from ditrt.runtime.config import DiTConfig, Family, get_family
+from ditrt.runtime.labels import ClassNames
 from ditrt.runtime.networks import denoiser_spec
 
 from .checkpoints import Checkpoint
@@ -29,6 +30,7 @@ class ExportSource:
     family: Family
     description: dict  # the manifest's `source`
     config_name: str | None = None
+    labels: ClassNames | None = None  # the class names (id2label) the checkpoint came with
 
     @property
     def config(self) -> DiTConfig:

@@ -38,6 +38,7 @@ from .chunking import check_max_batch
 from .errors import InputError, StepError
 from .files import claimed_output, sha256_file, write_json_atomic
 from .images import per_image_name, write_png
+from .labels import as_number, resolve_labels, split_labels
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
 from .noise import NOISE_VERSION, philox4x32_10
 from .outputs import check_writable
@@ -173,15 +174,16 @@ def balanced_labels(seed: int, start: int, stop: int, num_classes: int) -> np.nd
     return order[start - offset:stop - offset].astype(np.int64)
 
 
-def plan_labels(spec: str, seed: int, num_images: int, condition) -> tuple[np.ndarray, str]:
-    """(labels int64 (N,), kind): `balanced`, `random` or a .npy file of N labels (checked against
-    the model's classes)."""
+def plan_labels(spec: str, seed: int, num_images: int, condition, names=None) -> tuple[np.ndarray, str]:
+    """(labels int64 (N,), kind): `balanced`, `random`, a .npy file of N labels, or a comma-separated
+    list of class numbers or names (`names`: the manifest's ClassNames) that the images are balanced
+    over, in the seeded order `balanced` uses (checked against the model's classes)."""
     if spec in LABEL_KINDS:
         make = balanced_labels if spec == "balanced" else random_labels
         return make(seed, 0, num_images, condition.num_classes), spec
     path = Path(spec)
     if path.suffix.lower() != ".npy":
-        raise InputError(f"--labels must be balanced, random or a .npy file of {num_images} class labels, got {spec!r}")
+        return listed_labels(spec, seed, num_images, condition, names), "list"
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)  # the header is checked against the file size
     except (OSError, ValueError, EOFError) as e:
@@ -191,6 +193,16 @@ def plan_labels(spec: str, seed: int, num_images: int, condition) -> tuple[np.nd
         raise InputError(f"the labels file {path} holds shape {shape}; --num-images {num_images} needs a 1-D array of "
                          f"{num_images} class labels")
     return condition.check(np.array(array)), "file"
+
+
+def listed_labels(spec: str, seed: int, num_images: int, condition, names=None) -> np.ndarray:
+    """N labels balanced over the listed classes: image i gets classes[balanced_labels(seed, i, K)]."""
+    items = split_labels(spec)
+    if names is None and any(as_number(item) is None for item in items):
+        raise InputError(f"--labels must be balanced, random or a .npy file of {num_images} class labels, got {spec!r} "
+                         "(nor is it a list of class numbers; this artifact has no class names)")
+    classes = condition.check(resolve_labels(items, names))
+    return classes[balanced_labels(seed, 0, num_images, len(classes))]
 
 
 def labels_digest(labels: np.ndarray) -> str:
@@ -329,7 +341,7 @@ def _check_job(job: GenerateJob, workers: Workers) -> None:
     if job.npz is not None:
         check_writable(Path(job.npz))
     if not isinstance(job.labels, str):
-        raise InputError(f"--labels must be balanced, random or a .npy file, got {job.labels!r}")
+        raise InputError(f"--labels must be balanced, random, a .npy file or a list of classes, got {job.labels!r}")
 
 
 def _open_run(job: GenerateJob, artifact: dict, options: dict, shards: list[Shard], log) -> dict:
@@ -388,7 +400,7 @@ def generate(job: GenerateJob, workers: Workers = Workers(), progress: Callable[
         log(f"note: {job.artifact} has no decoder network: the shards and the npz hold the latents (float32 "
             "N, C, H, W), not images (export with --vae DIR for images)")
     (condition,) = [t.condition for t in manifest.network("denoiser").conditions]
-    labels, label_kind = plan_labels(job.labels, job.seed, job.num_images, condition)
+    labels, label_kind = plan_labels(job.labels, job.seed, job.num_images, condition, manifest.labels)
     sample_kwargs = resolve_sampling(manifest, job.sampling, labels)
     s = job.sampling
     options = {"output": output, "num_images": job.num_images, "seed": job.seed, "labels": label_kind,

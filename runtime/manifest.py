@@ -24,6 +24,7 @@ from .config import (DiTConfig, Defaults, Family, Guidance, read_defaults, read_
                      read_process)
 from .errors import ArtifactError
 from .files import artifact_path, atomic_output, file_key, sha256_file, write_json_atomic
+from .labels import ClassNames, read_id2label
 from .networks import NetworkSpec, denoiser_spec
 from .validate import check_number
 
@@ -46,6 +47,7 @@ class Manifest:
         self.process = read_process(data, self.family, self.model)  # Diffusion (dit) or Transport (sit)
         self.guidance: Guidance = read_guidance(data, self.model)
         self.defaults: Defaults = read_defaults(data, self.family, self.guidance, SAMPLERS)
+        self.labels: ClassNames | None = read_id2label(data, self.model.num_classes)  # class names, when exported with them
         networks = data.get("networks")
         if not isinstance(networks, dict) or "denoiser" not in networks:
             raise ArtifactError("manifest field networks must be an object with at least a denoiser")
@@ -409,11 +411,11 @@ def upgrade_schema_2(data: dict) -> dict:
 # ---- writing: the one place manifest dicts are made ------------------------------------------------
 
 def new_manifest(*, family: Family, config: DiTConfig, model_extra: dict, source: dict, networks: dict,
-                 versions: dict) -> dict:
+                 versions: dict, labels: ClassNames | None = None) -> dict:
     """A complete schema-3 manifest: the family's training process, official guidance and defaults
-    for `config`. `networks`: name -> `network_section(...)`."""
+    for `config`. `networks`: name -> `network_section(...)`; `labels`: the class names, if any."""
     process, guidance, defaults = family.default_process(config), Guidance.official(config), family.defaults
-    return {
+    data = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -427,6 +429,9 @@ def new_manifest(*, family: Family, config: DiTConfig, model_extra: dict, source
         "versions": versions,
         "engines": [],
     }
+    if labels is not None:
+        data["id2label"] = labels.to_manifest()
+    return data
 
 
 def network_section(spec: NetworkSpec, graphs: dict) -> dict:

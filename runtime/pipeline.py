@@ -27,6 +27,7 @@ import numpy as np
 from .backends import create_backend
 from .chunking import Backend, run_chunked
 from .errors import InputError, StepError
+from .labels import resolve_labels
 from .manifest import Manifest, load_manifest
 from .noise import InjectedNoise, SeededNoise
 from .samplers import Sampler, get_sampler, guide
@@ -133,6 +134,8 @@ class SampleRun:
         self.output_name = spec.output.name
         (condition,) = _class_condition(spec)
         self.condition_name = condition.name
+        if isinstance(class_labels, (list, tuple)) and any(isinstance(v, str) for v in class_labels):
+            class_labels = resolve_labels(class_labels, manifest.labels)  # class names, as DiTPipeline.get_label_ids
         self.labels = condition.condition.check(class_labels)
         self.sampler = get_sampler(sampler if sampler is not None else defaults.sampler, manifest.family.name)
         if options.get("eta") is None and defaults.eta is not None and "eta" in self.sampler.options:

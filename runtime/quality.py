@@ -253,13 +253,15 @@ def parse_run(text: str, base) -> QualityRun:
 
 
 def compare(artifact, runs: list[QualityRun], classifier: DigitClassifier, num_images: int = 1000, seed: int = 0,
-            batch: int = 100, threads: int | None = None, log=lambda m: None) -> dict:
+            batch: int = 100, threads: int | None = None, log=lambda m: None, labels: str = "balanced") -> dict:
     """Sample `num_images` balanced images (image i: label and noise from (seed, i), as `ditrt
     generate`) with each configuration, decode them with the artifact's decoder and score them:
     accuracy, Frechet distance, precision / recall against the real digits, images/s (sampling and
-    decoding); each relative to the first configuration."""
+    decoding); each relative to the first configuration. `labels`: "balanced" over every class, or
+    a comma-separated list of class numbers or names the images are balanced over (`ditrt generate`'s
+    --labels)."""
     import time
-    from .generate import balanced_labels
+    from .generate import balanced_labels, listed_labels
     from .manifest import load_manifest
     from .pipeline import load
     num_images = check_int(num_images, "--num-images", 20, 1_000_000)
@@ -274,7 +276,9 @@ def compare(artifact, runs: list[QualityRun], classifier: DigitClassifier, num_i
                          f"{len(classifier.classes)}: ditrt quality scores the digits example")
     real_images, real_labels = load_real_digits()
     real_features = classifier.features(real_images)
-    labels = balanced_labels(seed, 0, num_images, condition.condition.num_classes)
+    label_spec = labels
+    labels = (balanced_labels(seed, 0, num_images, condition.condition.num_classes) if label_spec == "balanced"
+              else listed_labels(label_spec, seed, num_images, condition.condition, manifest.labels))
     rows, pipes = [], {}
     for run in runs:
         s = run.sampling
@@ -304,7 +308,7 @@ def compare(artifact, runs: list[QualityRun], classifier: DigitClassifier, num_i
         row["speed_vs_first"] = row["images_per_s"] / first["images_per_s"]
     reference = digit_scores(classifier, real_images, real_labels, real_features)
     from .noise import NOISE_VERSION
-    return {"artifact": str(artifact), "num_images": num_images, "seed": seed, "labels": "balanced",
+    return {"artifact": str(artifact), "num_images": num_images, "seed": seed, "labels": label_spec,
             "noise": NOISE_VERSION, "classifier_classes": len(classifier.classes),
             "real_digits_self_check": reference, "runs": rows}
 
@@ -317,6 +321,7 @@ def format_report(report: dict) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
     ref = report["real_digits_self_check"]
-    lines.append(f"{report['num_images']} balanced images per run, seed {report['seed']}, noise {report['noise']}; "
+    over = "" if report.get("labels", "balanced") == "balanced" else f" over classes {report['labels']}"
+    lines.append(f"{report['num_images']} balanced images{over} per run, seed {report['seed']}, noise {report['noise']}; "
                  f"real digits against themselves: accuracy {ref['accuracy']:.3f}, Frechet {ref['frechet_distance']:.3f}")
     return "\n".join(lines)
