@@ -113,7 +113,7 @@ def read_id2label(data: dict, num_classes: int) -> ClassNames | None:
         if not (_CANONICAL_INT.fullmatch(key) and int(key) < num_classes):
             raise ArtifactError(f"manifest field id2label key {key!r} is not a class label 0..{num_classes - 1} "
                                 "(a decimal integer without leading zeros)")
-        if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME_CHARS:
+        if not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS:
             raise ArtifactError(f"manifest field id2label[{key!r}] must be a non-empty string of at most "
                                 f"{MAX_NAME_CHARS} characters")
         out[int(key)] = value

@@ -309,6 +309,7 @@ class Lib:
             "ditrt_open": (ctypes.c_int, [cp, VP, ctypes.c_uint32, ctypes.POINTER(VP)]), "ditrt_close": (None, [VP]),
             "ditrt_latent_shape": (ctypes.c_int, [VP, i64p]), "ditrt_num_classes": (ctypes.c_int, [VP, i64p]),
             "ditrt_num_steps": (ctypes.c_int, [VP, VP, i64p]), "ditrt_has_network": (ctypes.c_int, [VP, cp]),
+            "ditrt_label_of": (ctypes.c_int, [VP, cp, i64p]),
             "ditrt_image_shape": (ctypes.c_int, [VP, i64p]),
             "ditrt_graph_file": (ctypes.c_int, [VP, cp, cp, cp, ctypes.c_size_t]),
             "ditrt_sample": (ctypes.c_int, [VP, i64p, I64, VP, f32p, I64]),
@@ -918,6 +919,54 @@ def _run_with_timeout(fn, timeout=30.0):
     thread.join(timeout)
     assert not thread.is_alive(), "the call did not return (deadlock?)"
     return result["value"]
+
+
+# ---- class names: ditrt_label_of -------------------------------------------------------------------------------
+
+LABELS_ID2LABEL = {"0": "tench, Tinca tinca", "1": "goldfish, Carassius auratus", "2": "great white shark, white shark",
+                   "3": "crane", "5": "crane, derrick", "9": " umbrella ,, "}
+
+
+def _label_of(lib, pipe, name: str) -> tuple[int, int, str]:
+    label = I64(-1)
+    status = lib.lib.ditrt_label_of(pipe, name.encode(), ctypes.byref(label))
+    return status, label.value, lib.error()
+
+
+def test_ditrt_label_of_resolves_names_as_dit_pipeline_get_label_ids(lib, cpp_artifact, tmp_path):
+    """Each id2label entry's comma-separated synonyms, spaces stripped, name its class (expected
+    labels written out by hand from the entries above); numbers pass; an unknown name, a name of
+    two classes, a number out of range and an artifact without names are refused, as Python does."""
+    from ditrt.runtime.manifest import load_manifest
+    art = tmp_path / "named"
+    shutil.copytree(cpp_artifact, art)
+    data = json.loads((art / "manifest.json").read_text())
+    data["id2label"] = LABELS_ID2LABEL
+    (art / "manifest.json").write_text(json.dumps(data))
+    pipe = CppPipeline(lib, art)
+    try:
+        for name, want in [("tench", 0), ("Tinca tinca", 0), ("  goldfish ", 1), ("Carassius auratus", 1),
+                           ("white shark", 2), ("great white shark", 2), ("derrick", 5), ("umbrella", 9), ("7", 7),
+                           ("0", 0)]:
+            assert _label_of(lib, pipe.pipe, name)[:2] == (OK, want), name
+            assert load_manifest(art).labels.label_of(name) == want  # the Python reader agrees
+        for name, message in [("tenhc", "unknown class name 'tenhc'"),
+                              ("crane", "class name 'crane' is ambiguous: it names classes 3 ('crane'); 5 ('crane, derrick')"),
+                              ("10", "class label 10 out of range: this model has classes 0..9"),
+                              ("-1", "out of range"), ("", "unknown class name ''")]:
+            status, _, error = _label_of(lib, pipe.pipe, name)
+            assert status == INVALID_ARGUMENT and message in error, (name, error)
+        label = I64(-1)
+        assert lib.lib.ditrt_label_of(pipe.pipe, None, ctypes.byref(label)) == INVALID_ARGUMENT
+    finally:
+        pipe.close()
+    plain = CppPipeline(lib, cpp_artifact)
+    try:
+        status, _, error = _label_of(lib, plain.pipe, "tench")
+        assert status == INVALID_ARGUMENT and "has no class names" in error
+        assert _label_of(lib, plain.pipe, "3")[:2] == (OK, 3)
+    finally:
+        plain.close()
 
 
 # ---- the manifest readers: fuzz under ASan + UBSan, and Python vs C++ ------------------------------------------

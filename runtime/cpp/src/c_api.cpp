@@ -288,6 +288,15 @@ ditrt_status ditrt_num_classes(const ditrt_pipeline* p, int64_t* num_classes) {
     });
 }
 
+ditrt_status ditrt_label_of(const ditrt_pipeline* p, const char* name, int64_t* label) {
+    return guarded([&] {
+        require(p, "pipeline");
+        require(name, "name");
+        require(label, "label");
+        *label = ditrt_core::label_of(p->manifest.labels, p->manifest.has_labels, p->manifest.num_classes, name);
+    });
+}
+
 ditrt_status ditrt_num_steps(const ditrt_pipeline* p, const ditrt_options* options, int64_t* num_steps) {
     return guarded([&] {
         require(p, "pipeline");

@@ -306,6 +306,27 @@ void read_defaults(const Json& data, Manifest& m) {
 const std::map<std::string, DType> kDtypes = {{"float32", DType::Float32}, {"float16", DType::Float16},
                                               {"int64", DType::Int64}, {"int32", DType::Int32}};
 
+// The optional id2label (runtime/labels.py read_id2label): keys canonical decimal class labels
+// 0..num_classes-1, values non-empty strings of at most 4096 characters (code points).
+void read_labels(const Json& data, Manifest& m) {
+    if (!data.contains("id2label")) return;
+    const Json& raw = data["id2label"];
+    if (!raw.is_object()) fail(kField + "id2label must be an object (class label -> its names)");
+    for (auto it = raw.begin(); it != raw.end(); ++it) {
+        const std::string& k = it.key();
+        const bool canonical = !k.empty() && std::strspn(k.c_str(), "0123456789") == k.size() && (k == "0" || k[0] != '0');
+        if (!canonical || k.size() > 18 || std::stoll(k) >= m.num_classes)
+            fail(kField + "id2label key " + quoted(k) + " is not a class label 0.." + std::to_string(m.num_classes - 1) +
+                 " (a decimal integer without leading zeros)");
+        const Json& v = *it;
+        if (!pyjson::is_str(v) || v.get_ref<const std::string&>().empty() ||
+            pyjson::code_points(v.get_ref<const std::string&>()) > 4096)
+            fail(kField + "id2label[" + quoted(k) + "] must be a non-empty string of at most 4096 characters");
+        m.labels.add(std::stoll(k), v.get<std::string>());
+    }
+    m.has_labels = true;
+}
+
 Condition read_condition(const Json& c, const std::string& where) {
     const Json& kind = c.is_object() ? get(c, "kind") : c;
     if (!c.is_object() || !pyjson::is_str(kind) || kind.get<std::string>() != "class")
@@ -675,6 +696,7 @@ Manifest parse_manifest(const std::string& text, const std::string& directory) {
     read_diffusion(data, m);
     read_guidance(data, m);
     read_defaults(data, m);
+    read_labels(data, m);
     read_networks(data, m);
     if (data.contains("engines"))
         for (size_t i = 0; i < data["engines"].size(); ++i) m.engines.push_back(read_engine(data["engines"][i], i));

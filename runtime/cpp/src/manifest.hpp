@@ -15,6 +15,8 @@
 #include <utility>
 #include <vector>
 
+#include "labels.hpp"
+
 namespace ditrt_core {
 
 enum class DType { Float32 = 1, Float16 = 2, Int64 = 3, Int32 = 4 };  // the values of ditrt_dtype
@@ -84,6 +86,10 @@ struct Manifest {
     double default_cfg_scale = 4.0;
     bool has_default_eta = false;
     double default_eta = 0.0;
+
+    // id2label (optional): the class names; label_of resolves a name as runtime/labels.py does
+    bool has_labels = false;
+    ClassNames labels;
 
     std::vector<NetworkSpec> networks;  // manifest order; the denoiser is always there
     std::vector<EngineEntry> engines;

@@ -201,6 +201,12 @@ DITRT_API void ditrt_close(ditrt_pipeline* pipeline); /* NULL is fine */
 /* Latent shape (C, H, W) of one image; the number of real classes (labels 0..num_classes-1). */
 DITRT_API ditrt_status ditrt_latent_shape(const ditrt_pipeline* pipeline, int64_t shape[3]);
 DITRT_API ditrt_status ditrt_num_classes(const ditrt_pipeline* pipeline, int64_t* num_classes);
+/* The class label a name stands for, as the Python runtime resolves it (runtime/labels.py): a
+ * decimal number 0..num_classes-1, or one of the comma-separated synonyms of an entry of the
+ * manifest's id2label (surrounding whitespace stripped), e.g. "tench" or "goldfish". An unknown
+ * name, a name of two classes (ambiguous), a number out of range, or a name given to an artifact
+ * without id2label: DITRT_INVALID_ARGUMENT, the message says which. */
+DITRT_API ditrt_status ditrt_label_of(const ditrt_pipeline* pipeline, const char* name, int64_t* label);
 /* The number of model calls K of a sampling call with these options (NULL: the defaults): the
  * leading dimension of injected step noise, and the total the progress callback reports. */
 DITRT_API ditrt_status ditrt_num_steps(const ditrt_pipeline* pipeline, const ditrt_options* options, int64_t* num_steps);

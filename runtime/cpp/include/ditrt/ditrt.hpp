@@ -118,6 +118,11 @@ public:
         check(ditrt_num_classes(handle_, &n));
         return n;
     }
+    int64_t label_of(const std::string& name) const {  // a class name or number -> its label
+        int64_t label = 0;
+        check(ditrt_label_of(handle_, name.c_str(), &label));
+        return label;
+    }
     int64_t num_steps(const Options* options = nullptr) const {
         int64_t k = 0;
         check(ditrt_num_steps(handle_, options ? options->get() : nullptr, &k));
