@@ -30,6 +30,8 @@ def reference_model(manifest: Manifest, checkpoint: str | Path | None = None) ->
     path = Path(where)
     if checkpoint is not None and not path.is_file():
         raise ArtifactError(f"--checkpoint {path}: file not found")
+    if not path.is_file() and checkpoint is None and isinstance(source.get("repository"), str):
+        path = _from_hub_cache(source)
     if not path.is_file():
         raise ArtifactError(f"the artifact's source checkpoint {path} is not on this machine; pass --checkpoint PATH "
                             "(or compare against a golden file saved where it was)")
@@ -40,6 +42,26 @@ def reference_model(manifest: Manifest, checkpoint: str | Path | None = None) ->
     if ckpt.config != config:
         raise ArtifactError(f"{path} is a different model than the artifact's ({ckpt.config} vs {config})")
     return cls.from_state_dict(ckpt.config, ckpt.state_dict)
+
+
+def _from_hub_cache(source: dict) -> Path:
+    """The source's transformer weights found again in this machine's Hugging Face cache (or hub),
+    at the recorded commit, each recorded file's sha256 checked."""
+    from ditrt.runtime.files import sha256_file
+
+    from .checkpoints import CheckpointError
+    from .sources import hub_checkpoint
+    repository, revision, files = source["repository"], source.get("revision"), source.get("files")
+    try:
+        located = hub_checkpoint(repository, revision if isinstance(revision, str) else None)
+    except CheckpointError as e:
+        raise ArtifactError(f"the artifact's source {repository}@{revision} cannot be found again: {e}") from None
+    folder = located.weights.parent.parent
+    for name, digest in (files.items() if isinstance(files, dict) else []):
+        if not (folder / name).is_file() or sha256_file(folder / name) != digest:
+            raise ArtifactError(f"{repository}@{revision}: {name} differs from the file the artifact was exported "
+                                "from (its sha256 in the manifest's source.files); pass --checkpoint PATH")
+    return located.weights
 
 
 def reference_decoder(manifest: Manifest, precision: str = "fp32"):

@@ -359,6 +359,9 @@ def read_manifest_json(path: Path):
 def reexport_command(data: dict, directory: Path) -> str:
     source = data.get("source") if isinstance(data, dict) and isinstance(data.get("source"), dict) else {}
     what = source.get("path") if source.get("kind") == "checkpoint" else "CHECKPOINT"
+    if source.get("kind") == "checkpoint" and isinstance(source.get("repository"), str):  # a Hugging Face id
+        revision = source.get("revision")
+        what = source["repository"] + (f" --revision {revision}" if isinstance(revision, str) else "")
     return f"ditrt export {what} --out {directory} --force"
 
 

@@ -1,6 +1,6 @@
 """`ditrt quality --plot`: the speed/quality frontier of a quality report, as a PNG.
 
-One panel per (metric, cost) pair: the Fréchet distance and the accuracy of each configuration
+One panel per (cost, metric) pair: the Fréchet distance and the accuracy of each configuration
 against images/s, and against block evaluations when the report's rows carry `block_evaluations`
 (caching). Every point is labelled with its configuration's name. matplotlib is imported here
 only, lazily (the `quality` extra), with the Agg backend: no display is needed.
@@ -14,7 +14,7 @@ from .files import atomic_output
 
 METRICS = (("frechet_distance", "Fréchet distance (lower is better)"), ("accuracy", "digit accuracy (higher is better)"))
 COSTS = (("images_per_s", "images/s"), ("block_evaluations", "block evaluations"))
-FIGURE_INCHES, DPI = (5.2, 7.2), 90  # per cost column: 468 x 648 pixels
+FIGURE_INCHES, DPI = (11.0, 4.2), 90  # per cost row: 990 x 378 pixels
 
 
 def plot_axes(rows: list[dict]) -> list[tuple[str, str]]:
@@ -44,21 +44,23 @@ def check_plot_target(path: str | Path) -> Path:
 
 
 def draw_report(report: dict):
-    """The matplotlib Figure: one row per metric, one column per cost axis, each point named."""
+    """The matplotlib Figure: one row per cost axis, one column per metric, each point named
+    (labels staggered, so that configurations with equal scores stay readable)."""
     rows = report.get("runs") or []
     if not rows:
         raise InputError("the quality report has no configurations to plot")
     plt = _pyplot()
     costs = plot_axes(rows)
-    figure, axes = plt.subplots(len(METRICS), len(costs), figsize=(FIGURE_INCHES[0] * len(costs), FIGURE_INCHES[1]),
+    figure, axes = plt.subplots(len(costs), len(METRICS), figsize=(FIGURE_INCHES[0], FIGURE_INCHES[1] * len(costs)),
                                 squeeze=False)
-    for i, (metric, metric_label) in enumerate(METRICS):
-        for j, (cost, cost_label) in enumerate(costs):
-            ax = axes[i][j]
+    for j, (cost, cost_label) in enumerate(costs):
+        for i, (metric, metric_label) in enumerate(METRICS):
+            ax = axes[j][i]
             xs, ys = [r[cost] for r in rows], [r[metric] for r in rows]
             ax.scatter(xs, ys, color="tab:blue", zorder=3)
-            for row, x, y in zip(rows, xs, ys):
-                ax.annotate(row["run"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            for k, (row, x, y) in enumerate(zip(rows, xs, ys)):
+                ax.annotate(row["run"], (x, y), textcoords="offset points", xytext=(5, 4 + 10 * (k % 3)), fontsize=8)
+            ax.margins(x=0.3, y=0.25)
             ax.set_xlabel(cost_label)
             ax.set_ylabel(metric_label)
             ax.grid(True, alpha=0.3)

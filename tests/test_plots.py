@@ -31,7 +31,7 @@ def test_quality_plot_and_labels_by_name(named_artifact, tmp_path):  # noqa: F81
     assert report["labels"] == "tench,goldfish" and "over classes tench,goldfish" in r.output
     with Image.open(tmp_path / "q.png") as image:
         assert image.format == "PNG"
-        assert image.size == (468, 648)  # figsize 5.2 x 7.2 inches at 90 dpi, one cost column (images/s)
+        assert image.size == (990, 378)  # figsize 11 x 4.2 inches at 90 dpi, one cost row (images/s)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
 
 
@@ -46,15 +46,15 @@ def _report(with_blocks: bool) -> dict:
 def test_the_plot_names_every_configuration_and_adds_block_evaluations(tmp_path):
     figure = plots.draw_report(_report(with_blocks=True))
     axes = figure.axes
-    assert len(axes) == 4  # (Frechet, accuracy) x (images/s, block evaluations)
-    assert [ax.get_xlabel() for ax in axes] == ["images/s", "block evaluations"] * 2
-    assert [ax.get_ylabel().split(" (")[0] for ax in axes] == ["Fréchet distance"] * 2 + ["digit accuracy"] * 2
+    assert len(axes) == 4  # (images/s, block evaluations) x (Frechet, accuracy)
+    assert [ax.get_xlabel() for ax in axes] == ["images/s"] * 2 + ["block evaluations"] * 2
+    assert [ax.get_ylabel().split(" (")[0] for ax in axes] == ["Fréchet distance", "digit accuracy"] * 2
     for ax in axes:
         assert sorted(t.get_text() for t in ax.texts) == sorted(["base", "sampler=ddim,steps=50", "cache=2"])
-    assert [tuple(p) for p in axes[1].collections[0].get_offsets()] == [(1000, 3.3), (200, 4.0), (120, 4.4)]
+    assert [tuple(p) for p in axes[2].collections[0].get_offsets()] == [(1000, 3.3), (200, 4.0), (120, 4.4)]
     plots.plot_report(_report(with_blocks=True), tmp_path / "two.png")
     with Image.open(tmp_path / "two.png") as image:
-        assert image.size == (936, 648)  # two cost columns
+        assert image.size == (990, 756)  # two cost rows
     assert len(plots.draw_report(_report(with_blocks=False)).axes) == 2
 
 

@@ -227,3 +227,27 @@ def test_an_official_name_uses_the_file_in_torch_hubs_cache(tmp_path, monkeypatc
     with pytest.raises(CheckpointError, match="export it with --family sit"):
         locate("SiT-XL-2-256x256.pt")
     assert set(OFFICIAL_CHECKPOINTS) == {"DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt", "SiT-XL-2-256x256.pt"}
+
+
+def test_the_reference_model_is_found_again_through_the_hub_cache(hub_artifact, hub_cache, tmp_path, monkeypatch,
+                                                                  tiny_checkpoint):
+    """`parity --against reference` on another machine: source.path is not there, the repository
+    at the recorded commit is (its files' sha256 checked)."""
+    import torch
+
+    from ditrt.exporter.reference import reference_model
+    from ditrt.runtime.errors import ArtifactError
+    art = tmp_path / "art"
+    shutil.copytree(hub_artifact, art)
+    data = json.loads((art / "manifest.json").read_text())
+    data["source"]["path"] = "/elsewhere/transformer/diffusion_pytorch_model.safetensors"
+    (art / "manifest.json").write_text(json.dumps(data))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = reference_model(runtime.load_manifest(art))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in tiny_checkpoint.state_dict.items())
+    assert runtime.manifest.reexport_command(data, art) == f"ditrt export {REPO} --revision {COMMIT} --out {art} --force"
+    data["source"]["files"]["vae/config.json"] = "0" * 64
+    (art / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="vae/config.json differs from the file the artifact was exported from"):
+        reference_model(runtime.load_manifest(art))
