@@ -27,7 +27,8 @@ POOL = [None, True, False, 0, -1, 1, 2, 3, 4, 7, 8, 10, 11, 64, 65, 999, 1000, 1
         "10,20,30", "nul\0l", [], {}, [1], ["batch"], ["batch", 4, 8, 8], {"a": 1}, {"kind": "class"}, [None], [{}]]
 
 EXTRA_KEYS = ["extra", "eta", "seed", "null_class", "guided_channels", "family", "role", "condition", "files", "bytes",
-              "scaling_factor", "batch_axis", "prediction", "clip_denoised", "upgraded_from_schema", "schema_version"]
+              "scaling_factor", "batch_axis", "prediction", "clip_denoised", "upgraded_from_schema", "schema_version",
+              "id2label", "01", "10"]
 
 
 def _paths(node, prefix=()):
@@ -136,7 +137,9 @@ def bases(schema3: dict, schema3_decoder: dict, schema1: dict) -> list[dict]:
     out = [trim(schema3), trim(schema3_decoder), trim(schema1), downgrade_to_schema_2(trim(schema3_decoder))]
     with_eta = trim(schema3)
     with_eta["defaults"] = {"sampler": "ddim", "steps": "ddim50", "cfg_scale": 1.5, "guidance": "standard", "eta": 0.5}
-    return out + [with_eta]
+    with_labels = trim(schema3_decoder)  # class names (runtime/labels.py read_id2label; C++ read_labels)
+    with_labels["id2label"] = {"0": "tench, Tinca tinca", "1": "goldfish", "3": "crane", "9": "crane, derrick"}
+    return out + [with_eta, with_labels]
 
 
 def downgrade_to_schema_2(data: dict) -> dict:
