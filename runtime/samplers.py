@@ -127,6 +127,14 @@ class Sampler:
     check_options: Callable[[dict], dict] = lambda options: options
     uses_noise: bool = True  # False: noise(k) is never called (injected step noise is accepted, unused)
     integrates_null_half: bool = False  # the loop integrates the whole guided batch [x; x] (see pipeline)
+    # (schedule, options) -> n: the loop takes step draws 0 .. n - 1, in order (the noise prefetch
+    # computes none past them); None: noise_draws(schedule)
+    drawn: Callable[..., int] | None = None
+
+    def step_draws(self, schedule, options: dict) -> int:
+        if not self.uses_noise:
+            return 0
+        return self.drawn(schedule, **options) if self.drawn is not None else self.noise_draws(schedule)
 
     def bind(self, **given) -> dict:
         """The options for one run: defaults filled in, values checked; an option this sampler
@@ -175,10 +183,11 @@ def _dpm_schedule(diffusion: Diffusion, steps):
 
 register_sampler(Sampler("ddpm", "dit", "the official DDPM loop (learned-range or fixed-large variance)",
                          respaced_schedule, fixed_step_loop(_ddpm, _not_last), RESPACING_HELP, parity_steps=str,
-                         noise_draws=len, model_calls=len))
+                         noise_draws=len, model_calls=len, drawn=lambda sched: len(sched) - 1))
 register_sampler(Sampler("ddim", "dit", "the official DDIM loop (eta 0 deterministic)", respaced_schedule,
                          fixed_step_loop(_ddim, _ddim_draws), RESPACING_HELP, parity_steps=lambda n: f"ddim{n}",
-                         noise_draws=len, model_calls=len, options={"eta": 0.0}, check_options=_check_eta))
+                         noise_draws=len, model_calls=len, options={"eta": 0.0}, check_options=_check_eta,
+                         drawn=lambda sched, eta: len(sched) - 1 if eta != 0 else 0))
 # The 2M solver draws no noise; injected noise keeps DiT's (initial, steps (K, ...)) form, steps unused.
 register_sampler(Sampler("dpm++2m", "dit", "DPM-Solver++(2M), data prediction, midpoint: diffusers' "
                          "DPMSolverMultistepScheduler defaults (linspace timesteps, lower-order final, final sigma 0)",
