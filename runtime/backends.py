@@ -32,8 +32,13 @@ class _Bound:
     """One row count's IOBinding with its OrtValues, allocated once on the device and reused by
     every call of that size: the inputs are copied into them in place, the outputs written there."""
 
-    def __init__(self, ort, session, network: NetworkSpec, rows: int, device: str, device_id: int):
+    def __init__(self, ort, session, network: NetworkSpec, rows: int, device: str, device_id: int,
+                 graph_id: int | None = None):
         self.binding = session.io_binding()
+        self.run_options = None
+        if graph_id is not None:  # ONNX Runtime captures one CUDA graph per id, replayed on these buffers
+            self.run_options = ort.RunOptions()
+            self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
         self.inputs, self.outputs = {}, []
         for spec in network.inputs:
             value = ort.OrtValue.ortvalue_from_shape_and_type(spec.concrete(rows), spec.numpy_dtype, device, device_id)
@@ -53,7 +58,7 @@ class OnnxRuntimeBackend:
 
     def __init__(self, model_path: str | Path, network: NetworkSpec, precision: str = "fp32", device: str = "cpu",
                  threads: int | None = None, max_batch: int | None = None, device_id: int = 0,
-                 io_binding: bool | None = None):
+                 io_binding: bool | None = None, cuda_graph: bool = False):
         import onnxruntime as ort
 
         if device not in ("cpu", "cuda"):
@@ -64,8 +69,9 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = check_threads(threads)
-        # TF32 off: fp32 parity is the point of the fp32 graph.
-        providers = ([("CUDAExecutionProvider", {"use_tf32": 0, "device_id": device_id}), "CPUExecutionProvider"]
+        if cuda_graph and device != "cuda":
+            raise InputError("cuda_graph needs the CUDA EP (device 'cuda', onnxruntime-gpu)")
+        providers = ([("CUDAExecutionProvider", cuda_provider_options(device_id, cuda_graph)), "CPUExecutionProvider"]
                      if device == "cuda" else ["CPUExecutionProvider"])
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=providers)
@@ -80,6 +86,9 @@ class OnnxRuntimeBackend:
         self.name = f"onnxruntime-{precision}"
         self._ort = ort
         self.io_binding = device == "cuda" if io_binding is None else bool(io_binding)
+        if cuda_graph and not self.io_binding:
+            raise InputError("cuda_graph replays fixed device buffers: it needs io_binding")
+        self.cuda_graph = cuda_graph
         self._bound: dict[int, _Bound] = {}
         self._bound_lock = threading.Lock()  # one call at a time uses a row count's buffers
 
@@ -97,14 +106,24 @@ class OnnxRuntimeBackend:
         with self._bound_lock:
             bound = self._bound.get(rows)
             if bound is None:
+                graph_id = len(self._bound) if self.cuda_graph else None  # one graph per row count
                 bound = self._bound[rows] = _Bound(self._ort, self.session, self.network, rows, self.device,
-                                                   self.device_id)
+                                                   self.device_id, graph_id)
             for name, value in bound.inputs.items():
                 value.update_inplace(np.ascontiguousarray(feeds[name]))
-            self.session.run_with_iobinding(bound.binding)
+            self.session.run_with_iobinding(bound.binding, bound.run_options)
             # a CPU OrtValue's numpy() is a view of the buffer the next call overwrites: copy it out
             return {name: np.array(value.numpy(), copy=True) if self.device == "cpu" else value.numpy()
                     for name, value in zip(self.network.output_names, bound.outputs)}
+
+
+def cuda_provider_options(device_id: int, cuda_graph: bool = False) -> dict:
+    """The CUDA EP's options: TF32 off (fp32 parity is the point of the fp32 graph); with
+    cuda_graph, ONNX Runtime's CUDA graphs (captured on the first run of each gpu_graph_id)."""
+    options = {"use_tf32": 0, "device_id": device_id}
+    if cuda_graph:
+        options["enable_cuda_graph"] = 1
+    return options
 
 
 def _ort_reason(e: Exception) -> str:
