@@ -88,18 +88,34 @@ def log_poly(u: np.ndarray, xp=np) -> np.ndarray:
     m, e = xp.frexp(u)  # exact: m in [0.5, 1)
     low = m < SQRT_HALF
     m *= low + 1.0  # doubled where low (exact)
-    e = e.astype(np.float64) - low
-    s = (m - 1.0) / (m + 1.0)
+    e = e.astype(np.float64)
+    e -= low
+    s = m - 1.0
+    m += 1.0
+    s /= m  # (m - 1) / (m + 1)
     z = s * s
-    t = s + s
-    ln_m = t + t * (z * _horner(z, ATANH, xp))
-    return e * LN2_HI + (e * LN2_LO + ln_m)
+    s += s  # t = 2 s
+    ln_m = _horner(z, ATANH, xp)  # in place, each step one of t + t * (z * h)'s roundings
+    ln_m *= z
+    ln_m *= s
+    ln_m += s
+    low_part = e * LN2_LO
+    low_part += ln_m
+    e *= LN2_HI
+    e += low_part  # e * LN2_HI + (e * LN2_LO + ln_m)
+    return e
 
 
 def sin_cos_poly(a: np.ndarray, xp=np) -> tuple[np.ndarray, np.ndarray]:
     """(sin a, cos a) for float64 a in [0, pi/4], by their Taylor series to a^15 and a^16."""
     z = a * a
-    return a + (a * z) * _horner(z, SIN, xp), 1.0 + z * _horner(z, COS, xp)
+    sin_a = _horner(z, SIN, xp)  # a + (a * z) * h, in place with the same roundings
+    sin_a *= a * z
+    sin_a += a
+    cos_a = _horner(z, COS, xp)  # 1 + z * h
+    cos_a *= z
+    cos_a += 1.0
+    return sin_a, cos_a
 
 
 def box_muller(radius_word: np.ndarray, angle_word: np.ndarray, xp=np) -> tuple[np.ndarray, np.ndarray]:
