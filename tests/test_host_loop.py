@@ -167,9 +167,10 @@ def test_a_sampling_run_prefetches_each_of_its_draws_exactly_once():
 def test_a_backend_failing_mid_loop_leaves_no_thread(sampler, steps, family):
     before = set(threading.enumerate())
     pipe = _pipe(family, fail_at=4, delay_s=0.002)
-    with pytest.raises(BackendError, match="fails at call 4"):
+    with pytest.raises(BackendError, match="fails at call 4") as failure:
         pipe.sample(LABELS, num_steps=steps, sampler=sampler, cfg_scale=4.0, progress=False)
-    assert set(threading.enumerate()) == before
+    # the traceback still holds the run: its worker was stopped by the loop, not by the collector
+    assert failure.traceback and set(threading.enumerate()) == before
 
 
 def test_an_interrupt_from_the_progress_bar_leaves_no_thread(monkeypatch):
@@ -184,9 +185,9 @@ def test_an_interrupt_from_the_progress_bar_leaves_no_thread(monkeypatch):
     monkeypatch.setattr(pipeline_module._Progress, "update", interrupt)
     before = set(threading.enumerate())
     pipe = _pipe("sit", delay_s=0.002)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as interrupted:
         pipe.sample(LABELS, num_steps=8, sampler="sde-heun", cfg_scale=4.0, progress=True)
-    assert set(threading.enumerate()) == before
+    assert interrupted.traceback and set(threading.enumerate()) == before  # the run is alive, its worker is not
 
 
 def test_a_run_dropped_early_stops_its_worker():
@@ -208,6 +209,8 @@ def test_a_run_dropped_early_stops_its_worker():
 def test_the_batcher_cancelling_a_request_leaves_no_thread():
     from ditrt.runtime.batching import StepBatcher
     pipe = _pipe("dit", delay_s=0.01)
+    runs, start = [], pipe.start
+    pipe.start = lambda *a, **k: runs.append(start(*a, **k)) or runs[-1]  # keeps the runs alive: no collector
     before = set(threading.enumerate())
     with StepBatcher(pipe, max_batch=16) as batcher:
         while not batcher.ready:
@@ -221,7 +224,23 @@ def test_the_batcher_cancelling_a_request_leaves_no_thread():
         while _threads() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert set(threading.enumerate()) == running
-    assert set(threading.enumerate()) == before
+    assert runs and set(threading.enumerate()) == before
+
+
+def test_the_batcher_refusing_a_request_leaves_no_thread():
+    """An SDE run draws its first step noise when it is made (its worker starts at once): refused
+    at submit (the scheduler is closed), it is closed there."""
+    from ditrt.runtime.errors import SchedulerClosed
+    from ditrt.runtime.batching import StepBatcher
+    pipe = _pipe("sit", delay_s=0.01)
+    runs, start = [], pipe.start
+    pipe.start = lambda *a, **k: runs.append(start(*a, **k)) or runs[-1]
+    before = set(threading.enumerate())
+    batcher = StepBatcher(pipe, max_batch=16)
+    batcher.close()
+    with pytest.raises(SchedulerClosed):
+        batcher.submit(LABELS, num_steps=50, sampler="sde-euler", cfg_scale=4.0)
+    assert runs[-1]._prefetch.computed and set(threading.enumerate()) == before
 
 
 # ---- ONNX Runtime IOBinding with reused OrtValues ----------------------------------------------------
