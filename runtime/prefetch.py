@@ -6,10 +6,11 @@ call: one worker thread per run computes draw k + 1 as soon as the loop has take
 releases the GIL inside its kernels, and an engine call releases it while it waits). The bits are
 the stream's: the worker calls the same function the loop would have called.
 
-Bounded: at most `depth` draws are queued or held, those just after the last one taken. Each draw
-is computed at most once (a draw asked for while the worker computes it is waited for, not
-recomputed); a draw that was not prefetched (random access, a retry) is computed on the caller's
-thread and kept nowhere. `close()` stops and joins the worker (a finished, failed or cancelled
+Bounded: at most `depth` draws are queued or held, those just after the last one taken (after an
+out-of-order request, one more: the stale draw the worker was computing, dropped when it is done).
+Taken in order, each draw is computed once (a draw asked for while the worker computes it is
+waited for, not recomputed); a draw that was not prefetched (random access, a retry) is computed
+on the caller's thread and kept nowhere. `close()` stops and joins the worker (a finished, failed or cancelled
 run calls it; the run's finaliser does too if nobody did), so no thread outlives its run.
 """
 from __future__ import annotations

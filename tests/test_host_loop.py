@@ -142,7 +142,7 @@ def test_random_access_is_served_and_stale_draws_are_dropped():
     try:
         for k in (0, 1, 5, 2, 3, 3):
             np.testing.assert_array_equal(prefetch(k), noise.step(k))
-            assert prefetch.max_held <= 2
+            assert prefetch.max_held <= 2 + 1  # depth, and one stale draw still computing after a jump
         assert prefetch.computed[9] == 0  # nothing past depth of the last draw taken
     finally:
         prefetch.close()
