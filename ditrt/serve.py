@@ -196,7 +196,7 @@ async def _discard(receive, received: int, limits: HttpLimits, deadline: float) 
     """Read and drop the rest of a refused body: until its end, discard_bytes in all (`received`
     counted), the deadline, or the client's disconnect, whichever comes first (the 413 follows)."""
     loop = asyncio.get_running_loop()
-    while received <= limits.discard_bytes:
+    while received < limits.discard_bytes:
         try:
             message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
@@ -312,7 +312,8 @@ class Service:
 
     def limits(self) -> dict:
         return {**self.batcher.limits.to_dict(), "max_body_bytes": self.http.max_body_bytes,
-                "body_timeout_s": self.http.body_timeout, "timeout_s": self.batcher.default_timeout,
+                "body_timeout_s": self.http.body_timeout, "discard_bytes": self.http.discard_bytes,
+                "timeout_s": self.batcher.default_timeout,
                 "drain_timeout_s": self.http.drain_timeout}
 
     def refusal(self) -> HttpError | None:
@@ -616,6 +617,15 @@ def serve_uvicorn(batcher: StepBatcher, host: str = "127.0.0.1", port: int = 800
         batcher.close(drain=False)
 
 
+def require_ray_serve() -> None:
+    """Ray Serve importable, or an InputError naming the extra to install (before anything loads)."""
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError as e:
+        raise InputError(f"--ray needs Ray Serve, which is not installed: pip install 'ditrt[ray]' ({e})") from None
+
+
 def ray_app(artifact, replicas: int = 1, num_cpus: float = 0.5, http: HttpLimits = HttpLimits(), **options):
     """The Ray Serve application: the same FastAPI app, one scheduler per replica, made by the app's
     lifespan in the replica (no module state); a GPU per replica where the cluster has GPUs. Ray
@@ -666,12 +676,16 @@ def run(artifact, host: str = "127.0.0.1", port: int = 8000, use_ray: bool = Fal
         address: str | None = None, http: HttpLimits = HttpLimits(), log: Callable[[str], None] = print,
         **options) -> None:
     """`ditrt serve`: load (errors before the port opens), say where, serve until SIGTERM."""
+    if not use_ray and (replicas != 1 or address is not None):
+        raise InputError("replicas and address apply to Ray Serve only (use_ray, --ray)")
     if use_ray:
+        check_int(replicas, "replicas", 1, 4096)
+        require_ray_serve()
         log(f"ditrt serve on Ray Serve: {replicas} replica(s) at http://{host}:{port}")
         serve_ray(artifact, address=address, replicas=replicas, host=host, port=port, http=http, **options)
         return
     batcher = make_batcher(artifact, **options)
     limits = ", ".join(f"{k} {v}" for k, v in batcher.limits.to_dict().items())
     log(f"ditrt serve {artifact} on {batcher.pipeline.backend.name} (policy {batcher.policy}; {limits}; "
-        f"max_body_bytes {http.max_body_bytes}) at http://{host}:{port}")
+        f"max_body_bytes {http.max_body_bytes}, discard_bytes {http.discard_bytes}) at http://{host}:{port}")
     serve_uvicorn(batcher, host, port, http)

@@ -209,7 +209,7 @@ def test_health_model_and_limits(pipe):
         assert set(m["samplers"]) >= {"ddpm", "ddim", "dpm++2m"} and m["defaults"]["steps"] == 250
         assert m["model"]["num_classes"] == pipe.manifest.model.num_classes and m["formats"] == ["npy"]
         assert m["limits"] == {**Limits.for_pipeline(pipe).to_dict(), "max_body_bytes": 65536, "body_timeout_s": 10.0,
-                               "timeout_s": None, "drain_timeout_s": 2.0}
+                               "discard_bytes": 64 << 20, "timeout_s": None, "drain_timeout_s": 2.0}
 
 
 @pytest.mark.parametrize("body,message", [
@@ -566,12 +566,30 @@ def test_abuse_cases_against_ditrt_serve_defaults(tiny_artifact_with_vae, vae_pi
 @pytest.mark.parametrize("flags,message", [
     (["--max-rows", "4"], "max_rows (rows in flight) must be an integer from 16"),
     (["--max-body-bytes", "10", "--timeout", "nan"], "max_body_bytes must be an integer from 64"),
+    (["--max-batch", "99999999999999999999"], "max_batch must be an integer from 1 to 1048576"),
+    (["--max-rows", "99999999999999999999"], "max_rows (rows in flight) must be an integer from 16 to 1048576"),
+    (["--replicas", "3"], "--replicas applies to --ray only (Ray Serve); add --ray or leave it out"),
+    (["--address", "ray://x:10001"], "--address applies to --ray only"),
+    (["--replicas", "2", "--address", "auto"], "--replicas and --address apply to --ray only"),
+    (["--decode-batch", "2"], "decode_batch (images per decoder call) applies to an artifact with a decoder network"),
+    (["--max-queue", "5", "--max-queue=6"], "--max-queue and --max-queue given twice: give each option once"),
+    (["--verify", "--no-verify"], "--verify and --no-verify given twice"),
 ])
-def test_cli_limit_flags_refused_before_serving(tiny_artifact, flags, message):
-    """A bad limit is exit 2 with the validator's message, before the port opens."""
+def test_cli_flags_refused_before_serving(tiny_artifact, flags, message):
+    """A bad limit, an option without the option it needs, or an option given twice (click would
+    keep the last): exit 2 with the reason, before the port opens."""
     r = subprocess.run([sys.executable, "-m", "ditrt.cli", "serve", str(tiny_artifact), "--port", str(free_port()),
                         *flags], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_serve_ray_without_ray_names_the_extra(tiny_artifact):
+    """--ray where Ray is not installed (its import blocked here): exit 2 naming the extra, no traceback."""
+    code = ("import sys; sys.modules['ray'] = None; from ditrt.cli import main; "
+            f"main(['serve', {str(tiny_artifact)!r}, '--port', '{free_port()}', '--ray', '--replicas', '2'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2 and "--ray needs Ray Serve, which is not installed: pip install 'ditrt[ray]'" in r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
 
 
 def test_flood_admits_what_finishes_in_time(tiny_artifact, tmp_path):
