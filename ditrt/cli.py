@@ -76,7 +76,9 @@ class SingleUse(click.Command):
             if param.multiple or param.count:
                 continue
             if param.name in seen:
-                raise click.UsageError(f"{seen[param.name]} and {flag} given twice: give each option once", ctx)
+                first = seen[param.name]
+                what = f"{flag} given twice" if first == flag else f"{first} and {flag} given together (one option)"
+                raise click.UsageError(f"{what}: give each option once (the last would silently win)", ctx)
             seen[param.name] = flag
         return super().parse_args(ctx, args)
 

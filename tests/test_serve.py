@@ -572,8 +572,8 @@ def test_abuse_cases_against_ditrt_serve_defaults(tiny_artifact_with_vae, vae_pi
     (["--address", "ray://x:10001"], "--address applies to --ray only"),
     (["--replicas", "2", "--address", "auto"], "--replicas and --address apply to --ray only"),
     (["--decode-batch", "2"], "decode_batch (images per decoder call) applies to an artifact with a decoder network"),
-    (["--max-queue", "5", "--max-queue=6"], "--max-queue and --max-queue given twice: give each option once"),
-    (["--verify", "--no-verify"], "--verify and --no-verify given twice"),
+    (["--max-queue", "5", "--max-queue=6"], "--max-queue given twice: give each option once"),
+    (["--verify", "--no-verify"], "--verify and --no-verify given together (one option)"),
 ])
 def test_cli_flags_refused_before_serving(tiny_artifact, flags, message):
     """A bad limit, an option without the option it needs, or an option given twice (click would
