@@ -86,8 +86,10 @@ class Limits:
         the decoder engine's limit, else 8 on a GPU, 4 on a CPU."""
         backend, decoder = pipeline.backend, getattr(pipeline, "decoder", None)
         engine_rows = backend.max_batch or (64 if _on_gpu(backend) else 16)
+        if max_batch is not None:  # 0 is "a positive integer"; the range is for a typo like 1e20
+            check_int(max_batch, "max_batch (rows per engine call)", 1)
         max_batch = engine_rows if max_batch is None else check_int(max_batch, "max_batch (rows per engine call)", 1,
-                                                                           MAX_ROWS_PER_CALL)
+                                                                    MAX_ROWS_PER_CALL)
         if backend.max_batch is not None and max_batch > backend.max_batch:
             raise InputError(f"max_batch {max_batch} is above the {backend.name} engine's limit of "
                              f"{backend.max_batch} rows per call")

@@ -55,5 +55,7 @@ def run_chunked(backend: Backend, feeds: dict[str, np.ndarray]) -> dict[str, np.
 
 
 def check_max_batch(max_batch) -> int | None:
-    return None if max_batch is None else check_int(max_batch, "max_batch", 1, MAX_ROWS_PER_CALL,
-                                                    unit=" (or None for no limit)")
+    if max_batch is None:
+        return None
+    check_int(max_batch, "max_batch", 1, unit=" (or None for no limit)")  # 0: "a positive integer"
+    return check_int(max_batch, "max_batch", 1, MAX_ROWS_PER_CALL, unit=" (or None for no limit)")
