@@ -57,6 +57,32 @@ def _int_list(value: str | None, what: str) -> list[int]:
     return [int(v) for v in items]
 
 
+class SingleUse(click.Command):
+    """A command whose options may each be given once (a repeatable one, `multiple`, excepted):
+    click would let the last of two silently win."""
+
+    def parse_args(self, ctx, args):
+        by_flag = {flag: p for p in self.params if isinstance(p, click.Option) for flag in (*p.opts, *p.secondary_opts)}
+        seen, rest = {}, iter(args)
+        for arg in rest:
+            if arg == "--":
+                break
+            flag, eq, _ = arg.partition("=")
+            param = by_flag.get(flag)
+            if param is None:
+                continue
+            if not (param.is_flag or param.count or eq):
+                next(rest, None)  # its value, which may look like an option
+            if param.multiple or param.count:
+                continue
+            if param.name in seen:
+                first = seen[param.name]
+                what = f"{flag} given twice" if first == flag else f"{first} and {flag} given together (one option)"
+                raise click.UsageError(f"{what}: give each option once (the last would silently win)", ctx)
+            seen[param.name] = flag
+        return super().parse_args(ctx, args)
+
+
 def _log(message: str) -> None:
     click.echo(message, err=True)
 
@@ -537,7 +563,10 @@ def build(artifact, network, precision, decoder_precision, min_batch, opt_batch,
 
 # ---- serve --------------------------------------------------------------------------------------
 
-@main.command()
+RAY_ONLY = ("replicas", "address")  # serve options that apply to --ray only
+
+
+@main.command(cls=SingleUse)
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
@@ -558,6 +587,9 @@ def build(artifact, network, precision, decoder_precision, min_batch, opt_batch,
 @click.option("--decode-batch", type=int, help="Images per decoder call [the engine's limit; else 8 GPU, 4 CPU].")
 @click.option("--max-body-bytes", type=int, default=64 * 1024, show_default=True, help="Largest request body (413).")
 @click.option("--body-timeout", type=float, default=10.0, show_default=True, help="Seconds to receive a body (408).")
+@click.option("--discard-bytes", type=int, default=64 << 20, show_default=True,
+              help="A body refused with 413 is read and dropped up to this many bytes (within --body-timeout), so "
+                   "a client that sends before it reads gets the answer; 0: close at once.")
 @click.option("--timeout", type=float, default=300.0, show_default=True,
               help="A request's deadline in seconds, and the most it may ask for; admission refuses (429) what "
                    "would miss it.")
@@ -567,10 +599,16 @@ def build(artifact, network, precision, decoder_precision, min_batch, opt_batch,
 @click.option("--replicas", type=int, default=1, show_default=True, help="Ray Serve replicas, each with its own scheduler.")
 @click.option("--address", help="Ray cluster address (auto: the running cluster) [a local Ray].")
 def serve(artifact, host, port, policy, backend, precision, threads, verify, allow_plan_host_code, decoder_precision,
-          max_batch, max_rows, max_images, max_steps, max_queue, decode_batch, max_body_bytes, body_timeout, timeout,
-          drain_timeout, use_ray, replicas, address):
+          max_batch, max_rows, max_images, max_steps, max_queue, decode_batch, max_body_bytes, body_timeout,
+          discard_bytes, timeout, drain_timeout, use_ray, replicas, address):
     """Serve class-conditional sampling over HTTP: POST /v1/samples, GET /v1/model, /v1/health,
     /v1/health/live, /v1/health/ready, /metrics (docs/serving.md). Bounded by default; SIGTERM drains."""
+    ctx = click.get_current_context()
+    given = [p.opts[0] for p in ctx.command.params if p.name in RAY_ONLY
+             and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+    if given and not use_ray:
+        raise click.UsageError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --ray only "
+                               f"(Ray Serve); add --ray or leave {'it' if len(given) == 1 else 'them'} out")
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -579,7 +617,7 @@ def serve(artifact, host, port, policy, backend, precision, threads, verify, all
         raise _Failed(f"ditrt serve needs fastapi, uvicorn and prometheus_client: pip install 'ditrt[serve]' ({e})",
                       2) from None
     with project_errors():
-        http = serving.HttpLimits(max_body_bytes, body_timeout, drain_timeout)
+        http = serving.HttpLimits(max_body_bytes, body_timeout, drain_timeout, discard_bytes=discard_bytes)
         serving.run(artifact, host, port, use_ray, replicas, address, http, log=_log, backend=backend,
                     precision=precision, threads=threads, verify=verify, allow_plan_host_code=allow_plan_host_code,
                     decoder_precision=decoder_precision, policy=policy, timeout=timeout, max_batch=max_batch,

@@ -55,12 +55,14 @@ class HttpLimits:
     body_timeout: float = 10.0  # seconds to receive a whole body (a slow or endless body: 408)
     drain_timeout: float = 30.0  # seconds SIGTERM waits for admitted requests before failing them
     retry_after: int = 1  # Retry-After (s) of a 503 while warming up or draining
+    discard_bytes: int = 64 << 20  # a refused (413) body is read and dropped up to this, so the client gets the 413
 
     def __post_init__(self):
         check_int(self.max_body_bytes, "max_body_bytes", 64, 1 << 30)
         check_number(self.body_timeout, "body_timeout (seconds)", 0, 3600, low_open=True)
         check_number(self.drain_timeout, "drain_timeout (seconds)", 0, 86400)
         check_int(self.retry_after, "retry_after (seconds)", 1, 3600)
+        check_int(self.discard_bytes, "discard_bytes", 0, 1 << 40)
 
 
 class HttpError(Exception):
@@ -143,13 +145,17 @@ def _short(value, limit: int = 200) -> str:
 
 
 async def read_body(receive, headers, limits: HttpLimits) -> bytes:
-    """The request body, refused past max_body_bytes as it arrives (413: by Content-Length at once,
-    else at the first byte over; an endless chunked body is never held) or when it takes longer
-    than body_timeout (408)."""
+    """The request body, refused past max_body_bytes (413: by Content-Length at once, else at the
+    first byte over; an endless chunked body is never held) or when it takes longer than
+    body_timeout (408). Before a 413 the rest of the body is read and discarded, up to
+    discard_bytes in all and within body_timeout: a client that sends its whole body before it
+    reads (urllib) then gets the answer, where closing on unread data would reset the connection."""
     length = headers.get("content-length")
     if length is not None and not (length.isascii() and length.isdigit()):
         raise HttpError(400, "invalid Content-Length")
+    deadline = asyncio.get_running_loop().time() + limits.body_timeout
     if length is not None and int(length) > limits.max_body_bytes:
+        await _discard(receive, 0, limits, deadline)
         raise HttpError(413, f"the body is {int(length)} bytes; this server takes at most {limits.max_body_bytes} "
                              "(max_body_bytes)")
 
@@ -161,16 +167,43 @@ async def read_body(receive, headers, limits: HttpLimits) -> bytes:
                 raise ClientGone()
             part = message.get("body", b"")
             size += len(part)
+            more = message.get("more_body", False)
             if size > limits.max_body_bytes:
-                raise HttpError(413, f"the body is over {limits.max_body_bytes} bytes, this server's limit "
-                                     "(max_body_bytes)")
+                raise _Oversize(size, more)
             parts.append(part)
-            if not message.get("more_body", False):
+            if not more:
                 return b"".join(parts)
     try:
         return await asyncio.wait_for(chunks(), limits.body_timeout)
     except asyncio.TimeoutError:
         raise HttpError(408, f"the body did not arrive within {limits.body_timeout:g} s (body_timeout)") from None
+    except _Oversize as over:
+        if over.more:
+            await _discard(receive, over.received, limits, deadline)
+        raise HttpError(413, f"the body is over {limits.max_body_bytes} bytes, this server's limit "
+                             "(max_body_bytes)") from None
+
+
+class _Oversize(Exception):
+    """A body that went over max_body_bytes while read: the bytes received, and whether more follow."""
+
+    def __init__(self, received: int, more: bool):
+        super().__init__(received)
+        self.received, self.more = received, more
+
+
+async def _discard(receive, received: int, limits: HttpLimits, deadline: float) -> None:
+    """Read and drop the rest of a refused body: until its end, discard_bytes in all (`received`
+    counted), the deadline, or the client's disconnect, whichever comes first (the 413 follows)."""
+    loop = asyncio.get_running_loop()
+    while received < limits.discard_bytes:
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            return
+        received += len(message.get("body", b""))
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
 
 
 async def result_or_disconnect(batcher: StepBatcher, future, receive):
@@ -279,7 +312,8 @@ class Service:
 
     def limits(self) -> dict:
         return {**self.batcher.limits.to_dict(), "max_body_bytes": self.http.max_body_bytes,
-                "body_timeout_s": self.http.body_timeout, "timeout_s": self.batcher.default_timeout,
+                "body_timeout_s": self.http.body_timeout, "discard_bytes": self.http.discard_bytes,
+                "timeout_s": self.batcher.default_timeout,
                 "drain_timeout_s": self.http.drain_timeout}
 
     def refusal(self) -> HttpError | None:
@@ -583,6 +617,15 @@ def serve_uvicorn(batcher: StepBatcher, host: str = "127.0.0.1", port: int = 800
         batcher.close(drain=False)
 
 
+def require_ray_serve() -> None:
+    """Ray Serve importable, or an InputError naming the extra to install (before anything loads)."""
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError as e:
+        raise InputError(f"--ray needs Ray Serve, which is not installed: pip install 'ditrt[ray]' ({e})") from None
+
+
 def ray_app(artifact, replicas: int = 1, num_cpus: float = 0.5, http: HttpLimits = HttpLimits(), **options):
     """The Ray Serve application: the same FastAPI app, one scheduler per replica, made by the app's
     lifespan in the replica (no module state); a GPU per replica where the cluster has GPUs. Ray
@@ -633,12 +676,16 @@ def run(artifact, host: str = "127.0.0.1", port: int = 8000, use_ray: bool = Fal
         address: str | None = None, http: HttpLimits = HttpLimits(), log: Callable[[str], None] = print,
         **options) -> None:
     """`ditrt serve`: load (errors before the port opens), say where, serve until SIGTERM."""
+    if not use_ray and (replicas != 1 or address is not None):
+        raise InputError("replicas and address apply to Ray Serve only (use_ray, --ray)")
     if use_ray:
+        check_int(replicas, "replicas", 1, 4096)
+        require_ray_serve()
         log(f"ditrt serve on Ray Serve: {replicas} replica(s) at http://{host}:{port}")
         serve_ray(artifact, address=address, replicas=replicas, host=host, port=port, http=http, **options)
         return
     batcher = make_batcher(artifact, **options)
     limits = ", ".join(f"{k} {v}" for k, v in batcher.limits.to_dict().items())
     log(f"ditrt serve {artifact} on {batcher.pipeline.backend.name} (policy {batcher.policy}; {limits}; "
-        f"max_body_bytes {http.max_body_bytes}) at http://{host}:{port}")
+        f"max_body_bytes {http.max_body_bytes}, discard_bytes {http.discard_bytes}) at http://{host}:{port}")
     serve_uvicorn(batcher, host, port, http)

@@ -153,6 +153,8 @@ class BackendKind:
     create: Callable[..., Backend]
     # does a usable engine of this kind exist for this network here (cheap, never raises)?
     available: Callable[..., bool] = lambda manifest, network, precision: True
+    # does it read the network's ONNX graph files (those `verify` hashes)? TensorRT reads its plan instead
+    reads_graph: bool = False
 
 
 def _onnxruntime(manifest, network: str, precision: str, threads=None, max_batch=None, verify=True, **_) -> Backend:
@@ -217,7 +219,7 @@ def register_backend(kind: BackendKind) -> None:
 
 
 register_backend(BackendKind("onnxruntime", "ONNX Runtime (CUDA EP with onnxruntime-gpu, else CPU)", ("fp32", "fp16"),
-                             "fp32", _onnxruntime))
+                             "fp32", _onnxruntime, reads_graph=True))
 register_backend(BackendKind("tensorrt", "TensorRT plans built by ditrt build", ("fp16", "fp32"), "fp16", _tensorrt,
                              _tensorrt_available))
 
@@ -241,6 +243,13 @@ def create_backend(manifest, backend: str = "auto", precision: str | None = None
                    **options) -> Backend:
     """One backend for one network of an artifact. backend "auto": TensorRT when a plan compatible
     with this GPU and TensorRT exists for the network, else ONNX Runtime (fp32 unless asked)."""
+    kind, precision = resolve_backend(manifest, backend, precision, network)
+    return kind.create(manifest, network, precision, **options)
+
+
+def resolve_backend(manifest, backend: str = "auto", precision: str | None = None,
+                    network: str = "denoiser") -> tuple[BackendKind, str]:
+    """The kind and precision create_backend opens for these arguments, without opening it."""
     manifest.network(network)
     if precision is not None and precision not in ("fp32", "fp16"):
         raise InputError(f"unknown precision {precision!r}; use fp32 or fp16")
@@ -258,4 +267,4 @@ def create_backend(manifest, backend: str = "auto", precision: str | None = None
     precision = chosen or precision
     if precision not in kind.precisions:
         raise InputError(f"backend {kind.name} runs {', '.join(kind.precisions)} graphs, not {precision}")
-    return kind.create(manifest, network, precision, **options)
+    return kind, precision

@@ -53,7 +53,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from .chunking import run_chunked
+from .chunking import MAX_ROWS_PER_CALL, run_chunked
 from .errors import InputError, QueueFull, RequestTimeout, SchedulerClosed, StepError
 from .pipeline import decode as run_decoder
 from .validate import check_int, check_number
@@ -86,7 +86,10 @@ class Limits:
         the decoder engine's limit, else 8 on a GPU, 4 on a CPU."""
         backend, decoder = pipeline.backend, getattr(pipeline, "decoder", None)
         engine_rows = backend.max_batch or (64 if _on_gpu(backend) else 16)
-        max_batch = engine_rows if max_batch is None else check_int(max_batch, "max_batch (rows per engine call)", 1)
+        if max_batch is not None:  # 0 is "a positive integer"; the range is for a typo like 1e20
+            check_int(max_batch, "max_batch (rows per engine call)", 1)
+        max_batch = engine_rows if max_batch is None else check_int(max_batch, "max_batch (rows per engine call)", 1,
+                                                                    MAX_ROWS_PER_CALL)
         if backend.max_batch is not None and max_batch > backend.max_batch:
             raise InputError(f"max_batch {max_batch} is above the {backend.name} engine's limit of "
                              f"{backend.max_batch} rows per call")
@@ -100,6 +103,9 @@ class Limits:
         decoder_images = None if decoder is None else decoder.max_batch or (8 if _on_gpu(decoder) else 4)
         if decode_batch is None:
             decode_batch = decoder_images or 1
+        elif decoder is None:  # nothing would read it: refused, not ignored
+            raise InputError("decode_batch (images per decoder call) applies to an artifact with a decoder network; "
+                             "this one has none")
         else:
             decode_batch = check_int(decode_batch, "decode_batch (images per decoder call)", 1, 1 << 16)
             if decoder is not None and decoder.max_batch is not None and decode_batch > decoder.max_batch:

@@ -11,6 +11,8 @@ from .errors import InputError
 from .networks import NetworkSpec
 from .validate import check_int
 
+MAX_ROWS_PER_CALL = 1 << 20  # --max-batch's bound (as --max-rows'): beyond it a value is a typo, not a batch
+
 
 class Backend(Protocol):
     name: str  # "<kind>-<precision>"
@@ -53,4 +55,7 @@ def run_chunked(backend: Backend, feeds: dict[str, np.ndarray]) -> dict[str, np.
 
 
 def check_max_batch(max_batch) -> int | None:
-    return None if max_batch is None else check_int(max_batch, "max_batch", 1, unit=" (or None for no limit)")
+    if max_batch is None:
+        return None
+    check_int(max_batch, "max_batch", 1, unit=" (or None for no limit)")  # 0: "a positive integer"
+    return check_int(max_batch, "max_batch", 1, MAX_ROWS_PER_CALL, unit=" (or None for no limit)")

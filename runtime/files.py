@@ -22,12 +22,46 @@ def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
     timestamp tick of the filesystem would go unnoticed: the trade-off of caching.)"""
     key = file_key(path)
     if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(key[0], "rb") as f:
-            while block := f.read(chunk):
-                digest.update(block)
-        _HASHES[key] = digest.hexdigest()
+        _HASHES[key] = hash_file(key[0], chunk)
     return _HASHES[key]
+
+
+def hash_file(path: str | Path, chunk: int = 1 << 24) -> str:
+    """The sha256 of the file's bytes, read now (sha256_file is the cached one to call)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def machine_id() -> str:
+    """This machine, as far as file identities go: the kernel's boot id (Linux), else the host name.
+    File keys (inode, times) mean something only on the machine that took them."""
+    try:
+        return "boot:" + Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        import socket
+        return "host:" + socket.gethostname()
+
+
+def verified_hashes(paths) -> dict:
+    """The sha256 of each file (sha256_file: hashed now or remembered), with its identity and this
+    machine's: what a process hands to its workers so that they need not hash the files again
+    (trust_verified_hashes)."""
+    return {"machine": machine_id(), "files": [[*file_key(p), sha256_file(p)] for p in paths]}
+
+
+def trust_verified_hashes(verified: dict | None) -> int:
+    """Remember the digests another process of this machine verified (verified_hashes), keyed by
+    their files' identities: a file changed since then has another key and is hashed again; on
+    another machine (a Ray worker on another node reads its own copy) nothing is trusted. Returns
+    how many were taken."""
+    if not verified or verified.get("machine") != machine_id():
+        return 0
+    for *key, digest in verified["files"]:
+        _HASHES[tuple(key)] = digest
+    return len(verified["files"])
 
 
 def file_key(path: str | Path) -> tuple:

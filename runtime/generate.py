@@ -33,14 +33,15 @@ from typing import Callable
 import numpy as np
 
 from . import __version__
-from .backends import check_threads, parse_backend
+from .backends import check_threads, parse_backend, resolve_backend
 from .chunking import check_max_batch
 from .errors import InputError, StepError
-from .files import claimed_output, sha256_file, write_json_atomic
+from .files import claimed_output, hash_file, sha256_file, verified_hashes, write_json_atomic
 from .images import per_image_name, write_png
 from .labels import as_number, resolve_labels, split_labels
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
 from .noise import NOISE_VERSION, philox4x32_10
+from .pipeline import decoder_backend_name
 from .outputs import check_writable
 from .shards import SHARD_DIR, Shard, plan_shards, read_shard, write_npz, write_shard
 from .validate import check_int, check_number
@@ -238,17 +239,37 @@ def resolve_sampling(manifest: Manifest, sampling: SamplingOptions, labels: np.n
 
 # ---- the run record -------------------------------------------------------------------------------
 
-def artifact_identity(manifest: Manifest) -> dict:
-    """{"sha256": ..., "files": {name: sha256}}: the manifest file and every graph file (external
-    data included) of every network, hashed from disk; `sha256` is over the sorted file list."""
-    files = {MANIFEST_NAME: sha256_file(manifest.directory / MANIFEST_NAME)}
+def graphs_read(manifest: Manifest, sampling: SamplingOptions, decode: bool) -> list[tuple[str, str]]:
+    """The (network, precision) graphs the workers' backends read: the denoiser's (and the
+    decoder's when `decode`) as runtime.load resolves the options, on a backend that reads its
+    graph files (ONNX Runtime; a TensorRT backend reads its plan, which it checks itself)."""
+    wanted = [("denoiser", sampling.backend, sampling.precision)]
+    if decode:
+        wanted.append(("decoder", decoder_backend_name(sampling.backend), sampling.decoder_precision))
+    read = []
+    for network, backend, precision in wanted:
+        kind, precision = resolve_backend(manifest, backend, precision, network)
+        if kind.reads_graph:
+            read.append((network, precision))
+    return read
+
+
+def artifact_identity(manifest: Manifest, used: list[tuple[str, str]]) -> tuple[dict, list[Path]]:
+    """({"sha256": ..., "files": {name: sha256}}, the files hashed): the manifest file and the
+    graph files (external data included) of the `used` (network, precision) pairs hashed from disk,
+    every other graph file by the sha256 the manifest records for it (the manifest's own hash covers
+    those: they are never read); `sha256` is over the sorted file list."""
+    files, hashed = {MANIFEST_NAME: sha256_file(manifest.directory / MANIFEST_NAME)}, []
     for network in manifest.networks:
         for precision in manifest.precisions(network):
-            for name, (recorded, actual) in manifest.file_hashes(network, precision).items():
+            read = (network, precision) in used
+            for name, (recorded, actual) in manifest.file_hashes(network, precision, hashes=read).items():
                 files[name] = actual or "missing"
+                if read and actual:
+                    hashed.append(manifest.directory / name)
     files = dict(sorted(files.items()))
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    return {"sha256": digest, "files": files}
+    return {"sha256": digest, "files": files}, hashed
 
 
 # The recorded options by the flag that sets them (a sampler's own options are --option NAME=VALUE).
@@ -305,17 +326,30 @@ def _read_record(path: Path) -> dict:
     return record
 
 
-def _recorded_shards(record: dict, num_shards: int, path: Path) -> dict:
-    """The record's finished shards, each an index of the plan with a sha256 (a hand-edited record
-    that says otherwise is refused)."""
+def _recorded_shards(record: dict, shards: list[Shard], path: Path) -> dict:
+    """The record's finished shards, each under the plan's index (a canonical decimal: "3", not
+    "03", "٣" or "²") with its sha256 and the plan's first image and count; a hand-edited record
+    that says otherwise is refused, naming the key."""
     entries = record.get("shards")
-    good = isinstance(entries, dict) and all(
-        isinstance(key, str) and key.isdigit() and int(key) < num_shards and isinstance(entry, dict)
-        and isinstance(entry.get("sha256"), str) for key, entry in entries.items())
-    if not good:
-        raise InputError(f"{path}: field shards must map shard indices 0..{num_shards - 1} to their file's sha256; "
-                         "the record is damaged (remove the run directory to start again)")
+    damaged = f"{path}: the record is damaged (remove the run directory to start again)"
+    if not isinstance(entries, dict):
+        raise InputError(f"{damaged}: field shards must map shard indices 0..{len(shards) - 1} to their file's sha256")
+    for key, entry in entries.items():
+        index = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 20 else None
+        if index is None or str(index) != key or index >= len(shards):
+            raise InputError(f"{damaged}: field shards has the key {_shorten(key)!r}, not a shard index of this run "
+                             f"(0..{len(shards) - 1})")
+        shard = shards[index]
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and entry.get("first") == shard.start and entry.get("images") == shard.stop - shard.start):
+            raise InputError(f"{damaged}: field shards[{key!r}] must hold the sha256 of {shard.name}, first "
+                             f"{shard.start} and images {shard.stop - shard.start}")
     return entries
+
+
+def _shorten(text, limit: int = 40) -> str:
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 # ---- the job --------------------------------------------------------------------------------------
@@ -373,7 +407,7 @@ def _open_run(job: GenerateJob, artifact: dict, options: dict, shards: list[Shar
             tmp.unlink(missing_ok=True)  # a file being written when a run was killed: redone below
             log(f"note: removed {folder}/{tmp.name}, left half-written by a killed run")
     kept = {}
-    for key, entry in _recorded_shards(record, len(shards), record_path).items():
+    for key, entry in _recorded_shards(record, shards, record_path).items():
         path = out / shards[int(key)].name  # the plan's name, whatever the record says
         if not path.is_file():
             log(f"note: shard {key} is recorded but {path} is missing; computing it again")
@@ -411,7 +445,9 @@ def generate(job: GenerateJob, workers: Workers = Workers(), progress: Callable[
     shards = plan_shards(job.num_images, job.shard_size)
     out = Path(job.out)
     log(f"hashing the artifact {job.artifact} ...")
-    artifact = artifact_identity(manifest)
+    # Each graph file the workers read is hashed once, here; the workers trust these digests
+    # (files.trust_verified_hashes: same machine, same file identity), the unused graphs are not read.
+    artifact, hashed = artifact_identity(manifest, graphs_read(manifest, s, output == "images"))
     with claimed_output(out, log=log):
         record = _open_run(job, artifact, options, shards, log)
         resumed = len(record["shards"])
@@ -428,7 +464,8 @@ def generate(job: GenerateJob, workers: Workers = Workers(), progress: Callable[
                            "max_batch": s.max_batch, "allow_plan_host_code": s.allow_plan_host_code,
                            "verify": s.verify, "decoder_precision": s.decoder_precision}
             worker_args = {"artifact": str(job.artifact), "decode": output == "images", "load_kwargs": load_kwargs,
-                           "sample_kwargs": sample_kwargs, "seed": job.seed, "batch": job.batch}
+                           "sample_kwargs": sample_kwargs, "seed": job.seed, "batch": job.batch,
+                           "trusted_hashes": verified_hashes(hashed) if s.verify else None}
             if workers.ray:
                 pool = RayPool(worker_class, worker_args, workers.address, cpus=threads, gpus=workers.gpus, log=log)
             else:
@@ -546,23 +583,46 @@ def _record_shard(out: Path, result: ShardResult, record: dict, png: bool, outpu
     """Write the shard (and its PNGs), then record it: a recorded shard is always complete."""
     shard = result.shard
     indices = np.arange(shard.start, shard.stop, dtype=np.int64)
-    if png:
-        for image, index in zip(result.samples, indices):
-            write_png(out / PNG_DIR / per_image_name(int(index)), image)
+    pngs = _write_pngs(out, shard, result.samples) if png else None
     digest = write_shard(out / shard.name, result.samples, result.labels, indices, output)
     record.setdefault("sample_shape", list(result.samples.shape[1:]))
     record["shards"][str(shard.index)] = {"file": shard.name, "sha256": digest, "first": shard.start,
-                                          "images": len(indices), "seconds": round(result.seconds, 3)}
+                                          "images": len(indices), "seconds": round(result.seconds, 3),
+                                          **({"png_sha256": pngs} if pngs else {})}
     write_json_atomic(out / RECORD_NAME, record)
 
 
+def _write_pngs(out: Path, shard: Shard, images: np.ndarray) -> str:
+    """The shard's PNGs, png/NNNNNN.png (sample_ddp.py's names); returns their digest (_pngs_digest)."""
+    for j, image in enumerate(images):
+        write_png(out / PNG_DIR / per_image_name(shard.start + j), image)
+    return _pngs_digest(out, shard)
+
+
+def _pngs_digest(out: Path, shard: Shard) -> str | None:
+    """The sha256 over the sha256 hex digests of the shard's PNG files in index order (the record's
+    png_sha256); None when one is missing or not a regular file."""
+    digests = []
+    for i in range(shard.start, shard.stop):
+        path = out / PNG_DIR / per_image_name(i)
+        if path.is_symlink() or not path.is_file():
+            return None
+        digests.append(hash_file(path))
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
 def _fill_pngs(out: Path, shards: list[Shard], record: dict, log) -> None:
-    """PNGs of recorded shards that are missing (deleted, or a resumed run that wrote none) come from
-    the shard files: nothing is sampled again."""
+    """Every shard's PNGs as its record says (png_sha256): missing, changed (a junk or edited file)
+    or never recorded ones (a run without --png) are written again from the shard file; nothing is
+    sampled again."""
+    rewritten = 0
     for shard in shards:
-        missing = [i for i in range(shard.start, shard.stop) if not (out / PNG_DIR / per_image_name(i)).is_file()]
-        if missing:
-            images, _ = read_shard(out / shard.name, shard, "images")
-            for i in missing:
-                write_png(out / PNG_DIR / per_image_name(i), images[i - shard.start])
-            log(f"note: wrote {len(missing)} missing PNGs of shard {shard.index} from its file")
+        entry = record["shards"][str(shard.index)]
+        if entry.get("png_sha256") is not None and _pngs_digest(out, shard) == entry["png_sha256"]:
+            continue
+        images, _ = read_shard(out / shard.name, shard, "images")
+        entry["png_sha256"] = _write_pngs(out, shard, images)
+        rewritten += 1
+        log(f"note: wrote the PNGs of shard {shard.index} from its file (missing, changed or not yet recorded)")
+    if rewritten:
+        write_json_atomic(out / RECORD_NAME, record)

@@ -324,6 +324,12 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+def decoder_backend_name(backend: str) -> str:
+    """The backend `load` opens the decoder on for the denoiser's `backend`: the same kind, in the
+    decoder's own precision ("auto" stays "auto")."""
+    return backend if backend == "auto" else str(backend).partition("-")[0]
+
+
 def load(artifact_dir: str | Path, backend: str = "auto", precision: str | None = None,
          threads: int | None = None, max_batch: int | None = None, allow_plan_host_code: bool = False,
          verify: bool = True, decoder: bool | None = None, decoder_precision: str | None = None,
@@ -345,10 +351,9 @@ def load(artifact_dir: str | Path, backend: str = "auto", precision: str | None 
     decoder_backend = None
     if decoder or (decoder is None and "decoder" in manifest.networks):
         manifest.network("decoder")
-        kind = backend if backend == "auto" else str(backend).partition("-")[0]  # the kind, its own precision
-        decoder_backend = create_backend(manifest, kind, decoder_precision, "decoder", threads=threads,
-                                         max_batch=decoder_max_batch, allow_plan_host_code=allow_plan_host_code,
-                                         verify=verify)
+        decoder_backend = create_backend(manifest, decoder_backend_name(backend), decoder_precision, "decoder",
+                                         threads=threads, max_batch=decoder_max_batch,
+                                         allow_plan_host_code=allow_plan_host_code, verify=verify)
     elif decoder_precision is not None:
         raise InputError("decoder_precision given, but no decoder is loaded")
     return Pipeline(denoiser, manifest, decoder_backend)

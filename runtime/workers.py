@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DitrtError, InputError, StepError
+from .files import trust_verified_hashes
 from .images import to_uint8
 from .pipeline import load
 from .shards import Shard
@@ -42,9 +43,13 @@ class ShardWorker:
     """One worker: its pipeline (the denoiser, and the decoder when `decode`), loaded once,
     computes shards."""
 
-    def __init__(self, artifact: str, decode: bool, load_kwargs: dict, sample_kwargs: dict, seed: int, batch: int):
+    def __init__(self, artifact: str, decode: bool, load_kwargs: dict, sample_kwargs: dict, seed: int, batch: int,
+                 trusted_hashes: dict | None = None):
         """`load_kwargs` for runtime.load, `sample_kwargs` for Pipeline.sample (sampler, num_steps,
-        cfg_scale, guidance, the sampler's options)."""
+        cfg_scale, guidance, the sampler's options). `trusted_hashes`: the coordinator's verified
+        digests (files.verified_hashes), taken for the files they name when this worker runs on the
+        coordinator's machine and the files are unchanged; any other file is hashed here."""
+        trust_verified_hashes(trusted_hashes)
         self.pipeline = load(artifact, decoder=decode, **load_kwargs)
         self.decode, self.sample_kwargs, self.seed, self.batch = decode, sample_kwargs, seed, batch
 

@@ -7,6 +7,7 @@ import signal
 import time
 from pathlib import Path
 
+from ditrt.runtime import files
 from ditrt.runtime.errors import BackendError
 from ditrt.runtime.workers import ShardWorker
 
@@ -14,6 +15,7 @@ DIE_SHARD = "DITRT_TEST_DIE_SHARD"  # the shard whose worker dies
 DIE_ONCE = "DITRT_TEST_DIE_ONCE"  # a marker file: die only while it does not exist (the first attempt)
 FAIL_SHARD = "DITRT_TEST_FAIL_SHARD"  # the shard whose backend fails
 BUSY_MARKER = "DITRT_TEST_BUSY_MARKER"  # a file SlowWorker creates when it starts a shard
+HASH_LOG = "DITRT_TEST_HASH_LOG"  # a folder where HashCountingWorker lists the files it hashed, one file per worker
 
 
 class DyingWorker(ShardWorker):
@@ -46,3 +48,17 @@ class SlowWorker(ShardWorker):
         Path(os.environ[BUSY_MARKER]).touch()
         time.sleep(60)
         return super().run(task)
+
+
+class HashCountingWorker(ShardWorker):
+    """Lists every file it reads to hash (files.hash_file, under sha256_file's cache) while loading
+    its pipeline, in $DITRT_TEST_HASH_LOG/<pid>.txt: the graphs it did not trust its coordinator for."""
+
+    def __init__(self, *args, **kwargs):
+        hashed, real = [], files.hash_file
+        files.hash_file = lambda path, *a, **k: (hashed.append(os.path.basename(path)), real(path, *a, **k))[1]
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            files.hash_file = real
+        Path(os.environ[HASH_LOG], f"{os.getpid()}.txt").write_text("".join(f"{name}\n" for name in hashed))

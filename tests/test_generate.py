@@ -21,8 +21,8 @@ from ditrt.cli import main
 from ditrt.runtime import generate as G
 from ditrt.runtime import shards as S
 from ditrt.runtime.errors import StepError
-from generate_workers import (BUSY_MARKER, DIE_ONCE, DIE_SHARD, FAIL_SHARD, DyingWorker, FailingWorker,
-                              SlowWorker)
+from generate_workers import (BUSY_MARKER, DIE_ONCE, DIE_SHARD, FAIL_SHARD, HASH_LOG, DyingWorker, FailingWorker,
+                              HashCountingWorker, SlowWorker)
 from helpers import read_png
 from noise_reference import philox
 
@@ -204,6 +204,71 @@ def test_resume_recomputes_shards_whose_files_changed_or_vanished(tiny_artifact_
     assert_same_run(out, reference)
 
 
+def test_batch_and_shard_size_do_not_change_the_bytes(tiny_artifact_with_vae, reference, tmp_path):
+    """--batch 3 cuts each shard of 8 into calls of 3, 3, 2 (image start + j keeps noise image start
+    + j): the same shard files; --shard-size 5 --batch 2 plans other shards: the same npz."""
+    out = tmp_path / "batch3"
+    G.generate(G.GenerateJob(tiny_artifact_with_vae, out, N, "balanced", SEED, G.SamplingOptions(steps=str(STEPS)),
+                             batch=3, shard_size=SHARD, npz=out / "s.npz"), G.Workers(1))
+    assert_same_run(out, reference)
+    out = tmp_path / "shard5"
+    G.generate(G.GenerateJob(tiny_artifact_with_vae, out, N, "balanced", SEED, G.SamplingOptions(steps=str(STEPS)),
+                             batch=2, shard_size=5, npz=out / "s.npz"), G.Workers(1))
+    assert len(json.loads((out / "run.json").read_text())["shards"]) == 8
+    assert (out / "s.npz").read_bytes() == (reference / "s.npz").read_bytes()
+
+
+def test_each_graph_file_is_hashed_once_per_run_and_unused_ones_never(tiny_artifact_with_vae, tmp_path, monkeypatch):
+    """The coordinator hashes the manifest and the graphs the workers read (fp32 on ONNX Runtime),
+    once each; its two local workers trust those digests (they hash nothing); the fp16 graphs, never
+    used, are never read. A copy of the artifact: new files, so no digest is remembered from before."""
+    from collections import Counter
+
+    from ditrt.runtime import files
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact_with_vae, art)
+    graphs = {network: {p: sorted(g["sha256"]) for p, g in entry["graphs"].items()}
+              for network, entry in json.loads((art / "manifest.json").read_text())["networks"].items()}
+    hashed, real = Counter(), files.hash_file
+    monkeypatch.setattr(files, "hash_file", lambda path, *a, **k: (hashed.update([Path(path).name]) if
+                                                                  Path(path).parent == art.resolve() else None,
+                                                                  real(path, *a, **k))[1])  # not the shards
+    (tmp_path / "hashes").mkdir()
+    monkeypatch.setenv(HASH_LOG, str(tmp_path / "hashes"))
+    out = tmp_path / "run"
+    summary = G.generate(G.GenerateJob(art, out, 16, "balanced", SEED, G.SamplingOptions(steps="2"), shard_size=8),
+                         G.Workers(2), worker_class=HashCountingWorker)
+    assert summary.workers == 2
+    expected = ["manifest.json", *graphs["denoiser"]["fp32"], *graphs["decoder"]["fp32"]]
+    assert sorted(hashed.elements()) == sorted(expected)  # each once; no fp16 graph
+    workers = sorted((tmp_path / "hashes").iterdir())
+    assert len(workers) == 2 and all(w.read_text() == "" for w in workers), [w.read_text() for w in workers]
+
+
+def test_a_worker_trusts_only_digests_of_this_machine_and_of_unchanged_files(tmp_path, monkeypatch):
+    """files.trust_verified_hashes: digests of this machine's unchanged files are taken as they are
+    (here a forged one, to see it taken); another machine's (a Ray node reads its own copy) are not,
+    nor those of a file replaced since they were taken: that file is hashed again."""
+    import hashlib
+
+    from ditrt.runtime import files
+    kept, replaced = tmp_path / "kept.onnx", tmp_path / "replaced.onnx"
+    kept.write_bytes(b"graph one")
+    replaced.write_bytes(b"graph v1")
+    verified = files.verified_hashes([kept, replaced])
+    assert [entry[-1] for entry in verified["files"]] == [hashlib.sha256(b"graph one").hexdigest(),
+                                                        hashlib.sha256(b"graph v1").hexdigest()]
+    forged = {**verified, "files": [[*entry[:-1], "0" * 64] for entry in verified["files"]]}
+    hashed, real = [], files.hash_file
+    monkeypatch.setattr(files, "hash_file", lambda p, *a, **k: (hashed.append(Path(p).name), real(p, *a, **k))[1])
+    assert files.trust_verified_hashes({**forged, "machine": "boot:another-node"}) == 0
+    (tmp_path / "new").write_bytes(b"graph v2, edited")
+    os.replace(tmp_path / "new", replaced)  # another inode and size: another file identity
+    assert files.trust_verified_hashes(forged) == 2
+    assert files.sha256_file(kept) == "0" * 64 and hashed == []
+    assert files.sha256_file(replaced) == hashlib.sha256(b"graph v2, edited").hexdigest() and hashed == ["replaced.onnx"]
+
+
 def test_a_worker_error_is_not_retried_it_fails_the_run_with_its_message(tiny_artifact_with_vae, tmp_path,
                                                                           monkeypatch):
     monkeypatch.setenv(FAIL_SHARD, "0")
@@ -359,12 +424,58 @@ def test_resume_with_another_option_is_refused_naming_it(tiny_artifact_with_vae,
     damaged["shards"]["../../elsewhere"] = damaged["shards"].pop("0")
     (out / "run.json").write_text(json.dumps(damaged))
     r = invoke(*base)
-    assert r.exit_code == 2 and "field shards must map shard indices 0..4" in r.output
+    assert r.exit_code == 2 and "field shards has the key '../../elsewhere', not a shard index of this run (0..4)" \
+        in r.output
     (out / "run.json").write_text(before)
     # Without --resume, a finished run is not overwritten.
     r = invoke(*generate_args(tiny_artifact_with_vae, out))
     assert r.exit_code == 2 and "holds a generate run already" in r.output and "--resume" in r.output
     assert (out / "run.json").read_text() == before
+
+
+@pytest.mark.parametrize("key, message", [
+    ("\u00b2", "field shards has the key '\u00b2', not a shard index of this run (0..4)"),  # str.isdigit, not int()
+    ("\u0663", "field shards has the key '\u0663'"),  # an Arabic-Indic 3: int() takes it
+    ("03", "field shards has the key '03'"),
+    ("5", "field shards has the key '5', not a shard index of this run (0..4)"),
+    ("9" * 5000, "field shards has the key '9999999999999999999999999999999999999999... (5000 characters)'"),
+])
+def test_a_hand_edited_record_key_is_refused_naming_it(tiny_artifact_with_vae, reference, tmp_path, key, message):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    record = json.loads((out / "run.json").read_text())
+    record["shards"][key] = record["shards"].pop("3")
+    (out / "run.json").write_text(json.dumps(record))
+    r = invoke(*generate_args(tiny_artifact_with_vae, out, "--resume"))
+    assert r.exit_code == 2 and message in r.output and "the record is damaged" in r.output, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_a_record_entry_that_disagrees_with_the_plan_is_refused(tiny_artifact_with_vae, reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    record = json.loads((out / "run.json").read_text())
+    record["shards"]["2"]["first"] = 0
+    (out / "run.json").write_text(json.dumps(record))
+    r = invoke(*generate_args(tiny_artifact_with_vae, out, "--resume"))
+    assert r.exit_code == 2 and "field shards['2'] must hold the sha256 of shards/000002.npz, first 16 and images 8" \
+        in r.output, r.output
+
+
+def test_resume_png_replaces_a_junk_png(tiny_artifact_with_vae, reference, tmp_path):
+    """--resume --png over a run whose PNGs were written: a junk file in place of one (truncated,
+    edited) is found by the record's png_sha256 and written again from its shard; the others stay."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    G.generate(job(tiny_artifact_with_vae, out, png=True, resume=True), G.Workers(1))  # writes all 40 PNGs
+    junk, kept = out / "png" / "000021.png", out / "png" / "000005.png"
+    junk.write_bytes(b"\x89PNG junk")
+    kept_stat = kept.stat()
+    summary = G.generate(job(tiny_artifact_with_vae, out, png=True, resume=True), G.Workers(1))
+    assert summary.shards_computed == 0
+    images, _ = load_npz(reference / "s.npz")
+    assert np.array_equal(read_png(junk), images[21])
+    assert kept.stat().st_ino == kept_stat.st_ino and kept.stat().st_mtime_ns == kept_stat.st_mtime_ns
 
 
 def bad_labels(tmp_path: Path, name: str, value) -> Path:

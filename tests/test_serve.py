@@ -209,7 +209,7 @@ def test_health_model_and_limits(pipe):
         assert set(m["samplers"]) >= {"ddpm", "ddim", "dpm++2m"} and m["defaults"]["steps"] == 250
         assert m["model"]["num_classes"] == pipe.manifest.model.num_classes and m["formats"] == ["npy"]
         assert m["limits"] == {**Limits.for_pipeline(pipe).to_dict(), "max_body_bytes": 65536, "body_timeout_s": 10.0,
-                               "timeout_s": None, "drain_timeout_s": 2.0}
+                               "discard_bytes": 64 << 20, "timeout_s": None, "drain_timeout_s": 2.0}
 
 
 @pytest.mark.parametrize("body,message", [
@@ -353,11 +353,31 @@ def test_warming_up_and_closed_answer_503(pipe):
         assert httpx.get(s.url + "/v1/health/ready").status_code == 503
 
 
+def read_answer(sock: socket.socket, timeout: float = 10.0) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of one HTTP/1.1 answer read from a raw socket: until its headers
+    and Content-Length bytes of body have arrived (one recv() may hold only part of them), the
+    server closes, or `timeout` s pass (then an AssertionError)."""
+    deadline, data = time.monotonic() + timeout, b""
+    while True:
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep:
+            lines = head.decode("latin-1").split("\r\n")
+            headers = dict((k.strip().lower(), v.strip()) for k, _, v in (line.partition(":") for line in lines[1:]))
+            if len(body) >= int(headers.get("content-length", 0)):
+                return int(lines[0].split()[1]), headers, body[:int(headers.get("content-length", 0))]
+        left = deadline - time.monotonic()
+        assert left > 0, f"no whole answer within {timeout} s: {data[:300]!r}"
+        sock.settimeout(left)
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed after {data[:300]!r}"
+        data += chunk
+
+
 def test_body_limits_413_and_408(pipe):
-    """Over max_body_bytes: 413 by Content-Length at once; a chunked body cut at the limit (an
-    endless one is never held: the server closes the connection); a body slower than body_timeout:
-    408. Then serving goes on."""
-    http = HttpLimits(max_body_bytes=4096, body_timeout=0.5, drain_timeout=2.0)
+    """Over max_body_bytes: 413 by Content-Length at once; a chunked body cut off once the refused
+    body's discard allowance is spent (an endless one is never held: the server closes the
+    connection); a body slower than body_timeout: 408. Then serving goes on."""
+    http = HttpLimits(max_body_bytes=4096, body_timeout=0.5, drain_timeout=2.0, discard_bytes=1 << 20)
     with Server(StepBatcher(pipe), http) as s:
         r = httpx.post(s.url + "/v1/samples", json={"labels": [1] * 3000})
         assert r.status_code == 413 and "at most 4096 (max_body_bytes)" in r.json()["error"]
@@ -370,14 +390,67 @@ def test_body_limits_413_and_408(pipe):
                 yield b" " * 65536
         r = httpx.post(s.url + "/v1/samples", content=endless())
         assert r.status_code == 413 and "over 4096 bytes" in r.json()["error"] and r.headers["connection"] == "close"
-        assert sent < 16 << 20  # cut off early, not read to the end
+        assert sent < 16 << 20  # cut off after the 1 MiB discard allowance, not read to the end
         with socket.create_connection(("127.0.0.1", s.port)) as raw:
             raw.sendall(b"POST /v1/samples HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                         b"Content-Length: 100\r\n\r\n{\"labels\"")
-            raw.settimeout(10)
-            answer = raw.recv(65536).decode()
-        assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in answer
+            status, headers, body = read_answer(raw)
+        assert status == 408 and "did not arrive within 0.5 s" in json.loads(body)["error"]
         assert np.array_equal(latents(httpx.post(s.url + "/v1/samples", json=as_json(CHECK))), alone(pipe, CHECK))
+
+
+def test_a_413_reaches_a_client_that_sends_its_whole_body_first(pipe):
+    """urllib sends all 20 MB before it reads: the server reads and drops the refused body (up to
+    discard_bytes, 64 MiB by default), so the client gets the 413 and its JSON error instead of a
+    connection reset; by Content-Length and chunked; then serving goes on."""
+    import urllib.error
+    import urllib.request
+    body = json.dumps({"labels": [1] * 10}).encode() + b" " * (20_000_000)
+    with Server(StepBatcher(pipe)) as s:
+        for chunked in (False, True):
+            data = iter([body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20)]) if chunked else body
+            request = urllib.request.Request(s.url + "/v1/samples", data=data, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(request, timeout=60)
+            assert e.value.code == 413, e.value
+            message = json.loads(e.value.read())["error"]
+            assert "(max_body_bytes)" in message and (f"{len(body)} bytes" in message) != chunked, message
+        assert np.array_equal(latents(httpx.post(s.url + "/v1/samples", json=as_json(CHECK))), alone(pipe, CHECK))
+
+
+def test_a_body_of_exactly_the_limit_is_read_one_byte_more_is_413(pipe):
+    """The boundary: max_body_bytes bytes are accepted (by Content-Length and chunked), one more is
+    a 413 (`>` vs `>=` in read_body)."""
+    limit = 4096
+    exact = json.dumps(as_json(CHECK)).encode()
+    exact += b" " * (limit - len(exact))  # JSON allows trailing whitespace
+    assert len(exact) == limit
+    expected = alone(pipe, CHECK)
+    with Server(StepBatcher(pipe), HttpLimits(max_body_bytes=limit, drain_timeout=2.0)) as s, \
+            httpx.Client(base_url=s.url, timeout=60) as client:
+        for body, ok in ((exact, True), (exact + b" ", False)):
+            for content in (body, iter([body[:1000], body[1000:]])):  # Content-Length, then chunked
+                r = client.post("/v1/samples", content=content)
+                if ok:
+                    assert np.array_equal(latents(r), expected)
+                else:
+                    assert r.status_code == 413 and "(max_body_bytes)" in r.json()["error"], r.text
+
+
+def test_a_request_timeout_is_capped_by_the_servers(pipe):
+    """--timeout is the longest deadline a request may ask for: more is a 400 naming the range (so
+    a client cannot hold a slot past the operator's deadline), the cap itself is accepted, and a
+    request that gives none gets the server's."""
+    gate = Gate(pipe.backend)
+    b = StepBatcher(runtime.Pipeline(gate, pipe.manifest), timeout=2.0)
+    with Server(b) as s, httpx.Client(base_url=s.url, timeout=60) as client:
+        r = client.post("/v1/samples", json={**as_json(CHECK), "timeout": 2.5})
+        assert r.status_code == 400 and "timeout (seconds) must be a number in (0, 2]" in r.json()["error"], r.text
+        assert gate.calls == 0
+        assert np.array_equal(latents(client.post("/v1/samples", json={**as_json(CHECK), "timeout": 2.0})),
+                              alone(pipe, CHECK))
+        assert client.get("/v1/model").json()["limits"]["timeout_s"] == 2.0
 
 
 def test_event_loop_runs_no_network_and_no_encoding(vae_pipe, monkeypatch):
@@ -493,12 +566,30 @@ def test_abuse_cases_against_ditrt_serve_defaults(tiny_artifact_with_vae, vae_pi
 @pytest.mark.parametrize("flags,message", [
     (["--max-rows", "4"], "max_rows (rows in flight) must be an integer from 16"),
     (["--max-body-bytes", "10", "--timeout", "nan"], "max_body_bytes must be an integer from 64"),
+    (["--max-batch", "99999999999999999999"], "max_batch must be an integer from 1 to 1048576"),
+    (["--max-rows", "99999999999999999999"], "max_rows (rows in flight) must be an integer from 16 to 1048576"),
+    (["--replicas", "3"], "--replicas applies to --ray only (Ray Serve); add --ray or leave it out"),
+    (["--address", "ray://x:10001"], "--address applies to --ray only"),
+    (["--replicas", "2", "--address", "auto"], "--replicas and --address apply to --ray only"),
+    (["--decode-batch", "2"], "decode_batch (images per decoder call) applies to an artifact with a decoder network"),
+    (["--max-queue", "5", "--max-queue=6"], "--max-queue given twice: give each option once"),
+    (["--verify", "--no-verify"], "--verify and --no-verify given together (one option)"),
 ])
-def test_cli_limit_flags_refused_before_serving(tiny_artifact, flags, message):
-    """A bad limit is exit 2 with the validator's message, before the port opens."""
+def test_cli_flags_refused_before_serving(tiny_artifact, flags, message):
+    """A bad limit, an option without the option it needs, or an option given twice (click would
+    keep the last): exit 2 with the reason, before the port opens."""
     r = subprocess.run([sys.executable, "-m", "ditrt.cli", "serve", str(tiny_artifact), "--port", str(free_port()),
                         *flags], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_serve_ray_without_ray_names_the_extra(tiny_artifact):
+    """--ray where Ray is not installed (its import blocked here): exit 2 naming the extra, no traceback."""
+    code = ("import sys; sys.modules['ray'] = None; from ditrt.cli import main; "
+            f"main(['serve', {str(tiny_artifact)!r}, '--port', '{free_port()}', '--ray', '--replicas', '2'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2 and "--ray needs Ray Serve, which is not installed: pip install 'ditrt[ray]'" in r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
 
 
 def test_flood_admits_what_finishes_in_time(tiny_artifact, tmp_path):
