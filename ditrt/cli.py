@@ -72,6 +72,9 @@ THREADS_OPTION = click.option("--threads", type=int, help="ONNX Runtime CPU thre
 HOST_CODE_OPTION = click.option("--allow-plan-host-code", is_flag=True,
                                 help="Let a version-compatible TensorRT plan run the host code it embeds (only plans "
                                      "you trust).")
+MAX_MODEL_CALLS_OPTION = click.option(
+    "--max-model-calls", type=int, help="Model calls an adaptive sampler (ode-dopri5) may make per sampling call before "
+                                        "it stops with an error [1000]; fixed-step samplers refuse it.")
 DECODER_PRECISION_OPTION = click.option("--decoder-precision", type=PRECISIONS,
                                         help="Decoder graph precision [fp32 on ONNX Runtime, fp16 on TensorRT]; fp32 "
                                              "avoids fp16 VAE overflow.")
@@ -174,6 +177,7 @@ def sampling_options(command):
         click.option("--option", "sampler_options", multiple=True, metavar="NAME=VALUE",
                      help="A sampler option, e.g. atol=1e-6 for ode-dopri5 (repeatable; refused by samplers that "
                           "take none)."),
+        MAX_MODEL_CALLS_OPTION,
         click.option("--seed", type=int, default=0, show_default=True, help="Non-negative seed of the per-image noise."),
         BACKEND_OPTION,
         PRECISION_OPTION,
@@ -205,9 +209,9 @@ def sampling_options(command):
               help="Also write one PNG per image, 000000.png ... (as sample_ddp.py names them; needs a decoder).")
 @click.option("--latents", "latents_path", type=click.Path(path_type=Path),
               help="Also keep the latents as .npy (with a .png --out).")
-def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options, seed, backend, precision,
-           threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, image_offset, out_path,
-           out_dir, latents_path) -> None:
+def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options, max_model_calls, seed, backend,
+           precision, threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, image_offset,
+           out_path, out_dir, latents_path) -> None:
     """Run the guided sampling loop on an artifact; write a PNG grid (and per-image PNGs) with its
     decoder, and/or the latents (N, C, H, W) float32 as .npy."""
     from ditrt.runtime.outputs import OutputPlan
@@ -217,11 +221,13 @@ def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_o
         options = parse_options(sampler_options)
         manifest = runtime.load_manifest(artifact)
         plan = OutputPlan.from_options(out_path, out_dir, latents_path, "decoder" in manifest.networks, decoder_precision)
+        plan.refuse_inputs(manifest.inputs(), len(label_list), image_offset)
         pipe = runtime.load(artifact, backend=backend, precision=precision, threads=threads, max_batch=max_batch,
                             allow_plan_host_code=allow_plan_host_code, verify=verify, decoder=plan.decodes,
                             decoder_precision=decoder_precision)
         latents = pipe.sample(label_list, num_steps=steps, sampler=sampler, cfg_scale=cfg_scale, guidance=guidance,
-                              seed=seed, eta=eta, progress=progress, image_offset=image_offset, **options)
+                              seed=seed, eta=eta, progress=progress, image_offset=image_offset,
+                              max_model_calls=max_model_calls, **options)
         written = plan.write(latents, pipe.decode, log=_log, first_index=image_offset)
     s, d = pipe.last_stats, pipe.manifest.defaults
     click.echo(f"{len(label_list)} images x {s.steps} model calls ({sampler or d.sampler}, cfg "
@@ -255,16 +261,18 @@ def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_o
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out: verify its finished shards, compute the missing ones. A different "
                    "artifact or option is refused.")
-def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options, seed,
-             backend, precision, threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, batch,
-             shard_size, workers, use_ray, address, gpus_per_worker, npz_path, png, resume) -> None:
+def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options,
+             max_model_calls, seed, backend, precision, threads, max_batch, verify, allow_plan_host_code,
+             decoder_precision, progress, batch, shard_size, workers, use_ray, address, gpus_per_worker, npz_path, png,
+             resume) -> None:
     """Generate N images in resumable shards, as the official sample_ddp.py (for FID or synthetic
     data): identical whatever the number of workers. Prints one JSON summary line."""
     from ditrt.runtime import generate as G
     from ditrt.runtime.samplers import parse_options
     with project_errors():
         sampling = G.SamplingOptions(sampler, steps, cfg_scale, guidance, eta, parse_options(sampler_options), backend,
-                                     precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code)
+                                     precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code,
+                                     max_model_calls)
         job = G.GenerateJob(artifact, out_dir, num_images, labels, seed, sampling, batch, shard_size, png, npz_path,
                             resume)
         summary = G.generate(job, G.Workers(workers, use_ray, address, gpus_per_worker),
@@ -285,9 +293,9 @@ def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, g
 @click.option("--classifier", type=click.Path(path_type=Path),
               help="The digit classifier (.npz) [the one shipped with the example, exporter/data/digits].")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the report as JSON.")
-def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, sampler_options, seed, backend, precision,
-            threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, compares, batch, classifier,
-            json_path) -> None:
+def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, sampler_options, max_model_calls, seed,
+            backend, precision, threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, compares,
+            batch, classifier, json_path) -> None:
     """Score what each configuration costs: sample N images, decode them and report the digit
     classifier's accuracy, the Frechet distance, precision and recall against the real digits,
     and images/s, each relative to the first configuration (the digits example; needs
@@ -299,7 +307,8 @@ def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, samp
     from ditrt.runtime.samplers import parse_options
     with project_errors():
         base = SamplingOptions(sampler, steps, cfg_scale, guidance, eta, parse_options(sampler_options), backend,
-                               precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code)
+                               precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code,
+                               max_model_calls)
         runs = [Q.QualityRun("base", base), *(Q.parse_run(text, base) for text in compares)]
         path = classifier or Path(ditrt.exporter.__file__).resolve().parent / "data" / "digits" / "classifier.npz"
         report = Q.compare(artifact, runs, Q.DigitClassifier.load(path), num_images, seed, batch, threads,
@@ -339,6 +348,7 @@ class _GenerateBar:
 @click.option("--verify/--no-verify", default=True, show_default=True)
 def decode(artifact, latents, out_path, out_dir, backend, decoder_precision, threads, verify) -> None:
     """Decode saved latents (N, C, H, W) .npy with ARTIFACT's VAE decoder into PNGs."""
+    from ditrt.runtime.files import Input
     from ditrt.runtime.outputs import OutputPlan, load_latents
     from ditrt.runtime.pipeline import decode as run_decoder
     if out_path is None and out_dir is None:
@@ -349,6 +359,7 @@ def decode(artifact, latents, out_path, out_dir, backend, decoder_precision, thr
         manifest = runtime.load_manifest(artifact)
         plan = OutputPlan(None, out_path, out_dir).checked()
         array = load_latents(latents, manifest.model.latent_shape)
+        plan.refuse_inputs([*manifest.inputs(), Input("the latents input", latents)], len(array))
         decoder = runtime.create_backend(manifest, backend, decoder_precision, "decoder", threads=threads, verify=verify)
         click.echo(", ".join(plan.write(array, lambda x: run_decoder(decoder, x), log=_log)))
 
@@ -403,8 +414,9 @@ def verify(artifact, accept_manifest_edits) -> None:
 @click.option("--headroom", type=float, default=8.0, show_default=True, help="--activation-ranges flags branches above 65504 / headroom (>= 1).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Weights for the PyTorch reference, if the manifest's source path is not here.")
 @THREADS_OPTION
+@MAX_MODEL_CALLS_OPTION
 def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol, json_path, junit_path, save_golden,
-           activation_ranges, headroom, checkpoint, threads) -> None:
+           activation_ranges, headroom, checkpoint, threads, max_model_calls) -> None:
     """Numerical parity of an artifact's backends against the PyTorch reference or a golden file.
 
     Exit code 0: every check within bounds; 1: some check out of bounds; 2: usage or artifact error.
@@ -414,8 +426,8 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
         raise click.UsageError("give exactly one of --against, --save-golden or --activation-ranges")
     mode = "--against" if against else "--save-golden" if save_golden else "--activation-ranges"
     used = {"--against": {"backends", "steps", "batches", "max_rel_errs", "atol", "rtol", "json_path", "junit_path",
-                          "checkpoint", "threads"},
-            "--save-golden": {"steps", "batches", "checkpoint"},
+                          "checkpoint", "threads", "max_model_calls"},
+            "--save-golden": {"steps", "batches", "checkpoint", "max_model_calls"},
             "--activation-ranges": {"headroom", "json_path", "checkpoint"}}[mode]
     ctx = click.get_current_context()
     unused = [p.opts[0] for p in ctx.command.params if p.name not in used | {"artifact", "against", "save_golden",
@@ -439,7 +451,8 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
         if against == "reference" or save_golden:
             from ditrt.exporter.parity_reference import reference_golden
             golden = reference_golden(manifest, _int_list(batches, "--batch") if batches else [1, 3, 8],
-                                      25 if steps is None else steps, checkpoint, log=_log)
+                                      25 if steps is None else steps, checkpoint, log=_log,
+                                      max_model_calls=max_model_calls)
         else:
             given = [flag for flag, value in (("--steps", steps), ("--batch", batches)) if value is not None]
             golden = P.load_golden(against, manifest, given)
@@ -448,7 +461,7 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
             click.echo(f"saved {len(golden.forward)} forward and {len(golden.loops)} loop references to {save_golden}")
             return
         results = P.run_parity(manifest, golden, [b.strip() for b in backends.split(",") if b.strip()], max_rel_errs,
-                               atol, rtol, threads, checkpoint, log=_log)
+                               atol, rtol, threads, checkpoint, log=_log, max_model_calls=max_model_calls)
     click.echo(P.format_table(results))
     meta = {"artifact": str(artifact), "against": against, "golden": golden.meta,
             "backends": sorted({r.backend for r in results})}

@@ -289,7 +289,7 @@ def compare(artifact, runs: list[QualityRun], classifier: DigitClassifier, num_i
         for first in range(0, num_images, batch):
             latents = pipe.sample(labels[first:first + batch], num_steps=s.steps, sampler=s.sampler,
                                   cfg_scale=s.cfg_scale, guidance=s.guidance, eta=s.eta, seed=seed, image_offset=first,
-                                  progress=False, **s.sampler_options)
+                                  progress=False, max_model_calls=s.max_model_calls, **s.sampler_options)
             calls += pipe.last_stats.steps
             images.append(pipe.decode(latents))
         seconds = time.perf_counter() - start

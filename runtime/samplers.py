@@ -127,6 +127,7 @@ class Sampler:
     check_options: Callable[[dict], dict] = lambda options: options
     uses_noise: bool = True  # False: noise(k) is never called (injected step noise is accepted, unused)
     integrates_null_half: bool = False  # the loop integrates the whole guided batch [x; x] (see pipeline)
+    adaptive: bool = False  # it decides its own model calls (model_calls None): a call budget applies
 
     def bind(self, **given) -> dict:
         """The options for one run: defaults filled in, values checked; an option this sampler
@@ -209,7 +210,7 @@ for _sampler in (
             "the output grid; the error norm covers the whole guided batch)", _ode_schedule, flow.ode_dopri5,
             SIT_STEPS_HELP, lambda n: n, noise_draws=lambda g: 0, model_calls=lambda g: None,
             options={"atol": 1e-6, "rtol": 1e-3}, check_options=flow.check_dopri5_options, uses_noise=False,
-            integrates_null_half=True),
+            integrates_null_half=True, adaptive=True),
     Sampler("sde-euler", "sit", "SiT's Euler-Maruyama over linspace(0, 0.96, num_steps), then a Mean step of 0.04 "
             "(diffusion 'sigma', norm 1)", _sde_schedule, flow.sde_euler, SIT_STEPS_HELP, lambda n: n,
             noise_draws=_intervals, model_calls=lambda g: _intervals(g) + 1, options=_SDE_OPTIONS,
