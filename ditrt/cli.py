@@ -53,7 +53,10 @@ def _int_list(value: str | None, what: str) -> list[int]:
         return []
     items = [v.strip() for v in value.split(",") if v.strip()]
     if not all(item.lstrip("-").isascii() and item.lstrip("-").isdigit() for item in items):
-        raise _Failed(f"{what} must be comma-separated integers, got {value!r}", 2)
+        raise _Failed(f"{what} must be comma-separated integers, got {value[:80]!r}", 2)
+    if any(len(item) > 20 for item in items):  # checked before int(): past 4300 digits Python refuses the conversion
+        raise _Failed(f"{what}: an integer of {max(map(len, items))} digits; these are labels or indices (at most 20 "
+                      "digits)", 2)
     return [int(v) for v in items]
 
 
@@ -80,6 +83,36 @@ DECODER_PRECISION_OPTION = click.option("--decoder-precision", type=PRECISIONS,
                                              "avoids fp16 VAE overflow.")
 
 
+class _Command(click.Command):
+    """A command that refuses an option given twice (click lets the last one win silently), and
+    both sides of a --x/--no-x switch; options declared `multiple` repeat as documented."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        _refuse_repeated(self, ctx, args)
+        return super().parse_args(ctx, args)
+
+
+def _refuse_repeated(command: click.Command, ctx: click.Context, args: list[str]) -> None:
+    options = {opt: p for p in command.params if isinstance(p, click.Option) for opt in p.opts + p.secondary_opts}
+    seen: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            break
+        flag = arg.split("=", 1)[0] if arg.startswith("--") else arg
+        param = options.get(flag)
+        if param is not None:
+            if not param.multiple and param.name in seen:
+                again = "again" if seen[param.name] == flag else f"after {seen[param.name]}"
+                raise click.UsageError(f"{flag} is given {again}: each option once (the last one would silently "
+                                       "win)", ctx)
+            seen[param.name] = flag
+            if not param.is_flag and "=" not in arg:
+                i += 1  # its value, whatever it looks like
+        i += 1
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(runtime.__version__, prog_name="ditrt")
 def main() -> None:
@@ -87,6 +120,9 @@ def main() -> None:
 
     Typical flow: `ditrt export` -> `ditrt build` (TensorRT, optional) -> `ditrt sample` / `ditrt parity`.
     """
+
+
+main.command_class = _Command  # every command refuses a repeated option
 
 
 # ---- inspect ------------------------------------------------------------------------------------

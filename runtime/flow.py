@@ -20,7 +20,6 @@ except through dopri5's error norm over the whole state: only ode-dopri5 needs t
 """
 from __future__ import annotations
 
-import re
 
 from dataclasses import dataclass
 from typing import Callable, Generator
@@ -28,7 +27,7 @@ from typing import Callable, Generator
 import numpy as np
 
 from .errors import InputError, StepError
-from .validate import check_int, check_number
+from .validate import check_int, check_number, parse_count
 
 Loop = Generator[tuple[np.ndarray, float], np.ndarray, np.ndarray]
 Noise = Callable[[int], np.ndarray]
@@ -376,9 +375,10 @@ def sde_heun(x: np.ndarray, grid: SdeGrid, noise: Noise | None) -> Loop:
 # ---- what the sampler registry needs (runtime/samplers.py registers the five loops) -------------
 
 def parse_num_steps(steps) -> int:
-    """SiT's --num-sampling-steps: an int or a string of digits, >= 2."""
-    if isinstance(steps, str) and re.fullmatch(r"[0-9]+", steps.strip(" \t")):
-        steps = int(steps.strip(" \t"))
+    """SiT's --num-sampling-steps: an int or a string of digits, >= 2 (the digits counted before the
+    conversion: validate.parse_count)."""
+    if isinstance(steps, str) and (count := parse_count(steps, "num_steps (SiT's --num-sampling-steps)")) is not None:
+        steps = count
     return _check_num_steps(steps)
 
 

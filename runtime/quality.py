@@ -230,13 +230,16 @@ def parse_run(text: str, base) -> QualityRun:
     or `precision=fp16` (keys: sampler, steps, cfg_scale, guidance, eta, backend, precision,
     decoder_precision, or a sampler option)."""
     from dataclasses import replace
-    changes, options = {}, dict(base.sampler_options)
+    changes, options, seen = {}, dict(base.sampler_options), set()
     for item in [p.strip() for p in str(text).split(",") if p.strip()]:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key or not value.strip():
             raise InputError(f"--compare takes key=value pairs separated by commas (e.g. sampler=ddim,steps=50), "
                              f"got {item!r} in {text!r}")
+        if key in seen:  # the last one would silently win
+            raise InputError(f"--compare {text!r} sets {key} twice; give each key once")
+        seen.add(key)
         if key in _RUN_KEYS:
             try:
                 changes[key] = _RUN_KEYS[key](value.strip())

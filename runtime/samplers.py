@@ -241,6 +241,8 @@ def parse_options(items) -> dict:
         name, sep, value = str(item).partition("=")
         if not sep or not name.strip().isidentifier():
             raise InputError(f"a sampler option is NAME=VALUE (e.g. atol=1e-6), got {item!r}")
+        if name.strip() in options:  # the last one would silently win
+            raise InputError(f"sampler option {name.strip()} is given twice (--option {name.strip()}=...); give it once")
         try:
             options[name.strip()] = float(value)
         except ValueError:
