@@ -338,7 +338,7 @@ def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, samp
     scikit-learn: pip install 'ditrt[quality]')."""
     import ditrt.exporter
     from ditrt.runtime import quality as Q
-    from ditrt.runtime.files import write_json_atomic
+    from ditrt.runtime.files import Input, check_outputs, write_json_atomic
     from ditrt.runtime.generate import SamplingOptions
     from ditrt.runtime.samplers import parse_options
     with project_errors():
@@ -347,6 +347,7 @@ def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, samp
                                max_model_calls)
         runs = [Q.QualityRun("base", base), *(Q.parse_run(text, base) for text in compares)]
         path = classifier or Path(ditrt.exporter.__file__).resolve().parent / "data" / "digits" / "classifier.npz"
+        check_outputs([("--json", json_path)], [*runtime.load_manifest(artifact).inputs(), Input("the --classifier", path)])
         report = Q.compare(artifact, runs, Q.DigitClassifier.load(path), num_images, seed, batch, threads,
                            log=_log if progress else lambda m: None)
         if json_path:
@@ -458,6 +459,7 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
     Exit code 0: every check within bounds; 1: some check out of bounds; 2: usage or artifact error.
     """
     from ditrt.runtime import parity as P
+    from ditrt.runtime.files import Input, check_outputs
     if sum([bool(against), bool(save_golden), activation_ranges]) != 1:
         raise click.UsageError("give exactly one of --against, --save-golden or --activation-ranges")
     mode = "--against" if against else "--save-golden" if save_golden else "--activation-ranges"
@@ -476,6 +478,9 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
         _require_torch("parity --against reference" if against else "parity", exit_code=2)
     with project_errors(all_input=True):
         manifest = runtime.load_manifest(artifact)
+        check_outputs([("--json", json_path), ("--junit", junit_path), ("--save-golden", save_golden)],
+                      [*manifest.inputs(), Input("the --against golden file", None if against in (None, "reference")
+                                                 else Path(against)), Input("the --checkpoint", checkpoint)])
         if activation_ranges:
             from ditrt.exporter.parity_reference import activation_report, format_activation_report
             report = activation_report(manifest, checkpoint, headroom)

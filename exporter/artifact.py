@@ -20,7 +20,7 @@ import torch
 
 from ditrt import runtime
 from ditrt.runtime.errors import StepError
-from ditrt.runtime.files import (Terminated, claimed_output, listed_files, resolve_out_dir, signals_raise,
+from ditrt.runtime.files import (Input, Terminated, check_output_folder, claimed_output, listed_files, resolve_out_dir, signals_raise,
                                  swap_into_place, write_json_atomic)
 from ditrt.runtime.manifest import MANIFEST_NAME, Manifest, new_manifest, write_manifest_digest
 
@@ -198,5 +198,6 @@ def export_command(checkpoint=None, example: bool = False, config_name=None, ran
     if vae_dir is not None or (example and not no_vae):
         vae = load_vae(vae_dir if vae_dir is not None else EXAMPLE_VAE, in_channels=source.config.in_channels)
     out_dir = Path(out_dir) if out_dir is not None else Path("engines") / default_name
+    check_output_folder("--out", out_dir, [Input("the checkpoint", checkpoint), Input("the --vae folder", vae_dir)])
     export_artifact(source, out_dir, tuple(precisions), opset, force, tuple(fp32_blocks), log=log, vae=vae)
     return out_dir

@@ -211,4 +211,7 @@ def create_backend(manifest, backend: str = "auto", precision: str | None = None
     precision = chosen or precision
     if precision not in kind.precisions:
         raise InputError(f"backend {kind.name} runs {', '.join(kind.precisions)} graphs, not {precision}")
+    if options.get("allow_plan_host_code") and backend != "auto" and kind.name != "tensorrt":
+        raise InputError(f"allow_plan_host_code (--allow-plan-host-code) applies to TensorRT plans; backend {backend} "
+                         "runs none (use --backend tensorrt or auto)")
     return kind.create(manifest, network, precision, **options)

@@ -135,14 +135,15 @@ def _identity(path: str | Path) -> tuple[str, tuple | None]:
 MAX_ARTIFACT_FILES = 10_000  # an artifact folder holds tens of files
 
 
-def artifact_inputs(directory: str | Path, listed: Iterable[str] = ()) -> list[Input]:
+def artifact_inputs(directory: str | Path, listed: Iterable[str] = (), every_file: bool = True) -> list[Input]:
     """The files of an artifact no output may replace: the manifest, its digest, every file its
-    manifest lists (`listed`, present or not) and every file in its folder (signatures and
-    timing caches included: a signature covers the whole folder)."""
+    manifest lists (`listed`, present or not) and, with `every_file`, every file in its folder
+    (signatures and timing caches included: a signature covers the whole folder; `ditrt build`,
+    the artifact's own writer, updates its timing cache)."""
     directory = Path(directory)
     names = {"manifest.json", "manifest.sha256", *listed}
     inputs = [Input(f"the artifact's {name}", directory / name) for name in sorted(names)]
-    for root, _, files in os.walk(directory):
+    for root, _, files in os.walk(directory) if every_file else ():
         for name in files:
             path = Path(root) / name
             if path.relative_to(directory).as_posix() not in names:
@@ -150,6 +151,20 @@ def artifact_inputs(directory: str | Path, listed: Iterable[str] = ()) -> list[I
             if len(inputs) > MAX_ARTIFACT_FILES:
                 return inputs
     return inputs
+
+
+def check_output_folder(flag: str, folder: str | Path, inputs: Iterable[Input]) -> None:
+    """Refuse an output folder (one a command creates or replaces whole) that is, or holds, one of
+    `inputs`: an export to the folder of its own checkpoint or VAE."""
+    real = os.path.realpath(folder)
+    for item in inputs:
+        if item.path is None:
+            continue
+        item_real = os.path.realpath(item.path)
+        if item_real == real or item_real.startswith(real.rstrip(os.sep) + os.sep):
+            raise InputError(f"{flag} {folder} {'is' if item_real == real else 'holds'} {item.what} ({item.path}): the "
+                             "output folder is replaced whole, and an output never replaces an input; choose another "
+                             f"{flag}")
 
 
 def check_outputs(outputs: Iterable[tuple[str, str | Path | None]], inputs: Iterable[Input]) -> None:

@@ -73,9 +73,10 @@ class Manifest:
 
     # ---- networks and graphs ------------------------------------------------------------------
 
-    def inputs(self) -> list[Input]:
-        """The artifact's files as inputs no output may replace (files.check_outputs)."""
-        return artifact_inputs(self.directory, listed_files(self.data))
+    def inputs(self, every_file: bool = True) -> list[Input]:
+        """The artifact's files as inputs no output may replace (files.check_outputs); every_file
+        False: only the manifest, its digest and the files it lists."""
+        return artifact_inputs(self.directory, listed_files(self.data), every_file)
 
     def network(self, name: str = "denoiser") -> NetworkSpec:
         if not isinstance(name, str) or name not in self.networks:

@@ -322,7 +322,12 @@ def thresholds(names: list[str], max_rel_errs=(), atol: float | None = None, rto
         for name in (names if not key else [key]):
             if name not in names:
                 raise InputError(f"--max-rel-err names backend {name!r}, which is not in --backends ({', '.join(names)})")
+            if name in overrides:  # the last one would silently win
+                raise InputError(f"--max-rel-err sets the bound of {name} twice ({item!r} after another); give each "
+                                 "backend one bound")
             overrides[name] = bound
+    if overrides and (atol is not None or rtol is not None):
+        raise InputError("--max-rel-err and --atol/--rtol are two different tests; give one of them")
     for what, value in (("--atol", atol), ("--rtol", rtol)):
         if value is not None:
             check_number(value, what, 0)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .files import check_regular
 from .validate import check_int
 
 DIGIT_SIDE = 8  # scikit-learn's digits are 8x8
@@ -72,7 +73,7 @@ class DigitClassifier:
 
     @classmethod
     def load(cls, path: str | Path) -> "DigitClassifier":
-        path = Path(path)
+        path = check_regular(Path(path), "digit classifier")  # a FIFO would block np.load, a device never end
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {name: z[name] for name in cls.ARRAYS}
