@@ -473,6 +473,8 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
               and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
     if unused:
         raise click.UsageError(f"{' and '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply with {mode}")
+    with project_errors(all_input=True):
+        P.check_bound_options(max_rel_errs, atol, rtol)  # before the reference runs
     needs_torch = activation_ranges or save_golden or against == "reference"
     if needs_torch:
         _require_torch("parity --against reference" if against else "parity", exit_code=2)

@@ -190,14 +190,16 @@ def export_command(checkpoint=None, example: bool = False, config_name=None, ran
     if no_vae and not example:
         raise ExportOptionError("--no-vae applies to --example (which embeds a VAE); a checkpoint exports the denoiser "
                                 "alone unless --vae DIR is given")
+    inputs = [Input("the checkpoint", checkpoint), Input("the --vae folder", vae_dir)]
     if out_dir is not None:  # before the checkpoint is read: a bad --out is refused at once
         prepare_out_dir(out_dir, force, log=lambda m: None)
+        check_output_folder("--out", out_dir, inputs)
     source, default_name = resolve_source(checkpoint, example, config_name, random_init, image_size, num_classes, seed,
                                           num_heads, family, transport)
     vae = None
     if vae_dir is not None or (example and not no_vae):
         vae = load_vae(vae_dir if vae_dir is not None else EXAMPLE_VAE, in_channels=source.config.in_channels)
     out_dir = Path(out_dir) if out_dir is not None else Path("engines") / default_name
-    check_output_folder("--out", out_dir, [Input("the checkpoint", checkpoint), Input("the --vae folder", vae_dir)])
+    check_output_folder("--out", out_dir, inputs)
     export_artifact(source, out_dir, tuple(precisions), opset, force, tuple(fp32_blocks), log=log, vae=vae)
     return out_dir

@@ -308,10 +308,22 @@ def write_junit(results: list[CheckResult], path: str | Path) -> None:
 
 # ---- orchestration: what `ditrt parity` runs ---------------------------------------------------------
 
+def check_bound_options(max_rel_errs=(), atol: float | None = None, rtol: float | None = None) -> None:
+    """What the bounds' options may not combine to, checked before any work: --max-rel-err with
+    --atol/--rtol (two tests: one would be ignored), the same backend (or every backend) twice."""
+    if max_rel_errs and (atol is not None or rtol is not None):
+        raise InputError("--max-rel-err and --atol/--rtol are two different tests; give one of them")
+    keys = [str(item).rpartition("=")[0] for item in max_rel_errs]
+    for key in keys:
+        if keys.count(key) > 1:  # the last one would silently win
+            raise InputError(f"--max-rel-err sets the bound of {key or 'every backend'} twice; give each one bound")
+
+
 def thresholds(names: list[str], max_rel_errs=(), atol: float | None = None, rtol: float | None = None) -> dict:
     """Per backend id and check kind: `max_rel_errs` items "X" (every backend) or "BACKEND=X",
     an allclose test (atol/rtol), or the defaults of the backend's precision."""
     from .validate import check_number
+    check_bound_options(max_rel_errs, atol, rtol)
     overrides: dict[str, float] = {}
     for item in max_rel_errs:
         key, _, value = str(item).rpartition("=")
@@ -326,8 +338,7 @@ def thresholds(names: list[str], max_rel_errs=(), atol: float | None = None, rto
                 raise InputError(f"--max-rel-err sets the bound of {name} twice ({item!r} after another); give each "
                                  "backend one bound")
             overrides[name] = bound
-    if overrides and (atol is not None or rtol is not None):
-        raise InputError("--max-rel-err and --atol/--rtol are two different tests; give one of them")
+
     for what, value in (("--atol", atol), ("--rtol", rtol)):
         if value is not None:
             check_number(value, what, 0)

@@ -263,7 +263,7 @@ def compare(artifact, runs: list[QualityRun], classifier: DigitClassifier, num_i
     accuracy, Frechet distance, precision / recall against the real digits, images/s (sampling and
     decoding); each relative to the first configuration."""
     import time
-    from .generate import balanced_labels
+    from .generate import balanced_labels, resolve_sampling
     from .manifest import load_manifest
     from .pipeline import load
     num_images = check_int(num_images, "--num-images", 20, 1_000_000)
@@ -271,6 +271,8 @@ def compare(artifact, runs: list[QualityRun], classifier: DigitClassifier, num_i
     if not runs:
         raise InputError("quality needs at least one configuration")
     manifest = load_manifest(artifact)
+    for run in runs:  # every configuration checked before the first one samples
+        resolve_sampling(manifest, run.sampling, np.zeros(1, np.int64))
     manifest.network("decoder")  # images are scored: the artifact needs its decoder
     (condition,) = manifest.network("denoiser").conditions
     if condition.condition.num_classes != len(classifier.classes):
