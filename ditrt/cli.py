@@ -53,7 +53,10 @@ def _int_list(value: str | None, what: str) -> list[int]:
         return []
     items = [v.strip() for v in value.split(",") if v.strip()]
     if not all(item.lstrip("-").isascii() and item.lstrip("-").isdigit() for item in items):
-        raise _Failed(f"{what} must be comma-separated integers, got {value!r}", 2)
+        raise _Failed(f"{what} must be comma-separated integers, got {value[:80]!r}", 2)
+    if any(len(item) > 20 for item in items):  # checked before int(): past 4300 digits Python refuses the conversion
+        raise _Failed(f"{what}: an integer of {max(map(len, items))} digits; these are labels or indices (at most 20 "
+                      "digits)", 2)
     return [int(v) for v in items]
 
 
@@ -98,9 +101,42 @@ THREADS_OPTION = click.option("--threads", type=int, help="ONNX Runtime CPU thre
 HOST_CODE_OPTION = click.option("--allow-plan-host-code", is_flag=True,
                                 help="Let a version-compatible TensorRT plan run the host code it embeds (only plans "
                                      "you trust).")
+MAX_MODEL_CALLS_OPTION = click.option(
+    "--max-model-calls", type=int, help="Model calls an adaptive sampler (ode-dopri5) may make per sampling call before "
+                                        "it stops with an error [1000]; fixed-step samplers refuse it.")
 DECODER_PRECISION_OPTION = click.option("--decoder-precision", type=PRECISIONS,
                                         help="Decoder graph precision [fp32 on ONNX Runtime, fp16 on TensorRT]; fp32 "
                                              "avoids fp16 VAE overflow.")
+
+
+class _Command(click.Command):
+    """A command that refuses an option given twice (click lets the last one win silently), and
+    both sides of a --x/--no-x switch; options declared `multiple` repeat as documented."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        _refuse_repeated(self, ctx, args)
+        return super().parse_args(ctx, args)
+
+
+def _refuse_repeated(command: click.Command, ctx: click.Context, args: list[str]) -> None:
+    options = {opt: p for p in command.params if isinstance(p, click.Option) for opt in p.opts + p.secondary_opts}
+    seen: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            break
+        flag = arg.split("=", 1)[0] if arg.startswith("--") else arg
+        param = options.get(flag)
+        if param is not None:
+            if not param.multiple and param.name in seen:
+                again = "again" if seen[param.name] == flag else f"after {seen[param.name]}"
+                raise click.UsageError(f"{flag} is given {again}: each option once (the last one would silently "
+                                       "win)", ctx)
+            seen[param.name] = flag
+            if not param.is_flag and "=" not in arg:
+                i += 1  # its value, whatever it looks like
+        i += 1
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -110,6 +146,9 @@ def main() -> None:
 
     Typical flow: `ditrt export` -> `ditrt build` (TensorRT, optional) -> `ditrt sample` / `ditrt parity`.
     """
+
+
+main.command_class = _Command  # every command refuses a repeated option
 
 
 # ---- inspect ------------------------------------------------------------------------------------
@@ -203,6 +242,7 @@ def sampling_options(command):
         click.option("--option", "sampler_options", multiple=True, metavar="NAME=VALUE",
                      help="A sampler option, e.g. atol=1e-6 for ode-dopri5 (repeatable; refused by samplers that "
                           "take none)."),
+        MAX_MODEL_CALLS_OPTION,
         click.option("--seed", type=int, default=0, show_default=True, help="Non-negative seed of the per-image noise."),
         BACKEND_OPTION,
         PRECISION_OPTION,
@@ -235,9 +275,9 @@ def sampling_options(command):
               help="Also write one PNG per image, 000000.png ... (as sample_ddp.py names them; needs a decoder).")
 @click.option("--latents", "latents_path", type=click.Path(path_type=Path),
               help="Also keep the latents as .npy (with a .png --out).")
-def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options, seed, backend, precision,
-           threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, image_offset, out_path,
-           out_dir, latents_path) -> None:
+def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options, max_model_calls, seed, backend,
+           precision, threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, image_offset,
+           out_path, out_dir, latents_path) -> None:
     """Run the guided sampling loop on an artifact; write a PNG grid (and per-image PNGs) with its
     decoder, and/or the latents (N, C, H, W) float32 as .npy."""
     from ditrt.runtime.outputs import OutputPlan
@@ -248,11 +288,13 @@ def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_o
         options = parse_options(sampler_options)
         manifest = runtime.load_manifest(artifact)
         plan = OutputPlan.from_options(out_path, out_dir, latents_path, "decoder" in manifest.networks, decoder_precision)
+        plan.refuse_inputs(manifest.inputs(), len(label_list), image_offset)
         pipe = runtime.load(artifact, backend=backend, precision=precision, threads=threads, max_batch=max_batch,
                             allow_plan_host_code=allow_plan_host_code, verify=verify, decoder=plan.decodes,
                             decoder_precision=decoder_precision)
         latents = pipe.sample(label_list, num_steps=steps, sampler=sampler, cfg_scale=cfg_scale, guidance=guidance,
-                              seed=seed, eta=eta, progress=progress, image_offset=image_offset, **options)
+                              seed=seed, eta=eta, progress=progress, image_offset=image_offset,
+                              max_model_calls=max_model_calls, **options)
         written = plan.write(latents, pipe.decode, log=_log, first_index=image_offset)
     s, d = pipe.last_stats, pipe.manifest.defaults
     click.echo(f"{len(label_list)} images x {s.steps} model calls ({sampler or d.sampler}, cfg "
@@ -287,16 +329,18 @@ def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_o
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out: verify its finished shards, compute the missing ones. A different "
                    "artifact or option is refused.")
-def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options, seed,
-             backend, precision, threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, batch,
-             shard_size, workers, use_ray, address, gpus_per_worker, npz_path, png, resume) -> None:
+def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options,
+             max_model_calls, seed, backend, precision, threads, max_batch, verify, allow_plan_host_code,
+             decoder_precision, progress, batch, shard_size, workers, use_ray, address, gpus_per_worker, npz_path, png,
+             resume) -> None:
     """Generate N images in resumable shards, as the official sample_ddp.py (for FID or synthetic
     data): identical whatever the number of workers. Prints one JSON summary line."""
     from ditrt.runtime import generate as G
     from ditrt.runtime.samplers import parse_options
     with project_errors():
         sampling = G.SamplingOptions(sampler, steps, cfg_scale, guidance, eta, parse_options(sampler_options), backend,
-                                     precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code)
+                                     precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code,
+                                     max_model_calls)
         job = G.GenerateJob(artifact, out_dir, num_images, labels, seed, sampling, batch, shard_size, png, npz_path,
                             resume)
         summary = G.generate(job, G.Workers(workers, use_ray, address, gpus_per_worker),
@@ -323,16 +367,16 @@ def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, g
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path),
               help="Also draw Frechet distance and accuracy against images/s (and block evaluations) as a PNG "
                    "(needs matplotlib: pip install 'ditrt[quality]').")
-def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, sampler_options, seed, backend, precision,
-            threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, compares, batch, classifier,
-            json_path, labels, plot_path) -> None:
+def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, sampler_options, max_model_calls, seed,
+            backend, precision, threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, compares,
+            batch, classifier, json_path, labels, plot_path) -> None:
     """Score what each configuration costs: sample N images, decode them and report the digit
     classifier's accuracy, the Frechet distance, precision and recall against the real digits,
     and images/s, each relative to the first configuration (the digits example; needs
     scikit-learn: pip install 'ditrt[quality]')."""
     import ditrt.exporter
     from ditrt.runtime import quality as Q
-    from ditrt.runtime.files import write_json_atomic
+    from ditrt.runtime.files import Input, check_outputs, write_json_atomic
     from ditrt.runtime.generate import SamplingOptions
     from ditrt.runtime.samplers import parse_options
     from ditrt.runtime.plots import check_plot_target, plot_report
@@ -340,9 +384,12 @@ def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, samp
         if plot_path:
             check_plot_target(plot_path)
         base = SamplingOptions(sampler, steps, cfg_scale, guidance, eta, parse_options(sampler_options), backend,
-                               precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code)
+                               precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code,
+                               max_model_calls)
         runs = [Q.QualityRun("base", base), *(Q.parse_run(text, base) for text in compares)]
         path = classifier or Path(ditrt.exporter.__file__).resolve().parent / "data" / "digits" / "classifier.npz"
+        check_outputs([("--json", json_path), ("--plot", plot_path)],
+                      [*runtime.load_manifest(artifact).inputs(), Input("the --classifier", path)])
         report = Q.compare(artifact, runs, Q.DigitClassifier.load(path), num_images, seed, batch, threads,
                            log=_log if progress else lambda m: None, labels=labels)
         if json_path:
@@ -382,6 +429,7 @@ class _GenerateBar:
 @click.option("--verify/--no-verify", default=True, show_default=True)
 def decode(artifact, latents, out_path, out_dir, backend, decoder_precision, threads, verify) -> None:
     """Decode saved latents (N, C, H, W) .npy with ARTIFACT's VAE decoder into PNGs."""
+    from ditrt.runtime.files import Input
     from ditrt.runtime.outputs import OutputPlan, load_latents
     from ditrt.runtime.pipeline import decode as run_decoder
     if out_path is None and out_dir is None:
@@ -392,6 +440,7 @@ def decode(artifact, latents, out_path, out_dir, backend, decoder_precision, thr
         manifest = runtime.load_manifest(artifact)
         plan = OutputPlan(None, out_path, out_dir).checked()
         array = load_latents(latents, manifest.model.latent_shape)
+        plan.refuse_inputs([*manifest.inputs(), Input("the latents input", latents)], len(array))
         decoder = runtime.create_backend(manifest, backend, decoder_precision, "decoder", threads=threads, verify=verify)
         click.echo(", ".join(plan.write(array, lambda x: run_decoder(decoder, x), log=_log)))
 
@@ -446,19 +495,21 @@ def verify(artifact, accept_manifest_edits) -> None:
 @click.option("--headroom", type=float, default=8.0, show_default=True, help="--activation-ranges flags branches above 65504 / headroom (>= 1).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Weights for the PyTorch reference, if the manifest's source path is not here.")
 @THREADS_OPTION
+@MAX_MODEL_CALLS_OPTION
 def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol, json_path, junit_path, save_golden,
-           activation_ranges, headroom, checkpoint, threads) -> None:
+           activation_ranges, headroom, checkpoint, threads, max_model_calls) -> None:
     """Numerical parity of an artifact's backends against the PyTorch reference or a golden file.
 
     Exit code 0: every check within bounds; 1: some check out of bounds; 2: usage or artifact error.
     """
     from ditrt.runtime import parity as P
+    from ditrt.runtime.files import Input, check_outputs
     if sum([bool(against), bool(save_golden), activation_ranges]) != 1:
         raise click.UsageError("give exactly one of --against, --save-golden or --activation-ranges")
     mode = "--against" if against else "--save-golden" if save_golden else "--activation-ranges"
     used = {"--against": {"backends", "steps", "batches", "max_rel_errs", "atol", "rtol", "json_path", "junit_path",
-                          "checkpoint", "threads"},
-            "--save-golden": {"steps", "batches", "checkpoint"},
+                          "checkpoint", "threads", "max_model_calls"},
+            "--save-golden": {"steps", "batches", "checkpoint", "max_model_calls"},
             "--activation-ranges": {"headroom", "json_path", "checkpoint"}}[mode]
     ctx = click.get_current_context()
     unused = [p.opts[0] for p in ctx.command.params if p.name not in used | {"artifact", "against", "save_golden",
@@ -466,11 +517,16 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
               and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
     if unused:
         raise click.UsageError(f"{' and '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply with {mode}")
+    with project_errors(all_input=True):
+        P.check_bound_options(max_rel_errs, atol, rtol)  # before the reference runs
     needs_torch = activation_ranges or save_golden or against == "reference"
     if needs_torch:
         _require_torch("parity --against reference" if against else "parity", exit_code=2)
     with project_errors(all_input=True):
         manifest = runtime.load_manifest(artifact)
+        check_outputs([("--json", json_path), ("--junit", junit_path), ("--save-golden", save_golden)],
+                      [*manifest.inputs(), Input("the --against golden file", None if against in (None, "reference")
+                                                 else Path(against)), Input("the --checkpoint", checkpoint)])
         if activation_ranges:
             from ditrt.exporter.parity_reference import activation_report, format_activation_report
             report = activation_report(manifest, checkpoint, headroom)
@@ -482,7 +538,8 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
         if against == "reference" or save_golden:
             from ditrt.exporter.parity_reference import reference_golden
             golden = reference_golden(manifest, _int_list(batches, "--batch") if batches else [1, 3, 8],
-                                      25 if steps is None else steps, checkpoint, log=_log)
+                                      25 if steps is None else steps, checkpoint, log=_log,
+                                      max_model_calls=max_model_calls)
         else:
             given = [flag for flag, value in (("--steps", steps), ("--batch", batches)) if value is not None]
             golden = P.load_golden(against, manifest, given)
@@ -491,7 +548,7 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
             click.echo(f"saved {len(golden.forward)} forward and {len(golden.loops)} loop references to {save_golden}")
             return
         results = P.run_parity(manifest, golden, [b.strip() for b in backends.split(",") if b.strip()], max_rel_errs,
-                               atol, rtol, threads, checkpoint, log=_log)
+                               atol, rtol, threads, checkpoint, log=_log, max_model_calls=max_model_calls)
     click.echo(P.format_table(results))
     meta = {"artifact": str(artifact), "against": against, "golden": golden.meta,
             "backends": sorted({r.backend for r in results})}

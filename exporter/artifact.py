@@ -20,7 +20,7 @@ import torch
 
 from ditrt import runtime
 from ditrt.runtime.errors import StepError
-from ditrt.runtime.files import (Terminated, claimed_output, listed_files, resolve_out_dir, signals_raise,
+from ditrt.runtime.files import (Input, Terminated, check_output_folder, claimed_output, listed_files, resolve_out_dir, signals_raise,
                                  swap_into_place, write_json_atomic)
 from ditrt.runtime.manifest import MANIFEST_NAME, Manifest, new_manifest, write_manifest_digest
 
@@ -201,8 +201,10 @@ def export_command(checkpoint=None, example: bool = False, config_name=None, ran
     from .vae import load_vae
     if vae_dir is not None and no_vae:
         raise ExportOptionError("give --vae DIR or --no-vae, not both")
+    inputs = [Input("the checkpoint", checkpoint), Input("the --vae folder", vae_dir)]
     if out_dir is not None:  # before the checkpoint is read: a bad --out is refused at once
         prepare_out_dir(out_dir, force, log=lambda m: None)
+        check_output_folder("--out", out_dir, inputs)
     source, default_name, bundled_vae = resolve_source(checkpoint, example, config_name, random_init, image_size,
                                                        num_classes, seed, num_heads, family, transport, revision)
     if example:
@@ -214,5 +216,6 @@ def export_command(checkpoint=None, example: bool = False, config_name=None, ran
     if vae_dir is not None or (bundled_vae is not None and not no_vae):
         vae = load_vae(vae_dir if vae_dir is not None else bundled_vae, in_channels=source.config.in_channels)
     out_dir = Path(out_dir) if out_dir is not None else Path("engines") / default_name
+    check_output_folder("--out", out_dir, inputs)
     export_artifact(source, out_dir, tuple(precisions), opset, force, tuple(fp32_blocks), log=log, vae=vae)
     return out_dir

@@ -22,9 +22,10 @@ FP16_MAX = 65504.0
 
 
 def reference_golden(manifest: Manifest, batches: list[int], steps: int, checkpoint: str | Path | None = None,
-                     log: Callable[[str], None] = lambda m: None) -> Golden:
+                     log: Callable[[str], None] = lambda m: None, max_model_calls: int | None = None) -> Golden:
     """Run the PyTorch reference once over the check set: per-forward checks at `batches` and one
-    loop of about `steps` model calls per sampler of the artifact's family."""
+    loop of about `steps` model calls per sampler of the artifact's family (`max_model_calls`
+    budgets the adaptive ones)."""
     from ditrt.runtime.validate import check_int
     if not batches:
         raise InputError("--batch needs at least one batch size")
@@ -36,7 +37,7 @@ def reference_golden(manifest: Manifest, batches: list[int], steps: int, checkpo
         forward["decoder"] = TorchBackend(reference_decoder(manifest), manifest.network("decoder"))
     meta = {"reference": "PyTorch fp32 eager (exporter.model)", "torch": torch.__version__,
             "artifact_source": manifest.data.get("source")}
-    return make_golden(forward, Pipeline(backend, manifest), manifest, batches, steps, meta, log)
+    return make_golden(forward, Pipeline(backend, manifest), manifest, batches, steps, meta, log, max_model_calls)
 
 
 BRANCHES = {  # name -> (module path inside a block, whether to record its input instead of its output)

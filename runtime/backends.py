@@ -244,6 +244,9 @@ def create_backend(manifest, backend: str = "auto", precision: str | None = None
     """One backend for one network of an artifact. backend "auto": TensorRT when a plan compatible
     with this GPU and TensorRT exists for the network, else ONNX Runtime (fp32 unless asked)."""
     kind, precision = resolve_backend(manifest, backend, precision, network)
+    if options.get("allow_plan_host_code") and backend != "auto" and kind.name != "tensorrt":
+        raise InputError(f"allow_plan_host_code (--allow-plan-host-code) applies to TensorRT plans; backend {backend} "
+                         "runs none (use --backend tensorrt or auto)")
     return kind.create(manifest, network, precision, **options)
 
 

@@ -420,17 +420,15 @@ class StepBatcher:
 
     def _call_budget(self, run, max_calls) -> int:
         """The model calls a run may make: a fixed-step sampler's count (refused above max_steps),
-        an adaptive one's cap."""
+        an adaptive one's budget (the run itself stops there: SampleRun.limit_model_calls)."""
         limit = self.limits.max_steps
-        if run.total_steps is not None:
-            if max_calls is not None:
-                raise InputError(f"max_calls applies to adaptive samplers only; {run.sampler.name} makes exactly "
-                                 f"{run.total_steps} model calls")
+        if run.total_steps is not None and max_calls is None:
             if run.total_steps > limit:
                 raise InputError(f"this request needs {run.total_steps} model calls; this scheduler runs at most "
                                  f"{limit} per request (max_steps)")
             return run.total_steps
-        return limit if max_calls is None else check_int(max_calls, "max_calls (model calls)", 1, limit)
+        run.limit_model_calls(limit if max_calls is None else max_calls, "max_calls", limit, "the server's max_steps")
+        return run.max_model_calls
 
     def _check_deadlines(self, request: _Request) -> None:
         """Overloaded unless the request, and every admitted request that would meet its deadline
@@ -657,11 +655,6 @@ class StepBatcher:
         for r, error in zip(batch, errors):
             if error is not None or r.run.done:
                 done.append((r, error))
-            elif r.run.steps_done >= r.max_calls:  # an adaptive run at its budget
-                done.append((r, InputError(
-                    f"{r.run.sampler.name} made {r.run.steps_done} model calls (its max_calls) without reaching the "
-                    f"end (t={r.run.timestep:.4g}); loosen its tolerances (atol, rtol) or raise max_calls (at most "
-                    f"{self.limits.max_steps}, the server's max_steps)")))
         with self._cond:
             self.cost.observe_tick(rows, len(batch), engine_s, seconds)
             self._count_call(rows)

@@ -35,6 +35,11 @@ class ScheduleError(InputError):
     """An impossible step specification for the chosen sampler."""
 
 
+class CallBudgetReached(InputError):
+    """An adaptive sampler made its budget of model calls (max_model_calls) without reaching the end:
+    its tolerances ask for more than the budget allows."""
+
+
 class BackendError(StepError):
     """A backend (ONNX Runtime, TensorRT, a callback) failed while running a network."""
 

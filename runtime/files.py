@@ -1,13 +1,17 @@
-"""File helpers, one per job: sha256 of a file, atomic writes, paths confined to an artifact."""
+"""File helpers, one per job: sha256 of a file, bounded reads of regular files (JSON included),
+atomic writes, paths confined to an artifact, and outputs that never name an input."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import stat
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Iterable
 
 from .errors import ArtifactError, InputError
 
@@ -29,7 +33,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
 def hash_file(path: str | Path, chunk: int = 1 << 24) -> str:
     """The sha256 of the file's bytes, read now (sha256_file is the cached one to call)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, "file to hash") as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
@@ -69,6 +73,158 @@ def file_key(path: str | Path) -> tuple:
     real = os.path.realpath(path)
     info = os.stat(real)
     return real, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+# ---- bounded reads ------------------------------------------------------------------------------
+MAX_JSON_BYTES = 16 << 20  # a manifest, a run record or a config is KBs to a few MB
+MAX_JSON_DEPTH = 800  # levels of arrays and objects: the C++ reader's kMaxDepth (pyjson.hpp); Python's parser would recurse
+
+
+def open_regular(path: str | Path, what: str, error=InputError, max_bytes: int | None = None):
+    """A binary handle on `path` once it is known to be a regular file (of at most `max_bytes`):
+    opened non-blocking and checked with fstat, so a FIFO (whose open would wait for a writer), a
+    device (/dev/zero never ends) or a socket is refused before any read, without a race between
+    the check and the open."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise error(f"unreadable {what} {path}: {e.strerror or e}") from None
+    info = os.fstat(fd)
+    problem = ("not a regular file (a FIFO, a device, a socket or a directory)" if not stat.S_ISREG(info.st_mode)
+               else f"{info.st_size} bytes, above the {max_bytes} a {what} can have"
+               if max_bytes is not None and info.st_size > max_bytes else None)
+    if problem:
+        os.close(fd)
+        raise error(f"unreadable {what} {path}: {problem}")
+    return os.fdopen(fd, "rb")
+
+
+def check_regular(path: str | Path, what: str, error=InputError) -> Path:
+    """`path`, once it is a regular file (see open_regular): for readers that open it themselves
+    (numpy, torch)."""
+    open_regular(path, what, error).close()
+    return Path(path)
+
+
+_JSON_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+
+
+def json_depth(data: bytes) -> int:
+    """The deepest nesting of arrays and objects in JSON text (brackets inside strings not counted),
+    found without recursion."""
+    import numpy as np
+    codes = np.frombuffer(_JSON_STRINGS.sub(b'""', data), dtype=np.uint8)
+    steps = (np.isin(codes, (ord("["), ord("{"))).astype(np.int64) - np.isin(codes, (ord("]"), ord("}"))))
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def loads_json(data: bytes | str, what: str, error=InputError, max_depth: int = MAX_JSON_DEPTH):
+    """json.loads with its depth bounded first: deep nesting is a clear error, never a RecursionError."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise error(f"unreadable {what}: arrays and objects nest {depth} deep, above the {max_depth} allowed")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON, UTF-8, or a > 4300-digit integer
+        raise error(f"unreadable {what}: not valid JSON ({e})") from None
+
+
+def read_json(path: str | Path, what: str, error=InputError, max_bytes: int = MAX_JSON_BYTES,
+              max_depth: int = MAX_JSON_DEPTH):
+    """A JSON file, bounded: a regular file (refused before any read otherwise), at most `max_bytes`,
+    nested at most `max_depth` deep, UTF-8, valid JSON; `error` names `what` and the path."""
+    with open_regular(path, what, error, max_bytes) as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise error(f"unreadable {what} {path}: {e.strerror or e}") from None
+    if len(data) > max_bytes:  # grew since the fstat
+        raise error(f"unreadable {what} {path}: above the {max_bytes} bytes a {what} can have")
+    return loads_json(data, f"{what} {path}", error, max_depth)
+
+
+# ---- outputs never name inputs ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Input:
+    """A file a command reads (or a folder whose every path is one), which none of its outputs
+    may replace."""
+    what: str  # how the message names it: "the artifact's manifest", "--labels"
+    path: Path
+    folder: bool = False  # every path inside the folder counts as the input too
+
+
+def _identity(path: str | Path) -> tuple[str, tuple | None]:
+    """(the real path, symbolic links resolved; (device, inode) when it exists): two names of one
+    file, hard links included, have one identity."""
+    real = os.path.realpath(path)
+    try:
+        info = os.stat(real)
+    except OSError:
+        return real, None
+    return real, (info.st_dev, info.st_ino) if stat.S_ISREG(info.st_mode) else None
+
+
+MAX_ARTIFACT_FILES = 10_000  # an artifact folder holds tens of files
+
+
+def artifact_inputs(directory: str | Path, listed: Iterable[str] = (), every_file: bool = True) -> list[Input]:
+    """The files of an artifact no output may replace: the manifest, its digest, every file its
+    manifest lists (`listed`, present or not) and, with `every_file`, every file in its folder
+    (signatures and timing caches included: a signature covers the whole folder; `ditrt build`,
+    the artifact's own writer, updates its timing cache)."""
+    directory = Path(directory)
+    names = {"manifest.json", "manifest.sha256", *listed}
+    inputs = [Input(f"the artifact's {name}", directory / name) for name in sorted(names)]
+    for root, _, files in os.walk(directory) if every_file else ():
+        for name in files:
+            path = Path(root) / name
+            if path.relative_to(directory).as_posix() not in names:
+                inputs.append(Input(f"the artifact's file {path.relative_to(directory)}", path))
+            if len(inputs) > MAX_ARTIFACT_FILES:
+                return inputs
+    return inputs
+
+
+def check_output_folder(flag: str, folder: str | Path, inputs: Iterable[Input]) -> None:
+    """Refuse an output folder (one a command creates or replaces whole) that is, or holds, one of
+    `inputs`: an export to the folder of its own checkpoint or VAE."""
+    real = os.path.realpath(folder)
+    for item in inputs:
+        if item.path is None:
+            continue
+        item_real = os.path.realpath(item.path)
+        if item_real == real or item_real.startswith(real.rstrip(os.sep) + os.sep):
+            raise InputError(f"{flag} {folder} {'is' if item_real == real else 'holds'} {item.what} ({item.path}): the "
+                             "output folder is replaced whole, and an output never replaces an input; choose another "
+                             f"{flag}")
+
+
+def check_outputs(outputs: Iterable[tuple[str, str | Path | None]], inputs: Iterable[Input]) -> None:
+    """Refuse (InputError) an output path that resolves, through symbolic links or as a hard link,
+    to one of the command's inputs, or two outputs that name one file: checked before any work, so
+    an input is never overwritten and nothing is half-done."""
+    known = []
+    for item in inputs:
+        if item.path is not None:
+            known.append((item, *_identity(item.path)))
+    seen: dict[tuple, str] = {}
+    for flag, path in outputs:
+        if path is None:
+            continue
+        real, inode = _identity(path)
+        for item, item_real, item_inode in known:
+            inside = item.folder and real.startswith(item_real.rstrip(os.sep) + os.sep)
+            if real == item_real or (inode is not None and inode == item_inode) or inside:
+                where = f"inside {item.what} ({item.path})" if inside and real != item_real else \
+                    f"{item.what} ({item.path})"
+                raise InputError(f"{flag} {path} is {where}: an output never replaces an input of the command; "
+                                 "choose another path")
+        for key in {real, inode} - {None}:
+            if key in seen:
+                raise InputError(f"{flag} {path} and {seen[key]} name the same file; give each output its own path")
+            seen[key] = f"{flag} {path}"
 
 
 @contextmanager
@@ -134,6 +290,8 @@ def artifact_path(directory: Path, name, field: str) -> Path:
 # --force swap, so a kill between the two renames leaves it recoverable.
 
 def _pid_alive(pid: int) -> bool:
+    if not 0 < pid < 1 << 22:  # above Linux's pid_max limit (4194304): no process has it (os.kill would overflow)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -145,7 +303,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _pid_of(path: Path) -> int | None:
     for part in path.name.split("-"):
-        if part.isdigit():
+        if part.isascii() and part.isdigit() and len(part) <= 20:
             return int(part)
     return None
 
@@ -263,8 +421,10 @@ def claimed_output(target: Path, log=lambda m: None):
             raise InputError(f"cannot claim {target}: {lock} is in the way and is not ditrt's lock file (a "
                              "directory, a link or a device); move it away")
         try:
-            holder = int(lock.read_text().strip() or 0)
-        except (OSError, ValueError):
+            with open_regular(lock, "lock file", max_bytes=64) as f:
+                text = f.read(64).decode("ascii").strip()
+            holder = int(text) if text.isdigit() and len(text) <= 20 else 0  # junk or a 40-digit pid: stale
+        except (OSError, ValueError, InputError):
             holder = 0
         if holder and _pid_alive(holder):
             raise InputError(f"another ditrt process (pid {holder}) is writing {target} right now "

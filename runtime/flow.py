@@ -20,7 +20,6 @@ except through dopri5's error norm over the whole state: only ode-dopri5 needs t
 """
 from __future__ import annotations
 
-import re
 
 from dataclasses import dataclass
 from typing import Callable, Generator
@@ -28,7 +27,7 @@ from typing import Callable, Generator
 import numpy as np
 
 from .errors import InputError, StepError
-from .validate import check_int, check_number
+from .validate import check_int, check_number, parse_count
 
 Loop = Generator[tuple[np.ndarray, float], np.ndarray, np.ndarray]
 Noise = Callable[[int], np.ndarray]
@@ -220,7 +219,7 @@ def ode_dopri5(x: np.ndarray, grid: OdeGrid, noise: Noise | None = None, *, atol
     tolerances float64 tensors with a dimension: the error norms are float64 over the WHOLE state.
     With a float64 state this is plain float64 dopri5 (as torchdiffeq on float64 tensors)."""
     x = _check_state(x)
-    atol, rtol = (check_number(v, name, 0, low_open=True) for name, v in (("atol", atol), ("rtol", rtol)))
+    atol, rtol = (check_tolerance(v, name) for name, v in (("atol", atol), ("rtol", rtol)))
     real = x.dtype.type
     stats = stats if stats is not None else Dopri5Stats()
     t_start, t_end = np.float64(grid.t[0]), np.float64(grid.t[-1])
@@ -376,9 +375,10 @@ def sde_heun(x: np.ndarray, grid: SdeGrid, noise: Noise | None) -> Loop:
 # ---- what the sampler registry needs (runtime/samplers.py registers the five loops) -------------
 
 def parse_num_steps(steps) -> int:
-    """SiT's --num-sampling-steps: an int or a string of digits, >= 2."""
-    if isinstance(steps, str) and re.fullmatch(r"[0-9]+", steps.strip(" \t")):
-        steps = int(steps.strip(" \t"))
+    """SiT's --num-sampling-steps: an int or a string of digits, >= 2 (the digits counted before the
+    conversion: validate.parse_count)."""
+    if isinstance(steps, str) and (count := parse_count(steps, "num_steps (SiT's --num-sampling-steps)")) is not None:
+        steps = count
     return _check_num_steps(steps)
 
 
@@ -389,5 +389,15 @@ def check_sde_options(options: dict) -> dict:
     return {}
 
 
+# The smallest tolerance: the error norm divides by atol + rtol |y| >= atol and squares in float64, so
+# a float32 state (|x| <= 3.4e38) over a tolerance >= 1e-100 stays below 3.4e138, whose square is finite
+# (< 1.8e308). Below 2.6e-116 the norm overflows to inf and the step control turns NaN.
+MIN_TOLERANCE = 1e-100
+
+
+def check_tolerance(value, name: str) -> float:
+    return check_number(value, name, MIN_TOLERANCE, 1)  # names the tolerance: atol must be a number in [1e-100, 1]
+
+
 def check_dopri5_options(options: dict) -> dict:
-    return {name: check_number(options[name], name, 0, 1, low_open=True) for name in ("atol", "rtol")}
+    return {name: check_tolerance(options[name], name) for name in ("atol", "rtol")}

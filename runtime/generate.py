@@ -36,7 +36,8 @@ from . import __version__
 from .backends import check_threads, parse_backend, resolve_backend
 from .chunking import check_max_batch
 from .errors import InputError, StepError
-from .files import claimed_output, hash_file, sha256_file, verified_hashes, write_json_atomic
+from .files import (Input, check_outputs, check_regular, claimed_output, hash_file, read_json, sha256_file,
+                    verified_hashes, write_json_atomic)
 from .images import per_image_name, write_png
 from .labels import as_number, resolve_labels, split_labels
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
@@ -79,6 +80,7 @@ class SamplingOptions:
     decoder_precision: str | None = None
     verify: bool = True
     allow_plan_host_code: bool = False
+    max_model_calls: int | None = None  # an adaptive sampler's budget per call (None: pipeline.MAX_MODEL_CALLS)
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,7 @@ def plan_labels(spec: str, seed: int, num_images: int, condition, names=None) ->
     path = Path(spec)
     if path.suffix.lower() != ".npy":
         return listed_labels(spec, seed, num_images, condition, names), "list"
+    check_regular(path, "labels file")  # a FIFO would block np.load, a device never end
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)  # the header is checked against the file size
     except (OSError, ValueError, EOFError) as e:
@@ -230,7 +233,7 @@ def resolve_sampling(manifest: Manifest, sampling: SamplingOptions, labels: np.n
     from .pipeline import Pipeline
     run = Pipeline(_SpecOnly(manifest.network("denoiser")), manifest).start(
         labels[:1], sampling.steps, sampling.sampler, sampling.cfg_scale, sampling.guidance, 0, sampling.eta,
-        **sampling.sampler_options)
+        max_model_calls=sampling.max_model_calls, **sampling.sampler_options)
     run.close()  # only validated: no noise prefetch
     d = manifest.defaults
     return {"sampler": run.sampler.name, "num_steps": str(sampling.steps if sampling.steps is not None else d.steps),
@@ -317,10 +320,7 @@ def check_resumable(record: dict, artifact: dict, options: dict, out: Path) -> N
 
 
 def _read_record(path: Path) -> dict:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read the run record {path}: {e}") from None
+    record = read_json(path, "run record")  # bounded: a FIFO, /dev/zero or 100k nested lists end in a clear error
     if not isinstance(record, dict):
         raise InputError(f"{path} is not a ditrt generate run record")
     return record
@@ -375,8 +375,35 @@ def _check_job(job: GenerateJob, workers: Workers) -> None:
         parse_backend(s.backend)
     if job.npz is not None:
         check_writable(Path(job.npz))
+    if not isinstance(job.out, (str, os.PathLike)) or not str(job.out):
+        raise InputError(f"--out must name the run directory, got {str(job.out)!r}")
+    _check_run_dir(Path(job.out))
     if not isinstance(job.labels, str):
         raise InputError(f"--labels must be balanced, random, a .npy file or a list of classes, got {job.labels!r}")
+
+
+def _check_run_dir(out: Path) -> None:
+    """The run directory is a folder of its own: its lock file goes beside it, in its parent, so the
+    root, the current directory and the folders above it ('/', '.', '', '..') are refused."""
+    try:
+        absolute = out.resolve()
+    except (OSError, RuntimeError) as e:  # a symbolic link loop (RuntimeError before Python 3.13)
+        raise InputError(f"--out {out} cannot be resolved: {e}") from None
+    if not out.name or absolute == absolute.parent or Path.cwd().resolve().is_relative_to(absolute):
+        raise InputError(f"--out {str(out)!r} is {absolute}, the root, the current directory or one above it: a run "
+                         "needs a directory of its own (its lock file goes beside it), e.g. --out runs/fid50k")
+
+
+def _run_inputs(job: GenerateJob, manifest: Manifest) -> list[Input]:
+    """What the run reads or keeps, which --npz may not replace: the artifact, the --labels file,
+    the run record, its lock and every shard or PNG of the run."""
+    out = Path(job.out)
+    inputs = manifest.inputs()
+    if job.labels not in LABEL_KINDS:
+        inputs.append(Input("the --labels file", Path(job.labels)))
+    return inputs + [Input("the run record", out / RECORD_NAME), Input("the run's lock", out.with_name(f".{out.name}.lock")),
+                     Input("the run's shards folder", out / SHARD_DIR, folder=True),
+                     Input("the run's PNG folder", out / PNG_DIR, folder=True)]
 
 
 def _open_run(job: GenerateJob, artifact: dict, options: dict, shards: list[Shard], log) -> dict:
@@ -444,6 +471,7 @@ def generate(job: GenerateJob, workers: Workers = Workers(), progress: Callable[
                "decoder_precision": s.decoder_precision, **sample_kwargs}
     shards = plan_shards(job.num_images, job.shard_size)
     out = Path(job.out)
+    check_outputs([("--npz", job.npz)], _run_inputs(job, manifest))
     log(f"hashing the artifact {job.artifact} ...")
     # Each graph file the workers read is hashed once, here; the workers trust these digests
     # (files.trust_verified_hashes: same machine, same file identity), the unused graphs are not read.
@@ -463,8 +491,10 @@ def generate(job: GenerateJob, workers: Workers = Workers(), progress: Callable[
             load_kwargs = {"backend": s.backend, "precision": s.precision, "threads": threads,
                            "max_batch": s.max_batch, "allow_plan_host_code": s.allow_plan_host_code,
                            "verify": s.verify, "decoder_precision": s.decoder_precision}
+            budget = {} if s.max_model_calls is None else {"max_model_calls": s.max_model_calls}  # not recorded: it
+            # changes no pixel (a run that reaches it fails)
             worker_args = {"artifact": str(job.artifact), "decode": output == "images", "load_kwargs": load_kwargs,
-                           "sample_kwargs": sample_kwargs, "seed": job.seed, "batch": job.batch,
+                           "sample_kwargs": {**sample_kwargs, **budget}, "seed": job.seed, "batch": job.batch,
                            "trusted_hashes": verified_hashes(hashed) if s.verify else None}
             if workers.ray:
                 pool = RayPool(worker_class, worker_args, workers.address, cpus=threads, gpus=workers.gpus, log=log)

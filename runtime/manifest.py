@@ -23,7 +23,8 @@ from pathlib import Path, PurePosixPath
 from .config import (DiTConfig, Defaults, Family, Guidance, read_defaults, read_guidance, read_model,
                      read_process)
 from .errors import ArtifactError
-from .files import artifact_path, atomic_output, file_key, sha256_file, write_json_atomic
+from .files import (Input, artifact_inputs, artifact_path, atomic_output, file_key, listed_files, read_json,
+                    sha256_file, write_json_atomic)
 from .labels import ClassNames, read_id2label
 from .networks import NetworkSpec, denoiser_spec
 from .validate import check_number
@@ -73,6 +74,11 @@ class Manifest:
         return self.process
 
     # ---- networks and graphs ------------------------------------------------------------------
+
+    def inputs(self, every_file: bool = True) -> list[Input]:
+        """The artifact's files as inputs no output may replace (files.check_outputs); every_file
+        False: only the manifest, its digest and the files it lists."""
+        return artifact_inputs(self.directory, listed_files(self.data), every_file)
 
     def network(self, name: str = "denoiser") -> NetworkSpec:
         if not isinstance(name, str) or name not in self.networks:
@@ -336,24 +342,11 @@ def load_manifest(directory: str | Path) -> Manifest:
 
 def read_manifest_json(path: Path):
     """The parsed JSON of a manifest file: a regular file of sane size (a FIFO, a device or a link to
-    /dev/zero is refused before any read), UTF-8, valid JSON."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
+    /dev/zero is refused before any read), nested at most MAX_JSON_DEPTH deep, UTF-8, valid JSON."""
+    if not os.path.lexists(path):
         raise ArtifactError(f"{path.parent} is not a ditrt artifact: no {MANIFEST_NAME} (create one with "
-                            "`ditrt export`)") from None
-    except OSError as e:
-        raise ArtifactError(f"unreadable manifest {path}: {e.strerror or e}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ArtifactError(f"unreadable manifest {path}: not a regular file")
-    if info.st_size > MAX_MANIFEST_BYTES:
-        raise ArtifactError(f"unreadable manifest {path}: {info.st_size} bytes, above the {MAX_MANIFEST_BYTES >> 20} MiB "
-                            "a manifest can have")
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read(MAX_MANIFEST_BYTES + 1).decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, UTF-8, or a > 4300-digit integer
-        raise ArtifactError(f"unreadable manifest {path}: {e}") from None
+                            "`ditrt export`)")
+    return read_json(path, "manifest", ArtifactError, MAX_MANIFEST_BYTES)
 
 
 def reexport_command(data: dict, directory: Path) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import images
 from .errors import InputError
-from .files import atomic_output
+from .files import Input, atomic_output, check_outputs
 
 FORMATS = {"npy": "application/octet-stream", "png": "image/png"}  # what the server answers
 
@@ -66,6 +66,14 @@ class OutputPlan:
                 check_writable(path)
         if self.folder is not None and os.path.lexists(self.folder) and not self.folder.is_dir():
             raise InputError(f"{self.folder} exists and is not a directory; per-image PNGs need a folder")
+        return self
+
+    def refuse_inputs(self, inputs: list[Input], count: int, first_index: int = 0) -> "OutputPlan":
+        """The plan, once none of its `count` images' files (per-image PNGs from `first_index`) would
+        replace one of `inputs` (the artifact's files, a latents input) or another output."""
+        names = (self.folder / images.per_image_name(first_index + i) for i in range(count)) if self.folder else ()
+        check_outputs([("--latents" if self.grid else "--out", self.latents), ("--out", self.grid),
+                       *(("--out-dir", path) for path in names)], inputs)
         return self
 
     def write(self, latents: np.ndarray, decode: Callable[[np.ndarray], np.ndarray] | None = None,

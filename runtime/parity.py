@@ -19,6 +19,7 @@ from .errors import InputError
 from .files import atomic_output, write_json_atomic
 from .noise import SeededNoise
 from .samplers import SAMPLERS
+from .validate import check_int
 
 GOLDEN_FORMAT = "ditrt.golden/2"  # version 1 (denoiser inputs as latent/timestep/class_label) still loads
 # Default bounds on max |actual - reference| / max |reference|, by graph precision and check kind.
@@ -104,9 +105,12 @@ def run_forward(backend: Backend, case: ForwardCase) -> np.ndarray:
     return run_chunked(backend, case.feeds)[backend.network.output.name]
 
 
-def run_loop(pipeline, case: LoopCase) -> np.ndarray:
+def run_loop(pipeline, case: LoopCase, max_model_calls: int | None = None) -> np.ndarray:
+    """The case's loop; `max_model_calls` budgets the adaptive samplers' loops (the others make a fixed count)."""
+    budget = max_model_calls if SAMPLERS[case.sampler].adaptive else None
     return pipeline.sample(case.labels, num_steps=case.steps, sampler=case.sampler, cfg_scale=case.cfg_scale,
-                           guidance=case.guidance, noise=(case.initial, case.step_noise), progress=False)
+                           guidance=case.guidance, noise=(case.initial, case.step_noise), progress=False,
+                           max_model_calls=budget)
 
 
 # ---- golden files ----------------------------------------------------------------------------------
@@ -188,7 +192,7 @@ def load_golden(path, manifest, given_options: list[str] = ()) -> Golden:
 
 
 def make_golden(forward_backends: dict[str, Backend], pipeline, manifest, batches: list[int], steps: int,
-                meta: dict, log: Callable[[str], None] = lambda m: None) -> Golden:
+                meta: dict, log: Callable[[str], None] = lambda m: None, max_model_calls: int | None = None) -> Golden:
     """Run the reference once over the check set: `forward_backends` by network name."""
     forward = []
     for case in forward_cases(manifest, batches, networks=list(forward_backends)):
@@ -197,7 +201,7 @@ def make_golden(forward_backends: dict[str, Backend], pipeline, manifest, batche
     loops = []
     for case in loop_cases(manifest, steps):
         log(f"reference: {case.name}")
-        loops.append((case, run_loop(pipeline, case)))
+        loops.append((case, run_loop(pipeline, case, max_model_calls)))
     model_meta = {**{k: getattr(manifest.model, k) for k in ("in_channels", "input_size", "num_classes")},
                   "out_channels": manifest.family.output_channels(manifest.model), "family": manifest.family.name}
     return Golden(forward, loops, {**meta, "model": model_meta, "batches": batches, "steps": steps})
@@ -237,14 +241,14 @@ class CheckResult:
 
 
 def check_backend(name: str, backend: Backend, pipeline, golden: Golden,
-                  thresholds: dict[str, Threshold]) -> list[CheckResult]:
+                  thresholds: dict[str, Threshold], max_model_calls: int | None = None) -> list[CheckResult]:
     """Every forward and loop check of the golden file on one backend. `thresholds` by kind."""
     results = []
     network = backend.network.name
     checks = [("forward", case, ref, lambda c=case: run_forward(backend, c))
               for case, ref in golden.forward if case.network == network]
     if pipeline is not None:
-        checks += [("loop", case, ref, lambda c=case: run_loop(pipeline, c)) for case, ref in golden.loops]
+        checks += [("loop", case, ref, lambda c=case: run_loop(pipeline, c, max_model_calls)) for case, ref in golden.loops]
     for kind, case, ref, run in checks:
         output = backend.network.output.name if kind == "forward" else "latents"
         start = time.perf_counter()
@@ -304,10 +308,22 @@ def write_junit(results: list[CheckResult], path: str | Path) -> None:
 
 # ---- orchestration: what `ditrt parity` runs ---------------------------------------------------------
 
+def check_bound_options(max_rel_errs=(), atol: float | None = None, rtol: float | None = None) -> None:
+    """What the bounds' options may not combine to, checked before any work: --max-rel-err with
+    --atol/--rtol (two tests: one would be ignored), the same backend (or every backend) twice."""
+    if max_rel_errs and (atol is not None or rtol is not None):
+        raise InputError("--max-rel-err and --atol/--rtol are two different tests; give one of them")
+    keys = [str(item).rpartition("=")[0] for item in max_rel_errs]
+    for key in keys:
+        if keys.count(key) > 1:  # the last one would silently win
+            raise InputError(f"--max-rel-err sets the bound of {key or 'every backend'} twice; give each one bound")
+
+
 def thresholds(names: list[str], max_rel_errs=(), atol: float | None = None, rtol: float | None = None) -> dict:
     """Per backend id and check kind: `max_rel_errs` items "X" (every backend) or "BACKEND=X",
     an allclose test (atol/rtol), or the defaults of the backend's precision."""
     from .validate import check_number
+    check_bound_options(max_rel_errs, atol, rtol)
     overrides: dict[str, float] = {}
     for item in max_rel_errs:
         key, _, value = str(item).rpartition("=")
@@ -318,7 +334,11 @@ def thresholds(names: list[str], max_rel_errs=(), atol: float | None = None, rto
         for name in (names if not key else [key]):
             if name not in names:
                 raise InputError(f"--max-rel-err names backend {name!r}, which is not in --backends ({', '.join(names)})")
+            if name in overrides:  # the last one would silently win
+                raise InputError(f"--max-rel-err sets the bound of {name} twice ({item!r} after another); give each "
+                                 "backend one bound")
             overrides[name] = bound
+
     for what, value in (("--atol", atol), ("--rtol", rtol)):
         if value is not None:
             check_number(value, what, 0)
@@ -345,7 +365,7 @@ def integrity_checks(manifest, backend) -> list[CheckResult]:
 
 def run_parity(manifest, golden: Golden, backend_names: list[str], max_rel_errs=(), atol: float | None = None,
                rtol: float | None = None, threads: int | None = None, checkpoint=None,
-               log: Callable[[str], None] = lambda m: None) -> list[CheckResult]:
+               log: Callable[[str], None] = lambda m: None, max_model_calls: int | None = None) -> list[CheckResult]:
     """Every check of `golden` on every named backend and network of the artifact, with the
     bounds of `thresholds`. Every backend is made before any check runs (a missing one fails at
     once). They load with verify=False: parity reports a changed file as a failed sha256 check and
@@ -354,6 +374,9 @@ def run_parity(manifest, golden: Golden, backend_names: list[str], max_rel_errs=
     from .backends import create_backend
     if not backend_names:
         raise InputError("parity needs at least one backend")
+    if max_model_calls is not None:
+        from .pipeline import MODEL_CALLS_LIMIT
+        check_int(max_model_calls, "--max-model-calls", 1, MODEL_CALLS_LIMIT)
     instances = {}  # (backend id, network) -> backend
     for name in backend_names:
         for network in manifest.networks:
@@ -366,7 +389,7 @@ def run_parity(manifest, golden: Golden, backend_names: list[str], max_rel_errs=
         log(f"checking {name} on the {network} ...")
         results += integrity_checks(manifest, backend)
         pipeline = P.Pipeline(backend, manifest) if network == "denoiser" else None
-        results += check_backend(name, backend, pipeline, golden, bounds[name])
+        results += check_backend(name, backend, pipeline, golden, bounds[name], max_model_calls)
     return results
 
 

@@ -26,13 +26,18 @@ import numpy as np
 
 from .backends import create_backend
 from .chunking import Backend, run_chunked
-from .errors import InputError, StepError
+from .errors import CallBudgetReached, InputError, StepError
 from .labels import resolve_labels
 from .manifest import Manifest, load_manifest
 from .noise import InjectedNoise, SeededNoise
 from .prefetch import NoisePrefetch
 from .samplers import Sampler, get_sampler, guide
-from .validate import check_array, check_number
+from .validate import check_array, check_int, check_number
+
+
+MAX_MODEL_CALLS = 1000  # an adaptive sampler's default budget per run (serve: --max-steps); dopri5 at its
+# default tolerances takes tens of calls, so reaching 1000 means tolerances no float32 loop can meet
+MODEL_CALLS_LIMIT = 1_000_000  # the largest budget one may ask for
 
 
 @dataclass
@@ -81,20 +86,25 @@ class Pipeline:
     def start(self, class_labels: Sequence[int] | np.ndarray, num_steps: int | str | None = None,
               sampler: str | None = None, cfg_scale: float | None = None, guidance: str | None = None,
               seed: int = 0, eta: float | None = None, noise: tuple | None = None, image_offset: int = 0,
-              **sampler_options) -> "SampleRun":
+              max_model_calls: int | None = None, **sampler_options) -> "SampleRun":
         """A validated run, ready to step; None means the manifest's default. `sampler_options` are
         the chosen sampler's own options (e.g. atol/rtol for ode-dopri5); an option it does not take
-        is refused."""
-        return SampleRun(self, class_labels, num_steps, sampler, cfg_scale, guidance, seed, noise, image_offset,
-                         {"eta": eta, **sampler_options})
+        is refused. `max_model_calls` caps an adaptive sampler's model calls (default
+        MAX_MODEL_CALLS; CallBudgetReached when reached); fixed-step samplers refuse it."""
+        run = SampleRun(self, class_labels, num_steps, sampler, cfg_scale, guidance, seed, noise, image_offset,
+                        {"eta": eta, **sampler_options})
+        if max_model_calls is not None:
+            run.limit_model_calls(max_model_calls)
+        return run
 
     def sample(self, class_labels: Sequence[int] | np.ndarray, num_steps: int | str | None = None,
                sampler: str | None = None, cfg_scale: float | None = None, guidance: str | None = None,
                seed: int = 0, eta: float | None = None, noise: tuple | None = None, progress: bool = True,
-               image_offset: int = 0, **sampler_options) -> np.ndarray:
-        """Latents (N, C, H, W) float32 for N class labels. See docs/runtime.md for the conventions."""
+               image_offset: int = 0, max_model_calls: int | None = None, **sampler_options) -> np.ndarray:
+        """Latents (N, C, H, W) float32 for N class labels. See docs/runtime.md for the conventions;
+        `max_model_calls`: see `start`."""
         run = self.start(class_labels, num_steps, sampler, cfg_scale, guidance, seed, eta, noise, image_offset,
-                         **sampler_options)
+                         max_model_calls, **sampler_options)
         bar = _Progress(run) if progress else None
         start, backend_s = time.perf_counter(), 0.0
         try:
@@ -169,6 +179,8 @@ class SampleRun:
         self.null_half = self.guided and self.sampler.integrates_null_half
         self.backend_name = pipeline.backend.name
         self.total_steps = self.sampler.model_calls(self.schedule)  # None: adaptive
+        self.max_model_calls = self.total_steps or MAX_MODEL_CALLS
+        self._budget_names = ("max_model_calls", "")  # the option that sets it, and the most it may be
         self.steps_done = 0
         self._prefetch = self._noise_prefetch()
         step_noise = self._prefetch or (self.noise.step if self.sampler.uses_noise else None)
@@ -193,6 +205,18 @@ class SampleRun:
     @property
     def done(self) -> bool:
         return self._result is not None
+
+    def limit_model_calls(self, budget: int, option: str = "max_model_calls", limit: int = MODEL_CALLS_LIMIT,
+                          where: str = "") -> None:
+        """Cap an adaptive sampler's model calls at `budget` (in [1, limit]): `advance` raises
+        CallBudgetReached once the budget is made and the loop has not ended. A fixed-step sampler
+        makes a known number of calls: a budget for it is refused. `option` and `where` name the
+        setting in messages (serve: max_calls, "the server's max_steps")."""
+        if self.total_steps is not None:
+            raise InputError(f"{option} applies to adaptive samplers only; {self.sampler.name} makes exactly "
+                             f"{self.total_steps} model calls")
+        self.max_model_calls = check_int(budget, f"{option} (model calls)", 1, limit)
+        self._budget_names = (option, f" (at most {limit}, {where})" if where else "")
 
     @property
     def timestep(self) -> float:
@@ -220,6 +244,11 @@ class SampleRun:
                              f"{', '.join(map(str, self._pending[0].shape[2:]))})")
         self._pending = self._next(self._guide(model_output.astype(np.float32, copy=False)))
         self.steps_done += 1
+        if not self.done and self.steps_done >= self.max_model_calls:
+            option, most = self._budget_names
+            raise CallBudgetReached(
+                f"{self.sampler.name} made {self.steps_done} model calls (its {option}) without reaching the end "
+                f"(t={self.timestep:.4g}); loosen its tolerances (atol, rtol) or raise {option}{most}")
 
     def _guide(self, out: np.ndarray) -> np.ndarray:
         if not self.guided:

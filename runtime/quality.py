@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .files import check_regular
 from .validate import check_int
 
 DIGIT_SIDE = 8  # scikit-learn's digits are 8x8
@@ -72,7 +73,7 @@ class DigitClassifier:
 
     @classmethod
     def load(cls, path: str | Path) -> "DigitClassifier":
-        path = Path(path)
+        path = check_regular(Path(path), "digit classifier")  # a FIFO would block np.load, a device never end
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {name: z[name] for name in cls.ARRAYS}
@@ -230,13 +231,16 @@ def parse_run(text: str, base) -> QualityRun:
     or `precision=fp16` (keys: sampler, steps, cfg_scale, guidance, eta, backend, precision,
     decoder_precision, or a sampler option)."""
     from dataclasses import replace
-    changes, options = {}, dict(base.sampler_options)
+    changes, options, seen = {}, dict(base.sampler_options), set()
     for item in [p.strip() for p in str(text).split(",") if p.strip()]:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key or not value.strip():
             raise InputError(f"--compare takes key=value pairs separated by commas (e.g. sampler=ddim,steps=50), "
                              f"got {item!r} in {text!r}")
+        if key in seen:  # the last one would silently win
+            raise InputError(f"--compare {text!r} sets {key} twice; give each key once")
+        seen.add(key)
         if key in _RUN_KEYS:
             try:
                 changes[key] = _RUN_KEYS[key](value.strip())
@@ -261,7 +265,7 @@ def compare(artifact, runs: list[QualityRun], classifier: DigitClassifier, num_i
     a comma-separated list of class numbers or names the images are balanced over (`ditrt generate`'s
     --labels)."""
     import time
-    from .generate import balanced_labels, listed_labels
+    from .generate import balanced_labels, listed_labels, resolve_sampling
     from .manifest import load_manifest
     from .pipeline import load
     num_images = check_int(num_images, "--num-images", 20, 1_000_000)
@@ -269,6 +273,8 @@ def compare(artifact, runs: list[QualityRun], classifier: DigitClassifier, num_i
     if not runs:
         raise InputError("quality needs at least one configuration")
     manifest = load_manifest(artifact)
+    for run in runs:  # every configuration checked before the first one samples
+        resolve_sampling(manifest, run.sampling, np.zeros(1, np.int64))
     manifest.network("decoder")  # images are scored: the artifact needs its decoder
     (condition,) = manifest.network("denoiser").conditions
     if condition.condition.num_classes != len(classifier.classes):
@@ -293,7 +299,7 @@ def compare(artifact, runs: list[QualityRun], classifier: DigitClassifier, num_i
         for first in range(0, num_images, batch):
             latents = pipe.sample(labels[first:first + batch], num_steps=s.steps, sampler=s.sampler,
                                   cfg_scale=s.cfg_scale, guidance=s.guidance, eta=s.eta, seed=seed, image_offset=first,
-                                  progress=False, **s.sampler_options)
+                                  progress=False, max_model_calls=s.max_model_calls, **s.sampler_options)
             calls += pipe.last_stats.steps
             images.append(pipe.decode(latents))
         seconds = time.perf_counter() - start

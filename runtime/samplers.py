@@ -147,6 +147,7 @@ class Sampler:
     # (schedule, options) -> n: the loop takes step draws 0 .. n - 1, in order (the noise prefetch
     # computes none past them); None: noise_draws(schedule)
     drawn: Callable[..., int] | None = None
+    adaptive: bool = False  # it decides its own model calls (model_calls None): a call budget applies
 
     def step_draws(self, schedule, options: dict) -> int:
         if not self.uses_noise:
@@ -235,7 +236,7 @@ for _sampler in (
             "the output grid; the error norm covers the whole guided batch)", _ode_schedule, flow.ode_dopri5,
             SIT_STEPS_HELP, lambda n: n, noise_draws=lambda g: 0, model_calls=lambda g: None,
             options={"atol": 1e-6, "rtol": 1e-3}, check_options=flow.check_dopri5_options, uses_noise=False,
-            integrates_null_half=True),
+            integrates_null_half=True, adaptive=True),
     Sampler("sde-euler", "sit", "SiT's Euler-Maruyama over linspace(0, 0.96, num_steps), then a Mean step of 0.04 "
             "(diffusion 'sigma', norm 1)", _sde_schedule, flow.sde_euler, SIT_STEPS_HELP, lambda n: n,
             noise_draws=_intervals, model_calls=lambda g: _intervals(g) + 1, options=_SDE_OPTIONS,
@@ -266,6 +267,8 @@ def parse_options(items) -> dict:
         name, sep, value = str(item).partition("=")
         if not sep or not name.strip().isidentifier():
             raise InputError(f"a sampler option is NAME=VALUE (e.g. atol=1e-6), got {item!r}")
+        if name.strip() in options:  # the last one would silently win
+            raise InputError(f"sampler option {name.strip()} is given twice (--option {name.strip()}=...); give it once")
         try:
             options[name.strip()] = float(value)
         except ValueError:

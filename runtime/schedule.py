@@ -6,24 +6,31 @@ the original-scale timestep the model is called with.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from .config import Diffusion
 from .errors import ScheduleError
+from .validate import check_int, parse_count, shown
+
+
+MAX_DIGITS = 7  # a step count below 10^7 (num_train_timesteps is checked against it when respacing)
+MAX_SPEC_CHARS = 10_000  # section counts a,b,c of up to ~1000 sections
 
 
 def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
     """The official `space_timesteps`: "N" (N evenly spaced steps, 0 and the last included),
     "ddimN" (smallest integer stride giving N steps) or "a,b,c" (sections of equal length)."""
     if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
-        spec = str(int(spec))
-    elif isinstance(spec, str) and re.fullmatch(r"[0-9]+", spec.strip(" \t")):  # ASCII only ("²".isdigit() is True)
-        spec = str(int(spec.strip(" \t")))
+        spec = str(check_int(spec, "step count", 0, 10**MAX_DIGITS - 1, ScheduleError))
+    elif isinstance(spec, str) and (count := parse_count(spec, "step spec", ScheduleError, MAX_DIGITS)) is not None:
+        spec = str(count)
     if not isinstance(spec, str) or not spec.strip():
-        raise ScheduleError(f"step spec must be an int or a string like '250', 'ddim50' or '10,20,30'; got {spec!r}")
+        raise ScheduleError(f"step spec must be an int or a string like '250', 'ddim50' or '10,20,30'; got {shown(spec)}")
+    if len(spec) > MAX_SPEC_CHARS:
+        raise ScheduleError(f"step spec of {len(spec)} characters; a spec is 'N', 'ddimN' or section counts a,b,c "
+                            f"(at most {MAX_SPEC_CHARS} characters)")
     spec = spec.strip(" \t")
     if spec.startswith("ddim"):
         count = _parse_count(spec[4:], spec)
@@ -48,9 +55,9 @@ def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
 
 
 def _parse_count(text: str, spec: str) -> int:
-    if not re.fullmatch(r"[0-9]{1,7}", text.strip(" \t")):
-        raise ScheduleError(f"step spec '{spec}' is not 'N', 'ddimN' or comma-separated section counts")
-    count = int(text.strip(" \t"))
+    count = parse_count(text, f"step spec {shown(spec)}", ScheduleError, MAX_DIGITS)
+    if count is None:
+        raise ScheduleError(f"step spec {shown(spec)} is not 'N', 'ddimN' or comma-separated section counts")
     if count < 1:
         raise ScheduleError(f"step spec '{spec}': step counts must be positive")
     return count

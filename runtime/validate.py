@@ -15,14 +15,39 @@ import numpy as np
 from .errors import InputError
 
 
+MAX_COUNT_DIGITS = 12  # a count written in decimal (steps, section sizes): more digits is no count
+
+
 def check_int(value, what: str, low: int | None = 1, high: int | None = None, error=InputError, unit: str = "") -> int:
     """`value` as an int in [low, high] (None: unbounded). An int-valued string is not an int."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise error(f"{what} must be {_integers(low, high)}{unit}, got {value!r}")
+        raise error(f"{what} must be {_integers(low, high)}{unit}, got {shown(value)}")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
-        raise error(f"{what} must be {_integers(low, high)}{unit}, got {value}")
+        raise error(f"{what} must be {_integers(low, high)}{unit}, got {shown(value)}")
     return value
+
+
+def parse_count(text: str, what: str, error=InputError, max_digits: int = MAX_COUNT_DIGITS) -> int | None:
+    """`text` (spaces and tabs around it allowed) as a non-negative int when it is ASCII digits; None
+    when it is not digits at all. The length is checked before the conversion: a spec of thousands
+    of digits is a clear error, never Python's int-string limit (ValueError past 4300 digits)."""
+    stripped = text.strip(" \t")
+    if not stripped or not stripped.isascii() or not stripped.isdigit():  # "²".isdigit() is True: ASCII first
+        return None
+    if len(stripped) > max_digits:
+        raise error(f"{what} has {len(stripped)} digits; a count has at most {max_digits}")
+    return int(stripped)
+
+
+def shown(value, limit: int = 80) -> str:
+    """`value` for a message, short: a huge int by its size (str() of one past 4300 digits raises),
+    anything else by its repr cut to `limit` characters."""
+    if isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, (bool, np.bool_)) \
+            and abs(int(value)).bit_length() > 200:
+        return f"an integer of about {int(abs(int(value)).bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def check_number(value, what: str, low: float | None = None, high: float | None = None, *, low_open: bool = False,

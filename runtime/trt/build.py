@@ -24,7 +24,7 @@ import numpy as np
 from .. import __version__ as _version
 from ..backends import OnnxRuntimeBackend, onnxruntime_device
 from ..errors import InputError, StepError, TensorRTUnavailable
-from ..files import atomic_output, sha256_file
+from ..files import atomic_output, check_outputs, sha256_file
 from ..manifest import Manifest, engine_entry, load_manifest
 from ..networks import NetworkSpec
 from ..parity import compare
@@ -168,6 +168,7 @@ def build_all(artifact_dir: str | Path, network: str = "all", precision: str = "
     decoder in `decoder_precision` (default `precision`); batch bounds in the network's unit, so they
     need one network. Everything is checked before the first build starts."""
     manifest = load_manifest(artifact_dir)
+    check_outputs([("--timing-cache", flags.timing_cache)], manifest.inputs(every_file=False))
     names = list(manifest.networks) if network == "all" else [manifest.network(network).name]
     if any(v is not None for v in (min_batch, opt_batch, max_batch)) and len(names) > 1:
         raise InputError(f"--min-batch/--opt-batch/--max-batch are in one network's unit; this artifact has "
