@@ -85,6 +85,7 @@ class DenoiserExporter:
         self.spec = denoiser_spec(self.source.config, family, family.default_process(self.source.config))
         self.fp32_blocks = tuple(sorted(set(self.fp32_blocks)))
         self._recipes: dict = {}  # precision -> the recipe of the graph being exported
+        self._precisions: tuple[str, ...] = ()
 
     def check_options(self, precisions: tuple[str, ...]) -> None:
         if self.fp32_blocks and "fp16" not in precisions:
@@ -93,13 +94,16 @@ class DenoiserExporter:
         if bad:
             raise ExportOptionError(f"--fp32-blocks {bad} out of range: the model has blocks 0..{self.source.config.depth - 1}")
         check_quant_options(self.quant, precisions)
+        self._precisions = precisions  # in export order
 
     def reference(self) -> torch.nn.Module:
         return _DenoiserGraph(self.source.model.float())
 
     def module(self, precision: str) -> torch.nn.Module:
-        if precision in QUANTIZED_PRECISIONS:  # a calibrated copy; the fp32 model stays for fp16
-            model, self._recipes[precision] = quantize(self.source.model, self.source.family, precision, self.quant)
+        if precision in QUANTIZED_PRECISIONS:  # a calibrated copy, unless no later graph needs the fp32 model
+            last = precision == self._precisions[-1]
+            model, self._recipes[precision] = quantize(self.source.model, self.source.family, precision, self.quant,
+                                                       in_place=last)
             return _DenoiserGraph(model)
         # fp16 comes last, so the model is converted in place: no second copy of the weights at the peak.
         model = self.source.model if precision == "fp32" else set_precision(self.source.model, "fp16", self.fp32_blocks)

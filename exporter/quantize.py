@@ -140,9 +140,11 @@ def calibrate(model: torch.nn.Module, family, options: QuantOptions) -> dict:
             "labels": "balanced", "batch_images": CALIB_BATCH, "model_calls": calls}
 
 
-def quantize(model: torch.nn.Module, family, precision: str, options: QuantOptions) -> tuple[torch.nn.Module, dict]:
-    """A fake-quantized copy of the fp32 `model`, calibrated on trajectories, and its recipe (the
-    manifest's `quantization` field of the graph)."""
+def quantize(model: torch.nn.Module, family, precision: str, options: QuantOptions,
+             in_place: bool = False) -> tuple[torch.nn.Module, dict]:
+    """A fake-quantized copy of the fp32 `model` (`in_place`: the model itself, when nothing is
+    exported from it afterwards: no second copy of the weights), calibrated on trajectories, and
+    its recipe (the manifest's `quantization` field of the graph)."""
     modelopt, mtq = import_modelopt()
     name = options.config_name(precision)
     config = copy.deepcopy(getattr(mtq, name))
@@ -150,7 +152,7 @@ def quantize(model: torch.nn.Module, family, precision: str, options: QuantOptio
                                                          for pattern in options.excluded_layers]
     torch.manual_seed(0)  # nothing random should run; this pins it if ModelOpt ever draws
     recipe: dict = {}
-    quantized = copy.deepcopy(model).float().eval()
+    quantized = (model if in_place else copy.deepcopy(model)).float().eval()
     with torch.no_grad(), _quiet():
         quantized = mtq.quantize(quantized, config, lambda m: recipe.update(calibrate(m, family, options)))
     enabled = sorted({n.rsplit(".", 1)[0] for n, m in quantized.named_modules()
