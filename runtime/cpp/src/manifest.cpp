@@ -760,6 +760,9 @@ const GraphEntry& Manifest::graph(const std::string& network_name, const std::st
                                                  "; it has: " + have);
     }
     const GraphEntry* g = n->graph(precision);
+    if (!g && (precision == "int8" || precision == "fp8") && network_name != "denoiser")  // runtime/manifest.py graph
+        throw Error(Status::Artifact, directory + " has no " + precision + " " + network_name + " graph: quantized graphs are " +
+                                          "made for the denoiser only, the " + network_name + " has no quantization recipe");
     if (!g)
         throw Error(Status::Artifact, directory + " has no " + precision + " " + network_name + " graph; re-export with --precision " +
                                           precision);
