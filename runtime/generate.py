@@ -218,6 +218,7 @@ def resolve_sampling(manifest: Manifest, sampling: SamplingOptions, labels: np.n
     run = Pipeline(_SpecOnly(manifest.network("denoiser")), manifest).start(
         labels[:1], sampling.steps, sampling.sampler, sampling.cfg_scale, sampling.guidance, 0, sampling.eta,
         **sampling.sampler_options)
+    run.close()  # only validated: no noise prefetch
     d = manifest.defaults
     return {"sampler": run.sampler.name, "num_steps": str(sampling.steps if sampling.steps is not None else d.steps),
             "cfg_scale": run.cfg_scale, "guidance": sampling.guidance or d.guidance, **run.options}
