@@ -91,7 +91,8 @@ def _log(message: str) -> None:
 
 
 BACKEND_CHOICES = ["auto", *BACKENDS, *backend_ids()]
-PRECISIONS = click.Choice(["fp32", "fp16"])
+PRECISIONS = click.Choice(["fp32", "fp16", "int8", "fp8"])  # int8 / fp8: the denoiser's quantized graphs
+DECODER_PRECISIONS = click.Choice(["fp32", "fp16"])
 
 # Options several commands take word for word (sampling_options, `serve`; --threads also `decode`, `parity`).
 BACKEND_OPTION = click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
@@ -104,7 +105,7 @@ HOST_CODE_OPTION = click.option("--allow-plan-host-code", is_flag=True,
 MAX_MODEL_CALLS_OPTION = click.option(
     "--max-model-calls", type=int, help="Model calls an adaptive sampler (ode-dopri5) may make per sampling call before "
                                         "it stops with an error [1000]; fixed-step samplers refuse it.")
-DECODER_PRECISION_OPTION = click.option("--decoder-precision", type=PRECISIONS,
+DECODER_PRECISION_OPTION = click.option("--decoder-precision", type=DECODER_PRECISIONS,
                                         help="Decoder graph precision [fp32 on ONNX Runtime, fp16 on TensorRT]; fp32 "
                                              "avoids fp16 VAE overflow.")
 
@@ -201,7 +202,14 @@ def inspect(checkpoint: Path, num_heads: int | None, input_size: int | None, as_
 @click.option("--num-heads", type=int, help="Override: attention heads (checkpoints of custom configs).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Artifact directory [engines/<name>].")
 @click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset (18..25).")
-@click.option("--precision", default="fp32,fp16", show_default=True, help="Graphs to write: fp32, fp16 or both.")
+@click.option("--precision", default="fp32,fp16", show_default=True,
+              help="Graphs to write: any of fp32, fp16, int8, fp8 (int8 / fp8: the denoiser, with ditrt[quant]).")
+@click.option("--calib-images", type=int, help="int8 / fp8: images whose sampling trajectories calibrate [64].")
+@click.option("--calib-steps", type=int, help="int8 / fp8: steps of each calibration trajectory (default sampler) [25].")
+@click.option("--calib-seed", type=int, help="int8 / fp8: seed of the calibration labels and noise [0].")
+@click.option("--quant-config", "quant_configs", multiple=True,
+              help="ModelOpt config per quantized precision: INT8_DEFAULT_CFG (int8 default), INT8_SMOOTHQUANT_CFG, "
+                   "FP8_DEFAULT_CFG (fp8 default). Repeatable.")
 @click.option("--fp32-blocks", default="", help="Block indices kept float32 in the fp16 graph, e.g. 0,27.")
 @click.option("--vae", "vae_dir", type=click.Path(path_type=Path),
               help="A diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema): adds its decoder as a second network "
@@ -210,17 +218,20 @@ def inspect(checkpoint: Path, num_heads: int | None, input_size: int | None, as_
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
 @click.option("--revision", help="With a Hugging Face id: the commit (or branch, tag) to fetch [main].")
 def export(checkpoint, example, family, path_type, prediction, config_name, random_init, image_size, num_classes, seed,
-           num_heads, out_dir, opset, precision, fp32_blocks, vae_dir, no_vae, force, revision) -> None:
+           num_heads, out_dir, opset, precision, calib_images, calib_steps, calib_seed, quant_configs, fp32_blocks,
+           vae_dir, no_vae, force, revision) -> None:
     """Export a checkpoint (a file, a diffusers DiTPipeline folder, a Hugging Face id or an official checkpoint
     name; or a random-init named config) to ONNX with a validated manifest."""
     _require_torch("export")
     from ditrt.exporter.artifact import export_command
+    from ditrt.exporter.quantize import quant_options
     with project_errors():
+        quant = quant_options(calib_images, calib_steps, calib_seed, quant_configs)
         out = export_command(checkpoint, example, config_name, random_init, image_size, num_classes, seed, num_heads,
                              family, out_dir, tuple(p.strip() for p in precision.split(",") if p.strip()), opset,
                              _int_list(fp32_blocks, "--fp32-blocks"), vae_dir, no_vae, force, log=_log,
                              transport={k: v for k, v in (("path_type", path_type), ("prediction", prediction)) if v},
-                             revision=revision)
+                             revision=revision, quant=quant)
     click.echo(str(out))
 
 
@@ -424,7 +435,7 @@ class _GenerateBar:
 @click.option("--out", "out_path", type=click.Path(path_type=Path), help="PNG grid, as sample.py writes it.")
 @click.option("--out-dir", type=click.Path(path_type=Path), help="One PNG per image, 000000.png ...")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
-@click.option("--decoder-precision", type=PRECISIONS, help="Decoder graph precision.")
+@click.option("--decoder-precision", type=DECODER_PRECISIONS, help="Decoder graph precision.")
 @THREADS_OPTION
 @click.option("--verify/--no-verify", default=True, show_default=True)
 def decode(artifact, latents, out_path, out_dir, backend, decoder_precision, threads, verify) -> None:
@@ -494,10 +505,12 @@ def verify(artifact, accept_manifest_edits) -> None:
 @click.option("--activation-ranges", is_flag=True, help="Largest |activation| per block and branch, flagged near the fp16 range.")
 @click.option("--headroom", type=float, default=8.0, show_default=True, help="--activation-ranges flags branches above 65504 / headroom (>= 1).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Weights for the PyTorch reference, if the manifest's source path is not here.")
+@click.option("--precision", type=PRECISIONS,
+              help="Graph precision of each --backends kind named without one [without --backends: onnxruntime-PRECISION].")
 @THREADS_OPTION
 @MAX_MODEL_CALLS_OPTION
 def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol, json_path, junit_path, save_golden,
-           activation_ranges, headroom, checkpoint, threads, max_model_calls) -> None:
+           activation_ranges, headroom, checkpoint, precision, threads, max_model_calls) -> None:
     """Numerical parity of an artifact's backends against the PyTorch reference or a golden file.
 
     Exit code 0: every check within bounds; 1: some check out of bounds; 2: usage or artifact error.
@@ -508,7 +521,7 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
         raise click.UsageError("give exactly one of --against, --save-golden or --activation-ranges")
     mode = "--against" if against else "--save-golden" if save_golden else "--activation-ranges"
     used = {"--against": {"backends", "steps", "batches", "max_rel_errs", "atol", "rtol", "json_path", "junit_path",
-                          "checkpoint", "threads", "max_model_calls"},
+                          "checkpoint", "threads", "max_model_calls", "precision"},
             "--save-golden": {"steps", "batches", "checkpoint", "max_model_calls"},
             "--activation-ranges": {"headroom", "json_path", "checkpoint"}}[mode]
     ctx = click.get_current_context()
@@ -547,7 +560,10 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
             golden.save(save_golden)
             click.echo(f"saved {len(golden.forward)} forward and {len(golden.loops)} loop references to {save_golden}")
             return
-        results = P.run_parity(manifest, golden, [b.strip() for b in backends.split(",") if b.strip()], max_rel_errs,
+        if precision and ctx.get_parameter_source("backends") != click.core.ParameterSource.COMMANDLINE:
+            backends = "onnxruntime"
+        names = [b.strip() for b in backends.split(",") if b.strip()]
+        results = P.run_parity(manifest, golden, P.with_precision(names, precision), max_rel_errs,
                                atol, rtol, threads, checkpoint, log=_log, max_model_calls=max_model_calls)
     click.echo(P.format_table(results))
     meta = {"artifact": str(artifact), "against": against, "golden": golden.meta,
@@ -570,8 +586,9 @@ from ditrt.runtime.trt.settings import HARDWARE_COMPAT as _HARDWARE_COMPAT  # no
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--network", default="all", show_default=True,
               help="Network to build: denoiser, decoder, or all of the artifact's networks.")
-@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
-              help="Graph to build from (fp32: a strongly typed build of the fp32 graph).")
+@click.option("--precision", type=click.Choice(["fp16", "fp32", "int8", "fp8"]), default="fp16", show_default=True,
+              help="Graph to build from (fp32: a strongly typed build of the fp32 graph; int8 / fp8: of the denoiser's "
+                   "QDQ graph; the decoder then builds fp16, or fp32 without an fp16 graph).")
 @click.option("--decoder-precision", type=click.Choice(["fp16", "fp32"]),
               help="Precision of the decoder plan [--precision]; fp32 avoids fp16 VAE overflow (NaN / black images).")
 @click.option("--min-batch", type=int, help="Smallest engine batch, in the network's unit [1].")

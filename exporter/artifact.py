@@ -27,7 +27,8 @@ from ditrt.runtime.manifest import MANIFEST_NAME, Manifest, new_manifest, write_
 from .decoder import DecoderExporter
 from .denoiser import DenoiserExporter, ExportSource
 from .onnx_export import (DEFAULT_OPSET, ExportOptionError, Steps, check_common_options, export_network,
-                          steps_per_network)
+                          network_precisions, steps_per_network)
+from .quantize import QuantOptions, check_quant_options
 
 
 class ExportInterrupted(StepError):
@@ -41,11 +42,12 @@ class ExportInterrupted(StepError):
 
 def export_artifact(source: ExportSource, out_dir: str | Path, precisions: tuple[str, ...] = ("fp32", "fp16"),
                     opset: int = DEFAULT_OPSET, force: bool = False, fp32_blocks: tuple[int, ...] = (),
-                    log: Callable[[str], None] = print, vae=None) -> Manifest:
+                    log: Callable[[str], None] = print, vae=None, quant: QuantOptions | None = None) -> Manifest:
     """Write the artifact directory. The source model is used up: an fp16 export converts it in place.
-    `vae` (a LoadedVae from exporter.vae.load_vae) adds the decoder network, in the same precisions."""
+    `vae` (a LoadedVae from exporter.vae.load_vae) adds the decoder network, in the same precisions
+    but the quantized ones (it stays fp32 / fp16). `quant`: calibration and config of int8 / fp8."""
     out_dir, written = prepare_out_dir(out_dir, force, log), False
-    exporters = [DenoiserExporter(source, fp32_blocks)]
+    exporters = [DenoiserExporter(source, fp32_blocks, quant or QuantOptions())]
     if vae is not None:
         exporters.append(DecoderExporter(vae, source.config.latent_shape))
     try:
@@ -59,7 +61,7 @@ def export_artifact(source: ExportSource, out_dir: str | Path, precisions: tuple
                 with signals.held():  # no temporary folder without its cleanup
                     tmp = Path(_make_temp_dir(out_dir))
                 tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
-                steps = Steps(len(exporters) * steps_per_network(precisions) + 1, log)
+                steps = Steps(sum(steps_per_network(network_precisions(e, precisions)) for e in exporters) + 1, log)
                 networks = {e.spec.name: export_network(e, tmp, precisions, opset, steps) for e in exporters}
                 with steps("writing manifest"):
                     data = new_manifest(family=source.family, config=source.config, model_extra=source.model_fields(),
@@ -195,7 +197,8 @@ def export_command(checkpoint=None, example: bool = False, config_name=None, ran
                    family: str = "dit",
                    out_dir=None, precisions=("fp32", "fp16"), opset: int = DEFAULT_OPSET, fp32_blocks=(), vae_dir=None,
                    no_vae: bool = False, force: bool = False, log: Callable[[str], None] = print,
-                   transport: dict | None = None, revision: str | None = None) -> Path:
+                   transport: dict | None = None, revision: str | None = None,
+                   quant: QuantOptions | None = None) -> Path:
     """`ditrt export`: resolve the source (and the VAE: `vae_dir`, else the one that came with the
     checkpoint, or the example's unless `no_vae`), export, return the artifact directory."""
     from .vae import load_vae
@@ -205,6 +208,7 @@ def export_command(checkpoint=None, example: bool = False, config_name=None, ran
     if out_dir is not None:  # before the checkpoint is read: a bad --out is refused at once
         prepare_out_dir(out_dir, force, log=lambda m: None)
         check_output_folder("--out", out_dir, inputs)
+    check_quant_options(quant or QuantOptions(), check_common_options(tuple(precisions), opset))
     source, default_name, bundled_vae = resolve_source(checkpoint, example, config_name, random_init, image_size,
                                                        num_classes, seed, num_heads, family, transport, revision)
     if example:
@@ -217,5 +221,5 @@ def export_command(checkpoint=None, example: bool = False, config_name=None, ran
         vae = load_vae(vae_dir if vae_dir is not None else bundled_vae, in_channels=source.config.in_channels)
     out_dir = Path(out_dir) if out_dir is not None else Path("engines") / default_name
     check_output_folder("--out", out_dir, inputs)
-    export_artifact(source, out_dir, tuple(precisions), opset, force, tuple(fp32_blocks), log=log, vae=vae)
+    export_artifact(source, out_dir, tuple(precisions), opset, force, tuple(fp32_blocks), log=log, vae=vae, quant=quant)
     return out_dir

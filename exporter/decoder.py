@@ -23,6 +23,9 @@ FP16_FLOAT32_PARTS = ["latent / scaling_factor", "GroupNorm (InstanceNormalizati
 class DecoderExporter:
     vae: LoadedVae
     latent_shape: tuple[int, int, int]  # the denoiser's (C, h, w)
+    # No quantized graph: the decoder runs once per image (not once per step), and its output is
+    # the image itself, where int8 rounding shows; it stays fp32 / fp16 (docs/quantization.md).
+    quantizable = ()
     # Batch 2 for torch.export: diffusers' Upsample2D branches on the batch size.
     validation_batches: tuple[tuple[int, int], ...] = ((1, 1), (3, 2))
     example_batch: int = 2

@@ -2,7 +2,8 @@
 init) as the graph `model_output = denoiser(latent, timestep, class_label)`.
 
 The fp32 graph is the reference; the fp16 graph has fp16 weights and activations with the timestep
-sinusoid and LayerNorm statistics in float32 (and `fp32_blocks` kept float32 whole).
+sinusoid and LayerNorm statistics in float32 (and `fp32_blocks` kept float32 whole). The int8 and
+fp8 graphs are ModelOpt QDQ graphs of a calibrated copy of the fp32 model (exporter/quantize.py).
 """
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import torch
 
 from ditrt.runtime.config import DiTConfig, Family, get_family
 from ditrt.runtime.labels import ClassNames
-from ditrt.runtime.networks import denoiser_spec
+from ditrt.runtime.networks import QUANTIZED_PRECISIONS, denoiser_spec
 
 from .checkpoints import Checkpoint
 from .model import DiT, count_parameters, family_model, macs_per_forward, set_precision
 from .onnx_export import ExportOptionError
+from .quantize import QuantOptions, check_quant_options, qdq_counts, quantize
 
 FP16_FLOAT32_PARTS = ["timestep sinusoid", "LayerNormalization (stash_type 1)"]
 
@@ -74,6 +76,8 @@ class _DenoiserGraph(torch.nn.Module):
 class DenoiserExporter:
     source: ExportSource
     fp32_blocks: tuple[int, ...] = ()
+    quant: QuantOptions = field(default_factory=QuantOptions)
+    quantizable: tuple[str, ...] = QUANTIZED_PRECISIONS
     validation_batches: tuple[tuple[int, int], ...] = ((1, 1), (3, 2), (3, 3))
     example_batch: int = 1
     spec: object = field(init=False)
@@ -82,6 +86,8 @@ class DenoiserExporter:
         family = self.source.family
         self.spec = denoiser_spec(self.source.config, family, family.default_process(self.source.config))
         self.fp32_blocks = tuple(sorted(set(self.fp32_blocks)))
+        self._recipes: dict = {}  # precision -> the recipe of the graph being exported
+        self._precisions: tuple[str, ...] = ()
 
     def check_options(self, precisions: tuple[str, ...]) -> None:
         if self.fp32_blocks and "fp16" not in precisions:
@@ -89,18 +95,33 @@ class DenoiserExporter:
         bad = [i for i in self.fp32_blocks if not 0 <= i < self.source.config.depth]
         if bad:
             raise ExportOptionError(f"--fp32-blocks {bad} out of range: the model has blocks 0..{self.source.config.depth - 1}")
+        check_quant_options(self.quant, precisions)
+        self._precisions = precisions  # in export order
 
     def reference(self) -> torch.nn.Module:
         return _DenoiserGraph(self.source.model.float())
 
     def module(self, precision: str) -> torch.nn.Module:
+        if precision in QUANTIZED_PRECISIONS:  # a calibrated copy, unless no later graph needs the fp32 model
+            last = precision == self._precisions[-1]
+            model, self._recipes[precision] = quantize(self.source.model, self.source.family, precision, self.quant,
+                                                       in_place=last)
+            return _DenoiserGraph(model)
         # fp16 comes last, so the model is converted in place: no second copy of the weights at the peak.
         model = self.source.model if precision == "fp32" else set_precision(self.source.model, "fp16", self.fp32_blocks)
         return _DenoiserGraph(model)
 
     def graph_fields(self, precision: str) -> dict:
+        if precision in QUANTIZED_PRECISIONS:
+            return {"float32_parts": [], "fp32_blocks": [], "quantization": self._recipes.pop(precision)}
         return {"float32_parts": FP16_FLOAT32_PARTS if precision == "fp16" else [],
                 "fp32_blocks": list(self.fp32_blocks) if precision == "fp16" else []}
 
     def check_graph(self, inferred: onnx.ModelProto, precision: str) -> dict:
-        return {}
+        if precision not in QUANTIZED_PRECISIONS:
+            return {}
+        counts = qdq_counts(inferred)
+        if not counts:
+            raise ExportOptionError(f"the {precision} graph has no QuantizeLinear / DequantizeLinear node: every layer "
+                                    "was excluded from quantization")
+        return {"qdq_nodes": counts}

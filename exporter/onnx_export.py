@@ -20,16 +20,18 @@ import numpy as np
 import onnx
 import torch
 
+from ditrt.runtime.backends import ONNXRUNTIME_REFUSED
 from ditrt.runtime.errors import InputError, StepError
 from ditrt.runtime.manifest import graph_entry, network_section
-from ditrt.runtime.networks import NetworkSpec
+from ditrt.runtime.networks import QUANTIZED_PRECISIONS, NetworkSpec
 from ditrt.runtime.parity import compare
 
 from .trt_lint import lint_model
 
 DEFAULT_OPSET = 20
 VALID_OPSETS = range(18, 26)  # torch.onnx dynamo writes files checker and ORT accept only here
-PRECISIONS = ("fp32", "fp16")  # export order: fp16 last, so an exporter may convert its model in place
+# export order: fp16 last, so an exporter may convert its model in place (quantized graphs copy fp32)
+PRECISIONS = ("fp32", "int8", "fp8", "fp16")
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to a .data file beside the graph
 
 
@@ -43,6 +45,7 @@ class ExportOptionError(InputError):
 
 class NetworkExporter(Protocol):
     spec: NetworkSpec  # names, roles, shapes and the export bounds per precision
+    quantizable: tuple[str, ...]  # the QUANTIZED_PRECISIONS it has a recipe for (the others export fp32 / fp16 only)
     validation_batches: tuple[tuple[int, int], ...]  # (batch, seed) of the export-time checks
     example_batch: int  # the batch torch.export traces with (2 where code branches on a batch of 1)
 
@@ -83,8 +86,16 @@ def check_common_options(precisions, opset: int) -> tuple[str, ...]:
                                 f"{VALID_OPSETS.start}..{VALID_OPSETS.stop - 1}")
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
-        raise ExportOptionError(f"unknown precision(s) {unknown or list(precisions)}; use fp32 and/or fp16")
+        raise ExportOptionError(f"unknown precision(s) {unknown or list(precisions)}; use any of "
+                                f"{', '.join(sorted(PRECISIONS, key=('fp32', 'fp16', 'int8', 'fp8').index))}")
     return tuple(sorted(set(precisions), key=PRECISIONS.index))
+
+
+def network_precisions(exporter: NetworkExporter, precisions: tuple[str, ...]) -> tuple[str, ...]:
+    """The precisions a network exports: quantized ones only where it has a recipe (the decoder
+    has none: it stays fp32 / fp16, and fp32 when only quantized precisions were asked)."""
+    kept = tuple(p for p in precisions if p not in QUANTIZED_PRECISIONS or p in exporter.quantizable)
+    return kept or ("fp32",)
 
 
 def export_network(exporter: NetworkExporter, directory: Path, precisions: tuple[str, ...], opset: int,
@@ -92,6 +103,7 @@ def export_network(exporter: NetworkExporter, directory: Path, precisions: tuple
     """Export, validate and describe one network into `directory` (an export's temporary folder);
     returns its manifest section (`networks.<name>`)."""
     spec = exporter.spec
+    precisions = network_precisions(exporter, precisions)
     cases = [spec.example_inputs(batch, seed) for batch, seed in exporter.validation_batches]
     with steps(f"PyTorch fp32 {spec.name} reference outputs"):
         reference = exporter.reference().eval()
@@ -102,11 +114,15 @@ def export_network(exporter: NetworkExporter, directory: Path, precisions: tuple
     for precision in precisions:
         path = directory / f"{spec.name}.{precision}.onnx"
         with steps(f"exporting {precision} {spec.name} graph (opset {opset})"):
-            files = torch_export(exporter.module(precision), spec, path, opset, exporter.example_batch)
+            module = exporter.module(precision)
+            files = torch_export(module, spec, path, opset, exporter.example_batch,
+                                 dynamo=precision not in QUANTIZED_PRECISIONS)
         with steps(f"validating {precision} {spec.name} graph"):
-            validation = validate_graph(path, spec, cases, references, precision, exporter.check_graph)
-        parity = validation["onnxruntime_vs_reference"]
-        steps.log(f"      ONNX Runtime vs PyTorch fp32: max rel err {parity['max_rel_err']:.2e} (bound "
+            validation = validate_graph(path, spec, cases, references, precision, exporter.check_graph,
+                                        torch_candidate=module if precision in ONNXRUNTIME_REFUSED else None)
+        del module
+        parity = validation[VALIDATION_KEY[precision in ONNXRUNTIME_REFUSED]]
+        steps.log(f"      {parity['candidate']} vs PyTorch fp32: max rel err {parity['max_rel_err']:.2e} (bound "
                   f"{parity['bound']:g}); checker + strict shape inference ok; TensorRT lint ok "
                   f"({len(validation['tensorrt_lint']['op_counts'])} op types)")
         graphs[precision] = graph_entry(directory, files, opset, precision, validation,
@@ -114,20 +130,24 @@ def export_network(exporter: NetworkExporter, directory: Path, precisions: tuple
     return network_section(spec, graphs)
 
 
-def torch_export(module: torch.nn.Module, spec: NetworkSpec, path: Path, opset: int, example_batch: int = 1) -> list[str]:
+def torch_export(module: torch.nn.Module, spec: NetworkSpec, path: Path, opset: int, example_batch: int = 1,
+                 dynamo: bool = True) -> list[str]:
     """torch.onnx (dynamo) export of `module(*inputs)` with the spec's names and a dynamic batch
     axis; returns the files written (the graph, then any external data). Modules whose code
-    branches on a size-1 batch need an `example_batch` of 2 (torch.export specialises size 1)."""
+    branches on a size-1 batch need an `example_batch` of 2 (torch.export specialises size 1).
+    dynamo=False: the TorchScript exporter, for ModelOpt's fake-quantized modules (their QDQ
+    symbolics are TorchScript's; torch.export cannot trace their data-dependent amax checks)."""
     module = module.eval()
     example = tuple(_example_tensor(t, example_batch) for t in spec.inputs)
     batch = torch.export.Dim("batch", min=1, max=4096)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    axes = ({"dynamic_shapes": {name: {0: batch} for name in spec.input_names}} if dynamo else
+            {"dynamic_axes": {name: {0: "batch"} for name in (*spec.input_names, *spec.output_names)}})
     with _quiet_exporter():
         try:
             torch.onnx.export(
-                module, example, str(path), dynamo=True, opset_version=opset, optimize=True,
-                input_names=list(spec.input_names), output_names=list(spec.output_names),
-                dynamic_shapes={name: {0: batch} for name in spec.input_names},
+                module, example, str(path), dynamo=dynamo, opset_version=opset, **({"optimize": True} if dynamo else {}),
+                input_names=list(spec.input_names), output_names=list(spec.output_names), **axes,
                 external_data=weight_bytes > EXTERNAL_DATA_BYTES)
         except Exception as e:
             raise ExportError(f"torch.onnx export of the {spec.name} failed: {type(e).__name__}: {e}") from e
@@ -179,11 +199,19 @@ _ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FL
                "int64": onnx.TensorProto.INT64, "int32": onnx.TensorProto.INT32}
 
 
+# Where the graph's numbers were checked: ONNX Runtime runs the graph; for a graph it cannot run (fp8:
+# TensorRT's own ops) the exported PyTorch module (ModelOpt's fake quantization) stands in, and
+# `ditrt build` checks the plan TensorRT makes of it.
+VALIDATION_KEY = {False: "onnxruntime_vs_reference", True: "fake_quant_vs_reference"}
+
+
 def validate_graph(path: Path, spec: NetworkSpec, cases: list[dict], references: list[np.ndarray], precision: str,
-                   extra_checks: Callable[[onnx.ModelProto, str], dict] = lambda inferred, precision: {}) -> dict:
+                   extra_checks: Callable[[onnx.ModelProto, str], dict] = lambda inferred, precision: {},
+                   torch_candidate: torch.nn.Module | None = None) -> dict:
     """checker (full), strict shape inference (every input and output as the spec says), the
-    network's own checks, TensorRT lint, and ONNX Runtime vs the PyTorch fp32 outputs within the
-    spec's bound for this precision."""
+    network's own checks, TensorRT lint, and ONNX Runtime (or `torch_candidate`, the module exported,
+    for graphs ONNX Runtime cannot run) vs the PyTorch fp32 outputs within the spec's bound for this
+    precision."""
     from ditrt.runtime.backends import OnnxRuntimeBackend
     graph, inferred = check_graph_file(path)
     for value, want in zip([*inferred.graph.input, *inferred.graph.output], [*spec.inputs, *spec.outputs]):
@@ -196,7 +224,9 @@ def validate_graph(path: Path, spec: NetworkSpec, cases: list[dict], references:
     lint = lint_model(graph)
     if not lint.ok:
         raise ExportError(f"{path.name} fails the TensorRT lint: " + "; ".join(lint.problems))
-    backend = OnnxRuntimeBackend(path, spec, precision)
+    backend = (OnnxRuntimeBackend(path, spec, precision) if torch_candidate is None else
+               _TorchCandidate(torch_candidate, spec))
+    label = "ONNX Runtime" if torch_candidate is None else _TorchCandidate.label
     runs = []
     for feeds, ref in zip(cases, references):
         metrics = compare(backend(feeds)[spec.output.name], ref)
@@ -204,11 +234,26 @@ def validate_graph(path: Path, spec: NetworkSpec, cases: list[dict], references:
     worst = max(r["max_rel_err"] for r in runs)
     bound = spec.export_bounds[precision]
     if not worst <= bound:  # NaN fails too
-        raise ExportError(f"{path.name}: ONNX Runtime output differs from PyTorch fp32 by {worst:.3g} (max error "
+        raise ExportError(f"{path.name}: {label} output differs from PyTorch fp32 by {worst:.3g} (max error "
                           f"relative to the largest magnitude), above the {precision} bound {bound:g}")
     return {"checker_full_check": True, "strict_shape_inference": True, **extra,
-            "onnxruntime_vs_reference": {"reference": "PyTorch fp32", "max_rel_err": worst, "bound": bound, "runs": runs},
+            VALIDATION_KEY[torch_candidate is not None]: {
+                "reference": "PyTorch fp32", "candidate": label, "max_rel_err": worst, "bound": bound,
+                "runs": runs},
             "tensorrt_lint": lint.to_dict()}
+
+
+class _TorchCandidate:
+    """The exported module behind the backend call form, for graphs ONNX Runtime cannot run."""
+    label = "PyTorch fake-quantized (ModelOpt)"
+
+    def __init__(self, module: torch.nn.Module, spec: NetworkSpec):
+        self.module, self.spec = module.eval(), spec
+
+    def __call__(self, feeds: dict) -> dict:
+        with torch.no_grad():
+            out = self.module(*(torch.from_numpy(feeds[n]) for n in self.spec.input_names))
+        return {self.spec.output.name: out.float().numpy()}
 
 
 def check_graph_file(path: Path) -> tuple[onnx.ModelProto, onnx.ModelProto]:

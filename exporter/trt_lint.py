@@ -12,6 +12,9 @@ import onnx
 
 OPS_FILE = Path(__file__).parent / "data" / "trt_onnx_ops.json"
 DEFAULT_TRT_MAJOR = "11"
+# Ops in TensorRT's own domain that the parser imports natively (onnx-tensorrt
+# builtin_op_importers.cpp): ModelOpt writes fp8 QDQ as these.
+PARSER_DOMAIN_OPS = {"trt::TRT_FP8QuantizeLinear", "trt::TRT_FP8DequantizeLinear"}
 
 
 @lru_cache(maxsize=1)
@@ -47,6 +50,8 @@ def lint_model(model: onnx.ModelProto, trt_major: str = DEFAULT_TRT_MAJOR) -> Li
     for node in _all_nodes(model.graph):
         counts[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"] += 1
     for op, n in sorted(counts.items()):
+        if op in PARSER_DOMAIN_OPS:
+            continue
         if "::" in op:
             problems.append(f"op {op} ({n} nodes) is in a custom domain, which the TensorRT parser cannot "
                             "parse without a plugin")

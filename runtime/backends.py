@@ -22,6 +22,7 @@ import numpy as np
 
 from .chunking import Backend, check_max_batch
 from .errors import ArtifactError, BackendError, InputError
+from .manifest import PRECISIONS
 from .networks import NetworkSpec
 from .validate import check_int
 
@@ -157,7 +158,16 @@ class BackendKind:
     reads_graph: bool = False
 
 
+# ModelOpt writes fp8 QDQ as TensorRT's own ops (trt::TRT_FP8QuantizeLinear): ONNX Runtime cannot load them.
+ONNXRUNTIME_REFUSED = {"fp8": "fp8 graphs are for TensorRT (ditrt build --precision fp8): they use TensorRT's "
+                              "TRT_FP8QuantizeLinear / TRT_FP8DequantizeLinear ops, which ONNX Runtime does not have; "
+                              "use --precision int8 on ONNX Runtime"}
+
+
 def _onnxruntime(manifest, network: str, precision: str, threads=None, max_batch=None, verify=True, **_) -> Backend:
+    if precision in ONNXRUNTIME_REFUSED:
+        manifest.graph(network, precision)  # a missing graph is said first
+        raise InputError(ONNXRUNTIME_REFUSED[precision])
     path = manifest.graph_path(network, precision)
     if not path.is_file():
         raise ArtifactError(f"{path} is listed in the manifest but missing")
@@ -218,10 +228,10 @@ def register_backend(kind: BackendKind) -> None:
     BACKENDS.register(kind)
 
 
-register_backend(BackendKind("onnxruntime", "ONNX Runtime (CUDA EP with onnxruntime-gpu, else CPU)", ("fp32", "fp16"),
-                             "fp32", _onnxruntime, reads_graph=True))
-register_backend(BackendKind("tensorrt", "TensorRT plans built by ditrt build", ("fp16", "fp32"), "fp16", _tensorrt,
-                             _tensorrt_available))
+register_backend(BackendKind("onnxruntime", "ONNX Runtime (CUDA EP with onnxruntime-gpu, else CPU)",
+                             ("fp32", "fp16", "int8", "fp8"), "fp32", _onnxruntime, reads_graph=True))
+register_backend(BackendKind("tensorrt", "TensorRT plans built by ditrt build", ("fp16", "fp32", "int8", "fp8"), "fp16",
+                             _tensorrt, _tensorrt_available))
 
 
 def parse_backend(text: str) -> tuple[BackendKind, str | None]:
@@ -254,8 +264,8 @@ def resolve_backend(manifest, backend: str = "auto", precision: str | None = Non
                     network: str = "denoiser") -> tuple[BackendKind, str]:
     """The kind and precision create_backend opens for these arguments, without opening it."""
     manifest.network(network)
-    if precision is not None and precision not in ("fp32", "fp16"):
-        raise InputError(f"unknown precision {precision!r}; use fp32 or fp16")
+    if precision is not None and precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if backend == "auto":
         trt = BACKENDS["tensorrt"]
         use_trt = trt.available(manifest, network, precision or trt.default_precision)

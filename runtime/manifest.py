@@ -26,14 +26,16 @@ from .errors import ArtifactError
 from .files import (Input, artifact_inputs, artifact_path, atomic_output, file_key, listed_files, read_json,
                     sha256_file, write_json_atomic)
 from .labels import ClassNames, read_id2label
-from .networks import NetworkSpec, denoiser_spec
+from .networks import QUANTIZED_PRECISIONS, NetworkSpec, denoiser_spec
+from .quantization import QuantRecipe, read_quant_recipe
 from .validate import check_number
 
 SCHEMA = "ditrt.manifest"
 SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 DIGEST_NAME = "manifest.sha256"  # the manifest's own sha256, "<hex>  manifest.json" (sha256sum's format)
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", *QUANTIZED_PRECISIONS)
+COMPUTE_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8", "fp8": "float8_e4m3fn"}
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB; a bigger "manifest" is not one
 
 
@@ -101,6 +103,10 @@ class Manifest:
         graphs = self._graphs(network)
         if precision not in graphs:
             have = ", ".join(graphs) or "none"
+            if precision in QUANTIZED_PRECISIONS and network != "denoiser":
+                raise ArtifactError(f"{self.directory} has no {precision} {network} graph (it has: {have}): quantized "
+                                    f"graphs are made for the denoiser only, the {network} has no quantization recipe "
+                                    "(docs/quantization.md)")
             raise ArtifactError(f"{self.directory} has no {precision} {network} graph (it has: {have}); "
                                 f"re-export with --precision {precision}" if have == "none" or precision in PRECISIONS
                                 else f"unknown precision {precision!r} for {network}; it has: {have}")
@@ -121,6 +127,12 @@ class Manifest:
             artifact_path(self.directory, name, f"{where}.sha256")
             if not (isinstance(digest, str) and len(digest) == 64):
                 raise ArtifactError(f"manifest field {where}.sha256[{name!r}] is not a sha256 hex digest")
+        if precision in QUANTIZED_PRECISIONS:
+            read_quant_recipe(graph, precision, where)
+
+    def quantization(self, network: str, precision: str) -> QuantRecipe:
+        """The recipe of a quantized graph (ArtifactError for a graph that has none)."""
+        return read_quant_recipe(self.graph(network, precision), precision, f"networks.{network}.graphs.{precision}")
 
     def graph_path(self, network: str, precision: str) -> Path:
         return artifact_path(self.directory, self.graph(network, precision)["file"],
@@ -441,7 +453,7 @@ def graph_entry(directory: Path, files: list[str], opset: int, precision: str, v
     file hashed."""
     return {"file": files[0], "files": files, "sha256": {name: sha256_file(directory / name) for name in files},
             "bytes": sum((directory / name).stat().st_size for name in files), "opset": opset,
-            "compute_dtype": "float32" if precision == "fp32" else "float16", **fields, "validation": validation}
+            "compute_dtype": COMPUTE_DTYPES[precision], **fields, "validation": validation}
 
 
 def engine_entry(*, network: NetworkSpec, precision: str, file: str, sha256: str, size: int, trt_version: str,

@@ -33,7 +33,13 @@ OUTPUT_ROLES = ("prediction", "image")
 # fp16: unit roundoff 4.9e-4 through every layer: 5.2e-4 (golden tiny), 5.6e-4 (DiT-XL/2, random
 #   init), 6.6e-4..1.1e-3 (VAEs); 5e-3 flags a real problem (a rounded sinusoid table cost 3e-2, a
 #   float16 overflow fails any bound) without noise.
-EXPORT_BOUNDS = {"fp32": 1e-5, "fp16": 5e-3}
+# int8 (ModelOpt QDQ, denoiser only): per-tensor activations and per-channel weights round to
+#   1/254 of their range; 4 quantized matmuls per block in series: 1.5e-2..2.6e-2 (digits, 4 blocks),
+#   2.2e-2 (DiT-S/2 random init, the probe); 8e-2 leaves room for deeper models, while a
+#   quantized conditioning path (adaLN, final layer, LayerNorm inputs) cost 2.4e-1 on the digits model.
+# fp8 (e4m3): 3 mantissa bits round to 2^-4 of a value: 2.5e-1.
+EXPORT_BOUNDS = {"fp32": 1e-5, "fp16": 5e-3, "int8": 8e-2, "fp8": 2.5e-1}
+QUANTIZED_PRECISIONS = ("int8", "fp8")  # made by exporter/quantize.py; the denoiser's only
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,9 @@ GOLDEN_FORMAT = "ditrt.golden/2"  # version 1 (denoiser inputs as latent/timeste
 #   ~100x (tests/golden/README.md), hence 1e-4 for loops.
 # fp16: ~5e-4 per forward measured (golden tiny and DiT-XL/2), ~3e-4 over 25-step loops (errors
 #   partly average out); 5e-3 / 1e-2 leave a 10x margin and still catch real faults.
-DEFAULT_MAX_REL_ERR = {"fp32": {"forward": 1e-5, "loop": 1e-4}, "fp16": {"forward": 5e-3, "loop": 1e-2}}
+# int8 / fp8: the export bounds per forward (runtime/networks.EXPORT_BOUNDS); loops: LOOP_INT8 below.
+DEFAULT_MAX_REL_ERR = {"fp32": {"forward": 1e-5, "loop": 1e-4}, "fp16": {"forward": 5e-3, "loop": 1e-2},
+                       "int8": {"forward": 8e-2, "loop": 1.5e-1}, "fp8": {"forward": 2.5e-1, "loop": 5e-1}}
 # A TensorRT fp32 plan may run matmuls and convolutions in TF32 (10-bit mantissa, ~5e-4 per op): its
 # build-time parity bound (runtime/trt/settings.FP32_PARITY_BOUND), and twice that over a loop.
 BACKEND_MAX_REL_ERR = {"tensorrt-fp32": {"forward": 5e-3, "loop": 1e-2}}
@@ -380,6 +382,8 @@ def run_parity(manifest, golden: Golden, backend_names: list[str], max_rel_errs=
     instances = {}  # (backend id, network) -> backend
     for name in backend_names:
         for network in manifest.networks:
+            if _quantized_elsewhere(manifest, name, network):
+                continue  # int8 / fp8 graphs are the denoiser's; the decoder has no recipe
             backend = create_backend(manifest, name, network=network, threads=threads, checkpoint=checkpoint,
                                      verify=False)
             instances[(backend.name, network)] = backend
@@ -391,6 +395,18 @@ def run_parity(manifest, golden: Golden, backend_names: list[str], max_rel_errs=
         pipeline = P.Pipeline(backend, manifest) if network == "denoiser" else None
         results += check_backend(name, backend, pipeline, golden, bounds[name], max_model_calls)
     return results
+
+
+def with_precision(backends: list[str], precision: str | None) -> list[str]:
+    """`ditrt parity --precision P`: each backend kind named without a precision runs its P graph."""
+    return [b if precision is None or "-" in b else f"{b}-{precision}" for b in backends]
+
+
+def _quantized_elsewhere(manifest, backend: str, network: str) -> bool:
+    """A quantized backend id for a network that has no quantized graph (the decoder)."""
+    from .networks import QUANTIZED_PRECISIONS
+    precision = backend.rpartition("-")[2]
+    return network != "denoiser" and precision in QUANTIZED_PRECISIONS and precision not in manifest.precisions(network)
 
 
 def summary(results: list[CheckResult]) -> str:

@@ -59,3 +59,32 @@ def tiny_artifact_with_vae(tmp_path_factory, tiny_checkpoint) -> Path:
     export_artifact(source_from_checkpoint(tiny_checkpoint), out, log=lambda m: None,
                     vae=load_vae(GOLDEN_DIR / "vae" / "vae", in_channels=4))
     return out
+
+
+QUANT_CALIB = {"calib_images": 8, "calib_steps": 10, "calib_seed": 0}  # tiny: the tests' calibration
+
+
+def export_quantized(out: Path, precisions=("fp32", "int8", "fp8"), vae: bool = True, **calibration) -> Path:
+    """The digits example exported with quantized graphs (needs ditrt[quant]), calibrated on a few
+    short trajectories."""
+    from ditrt.exporter.artifact import EXAMPLE_VAE, export_artifact, resolve_source
+    from ditrt.exporter.quantize import QuantOptions
+    from ditrt.exporter.vae import load_vae
+    import torch
+    source, _ = resolve_source(example=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: on a loaded machine two OpenMP threads wait on each other 30x longer
+    try:
+        export_artifact(source, out, precisions, log=lambda m: None,
+                        quant=QuantOptions(**{**QUANT_CALIB, **calibration}),
+                        vae=load_vae(EXAMPLE_VAE, in_channels=source.config.in_channels) if vae else None)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="session")
+def quant_artifact(tmp_path_factory) -> Path:
+    """The digits example with fp32, int8 and fp8 denoiser graphs and its fp32 decoder."""
+    pytest.importorskip("modelopt.torch.quantization", reason="int8 / fp8 graphs need pip install 'ditrt[quant]'")
+    return export_quantized(tmp_path_factory.mktemp("artifacts") / "quant")

@@ -139,7 +139,18 @@ def bases(schema3: dict, schema3_decoder: dict, schema1: dict) -> list[dict]:
     with_eta["defaults"] = {"sampler": "ddim", "steps": "ddim50", "cfg_scale": 1.5, "guidance": "standard", "eta": 0.5}
     with_labels = trim(schema3_decoder)  # class names (runtime/labels.py read_id2label; C++ read_labels)
     with_labels["id2label"] = {"0": "tench, Tinca tinca", "1": "goldfish", "3": "crane", "9": "crane, derrick"}
-    return out + [with_eta, with_labels]
+    return out + [with_eta, with_labels, with_int8(trim(schema3))]
+
+
+def with_int8(data: dict) -> dict:
+    """A manifest with an int8 denoiser graph and its recipe (the fields both readers check, as
+    exporter/quantize.py writes them); the graph entry borrows the fp32 graph's files."""
+    graphs = data["networks"]["denoiser"]["graphs"]
+    graphs["int8"] = {**copy.deepcopy(graphs["fp32"]), "compute_dtype": "int8", "quantization": {
+        "tool": "nvidia-modelopt", "modelopt_version": "0.47.0", "config": "INT8_DEFAULT_CFG", "precision": "int8",
+        "calibration": {"sampler": "ddpm", "steps": 25, "images": 64, "seed": 0, "cfg_scale": 4.0},
+        "excluded_layers": ["*adaLN_modulation*", "*final_layer*"]}}
+    return data
 
 
 def downgrade_to_schema_2(data: dict) -> dict:

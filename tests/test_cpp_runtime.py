@@ -742,6 +742,34 @@ def test_corrupt_graph_is_caught_by_sha256_unless_opted_out(lib, cpp_pipe, cpp_a
     lib.lib.ditrt_close(pipe)
 
 
+def test_the_int8_graph_file_is_handed_out_checked_and_its_recipe_required(lib, cpp_pipe, quant_artifact, tmp_path):
+    """Issue 27: a callback executor gets the denoiser's int8 QDQ graph by precision; the file is
+    checked against its sha256 and a quantized graph without its recipe is refused at open."""
+    pipe = VP()
+    assert lib.lib.ditrt_open(str(quant_artifact).encode(), cpp_pipe.executor, 0, ctypes.byref(pipe)) == OK, lib.error()
+    path = ctypes.create_string_buffer(4096)
+    assert lib.lib.ditrt_graph_file(pipe, b"denoiser", b"int8", path, 4096) == OK, lib.error()
+    assert Path(path.value.decode()) == quant_artifact / "denoiser.int8.onnx"
+    assert lib.lib.ditrt_graph_file(pipe, b"decoder", b"int8", path, 4096) == ARTIFACT_ERROR
+    assert "no int8 decoder graph" in lib.error()
+    lib.lib.ditrt_close(pipe)
+    art = tmp_path / "art"
+    shutil.copytree(quant_artifact, art)
+    graph = art / "denoiser.int8.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 1
+    graph.write_bytes(bytes(data))
+    assert lib.lib.ditrt_open(str(art).encode(), cpp_pipe.executor, 0, ctypes.byref(pipe)) == OK
+    assert lib.lib.ditrt_graph_file(pipe, b"denoiser", b"int8", path, 4096) == ARTIFACT_ERROR
+    assert "does not match its sha256" in lib.error()
+    lib.lib.ditrt_close(pipe)
+    manifest = json.loads((art / "manifest.json").read_text())
+    del manifest["networks"]["denoiser"]["graphs"]["int8"]["quantization"]["excluded_layers"]
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    status, message = _open_status(lib, cpp_pipe.executor, art)
+    assert status == ARTIFACT_ERROR and "networks.denoiser.graphs.int8.quantization.excluded_layers" in message, message
+
+
 # ---- the issue 22 cases: the C++ runtime refuses what Python refuses ------------------------------------------
 
 def _edited_artifact(cpp_artifact: Path, tmp_path: Path, edit) -> Path:

@@ -161,6 +161,15 @@ def parity_check(plan_path: Path, entry: dict, manifest: Manifest, spec: Network
             "max_rel_err": worst, "bound": bound, "passed": bool(worst <= bound), "runs": runs}
 
 
+def quantized_fallback(precision: str, have: list[str]) -> str:
+    """The decoder's plan precision under `--precision int8|fp8`: it has no quantized graph (no
+    recipe), so it builds fp16 as the default build does, or fp32 where it has no fp16 graph."""
+    from ..networks import QUANTIZED_PRECISIONS
+    if precision not in QUANTIZED_PRECISIONS:
+        return precision
+    return "fp16" if "fp16" in have else "fp32"
+
+
 def build_all(artifact_dir: str | Path, network: str = "all", precision: str = "fp16", decoder_precision: str | None = None,
               min_batch: int | None = None, opt_batch: int | None = None, max_batch: int | None = None,
               flags: BuildFlags = BuildFlags(), log: Callable[[str], None] = print) -> list[dict]:
@@ -181,7 +190,7 @@ def build_all(artifact_dir: str | Path, network: str = "all", precision: str = "
         high = base.max_rows if max_batch is None else max_batch
         opt = opt_batch if opt_batch is not None else max(low, min(base.opt_rows, high)) if isinstance(low, int) and \
             isinstance(high, int) else base.opt_rows
-        plan_precision = (decoder_precision or precision) if name == "decoder" else precision
+        plan_precision = (decoder_precision or quantized_fallback(precision, manifest.precisions(name))) if name == "decoder" else precision
         manifest.graph(name, plan_precision)  # the graph must exist before any build starts
         jobs.append((name, plan_precision, EngineProfile(low, opt, high)))
     return [build_engine(artifact_dir, name, plan_precision, profile, flags, log) for name, plan_precision, profile in jobs]

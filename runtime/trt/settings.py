@@ -31,7 +31,15 @@ FP16_PARITY_BOUND = 1e-2
 # TensorRT allows TF32 for fp32 matmuls and convolutions by default (10-bit mantissa, ~5e-4 per op).
 FP32_PARITY_BOUND = 5e-3
 
+PLAN_PRECISIONS = ("fp16", "fp32", "int8", "fp8")  # int8 / fp8: the denoiser's QDQ graphs
+
+
 def parity_bound(precision: str) -> float:
+    """The plan against ONNX Runtime on the fp32 graph. int8 / fp8 plans (strongly typed builds of
+    ModelOpt's QDQ graphs): the bound their graph was exported under (runtime/networks.EXPORT_BOUNDS)."""
+    from ..networks import EXPORT_BOUNDS, QUANTIZED_PRECISIONS
+    if precision in QUANTIZED_PRECISIONS:
+        return EXPORT_BOUNDS[precision]
     return FP16_PARITY_BOUND if precision == "fp16" else FP32_PARITY_BOUND
 
 
@@ -125,7 +133,7 @@ def plan_filename(network: str, precision: str, sm: str, trt_version: str, hardw
                   version_compatible: bool = False) -> str:
     """denoiser.fp16.sm90.trt11.4.0.106.plan; portable builds add .ampereplus / .samecc and .vc so
     that they never overwrite the plain plan for the same network, GPU and TensorRT."""
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", str(network)) or precision not in ("fp16", "fp32"):
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", str(network)) or precision not in PLAN_PRECISIONS:
         raise InputError(f"not a network / precision pair: {network!r} {precision!r}")
     if not isinstance(sm, str) or not SM_NAME.match(sm):
         raise InputError(f"not an SM name: {sm!r} (expected e.g. 'sm90' for compute capability 9.0)")

@@ -511,6 +511,42 @@ GraphEntry read_graph(const Json& graph, const std::string& where, const std::st
     return g;
 }
 
+// runtime/quantization.py read_quant_recipe: an int8 / fp8 graph carries its recipe, checked.
+std::string recipe_text(const Json& section, const std::string& key, const std::string& where) {
+    const Json& v = get(section, key);
+    if (!pyjson::is_str(v) || v.get_ref<const std::string&>().empty())
+        fail(kField + where + "." + key + " must be a non-empty string, got " + pyjson::repr(v));
+    return v.get<std::string>();
+}
+
+void read_quantization(const Json& graph, const std::string& precision, const std::string& graph_where) {
+    const Json& recipe = get(graph, "quantization");
+    if (!recipe.is_object())
+        fail(kField + graph_where + ".quantization must be an object (the recipe): a " + precision +
+             " graph without its recipe cannot be trusted; re-export it with --precision " + precision);
+    const std::string where = graph_where + ".quantization";
+    const Json& p = get(recipe, "precision");
+    if (!pyjson::is_str(p) || p.get<std::string>() != precision)
+        fail(kField + where + ".precision must be '" + precision + "', got " + pyjson::repr(p));
+    const Json& calibration = get(recipe, "calibration");
+    if (!calibration.is_object()) fail(kField + where + ".calibration must be an object");
+    const std::string at = where + ".calibration";
+    const int64_t max_count = int64_t(1) << 62;
+    check_int(get(calibration, "steps"), kField + at + ".steps", 1, max_count);
+    check_int(get(calibration, "images"), kField + at + ".images", 1, max_count);
+    check_int(get(calibration, "seed"), kField + at + ".seed", 0, max_count);
+    const Json& excluded = get(recipe, "excluded_layers");
+    bool strings = excluded.is_array();
+    if (strings)
+        for (const auto& pattern : excluded) strings = strings && pyjson::is_str(pattern);
+    if (!strings) fail(kField + where + ".excluded_layers must be a list of strings");
+    recipe_text(recipe, "config", where);
+    recipe_text(recipe, "modelopt_version", where);
+    recipe_text(calibration, "sampler", at);
+}
+
+bool known_precision(const std::string& p) { return p == "fp32" || p == "fp16" || p == "int8" || p == "fp8"; }
+
 void read_networks(const Json& data, Manifest& m) {
     const Json& networks = get(data, "networks");
     if (!networks.is_object() || !networks.contains("denoiser"))
@@ -523,8 +559,9 @@ void read_networks(const Json& data, Manifest& m) {
         const Json& graphs = get(*it, "graphs");
         if (!graphs.is_object()) fail(kField + at + " must be an object");
         for (auto g = graphs.begin(); g != graphs.end(); ++g) {
-            if (g.key() != "fp32" && g.key() != "fp16") fail(kField + at + "." + g.key() + ": unknown precision (use fp32, fp16)");
+            if (!known_precision(g.key())) fail(kField + at + "." + g.key() + ": unknown precision (use fp32, fp16, int8, fp8)");
             spec.graphs.emplace_back(g.key(), read_graph(*g, at + "." + g.key(), m.directory));
+            if (g.key() == "int8" || g.key() == "fp8") read_quantization(*g, g.key(), at + "." + g.key());
         }
         m.networks.push_back(std::move(spec));
     }
@@ -745,6 +782,9 @@ const GraphEntry& Manifest::graph(const std::string& network_name, const std::st
                                                  "; it has: " + have);
     }
     const GraphEntry* g = n->graph(precision);
+    if (!g && (precision == "int8" || precision == "fp8") && network_name != "denoiser")  // runtime/manifest.py graph
+        throw Error(Status::Artifact, directory + " has no " + precision + " " + network_name + " graph: quantized graphs are " +
+                                          "made for the denoiser only, the " + network_name + " has no quantization recipe");
     if (!g)
         throw Error(Status::Artifact, directory + " has no " + precision + " " + network_name + " graph; re-export with --precision " +
                                           precision);

@@ -47,7 +47,7 @@ struct NetworkSpec {
     std::vector<TensorSpec> inputs, outputs;
     std::string batch_unit;     // "rows" (denoiser: 2 per image under guidance) or "images"
     double scaling_factor = 0;  // the decoder's (its graph divides by it)
-    std::vector<std::pair<std::string, GraphEntry>> graphs;  // precision ("fp32" / "fp16") -> graph, manifest order
+    std::vector<std::pair<std::string, GraphEntry>> graphs;  // precision (fp32, fp16, int8, fp8) -> graph, manifest order
 
     const TensorSpec* input_with_role(const std::string& role) const;  // the one input with this role, or null
     const GraphEntry* graph(const std::string& precision) const;

@@ -214,7 +214,8 @@ DITRT_API ditrt_status ditrt_num_steps(const ditrt_pipeline* pipeline, const dit
 DITRT_API int ditrt_has_network(const ditrt_pipeline* pipeline, const char* network);
 /* The decoder's image shape (3, H_img, W_img); DITRT_ARTIFACT_ERROR when the artifact has no decoder. */
 DITRT_API ditrt_status ditrt_image_shape(const ditrt_pipeline* pipeline, int64_t shape[3]);
-/* Path of a network's graph file (precision "fp32" / "fp16"), checked against the manifest's
+/* Path of a network's graph file (precision "fp32", "fp16", or the denoiser's quantized "int8" /
+ * "fp8" QDQ graphs, whose recipe the manifest reader has checked), checked against the manifest's
  * sha256 unless the pipeline was opened with DITRT_OPEN_NO_VERIFY: for callback executors that
  * load the graph themselves. `capacity` counts bytes including the terminating NUL. */
 DITRT_API ditrt_status ditrt_graph_file(const ditrt_pipeline* pipeline, const char* network, const char* precision,
