@@ -187,7 +187,8 @@ def _python_values() -> dict:
                             "grid": g.ravel().tolist()})
 
     return {"respacing": respacing, "schedules": schedules, "steps": steps, "guide": guides, "dpm": dpm,
-            "images": image_cases, "flow": _flow_cases(), "portable": _portable_cases(), **_compat_cases(trt_plan)}
+            "images": image_cases, "flow": _flow_cases(), "sit_runs": _sit_pipeline_cases(),
+            "portable": _portable_cases(), **_compat_cases(trt_plan)}
 
 
 def _flow_cases() -> dict:
@@ -203,11 +204,14 @@ def _flow_cases() -> dict:
     b = rng.standard_normal(shape, dtype=np.float32)
     x0 = rng.standard_normal(shape, dtype=np.float32)
     loops = []
-    for name, steps, options, stiffness in [("ode-euler", 7, {}, 1), ("ode-heun2", 7, {}, 1), ("ode-dopri5", 6, {}, 1),
-                                             ("ode-dopri5", 6, {"atol": 1e-8, "rtol": 1e-6}, 40),
-                                             ("sde-euler", 7, {}, 1), ("sde-heun", 7, {}, 1)]:
+    # heun2 also on a grid where t0 + (t1 - t0) != t1 (its second time is t0 + dt as computed)
+    uneven = np.array([0.0, 0.1, 0.23, 1.0], np.float32)
+    for name, steps, options, stiffness, custom in [
+            ("ode-euler", 7, {}, 1, None), ("ode-heun2", 7, {}, 1, None), ("ode-heun2", 4, {}, 1, uneven),
+            ("ode-dopri5", 6, {}, 1, None), ("ode-dopri5", 6, {"atol": 1e-8, "rtol": 1e-6}, 40, None),
+            ("sde-euler", 7, {}, 1, None), ("sde-heun", 7, {}, 1, None)]:
         sampler = get_sampler(name)
-        grid = sampler.schedule(None, steps)
+        grid = sampler.schedule(None, steps) if custom is None else flow.OdeGrid(custom)
         a = (-rng.uniform(0.2, 2.0, shape) * stiffness).astype(np.float32)
         draws = rng.standard_normal((sampler.noise_draws(grid), *shape), dtype=np.float32)
         stats, times = flow.Dopri5Stats(), []
@@ -223,10 +227,54 @@ def _flow_cases() -> dict:
                 sample = done.value
                 break
         loops.append({"sampler": name, "steps": steps, "options": {k: str(v) for k, v in options.items()},
+                      "grid": None if custom is None else custom.tolist(),
                       "shape": list(shape), "a": a.ravel().tolist(), "b": b.ravel().tolist(), "x": x0.ravel().tolist(),
                       "draws": draws.ravel().tolist(), "times": times, "expected": sample.ravel().tolist(),
                       "stats": [stats.function_evals, stats.accepted_steps, stats.rejected_steps]})
     return {"grids": grids, "loops": loops}
+
+
+TOY_DIT_MANIFEST = {  # runtime/cpp/tests/test_util.hpp minimal_manifest(): 2x2 latents of 4 channels, 10 classes
+    "schema": "ditrt.manifest", "schema_version": 3,
+    "model": {"family": "dit", "input_size": 2, "patch_size": 2, "in_channels": 4, "hidden_size": 64, "depth": 2,
+              "num_heads": 4, "mlp_ratio": 4.0, "num_classes": 10, "learn_sigma": True, "out_channels": 8},
+    "diffusion": {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
+                  "variance": "learned_range", "prediction": "epsilon", "clip_denoised": False},
+    "guidance": {"guided_channels": {"official": 3, "standard": 4}},
+    "defaults": {"sampler": "ddpm", "steps": 250, "cfg_scale": 4.0, "guidance": "official"},
+    "networks": {"denoiser": {
+        "inputs": [{"name": "latent", "dtype": "float32", "shape": ["batch", 4, 2, 2], "role": "latent"},
+                   {"name": "timestep", "dtype": "float32", "shape": ["batch"], "role": "time"},
+                   {"name": "class_label", "dtype": "int64", "shape": ["batch"], "role": "condition",
+                    "condition": {"kind": "class", "num_classes": 10, "null": 10}}],
+        "outputs": [{"name": "model_output", "dtype": "float32", "shape": ["batch", 8, 2, 2], "role": "prediction"}],
+        "batch_axis": 0, "batch_unit": "rows",
+        "graphs": {"fp32": {"file": "denoiser.fp32.onnx", "sha256": {"denoiser.fp32.onnx": "0" * 64}}}}},
+    "engines": []}
+
+
+def _sit_pipeline_cases() -> dict:
+    """Whole SiT runs of the Python Pipeline over FakeBackend (tests/fake_networks.c's denoiser) on
+    a toy SiT manifest: the C++ test (test_flow.cpp) runs ditrt_sample with the same function as a
+    callback executor, also under ASan + UBSan, and expects these latents bit for bit."""
+    import tempfile
+
+    import manifest_mutants
+    from ditrt.runtime.manifest import Manifest
+    from ditrt.runtime.pipeline import Pipeline
+    data = manifest_mutants.sit_from_dit(TOY_DIT_MANIFEST)
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = Manifest(data, Path(tmp))
+    pipe = Pipeline(FakeBackend(manifest.network("denoiser")), manifest)
+    runs = []
+    for sampler in ("ode-euler", "ode-heun2", "ode-dopri5", "sde-euler", "sde-heun"):
+        for cfg, guidance in ((1.0, "official"), (3.0, "official"), (3.0, "standard")):
+            latents = pipe.sample([1, 4], num_steps=6, sampler=sampler, cfg_scale=cfg, guidance=guidance, seed=11,
+                                  progress=False)
+            runs.append({"sampler": sampler, "cfg_scale": cfg, "guidance": guidance, "labels": [1, 4], "steps": 6,
+                         "seed": 11, "calls": pipe.last_stats.steps, "rows": pipe.last_stats.model_rows,
+                         "expected": latents.view(np.uint32).ravel().tolist()})
+    return {"manifest": data, "runs": runs}
 
 
 def _portable_cases() -> dict:

@@ -4,7 +4,10 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <filesystem>
+#include <map>
 
+#include "ditrt/ditrt.h"
 #include "error.hpp"
 #include "flow.hpp"
 #include "portable.hpp"
@@ -43,7 +46,8 @@ TEST(Flow, EveryLoopIsPythonsBitForBit) {
     for (const auto& c : testutil::python_values()["flow"]["loops"]) {
         std::map<std::string, std::string> options;
         for (auto it = c["options"].begin(); it != c["options"].end(); ++it) options[it.key()] = it.value();
-        const FlowPlan plan = ditrt_core::plan_flow(c["sampler"], std::to_string(c["steps"].get<int64_t>()), true, options);
+        FlowPlan plan = ditrt_core::plan_flow(c["sampler"], std::to_string(c["steps"].get<int64_t>()), true, options);
+        if (!c["grid"].is_null()) plan.t = floats(c["grid"]);
         const std::vector<float> a = floats(c["a"]), b = floats(c["b"]), draws = floats(c["draws"]);
         std::vector<float> x = floats(c["x"]);
         const size_t count = x.size();
@@ -107,3 +111,70 @@ TEST(Flow, CountsAndOptions) {
 }
 
 }  // namespace
+
+// ---- whole SiT runs through the C ABI (also under ASan + UBSan) ------------------------------------
+
+namespace {
+
+// tests/fake_networks.c's denoiser: model_output[r, e] = 0.1 latent[r, e mod CHW] + 1e-4 t[r] - 0.01 label[r].
+int fake_denoiser(void* user, const char*, const ditrt_tensor* in, int64_t, const ditrt_tensor* out, int64_t) {
+    auto* rows_seen = static_cast<std::vector<int64_t>*>(user);
+    const int64_t rows = in[0].shape[0], in_row = 4 * 2 * 2, out_row = out[0].shape[1] * 4;
+    const float* x = static_cast<const float*>(in[0].data);
+    const float* t = static_cast<const float*>(in[1].data);
+    const int64_t* y = static_cast<const int64_t*>(in[2].data);
+    float* o = static_cast<float*>(out[0].data);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t e = 0; e < out_row; ++e) o[r * out_row + e] = 0.1f * x[r * in_row + e % in_row] + 1e-4f * t[r] - 0.01f * float(y[r]);
+    rows_seen->push_back(rows);
+    return 0;
+}
+
+int count_progress(void* user, int64_t done, int64_t total, double) {
+    auto* seen = static_cast<std::vector<std::pair<int64_t, int64_t>>*>(user);
+    seen->emplace_back(done, total);
+    return 0;
+}
+
+}  // namespace
+
+TEST(FlowCApi, SitRunsArePythonsBitForBit) {
+    REQUIRE_PYTHON_VALUES();
+    const json& cases = testutil::python_values()["sit_runs"];
+    const std::string dir = testutil::write_artifact(cases["manifest"], "sit_runs");
+    std::vector<int64_t> rows;
+    ditrt_executor* executor = nullptr;
+    ditrt_pipeline* pipe = nullptr;
+    ASSERT_EQ(ditrt_executor_create_callback(fake_denoiser, &rows, 0, &executor), DITRT_OK);
+    ASSERT_EQ(ditrt_open(dir.c_str(), executor, DITRT_OPEN_NO_VERIFY, &pipe), DITRT_OK) << ditrt_last_error();
+    for (const auto& c : cases["runs"]) {
+        ditrt_options* options = nullptr;
+        ASSERT_EQ(ditrt_options_create(&options), DITRT_OK);
+        const std::string cfg = std::to_string(c["cfg_scale"].get<double>()), steps = std::to_string(c["steps"].get<int64_t>());
+        const std::string seed = std::to_string(c["seed"].get<int64_t>()), sampler = c["sampler"], guidance = c["guidance"];
+        for (const auto& [k, v] : std::map<std::string, std::string>{{"sampler", sampler}, {"steps", steps}, {"cfg_scale", cfg},
+                                                                      {"guidance", guidance}, {"seed", seed}})
+            ASSERT_EQ(ditrt_options_set(options, k.c_str(), v.c_str()), DITRT_OK) << ditrt_last_error();
+        std::vector<std::pair<int64_t, int64_t>> seen;
+        ASSERT_EQ(ditrt_options_set_progress(options, count_progress, &seen), DITRT_OK);
+        const std::vector<int64_t> labels = c["labels"].get<std::vector<int64_t>>();
+        std::vector<float> out(labels.size() * 16, -1.0f);
+        rows.clear();
+        ASSERT_EQ(ditrt_sample(pipe, labels.data(), int64_t(labels.size()), options, out.data(), int64_t(out.size())), DITRT_OK)
+            << ditrt_last_error();
+        const std::string name = sampler + " cfg " + cfg + " " + guidance;
+        const auto expected = c["expected"].get<std::vector<uint32_t>>();
+        for (size_t e = 0; e < out.size(); ++e) ASSERT_EQ(bits(out[e]), expected[e]) << name << " element " << e;
+        const int64_t calls = c["calls"];
+        EXPECT_EQ(rows, std::vector<int64_t>(size_t(calls), c["rows"].get<int64_t>())) << name;
+        int64_t total = -1;
+        ASSERT_EQ(ditrt_num_steps(pipe, options, &total), DITRT_OK);
+        EXPECT_EQ(total, sampler == "ode-dopri5" ? 0 : calls) << name;
+        ASSERT_EQ(int64_t(seen.size()), calls) << name;
+        EXPECT_EQ(seen.back(), std::make_pair(calls, total)) << name;
+        ditrt_options_release(options);
+    }
+    ditrt_close(pipe);
+    ditrt_executor_release(executor);
+    std::filesystem::remove_all(dir);
+}
