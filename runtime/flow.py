@@ -27,6 +27,7 @@ from typing import Callable, Generator
 import numpy as np
 
 from .errors import InputError, StepError
+from .portable import rms
 from .validate import check_int, check_number, parse_count
 
 Loop = Generator[tuple[np.ndarray, float], np.ndarray, np.ndarray]
@@ -181,8 +182,9 @@ class Dopri5Stats:
 
 
 def _rms(a: np.ndarray) -> np.float64:
-    """torchdiffeq's _rms_norm (over the whole state), in float64."""
-    return np.sqrt(np.mean(np.square(a, dtype=np.float64)))
+    """torchdiffeq's _rms_norm (over the whole state), in float64, summed in the order the C++
+    runtime follows (runtime/portable.py; np.mean's blocked pairwise order is numpy's own)."""
+    return rms(a)
 
 
 def _row_sum(terms: list[np.ndarray]) -> np.ndarray:

@@ -27,6 +27,7 @@ from . import flow
 from .config import Diffusion
 from .dpm_solver import dpm_schedule, dpmpp_2m_step
 from .errors import InputError
+from .portable import exp_float32
 from .schedule import Schedule, respaced_schedule
 from .validate import check_number
 
@@ -77,12 +78,8 @@ def ddpm_step(x: np.ndarray, model_output: np.ndarray, sched: Schedule, i: int, 
     mean += np.multiply(x, _f32(sched.posterior_mean_coef2, i))
     if i == 0:
         return mean
-    scale = log_variance(v, sched, i, x.shape)
-    scale *= np.float32(0.5)
-    np.exp(scale, out=scale)
-    scale *= noise
-    mean += scale  # mean + exp(0.5 log_var) * noise
-    return mean
+    # exp_float32, not np.exp: numpy's float32 exp and the C++ runtime's expf differ in the last bit
+    return mean + exp_float32(np.float32(0.5) * log_variance(v, sched, i, x.shape)) * noise
 
 
 def ddim_step(x: np.ndarray, model_output: np.ndarray, sched: Schedule, i: int, noise: np.ndarray,

@@ -2,7 +2,8 @@
 Python reader (runtime.manifest.load_manifest) and the C++ one (ditrt_open), whose accept/refuse
 decisions must agree, and to the C++ reader under AddressSanitizer and UBSan.
 
-A mutant is a valid manifest (schema 3 with and without a decoder, schema 2, schema 1) with one to
+A mutant is a valid manifest (DiT: schema 3 with and without a decoder, schema 2, schema 1; SiT:
+schema 3 with and without a decoder) with one to
 three edits of its JSON tree: a field removed, renamed or replaced by a value from a pool of
 plausible and hostile values (wrong types, bounds and one past them, 2^31, 2^32, 2^64, 10^30, NaN,
 +-inf, 1e39, paths out of the artifact, ...), a number nudged, a list element dropped, repeated or
@@ -20,7 +21,7 @@ import random
 POOL = [None, True, False, 0, -1, 1, 2, 3, 4, 7, 8, 10, 11, 64, 65, 999, 1000, 1001, 100_000, 100_001, 2**16, 2**16 + 1,
         2**20, 2**20 + 1, 2**30, 2**30 + 1, 2**31, 2**32, 2**63 - 1, 2**63, 2**64, 10**30, -(10**30), 1e6, 1e15, 1e39, -1e39,
         1e300, 0.0, -0.0, 0.5, 1.0, 4.0, 8.0, 1e-4, 0.02, 0.999, 1.5, math.nan, math.inf, -math.inf, "", "x", "batch", "dit",
-        "sit", "ddpm", "ddim", "dpm++2m", "sde-euler", "official", "standard", "linear", "cosine", "epsilon", "velocity",
+        "sit", "ddpm", "ddim", "dpm++2m", "sde-euler", "sde-heun", "ode-dopri5", "ode-euler", "Linear", "GVP", "score", "official", "standard", "linear", "cosine", "epsilon", "velocity",
         "learned_range", "fixed_large", "class", "text", "fp32", "fp16", "int8", "float32", "int64", "float16", "latent",
         "time", "condition", "prediction", "image", "rows", "images", "../x.onnx", "/etc/passwd", "a\\b.onnx", "sub/./x.onnx",
         ".", "denoiser.fp32.onnx", "decoder.fp32.onnx", "0" * 64, "0" * 63, "é" * 64, "250", "ddim50", "ddim300", "25", "-5",
@@ -28,7 +29,7 @@ POOL = [None, True, False, 0, -1, 1, 2, 3, 4, 7, 8, 10, 11, 64, 65, 999, 1000, 1
 
 EXTRA_KEYS = ["extra", "eta", "seed", "null_class", "guided_channels", "family", "role", "condition", "files", "bytes",
               "scaling_factor", "batch_axis", "prediction", "clip_denoised", "upgraded_from_schema", "schema_version",
-              "id2label", "01", "10"]
+              "id2label", "01", "10", "transport", "diffusion", "path_type", "train_eps", "sample_eps", "atol"]
 
 
 def _paths(node, prefix=()):
@@ -123,9 +124,22 @@ def mutate_text(text: str, rng: random.Random) -> bytes:
     return raw[:-1] + dup + b"}"
 
 
+def sit_from_dit(data: dict) -> dict:
+    """A DiT schema 3 manifest as `ditrt export --family sit` writes it for the same backbone: the
+    transport instead of the diffusion, the velocity half of the channels, SiT's defaults."""
+    d = copy.deepcopy(data)
+    d["model"]["family"] = "sit"
+    d["model"]["out_channels"] = d["model"]["in_channels"]
+    d.pop("diffusion")
+    d["transport"] = {"path_type": "Linear", "prediction": "velocity", "train_eps": 0.0, "sample_eps": 0.0}
+    d["networks"]["denoiser"]["outputs"][0]["shape"][1] = d["model"]["in_channels"]
+    d["defaults"] = {"sampler": "sde-euler", "steps": 250, "cfg_scale": 1.5, "guidance": "official"}
+    return d
+
+
 def bases(schema3: dict, schema3_decoder: dict, schema1: dict) -> list[dict]:
-    """Valid manifests of every schema, trimmed of the bulky fields no reader checks (validation
-    records), so that most edits land on fields a reader does check."""
+    """Valid manifests of every schema and both families, trimmed of the bulky fields no reader
+    checks (validation records), so that most edits land on fields a reader does check."""
     def trim(d):
         d = copy.deepcopy(d)
         for net in d.get("networks", {}).values():
@@ -139,7 +153,11 @@ def bases(schema3: dict, schema3_decoder: dict, schema1: dict) -> list[dict]:
     with_eta["defaults"] = {"sampler": "ddim", "steps": "ddim50", "cfg_scale": 1.5, "guidance": "standard", "eta": 0.5}
     with_labels = trim(schema3_decoder)  # class names (runtime/labels.py read_id2label; C++ read_labels)
     with_labels["id2label"] = {"0": "tench, Tinca tinca", "1": "goldfish", "3": "crane", "9": "crane, derrick"}
-    return out + [with_eta, with_labels, with_int8(trim(schema3))]
+    sit_dopri5 = sit_from_dit(trim(schema3))
+    sit_dopri5["defaults"] = {"sampler": "ode-dopri5", "steps": "50", "guidance": "standard"}
+    sit_dopri5["diffusion"] = trim(schema3)["diffusion"]  # the other family's process section: not read
+    return out + [with_eta, with_labels, with_int8(trim(schema3)), sit_from_dit(trim(schema3)),
+                  sit_from_dit(trim(schema3_decoder)), sit_dopri5]
 
 
 def with_int8(data: dict) -> dict:

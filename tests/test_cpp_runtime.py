@@ -187,7 +187,105 @@ def _python_values() -> dict:
                             "grid": g.ravel().tolist()})
 
     return {"respacing": respacing, "schedules": schedules, "steps": steps, "guide": guides, "dpm": dpm,
-            "images": image_cases, **_compat_cases(trt_plan)}
+            "images": image_cases, "flow": _flow_cases(), "sit_runs": _sit_pipeline_cases(),
+            "portable": _portable_cases(), **_compat_cases(trt_plan)}
+
+
+def _flow_cases() -> dict:
+    """SiT's grids and each flow loop (runtime/flow.py, through the sampler registry) driven by an
+    elementwise velocity a x + t b (the same float32 operations in C++): the sample, the model
+    times and, for dopri5, its accepted and rejected steps. Expected bit for bit."""
+    from ditrt.runtime import flow
+    from ditrt.runtime.samplers import get_sampler
+    grids = [{"n": n, "ode": flow.ode_grid(n).t.tolist(), "sde": flow.sde_grid(n).t.tolist()}
+             for n in (2, 3, 7, 10, 50, 250, 1001)]
+    rng = np.random.default_rng(321)
+    shape = (2, 4, 2, 2)
+    b = rng.standard_normal(shape, dtype=np.float32)
+    x0 = rng.standard_normal(shape, dtype=np.float32)
+    loops = []
+    # heun2 also on a grid where t0 + (t1 - t0) != t1 (its second time is t0 + dt as computed)
+    uneven = np.array([0.0, 0.1, 0.23, 1.0], np.float32)
+    for name, steps, options, stiffness, custom in [
+            ("ode-euler", 7, {}, 1, None), ("ode-heun2", 7, {}, 1, None), ("ode-heun2", 4, {}, 1, uneven),
+            ("ode-dopri5", 6, {}, 1, None), ("ode-dopri5", 6, {"atol": 1e-8, "rtol": 1e-6}, 40, None),
+            ("sde-euler", 7, {}, 1, None), ("sde-heun", 7, {}, 1, None)]:
+        sampler = get_sampler(name)
+        grid = sampler.schedule(None, steps) if custom is None else flow.OdeGrid(custom)
+        a = (-rng.uniform(0.2, 2.0, shape) * stiffness).astype(np.float32)
+        draws = rng.standard_normal((sampler.noise_draws(grid), *shape), dtype=np.float32)
+        stats, times = flow.Dopri5Stats(), []
+        extra = {"stats": stats} if name == "ode-dopri5" else {}
+        loop = sampler.loop(x0, grid, (lambda k: draws[k]) if sampler.uses_noise else None, **sampler.bind(**options),
+                            **extra)
+        x_eval, t = next(loop)
+        while True:
+            times.append(t)
+            try:
+                x_eval, t = loop.send(a * x_eval + np.float32(t) * b)
+            except StopIteration as done:
+                sample = done.value
+                break
+        loops.append({"sampler": name, "steps": steps, "options": {k: str(v) for k, v in options.items()},
+                      "grid": None if custom is None else custom.tolist(),
+                      "shape": list(shape), "a": a.ravel().tolist(), "b": b.ravel().tolist(), "x": x0.ravel().tolist(),
+                      "draws": draws.ravel().tolist(), "times": times, "expected": sample.ravel().tolist(),
+                      "stats": [stats.function_evals, stats.accepted_steps, stats.rejected_steps]})
+    return {"grids": grids, "loops": loops}
+
+
+TOY_DIT_MANIFEST = {  # runtime/cpp/tests/test_util.hpp minimal_manifest(): 2x2 latents of 4 channels, 10 classes
+    "schema": "ditrt.manifest", "schema_version": 3,
+    "model": {"family": "dit", "input_size": 2, "patch_size": 2, "in_channels": 4, "hidden_size": 64, "depth": 2,
+              "num_heads": 4, "mlp_ratio": 4.0, "num_classes": 10, "learn_sigma": True, "out_channels": 8},
+    "diffusion": {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
+                  "variance": "learned_range", "prediction": "epsilon", "clip_denoised": False},
+    "guidance": {"guided_channels": {"official": 3, "standard": 4}},
+    "defaults": {"sampler": "ddpm", "steps": 250, "cfg_scale": 4.0, "guidance": "official"},
+    "networks": {"denoiser": {
+        "inputs": [{"name": "latent", "dtype": "float32", "shape": ["batch", 4, 2, 2], "role": "latent"},
+                   {"name": "timestep", "dtype": "float32", "shape": ["batch"], "role": "time"},
+                   {"name": "class_label", "dtype": "int64", "shape": ["batch"], "role": "condition",
+                    "condition": {"kind": "class", "num_classes": 10, "null": 10}}],
+        "outputs": [{"name": "model_output", "dtype": "float32", "shape": ["batch", 8, 2, 2], "role": "prediction"}],
+        "batch_axis": 0, "batch_unit": "rows",
+        "graphs": {"fp32": {"file": "denoiser.fp32.onnx", "sha256": {"denoiser.fp32.onnx": "0" * 64}}}}},
+    "engines": []}
+
+
+def _sit_pipeline_cases() -> dict:
+    """Whole SiT runs of the Python Pipeline over FakeBackend (tests/fake_networks.c's denoiser) on
+    a toy SiT manifest: the C++ test (test_flow.cpp) runs ditrt_sample with the same function as a
+    callback executor, also under ASan + UBSan, and expects these latents bit for bit."""
+    import tempfile
+
+    import manifest_mutants
+    from ditrt.runtime.manifest import Manifest
+    from ditrt.runtime.pipeline import Pipeline
+    data = manifest_mutants.sit_from_dit(TOY_DIT_MANIFEST)
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = Manifest(data, Path(tmp))
+    pipe = Pipeline(FakeBackend(manifest.network("denoiser")), manifest)
+    runs = []
+    for sampler in ("ode-euler", "ode-heun2", "ode-dopri5", "sde-euler", "sde-heun"):
+        for cfg, guidance in ((1.0, "official"), (3.0, "official"), (3.0, "standard")):
+            latents = pipe.sample([1, 4], num_steps=6, sampler=sampler, cfg_scale=cfg, guidance=guidance, seed=11,
+                                  progress=False)
+            runs.append({"sampler": sampler, "cfg_scale": cfg, "guidance": guidance, "labels": [1, 4], "steps": 6,
+                         "seed": 11, "calls": pipe.last_stats.steps, "rows": pipe.last_stats.model_rows,
+                         "expected": latents.view(np.uint32).ravel().tolist()})
+    return {"manifest": data, "runs": runs}
+
+
+def _portable_cases() -> dict:
+    """runtime/portable.py's exp_float32 (as uint32 bits) and pairwise_sum."""
+    from ditrt.runtime import portable
+    rng = np.random.default_rng(99)
+    x = np.concatenate([rng.uniform(-30, 5, 2000), [0.0, -0.0, 1e-8, -1e-8, 88.7, -87.3, -103.0, -104.5, -150.0, -250.0,
+                                                     0.5 * np.log(0.02), -0.34657359, 0.34657359]]).astype(np.float32)
+    sums = [rng.standard_normal(n).tolist() for n in (0, 1, 2, 3, 5, 8, 13, 100, 1001)]
+    return {"exp_in": x.view(np.uint32).tolist(), "exp_out": portable.exp_float32(x).view(np.uint32).tolist(),
+            "sums": [{"values": v, "expected": float(portable.pairwise_sum(np.array(v)))} for v in sums]}
 
 
 def _compat_cases(trt_plan) -> dict:
@@ -708,20 +806,30 @@ def test_bad_artifacts_are_refused_with_the_reason(lib, cpp_pipe, cpp_artifact, 
         assert status == ARTIFACT_ERROR and expected in message, (expected, message)
 
 
-def test_a_sit_artifact_is_refused_with_the_reason(lib, cpp_pipe, cpp_artifact, tmp_path):
-    """The Python runtime samples SiT artifacts; the C++ runtime runs the DiT family and says so."""
+def test_a_sit_manifest_opens_and_bad_transports_are_refused(lib, cpp_pipe, cpp_artifact, tmp_path):
+    """Both readers take SiT manifests (model.family "sit", the transport section) and refuse the
+    transports that are not implemented, naming the field; a SiT manifest never reads a diffusion."""
+    import manifest_mutants
+    from ditrt.runtime.errors import ArtifactError
     from ditrt.runtime.manifest import load_manifest
-    m = json.loads((cpp_artifact / "manifest.json").read_text())
-    m["model"]["family"] = "sit"
-    m.pop("diffusion")
-    m["transport"] = {"path_type": "Linear", "prediction": "velocity", "train_eps": 0.0, "sample_eps": 0.0}
-    m["model"]["out_channels"] = 4
-    m["networks"]["denoiser"]["outputs"][0]["shape"][1] = 4
-    m["defaults"] = {"sampler": "sde-euler", "steps": 250, "cfg_scale": 1.5, "guidance": "official"}
-    (tmp_path / "manifest.json").write_text(json.dumps(m))
-    assert load_manifest(tmp_path).family.name == "sit"  # a valid SiT manifest for Python
-    status, message = _open_status(lib, cpp_pipe.executor, tmp_path)
-    assert status == ARTIFACT_ERROR and "runs the DiT family only" in message and "SiT" in message, message
+    good = manifest_mutants.sit_from_dit(json.loads((cpp_artifact / "manifest.json").read_text()))
+    cases = [(good, None), ({**good, "diffusion": "not read"}, None),
+             ({**good, "transport": {**good["transport"], "path_type": "GVP"}}, "transport.path_type is 'GVP'"),
+             ({**good, "transport": {**good["transport"], "prediction": "noise"}}, "transport.prediction is 'noise'"),
+             ({**good, "transport": {**good["transport"], "sample_eps": 1e-3}}, "transport.sample_eps"),
+             ({k: v for k, v in good.items() if k != "transport"}, "manifest field transport is missing"),
+             ({**good, "defaults": {"sampler": "ddpm"}}, "defaults.sampler"),
+             ({**good, "defaults": {"sampler": "sde-euler", "eta": 0.5}}, "defaults.eta"),
+             ({**good, "model": {**good["model"], "out_channels": 8}}, "model.out_channels")]
+    for data, expected in cases:
+        (tmp_path / "manifest.json").write_text(json.dumps(data))
+        status, message = _open_status(lib, cpp_pipe.executor, tmp_path, flags=1)
+        if expected is None:
+            assert status == OK and load_manifest(tmp_path).family.name == "sit", message
+        else:
+            assert status == ARTIFACT_ERROR and expected in message, (expected, message)
+            with pytest.raises(ArtifactError, match=expected.split(" ")[-1].strip("'")):
+                load_manifest(tmp_path)
 
 
 def test_corrupt_graph_is_caught_by_sha256_unless_opted_out(lib, cpp_pipe, cpp_artifact, tmp_path):
@@ -1059,25 +1167,23 @@ def test_the_cpp_reader_survives_10000_mutated_manifests_under_asan_and_ubsan(mu
 
 
 def test_python_and_cpp_readers_agree_on_every_mutated_manifest(mutants, cpp_verdicts, python_verdicts):
-    """One contract, two readers: the same >= 5,000 mutants (here all 10,000) accepted or refused
-    by both. The one difference by design: a SiT manifest Python accepts is refused by C++ with
-    the reason. Refusals that reach Python as exceptions other than ArtifactError are listed (they
-    are Python-side findings, not disagreements)."""
+    """One contract, two readers: the same >= 5,000 mutants (here all 10,000, of both families)
+    accepted or refused by both, SiT's included. Refusals that reach Python as exceptions other
+    than ArtifactError are listed (they are Python-side findings, not disagreements)."""
     assert len(mutants) >= 5000
     disagreements, sit, odd = [], 0, {}
     for i, ((status, message), (accepted, what)) in enumerate(zip(cpp_verdicts, python_verdicts)):
-        if accepted and what == "sit":
-            sit += 1
-            assert status == ARTIFACT_ERROR and "DiT family only" in message
-        elif accepted != (status == OK):
+        sit += accepted and what == "sit"
+        if accepted != (status == OK):
             disagreements.append((i, accepted, status, message[:300], mutants[i][:200]))
         if not accepted and what != "ArtifactError":
             odd[what] = odd.get(what, 0) + 1
     accepted = sum(a for a, _ in python_verdicts)
-    print(f"differential: {len(mutants)} mutants, both accept {accepted - sit}, both refuse "
-          f"{len(mutants) - accepted - len(disagreements)}, SiT refused by design {sit}, disagreements {len(disagreements)}; "
+    print(f"differential: {len(mutants)} mutants, both accept {accepted} ({sit} SiT), both refuse "
+          f"{len(mutants) - accepted - len(disagreements)}, disagreements {len(disagreements)}; "
           f"Python refusals that were not ArtifactError: {odd or 'none'}")
     assert not disagreements, disagreements[:5]
+    assert sit > 500  # the SiT bases are exercised (3 of the 8 bases)
 
 
 # ---- ditrt-sample, images, noise ------------------------------------------------------------------------------

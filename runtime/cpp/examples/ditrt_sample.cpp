@@ -1,9 +1,11 @@
-// ditrt-sample ARTIFACT --labels 1,2 [--sampler ddpm|ddim|dpm++2m] [--steps 50] [--cfg-scale 4]
-//              [--guidance official|standard] [--eta 0] [--seed 0] [--max-batch 0] [--no-verify]
+// ditrt-sample ARTIFACT --labels 1,2 [--sampler ddpm|ddim|dpm++2m|ode-euler|ode-heun2|ode-dopri5|sde-euler|sde-heun]
+//              [--steps 50] [--cfg-scale 4] [--guidance official|standard] [--eta 0] [--atol 1e-6] [--rtol 1e-3]
+//              [--seed 0] [--max-batch 0] [--no-verify]
 //              [--executor tensorrt|PLUGIN.so] [--device 0]
 //              [--out sample.png] [--out-dir DIR] [--latents latents.npy]
 //
-// The whole job through the C ABI (via ditrt.hpp): sample latents, decode them with the artifact's
+// A DiT artifact takes ddpm, ddim, dpm++2m (--eta: ddim); a SiT one the ODE and SDE samplers (--atol,
+// --rtol: ode-dopri5). The whole job through the C ABI (via ditrt.hpp): sample latents, decode them with the artifact's
 // decoder, write the grid PNG (--out, as the official sample.py) and one PNG per image (--out-dir,
 // 000000.png ..., as sample_ddp.py); --latents also keeps the (N, C, H, W) float32 latents as .npy.
 // The executor is TensorRT (the artifact's plans; a build with -DDITRT_WITH_TENSORRT=ON), or a
@@ -26,8 +28,9 @@ namespace {
 
 int usage(const std::string& message) {
     std::cerr << "error: " << message << "\n"
-              << "usage: ditrt-sample ARTIFACT --labels 1,2 [--sampler ddpm|ddim|dpm++2m] [--steps 50] [--cfg-scale 4]\n"
-              << "                    [--guidance official|standard] [--eta 0] [--seed 0] [--max-batch 0] [--no-verify]\n"
+              << "usage: ditrt-sample ARTIFACT --labels 1,2 [--sampler ddpm|ddim|dpm++2m (DiT) | ode-euler|ode-heun2|ode-dopri5|\n"
+              << "                    sde-euler|sde-heun (SiT)] [--steps 50] [--cfg-scale 4] [--guidance official|standard]\n"
+              << "                    [--eta 0] [--atol 1e-6] [--rtol 1e-3] [--seed 0] [--max-batch 0] [--no-verify]\n"
               << "                    [--executor tensorrt|PLUGIN.so] [--device 0]\n"
               << "                    [--out sample.png] [--out-dir DIR] [--latents latents.npy]\n";
     return 2;
@@ -106,7 +109,8 @@ int main(int argc, char** argv) {
             if (i + 1 >= argc) return usage(arg + " needs a value");
             const std::string value = argv[++i];
             if (arg == "--labels") labels = parse_labels(value);
-            else if (arg == "--sampler" || arg == "--steps" || arg == "--guidance" || arg == "--eta" || arg == "--seed")
+            else if (arg == "--sampler" || arg == "--steps" || arg == "--guidance" || arg == "--eta" || arg == "--seed" ||
+                     arg == "--atol" || arg == "--rtol")
                 settings.emplace_back(arg.substr(2), value);
             else if (arg == "--cfg-scale") settings.emplace_back("cfg_scale", value);
             else if (arg == "--max-batch") max_batch = std::stoll(value);

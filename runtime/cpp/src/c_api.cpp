@@ -216,9 +216,15 @@ ditrt_status ditrt_options_set(ditrt_options* options, const char* key, const ch
             o.eta_text = value ? value : "";
         } else if (k == "seed") o.seed = value ? parse_uint64(key, value) : 0;
         else if (k == "image_offset") o.image_offset = value ? std::optional<uint64_t>(parse_uint64(key, value)) : std::nullopt;
-        else
+        else if (k == "atol" || k == "rtol" || k == "diffusion_norm" || k == "last_step_size" || k == "diffusion_form" ||
+                 k == "last_step") {  // SiT's sampler options, checked against the sampler by ditrt_sample
+            const bool numeric = k != "diffusion_form" && k != "last_step";
+            if (!value) o.sampler_options.erase(k);
+            else o.sampler_options[k] = numeric ? (parse_number(key, value), std::string(value)) : std::string(value);
+        } else
             throw Error(Status::InvalidArgument, "unknown option key '" + k + "'; the keys are sampler, steps, cfg_scale, "
-                                                 "guidance, eta, seed, image_offset");
+                                                 "guidance, eta, seed, image_offset, atol, rtol, diffusion_form, "
+                                                 "diffusion_norm, last_step, last_step_size");
     });
 }
 

@@ -11,6 +11,7 @@
 #include <filesystem>
 
 #include "error.hpp"
+#include "flow.hpp"
 #include "pyjson.hpp"
 #include "schedule.hpp"
 #include "sha256.hpp"
@@ -181,10 +182,7 @@ void read_model(const Json& data, Manifest& m) {
     const Json& family = get(s, "family");
     if (!pyjson::is_str(family) || (family.get<std::string>() != "dit" && family.get<std::string>() != "sit"))
         fail("unknown model family " + pyjson::repr(family) + "; ditrt knows dit, sit");
-    if (family.get<std::string>() != "dit")
-        fail(kField + "model.family is '" + family.get<std::string>() + "': this C++ runtime runs the DiT family only (DDPM "
-             "eps models: ddpm, ddim, dpm++2m); a SiT artifact samples with the Python runtime (ditrt sample, "
-             "ditrt.runtime.load)");
+    m.family = family.get<std::string>();
     for (const char* f : {"input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
                           "num_classes", "learn_sigma"})
         if (!s.contains(f)) fail(kField + "model." + f + " is missing");
@@ -218,9 +216,10 @@ void read_model(const Json& data, Manifest& m) {
         for (const auto& p : problems) all += (all.empty() ? "" : "; ") + p;
         fail(kField + "model: invalid DiT config: " + all);
     }
-    m.out_channels = m.learn_sigma ? 2 * m.in_channels : m.in_channels;  // the family's output channels
+    // The family's output channels: DiT's graph keeps the learned-variance half, SiT's drops it.
+    m.out_channels = m.learn_sigma && !m.is_sit() ? 2 * m.in_channels : m.in_channels;
     if (s.contains("out_channels") && !pyjson::equals_int(s["out_channels"], m.out_channels))
-        fail(kField + "model.out_channels is " + pyjson::repr(s["out_channels"]) + ", but a dit with in_channels " +
+        fail(kField + "model.out_channels is " + pyjson::repr(s["out_channels"]) + ", but a " + m.family + " with in_channels " +
              std::to_string(m.in_channels) + " and learn_sigma " + (m.learn_sigma ? "True" : "False") + " outputs " +
              std::to_string(m.out_channels));
 }
@@ -247,6 +246,26 @@ void read_diffusion(const Json& data, Manifest& m) {
              "sample.py does (clip_denoised false) and cannot clip");
 }
 
+// config.read_transport: only the Linear path with velocity prediction and eps 0 is implemented.
+void read_transport(const Json& data) {
+    const Json& d = section(data, "transport");
+    const std::string f = kField + "transport.";
+    const Json& path = get(d, "path_type");
+    const Json& prediction = get(d, "prediction");
+    if (pyjson::is_str(path) && (path.get<std::string>() == "GVP" || path.get<std::string>() == "VP"))
+        fail(f + "path_type is " + pyjson::repr(path) + ": only the Linear path is implemented (SiT's released models); "
+             "GVP and VP have no golden reference here");
+    pyjson::check_choice(path, f + "path_type", {"Linear"});
+    if (pyjson::is_str(prediction) && (prediction.get<std::string>() == "score" || prediction.get<std::string>() == "noise"))
+        fail(f + "prediction is " + pyjson::repr(prediction) + ": only velocity prediction is implemented (SiT's released models)");
+    pyjson::check_choice(prediction, f + "prediction", {"velocity"});
+    pyjson::Range zero;
+    zero.has_low = zero.has_high = true;
+    zero.low = zero.high = 0;
+    for (const char* k : {"train_eps", "sample_eps"})
+        pyjson::check_number(d.contains(k) ? d[k] : Json(0.0), f + k, zero);
+}
+
 void read_guidance(const Json& data, Manifest& m) {
     const Json& guided = get(section(data, "guidance"), "guided_channels");
     if (!guided.is_object() || guided.empty())
@@ -269,13 +288,16 @@ void read_defaults(const Json& data, Manifest& m) {
         for (const auto& u : unknown) list += (list.empty() ? "" : ", ") + quoted(u);
         fail(kField + "defaults has unknown keys [" + list + "]; it takes sampler, steps, cfg_scale, guidance, eta");
     }
-    // The family's defaults (config.py: ddpm, 250, 4.0, official), then the manifest's values.
-    const Json sampler = d.contains("sampler") ? d["sampler"] : Json("ddpm");
+    // The family's defaults (config.py: dit ddpm, 250, 4.0, official; sit sde-euler, 250, 1.5,
+    // official), then the manifest's values.
+    const Json sampler = d.contains("sampler") ? d["sampler"] : Json(m.is_sit() ? "sde-euler" : "ddpm");
     const Json steps = d.contains("steps") ? d["steps"] : Json(250);
-    const Json cfg = d.contains("cfg_scale") ? d["cfg_scale"] : Json(4.0);
+    const Json cfg = d.contains("cfg_scale") ? d["cfg_scale"] : Json(m.is_sit() ? 1.5 : 4.0);
     const Json guidance = d.contains("guidance") ? d["guidance"] : Json("official");
     const Json eta = d.contains("eta") ? d["eta"] : Json();
-    m.default_sampler = pyjson::check_choice(sampler, kField + "defaults.sampler", {"ddpm", "ddim", "dpm++2m"});
+    const std::vector<std::string> samplers = m.is_sit() ? std::vector<std::string>(std::begin(kFlowSamplers), std::end(kFlowSamplers))
+                                                         : std::vector<std::string>{"ddpm", "ddim", "dpm++2m"};
+    m.default_sampler = pyjson::check_choice(sampler, kField + "defaults.sampler", samplers);
     std::vector<std::string> names;
     for (const auto& [name, _] : m.guided_channels) names.push_back(name);
     m.default_guidance = pyjson::check_choice(guidance, kField + "defaults.guidance", names);
@@ -443,8 +465,8 @@ void check_denoiser(const NetworkSpec& spec, const Manifest& m) {
             for (const auto& t : *list)
                 have += (have.empty() ? "" : ", ") + t.name + " " + dtype_name(t.dtype) + " " + shape_text(t.shape) + " " + t.role +
                         (t.has_condition ? " (class, " + std::to_string(t.condition.num_classes) + " classes)" : "");
-        fail(kField + "networks.denoiser inputs/outputs [" + have + "] do not match the model section and family dit "
-             "([latent float32 ['batch', " + std::to_string(C) + ", " + std::to_string(S) + ", " + std::to_string(S) +
+        fail(kField + "networks.denoiser inputs/outputs [" + have + "] do not match the model section and family " + m.family +
+             " ([latent float32 ['batch', " + std::to_string(C) + ", " + std::to_string(S) + ", " + std::to_string(S) +
              "] latent, timestep float32 ['batch'] time, class_label int64 ['batch'] condition (class, " + std::to_string(K) +
              " classes), model_output float32 ['batch', " + std::to_string(m.out_channels) + ", " + std::to_string(S) + ", " +
              std::to_string(S) + "] prediction])");
@@ -730,7 +752,8 @@ Manifest parse_manifest(const std::string& text, const std::string& directory) {
              "artifact with this ditrt (ditrt export CHECKPOINT --out " + directory + " --force)");
     m.schema_version_read = small_int ? v : 3;
     read_model(data, m);
-    read_diffusion(data, m);
+    if (m.is_sit()) read_transport(data);  // the family's process section; the other one is not read
+    else read_diffusion(data, m);
     read_guidance(data, m);
     read_defaults(data, m);
     read_labels(data, m);

@@ -4,9 +4,8 @@
 //
 // One contract, two readers: a manifest the Python runtime loads, this reader loads, and one it
 // refuses, this reader refuses with a message naming the field (tests/test_cpp_runtime.py feeds
-// thousands of mutated manifests to both). The one deliberate difference: this runtime runs the
-// DiT family only, so a SiT artifact (model.family "sit"), which Python samples, is refused with
-// that reason.
+// thousands of mutated manifests of both families to both). Both families are read: DiT (the
+// `diffusion` section) and SiT (the `transport` section: the Linear path, velocity prediction).
 #pragma once
 
 #include <cstdint>
@@ -69,12 +68,13 @@ struct EngineEntry {
 struct Manifest {
     std::string directory;
     int64_t schema_version_read = 3;  // 1 and 2 were upgraded in memory
-    // model (family "dit")
+    std::string family = "dit";       // model.family: "dit" (diffusion) or "sit" (transport)
+    // model
     int64_t input_size = 0, patch_size = 0, in_channels = 0, out_channels = 0, hidden_size = 0, depth = 0,
             num_heads = 0, num_classes = 0;
     double mlp_ratio = 0;
     bool learn_sigma = false;
-    // diffusion
+    // diffusion (family dit; a SiT manifest's transport is the one implemented: nothing to keep)
     int64_t num_train_timesteps = 0;
     double beta_start = 0, beta_end = 0;
     std::string variance;  // "learned_range" or "fixed_large"
@@ -94,6 +94,7 @@ struct Manifest {
     std::vector<NetworkSpec> networks;  // manifest order; the denoiser is always there
     std::vector<EngineEntry> engines;
 
+    bool is_sit() const { return family == "sit"; }
     bool learned_variance() const { return variance == "learned_range"; }
     int64_t null_class() const { return num_classes; }
     const NetworkSpec& denoiser() const { return *network("denoiser"); }

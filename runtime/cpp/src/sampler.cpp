@@ -7,6 +7,7 @@
 
 #include "error.hpp"
 #include "noise.hpp"
+#include "portable.hpp"
 #include "pyjson.hpp"
 
 namespace ditrt_core {
@@ -45,7 +46,7 @@ void ddpm_step(const Schedule& s, size_t i, const StepShape& shape, const float*
                 const float frac = (v[e] + 1.0f) / 2.0f;  // learned range, no clamp
                 log_var = frac * max_log + (1.0f - frac) * min_log;
             }
-            out[k] = mean + std::exp(0.5f * log_var) * noise[k];
+            out[k] = mean + exp_float32(0.5f * log_var) * noise[k];  // portable.hpp: numpy's exp is not expf
         }
     }
 }
@@ -179,13 +180,47 @@ void CallbackExecutor::run(const NetworkSpec& network, const std::vector<TensorV
         throw Error(Status::Executor, "the " + network.name + " callback failed (returned " + std::to_string(rc) + ")");
 }
 
+namespace {
+
+// The guidance convention and scale of a request (either family).
+void plan_guidance(const Manifest& m, const SampleOptions& o, Plan& p) {
+    const std::string guidance = o.guidance ? *o.guidance : m.default_guidance;
+    const int64_t* channels = m.guided(guidance);
+    if (!channels) {
+        std::string names;
+        for (const auto& [name, _] : m.guided_channels) names += (names.empty() ? "" : " or ") + name;
+        throw Error(Status::InvalidArgument, "unknown guidance '" + guidance + "'; use " + names);
+    }
+    p.guided_channels = *channels;
+    p.cfg_scale = o.cfg_scale ? *o.cfg_scale : m.default_cfg_scale;
+    if (!std::isfinite(p.cfg_scale) || !pyjson::fits_float32(p.cfg_scale))
+        throw Error(Status::InvalidArgument, "cfg_scale must be a finite float32 number, got " +
+                                                 (o.cfg_scale ? o.cfg_scale_text : pyjson::format_g(p.cfg_scale)));
+}
+
+Plan plan_flow_sampling(const Manifest& m, const SampleOptions& o) {
+    Plan p;
+    p.kind = SamplerKind::Flow;
+    p.sampler = o.sampler ? *o.sampler : m.default_sampler;
+    std::map<std::string, std::string> options = o.sampler_options;
+    if (o.eta) options["eta"] = o.eta_text;  // refused by name: no SiT sampler takes eta
+    p.flow = plan_flow(p.sampler, o.steps ? *o.steps : m.default_steps, !o.steps && m.default_steps_is_int, options);
+    plan_guidance(m, o, p);
+    return p;
+}
+
+}  // namespace
+
 Plan plan_sampling(const Manifest& m, const SampleOptions& o) {
+    if (m.is_sit()) return plan_flow_sampling(m, o);
     Plan p;
     p.sampler = o.sampler ? *o.sampler : m.default_sampler;
     p.kind = sampler_kind(p.sampler);
-    // Sampler options: eta is ddim's; given to another sampler it is refused, never ignored.
+    // Sampler options: eta is ddim's, the others SiT's; given to another sampler they are refused, never ignored.
     if (o.eta && p.kind != SamplerKind::Ddim)
         throw Error(Status::InvalidArgument, "eta applies to ddim only; " + p.sampler + " takes no eta");
+    for (const auto& [name, value] : o.sampler_options)
+        throw Error(Status::InvalidArgument, name + " applies to " + option_takers(name) + " only; " + p.sampler + " takes no " + name);
     if (p.kind == SamplerKind::Ddim) {
         p.eta = o.eta ? *o.eta : m.has_default_eta ? m.default_eta : 0.0;
         if (!(p.eta >= 0.0 && p.eta <= 1.0))
@@ -200,18 +235,7 @@ Plan plan_sampling(const Manifest& m, const SampleOptions& o) {
         p.respaced = respaced_schedule(m.base_betas(), steps);
         p.model_timesteps.assign(p.respaced.timesteps.rbegin(), p.respaced.timesteps.rend());
     }
-    const std::string guidance = o.guidance ? *o.guidance : m.default_guidance;
-    const int64_t* channels = m.guided(guidance);
-    if (!channels) {
-        std::string names;
-        for (const auto& [name, _] : m.guided_channels) names += (names.empty() ? "" : " or ") + name;
-        throw Error(Status::InvalidArgument, "unknown guidance '" + guidance + "'; use " + names);
-    }
-    p.guided_channels = *channels;
-    p.cfg_scale = o.cfg_scale ? *o.cfg_scale : m.default_cfg_scale;
-    if (!std::isfinite(p.cfg_scale) || !pyjson::fits_float32(p.cfg_scale))
-        throw Error(Status::InvalidArgument, "cfg_scale must be a finite float32 number, got " +
-                                                 (o.cfg_scale ? o.cfg_scale_text : pyjson::format_g(p.cfg_scale)));
+    plan_guidance(m, o, p);
     return p;
 }
 
@@ -234,6 +258,7 @@ void sample(const Manifest& m, Executor& executor, const std::vector<int64_t>& l
     const TensorSpec& condition_input = input_of(net, "condition");
     check_labels(condition_input.condition, labels);
     const Plan p = plan_sampling(m, o);
+    if (p.kind == SamplerKind::Flow) return sample_flow(m, executor, labels, o, p, out, capacity);
     const int64_t n = int64_t(labels.size()), C = m.in_channels, S = m.input_size, hw = S * S;
     const int64_t per_image = checked_count({C, S, S}, "one latent");
     const int64_t count = checked_count({n, C, S, S}, "the latents");
@@ -314,6 +339,7 @@ void sample(const Manifest& m, Executor& executor, const std::vector<int64_t>& l
                               x0.data());
                 std::swap(x0, state);
                 break;
+            case SamplerKind::Flow: break;  // sample_flow
         }
         if (!all_finite(next.data(), count))
             throw Error(Status::Step, "sampling produced NaN or inf at step " + std::to_string(k + 1) + "/" + std::to_string(K) +
@@ -325,6 +351,108 @@ void sample(const Manifest& m, Executor& executor, const std::vector<int64_t>& l
                                                std::to_string(K) + "; the output was not written");
     }
     std::copy(x, x + count, out);
+}
+
+namespace {
+
+// Injected noise as runtime/noise.py InjectedNoise checks it: initial (N, C, H, W), step noise
+// (draws, N, C, H, W); a sampler that draws nothing takes none (step NULL).
+void check_injected_flow(const SampleOptions& o, const Plan& p, int64_t n, int64_t per_image, int64_t count) {
+    if (o.image_offset)
+        throw Error(Status::InvalidArgument, "image_offset selects seeded noise; it does not apply to injected noise");
+    if (o.initial_count != count)
+        throw Error(Status::InvalidArgument, "injected initial noise holds " + std::to_string(o.initial_count) +
+                                                 " values; expected (N, C, H, W) = " + std::to_string(count));
+    const int64_t draws = p.noise_draws();
+    const int64_t want = checked_count({draws, n, per_image}, "the injected step noise");
+    if ((draws == 0 && o.step_noise != nullptr) || (draws > 0 && (o.step_noise == nullptr || o.step_count != want)))
+        throw Error(Status::InvalidArgument, "injected step noise holds " + std::to_string(o.step_noise ? o.step_count : 0) +
+                                                 " values; expected (draws, images, C, H, W) = (" + std::to_string(draws) + ", " +
+                                                 std::to_string(n) + ", ...) = " + std::to_string(want) +
+                                                 (draws ? " (" + p.sampler + " draws num_steps - 1 times)" :
+                                                          " or none: " + p.sampler + " draws no noise"));
+    if (!all_finite(o.initial_noise, count))
+        throw Error(Status::InvalidArgument, "injected initial noise contains NaN or inf (in float32)");
+    if (o.step_noise && !all_finite(o.step_noise, want))
+        throw Error(Status::InvalidArgument, "injected step noise contains NaN or inf (in float32)");
+}
+
+}  // namespace
+
+// SiT: runtime/pipeline.py SampleRun over a flow loop. Guidance is forward_with_cfg: the network
+// sees [x; x] with labels [y; null]; ode-dopri5 integrates the whole guided batch [x; x_null] (the
+// network still sees the real half twice), the other loops the N real rows.
+void sample_flow(const Manifest& m, Executor& executor, const std::vector<int64_t>& labels, const SampleOptions& o,
+                 const Plan& p, float* out, int64_t capacity) {
+    const NetworkSpec& net = m.denoiser();
+    const TensorSpec& condition_input = input_of(net, "condition");
+    const int64_t n = int64_t(labels.size()), C = m.in_channels, S = m.input_size, hw = S * S;
+    const int64_t per_image = checked_count({C, S, S}, "one latent");
+    const int64_t count = checked_count({n, C, S, S}, "the latents");
+    const bool guided = p.cfg_scale > 1.0;  // no unconditional rows at scale <= 1, as DiT
+    const bool null_half = guided && p.flow.integrates_null_half();
+    const int64_t rows = guided ? 2 * n : n;
+    checked_count({rows, C, S, S}, "the denoiser's input");
+    const int64_t out_count = checked_count({rows, m.out_channels, S, S}, "the denoiser's output");
+    const bool injected = o.initial_noise != nullptr;
+    if (injected) check_injected_flow(o, p, n, per_image, count);
+    else if (o.image_offset && *o.image_offset + uint64_t(n - 1) < *o.image_offset)
+        throw Error(Status::InvalidArgument, "image_offset " + std::to_string(*o.image_offset) + " + " + std::to_string(n) +
+                                                 " images passes the last image index 2^64 - 1");
+    if (capacity < count)
+        throw Error(Status::BufferTooSmall, "the output buffer holds " + std::to_string(capacity) + " floats; " +
+                                                std::to_string(n) + " latents need " + std::to_string(count));
+
+    std::unique_ptr<NoiseSource> noise;
+    if (injected) noise = std::make_unique<InjectedNoise>(o.initial_noise, o.step_noise, count);
+    else noise = std::make_unique<SeededNoise>(o.seed, n, per_image, o.image_offset.value_or(0));
+    std::vector<float> x(size_t(null_half ? 2 * count : count));
+    noise->initial(x.data());
+    if (null_half) std::copy(x.begin(), x.begin() + count, x.begin() + count);
+
+    std::vector<float> latent_in(static_cast<size_t>(rows * per_image)), time_in(static_cast<size_t>(rows)),
+        model_out(static_cast<size_t>(out_count));
+    std::vector<int64_t> condition(labels);
+    if (guided) condition.insert(condition.end(), size_t(n), condition_input.condition.null);
+    const TensorView views_in[] = {{&input_of(net, "latent"), {rows, C, S, S}, latent_in.data()},
+                                   {&input_of(net, "time"), {rows}, time_in.data()},
+                                   {&condition_input, {rows}, condition.data()}};
+    std::vector<TensorView> inputs;
+    for (const TensorSpec& t : net.inputs)  // in the spec's order
+        for (const TensorView& v : views_in)
+            if (v.spec == &t) inputs.push_back(v);
+    const std::vector<TensorView> outputs = {{&net.outputs[0], {rows, m.out_channels, S, S}, model_out.data()}};
+    const int64_t total = p.calls(), state = int64_t(x.size()), per_out = m.out_channels * hw;
+    int64_t calls = 0;
+    double last_t = 0.0;
+    auto step_error = [&](const std::string& where) {
+        return Error(Status::Step, "sampling produced NaN or inf " + where + " (t " + pyjson::format_g(last_t) + ") on " +
+                                       executor.describe(net.name) + "; the model output or cfg_scale " +
+                                       pyjson::format_g(p.cfg_scale) + " overflows float32");
+    };
+    const Velocity velocity = [&](const float* x_eval, float t, float* v) {
+        if (!all_finite(x_eval, state)) throw step_error("before model call " + std::to_string(calls + 1));
+        std::copy(x_eval, x_eval + count, latent_in.begin());  // the real rows (twice under guidance)
+        if (guided) std::copy(x_eval, x_eval + count, latent_in.begin() + count);
+        std::fill(time_in.begin(), time_in.end(), t);
+        run_network(executor, net, rows, inputs, outputs);
+        if (guided) guide(model_out.data(), model_out.data() + n * per_out, n, m.out_channels, hw, p.cfg_scale, p.guided_channels);
+        std::copy(model_out.begin(), model_out.begin() + count, v);
+        if (null_half) {  // forward_with_cfg's second half: the same guided channels, its own rest
+            std::copy(model_out.begin() + count, model_out.begin() + 2 * count, v + count);
+            for (int64_t j = 0; j < n; ++j)
+                std::copy(v + j * per_out, v + j * per_out + p.guided_channels * hw, v + count + j * per_out);
+        }
+        last_t = t;
+        ++calls;
+        if (o.progress && o.progress(calls, total, double(t)) != 0)
+            throw Error(Status::Cancelled, "cancelled by the progress callback after model call " + std::to_string(calls) +
+                                               (total ? "/" + std::to_string(total) : "") + "; the output was not written");
+    };
+    const Draw draw = [&](int64_t k) { return noise->step(k); };
+    flow_sample(p.flow, x, velocity, draw);
+    if (!all_finite(x.data(), state)) throw step_error("in the sample after " + std::to_string(calls) + " model calls");
+    std::copy(x.begin(), x.begin() + count, out);
 }
 
 std::vector<int64_t> image_shape(const Manifest& m) {

@@ -6,12 +6,14 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "dpm_solver.hpp"
 #include "executor.hpp"
+#include "flow.hpp"
 #include "manifest.hpp"
 #include "schedule.hpp"
 
@@ -39,6 +41,9 @@ struct SampleOptions {
     std::optional<std::string> sampler, steps, guidance;
     std::optional<double> cfg_scale, eta;
     std::string cfg_scale_text, eta_text;  // as given, for messages
+    // SiT's sampler options as given (atol, rtol; diffusion_form, diffusion_norm, last_step,
+    // last_step_size), checked against the sampler when the plan is made (flow.hpp plan_flow).
+    std::map<std::string, std::string> sampler_options;
     uint64_t seed = 0;
     std::optional<uint64_t> image_offset;
     const float* initial_noise = nullptr;  // injected noise: initial (N, C, H, W), steps (K, N, C, H, W)
@@ -50,7 +55,7 @@ struct SampleOptions {
     std::function<int(int64_t, int64_t, double)> progress;
 };
 
-enum class SamplerKind { Ddpm, Ddim, DpmSolver };
+enum class SamplerKind { Ddpm, Ddim, DpmSolver, Flow };  // Flow: SiT's ODE / SDE loops (flow.hpp)
 
 // A request's sampler, schedule, guidance and scale, checked (runtime/pipeline.py SampleRun).
 struct Plan {
@@ -58,10 +63,14 @@ struct Plan {
     std::string sampler;
     Schedule respaced;   // ddpm, ddim
     DpmSchedule dpm;     // dpm++2m
-    std::vector<int64_t> model_timesteps;  // per model call, noisiest first
+    FlowPlan flow;       // SiT
+    std::vector<int64_t> model_timesteps;  // per model call, noisiest first (DiT)
     int64_t guided_channels = 0;
     double cfg_scale = 0, eta = 0;
-    int64_t calls() const { return int64_t(model_timesteps.size()); }
+    // Model calls; 0 for ode-dopri5 (adaptive: known only after the run).
+    int64_t calls() const { return kind == SamplerKind::Flow ? flow.model_calls() : int64_t(model_timesteps.size()); }
+    // Stochastic draws: the leading axis of injected step noise (DiT: one row per model call).
+    int64_t noise_draws() const { return kind == SamplerKind::Flow ? flow.noise_draws() : calls(); }
 };
 
 Plan plan_sampling(const Manifest& m, const SampleOptions& options);
@@ -71,6 +80,10 @@ Plan plan_sampling(const Manifest& m, const SampleOptions& options);
 // a cancel.
 void sample(const Manifest& m, Executor& executor, const std::vector<int64_t>& labels, const SampleOptions& options,
             float* out, int64_t capacity);
+
+// sample() for a SiT artifact (p.kind == Flow).
+void sample_flow(const Manifest& m, Executor& executor, const std::vector<int64_t>& labels, const SampleOptions& options,
+                 const Plan& p, float* out, int64_t capacity);
 
 // Images (N, 3, H, W) float32 from DiT-scale latents (N, C, h, w) through the decoder network.
 void decode(const Manifest& m, Executor& executor, const float* latents, int64_t n, float* images, int64_t capacity);

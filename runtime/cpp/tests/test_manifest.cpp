@@ -106,9 +106,32 @@ TEST(Manifest, ErrorsNameTheField) {
     EXPECT_EQ(with([](json& m) { m["defaults"]["steps"] = "ddim300"; }), "");  // checked when sampling, as Python
 }
 
-TEST(Manifest, SitArtifactsAreRefusedWithTheReason) {
-    EXPECT_MENTIONS(with([](json& m) { m["model"]["family"] = "sit"; }), "this C++ runtime runs the DiT family only");
+// The tiny DiT's manifest as a SiT one: transport, the velocity channels, SiT's defaults.
+static void to_sit(json& m) {
+    m["model"]["family"] = "sit";
+    m["model"]["out_channels"] = 4;
+    m.erase("diffusion");
+    m["transport"] = {{"path_type", "Linear"}, {"prediction", "velocity"}, {"train_eps", 0.0}, {"sample_eps", 0.0}};
+    m["networks"]["denoiser"]["outputs"][0]["shape"][1] = 4;
+    m["defaults"] = {{"sampler", "sde-euler"}, {"steps", 250}, {"cfg_scale", 1.5}, {"guidance", "official"}};
+}
+
+TEST(Manifest, SitArtifactsAreReadWithTheTransport) {
+    EXPECT_EQ(with(to_sit), "");
+    EXPECT_EQ(with([](json& m) { to_sit(m); m["diffusion"] = "the other family's section: not read"; }), "");
+    EXPECT_EQ(with([](json& m) { to_sit(m); m.erase("defaults"); }), "");  // SiT's defaults
+    EXPECT_MENTIONS(with([](json& m) { m["model"]["family"] = "sit"; }), "manifest field model.out_channels is 8, but a sit");
+    EXPECT_MENTIONS(with([](json& m) { to_sit(m); m["transport"]["path_type"] = "VP"; }), "only the Linear path is implemented");
+    EXPECT_MENTIONS(with([](json& m) { to_sit(m); m["transport"]["prediction"] = "score"; }), "only velocity prediction");
+    EXPECT_MENTIONS(with([](json& m) { to_sit(m); m["transport"]["train_eps"] = 0.1; }), "transport.train_eps");
+    EXPECT_MENTIONS(with([](json& m) { to_sit(m); m["defaults"]["sampler"] = "ddim"; }), "defaults.sampler must be one of 'ode-euler'");
+    EXPECT_MENTIONS(with([](json& m) { to_sit(m); m["defaults"]["eta"] = 0.0; }), "defaults.eta is set");
     EXPECT_MENTIONS(with([](json& m) { m["model"]["family"] = "flux"; }), "unknown model family 'flux'");
+    const ditrt_core::Manifest sit = ditrt_core::parse_manifest([] { json m = testutil::minimal_manifest(); to_sit(m); return m.dump(); }(), "/tmp");
+    EXPECT_TRUE(sit.is_sit());
+    EXPECT_EQ(sit.default_sampler, "sde-euler");
+    EXPECT_EQ(sit.default_cfg_scale, 1.5);
+    EXPECT_EQ(sit.out_channels, 4);
 }
 
 TEST(Manifest, ReaderRules) {

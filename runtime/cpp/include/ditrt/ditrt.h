@@ -1,7 +1,7 @@
-/* ditrt C API, ABI version 2: the whole DiT sampling job of an exported artifact (manifest.json)
- * behind a C ABI: the DDPM, DDIM and DPM-Solver++(2M) loops with classifier-free guidance, the VAE
- * decoder, images as uint8 and PNG, and ditrt's seeded noise stream, bit-identical to the Python
- * runtime's.
+/* ditrt C API, ABI version 2: the whole sampling job of an exported artifact (manifest.json) of
+ * either family behind a C ABI: DiT's DDPM, DDIM and DPM-Solver++(2M) loops and SiT's ODE and SDE
+ * loops with classifier-free guidance, the VAE decoder, images as uint8 and PNG, and ditrt's
+ * seeded noise stream; the latents are bit-identical to the Python runtime's.
  *
  * ---- Conventions (as ONNX Runtime's C API) --------------------------------------------------------
  * - Opaque handles (ditrt_executor, ditrt_pipeline, ditrt_options), created by *_create / ditrt_open
@@ -62,7 +62,7 @@ typedef enum ditrt_status {
     DITRT_INVALID_ARGUMENT = 1, /* a NULL pointer, a label out of range, an unknown sampler / guidance / option key,
                                    eta given to a sampler without one, cfg_scale not a finite float32, injected noise
                                    of the wrong size or holding NaN/inf, a buffer of more than 2^32 values */
-    DITRT_ARTIFACT_ERROR = 2,   /* a missing / corrupt / unsupported manifest or file, a sha256 mismatch, a SiT artifact,
+    DITRT_ARTIFACT_ERROR = 2,   /* a missing / corrupt / unsupported manifest or file, a sha256 mismatch,
                                    an artifact without the network asked for (e.g. no decoder) */
     DITRT_SCHEDULE_ERROR = 3,   /* an impossible step specification for the sampler */
     DITRT_BUFFER_TOO_SMALL = 4, /* an output buffer's capacity is below what the call writes */
@@ -123,7 +123,9 @@ typedef int (*ditrt_run_fn)(void* user, const char* network, const ditrt_tensor*
                             const ditrt_tensor* outputs, int64_t num_outputs);
 
 /* Progress: called after every model call (step) of ditrt_sample with the calls done (1..total),
- * the total number of calls K and the timestep of the call just done. Return 0 to go on; any
+ * the total number of calls K and the timestep of the call just done (DiT: the original-scale
+ * timestep; SiT: t in [0, 1]). ode-dopri5's number of calls is known only after the run: it
+ * reports total_steps 0 (show t as the fraction done; its last stages may pass t = 1 slightly). Return 0 to go on; any
  * other value cancels: ditrt_sample returns DITRT_CANCELLED before the next model call and writes
  * nothing to its output. */
 typedef int (*ditrt_progress_fn)(void* user, int64_t steps_done, int64_t total_steps, double timestep);
@@ -152,19 +154,26 @@ DITRT_API void ditrt_executor_release(ditrt_executor* executor); /* NULL is fine
 /* ---- sample options (ditrt_sample; like ONNX Runtime's config entries) ----------------------------
  * Every key is optional; an unset key takes the manifest's `defaults` (sampler, steps, cfg_scale,
  * guidance, eta) or the value below. Keys and values are strings:
- *   "sampler"      "ddpm" | "ddim" | "dpm++2m"
+ *   "sampler"      DiT: "ddpm" | "ddim" | "dpm++2m"; SiT: "ode-euler" | "ode-heun2" | "ode-dopri5" |
+ *                  "sde-euler" | "sde-heun"
  *   "steps"        ddpm / ddim: a respacing spec: "250" (N evenly spaced steps), "ddim50" (integer
  *                  stride), "10,20,30" (section counts); dpm++2m: the number of model calls, digits
- *                  only, 1 .. num_train_timesteps - 1 (e.g. "25")
+ *                  only, 1 .. num_train_timesteps - 1 (e.g. "25"); SiT: --num-sampling-steps, digits,
+ *                  2 .. 100000 (ODE grid linspace(0, 1, N); SDE linspace(0, 0.96, N))
  *   "cfg_scale"    a decimal number (strtod); > 1 runs the unconditional rows; must be finite as float32
  *   "guidance"     a key of the manifest's guidance.guided_channels: "official" (3 channels guided,
  *                  the released DiT models' quirk) or "standard" (all latent channels)
  *   "eta"          ddim only (given to another sampler: DITRT_INVALID_ARGUMENT), in [0, 1]; default 0
  *                  or the manifest's defaults.eta
+ *   "atol", "rtol" ode-dopri5 only, numbers in (0, 1]; default 1e-6 and 1e-3 (SiT's sample.py)
+ *   "diffusion_form", "diffusion_norm", "last_step", "last_step_size"
+ *                  sde-euler / sde-heun only; only SiT's defaults are implemented and accepted:
+ *                  "sigma", 1.0, "Mean", 0.04 (another value: DITRT_INVALID_ARGUMENT)
+ *                  Any sampler option given to a sampler that does not take it is DITRT_INVALID_ARGUMENT.
  *   "seed"         a decimal uint64 (default "0"): the seeded noise stream (docs/noise.md); image i
  *                  of the call is image image_offset + i of the stream, the initial noise is draw 0
- *                  and the k-th model call's noise draw k + 1: the Python runtime's noise for the
- *                  same seed
+ *                  and the k-th stochastic step's noise draw k + 1 (DiT: the k-th model call; SiT's
+ *                  SDEs: the k-th of num_steps - 1 steps): the Python runtime's noise for the same seed
  *   "image_offset" a decimal uint64 (default "0"): the stream index of the call's first image (a
  *                  shard of a bigger job); refused with injected noise
  * ditrt_options_set: an unknown key or a value that does not parse as that key's type is
@@ -174,9 +183,10 @@ DITRT_API ditrt_status ditrt_options_create(ditrt_options** out);
 DITRT_API void ditrt_options_release(ditrt_options* options); /* NULL is fine */
 DITRT_API ditrt_status ditrt_options_set(ditrt_options* options, const char* key, const char* value);
 /* Injected noise instead of the seeded stream: initial (N, C, H, W), initial_count = N*C*H*W
- * floats, and step noise (K, N, C, H, W), step_count = K*N*C*H*W floats, row k for the k-th model
- * call from the noisiest (K = ditrt_num_steps). dpm++2m draws no step noise: step may be NULL
- * (step_count 0) or K rows that are not used. The arrays are borrowed, not copied: they must stay
+ * floats, and step noise (D, N, C, H, W), step_count = D*N*C*H*W floats, row k for the k-th
+ * stochastic step from the noisiest. DiT: D = K = ditrt_num_steps (a row per model call); dpm++2m
+ * draws no step noise: step may be NULL (step_count 0) or K rows that are not used. SiT: the SDEs
+ * D = steps - 1 (not their model calls); the ODEs draw none: step NULL. The arrays are borrowed, not copied: they must stay
  * valid until the last ditrt_sample using these options returns. NaN or inf in them fails the
  * sample with DITRT_INVALID_ARGUMENT. initial NULL clears the injected noise (seeded again). */
 DITRT_API ditrt_status ditrt_options_set_noise(ditrt_options* options, const float* initial, int64_t initial_count,
@@ -192,8 +202,8 @@ DITRT_API ditrt_status ditrt_options_set_progress(ditrt_options* options, ditrt_
 /* Reads and checks <artifact_dir>/manifest.json (schema ditrt.manifest version 3; versions 1 and
  * 2 are upgraded in memory) with every rule of the Python runtime's reader, and binds the executor
  * to it. A non-regular manifest.json (a FIFO, a device, a link to /dev/zero) or one above 16 MiB is
- * refused before it is read. A SiT artifact (model.family "sit") is refused: this runtime runs the
- * DiT family. Failures: DITRT_ARTIFACT_ERROR with the field at fault in the message. */
+ * refused before it is read. Both families: DiT (the diffusion section) and SiT (model.family
+ * "sit", the transport section). Failures: DITRT_ARTIFACT_ERROR with the field at fault in the message. */
 DITRT_API ditrt_status ditrt_open(const char* artifact_dir, ditrt_executor* executor, uint32_t flags,
                                   ditrt_pipeline** out);
 DITRT_API void ditrt_close(ditrt_pipeline* pipeline); /* NULL is fine */
@@ -207,8 +217,9 @@ DITRT_API ditrt_status ditrt_num_classes(const ditrt_pipeline* pipeline, int64_t
  * name, a name of two classes (ambiguous), a number out of range, or a name given to an artifact
  * without id2label: DITRT_INVALID_ARGUMENT, the message says which. */
 DITRT_API ditrt_status ditrt_label_of(const ditrt_pipeline* pipeline, const char* name, int64_t* label);
-/* The number of model calls K of a sampling call with these options (NULL: the defaults): the
- * leading dimension of injected step noise, and the total the progress callback reports. */
+/* The number of model calls K of a sampling call with these options (NULL: the defaults), the
+ * total the progress callback reports; for DiT also the leading dimension of injected step noise.
+ * ode-dopri5 (adaptive) gives 0: its count is known only after the run. */
 DITRT_API ditrt_status ditrt_num_steps(const ditrt_pipeline* pipeline, const ditrt_options* options, int64_t* num_steps);
 /* 1 when the artifact has the network ("denoiser", "decoder"), else 0 (also for NULL arguments). */
 DITRT_API int ditrt_has_network(const ditrt_pipeline* pipeline, const char* network);
