@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,7 @@ from .validate import check_int, check_number
 from .workers import LocalPool, RayPool, ShardResult, ShardTask, ShardWorker
 
 RECORD_NAME = "run.json"
+RECORD_SIGNATURE = "run.sig"  # with --private-key: the record's signature, renewed with every write
 RECORD_SCHEMA = "ditrt.generate"
 RECORD_VERSION = 1
 PNG_DIR = "png"
@@ -77,6 +79,7 @@ class SamplingOptions:
     decoder_precision: str | None = None
     verify: bool = True
     allow_plan_host_code: bool = False
+    public_key: Path | None = None  # the artifact's signature must verify with it (checked once, by the parent)
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class GenerateJob:
     png: bool = False  # also png/NNNNNN.png per image, as sample_ddp.py names them
     npz: Path | None = None  # the ADM evaluator's file
     resume: bool = False
+    private_key: Path | None = None  # sign the run record (run.sig) after every write
 
 
 @dataclass(frozen=True)
@@ -343,6 +347,7 @@ def _open_run(job: GenerateJob, artifact: dict, options: dict, shards: list[Shar
         if not job.resume:
             raise InputError(f"{out} holds a generate run already ({RECORD_NAME}): add --resume to continue it, or "
                              "choose another --out")
+        _check_record_signature(job, out)
         record = _read_record(record_path)
         check_resumable(record, artifact, options, out)
     else:
@@ -369,8 +374,30 @@ def _open_run(job: GenerateJob, artifact: dict, options: dict, shards: list[Shar
         else:
             kept[key] = entry
     record["shards"] = kept
-    write_json_atomic(record_path, record)
+    _write_record(out, record, job.private_key)
     return record
+
+
+def _check_record_signature(job: GenerateJob, out: Path) -> None:
+    """On resume: --public-key refuses a record whose signature is missing or does not verify (a
+    rewritten shard with its sha256 updated in run.json); --private-key checks the record's own
+    signature with its public key before signing the record again (never blessing an edit)."""
+    from .signing import public_key_of, require_signature
+    record_path, signature = out / RECORD_NAME, out / RECORD_SIGNATURE
+    if job.sampling.public_key is not None:
+        require_signature(record_path, job.sampling.public_key, signature, what="run record")
+    if job.private_key is not None and os.path.lexists(signature):
+        with tempfile.TemporaryDirectory(prefix="ditrt-key-") as tmp:
+            key = Path(tmp) / "public.pem"
+            key.write_bytes(public_key_of(job.private_key))
+            require_signature(record_path, key, signature, what="run record")
+
+
+def _write_record(out: Path, record: dict, private_key: Path | None) -> None:
+    write_json_atomic(out / RECORD_NAME, record)
+    if private_key is not None:
+        from .signing import sign_path
+        sign_path(out / RECORD_NAME, private_key, out / RECORD_SIGNATURE)
 
 
 def generate(job: GenerateJob, workers: Workers = Workers(), progress: Callable[[Progress], None] | None = None,
@@ -379,6 +406,12 @@ def generate(job: GenerateJob, workers: Workers = Workers(), progress: Callable[
     worker process or actor runs (ShardWorker; tests pass a subclass)."""
     began = time.perf_counter()
     _check_job(job, workers)
+    if job.private_key is not None:
+        from .signing import public_key_of
+        public_key_of(job.private_key)  # a bad key is refused before any work
+    if job.sampling.public_key is not None:  # checked here once; the workers trust this check
+        from .signing import require_signature
+        require_signature(job.artifact, job.sampling.public_key)
     manifest = load_manifest(job.artifact)
     output = "images" if "decoder" in manifest.networks else "latents"
     if output == "latents":
@@ -477,7 +510,7 @@ def _schedule(pool, count: int, tasks: list[ShardTask], record: dict, job: Gener
                 task, result = busy.pop(slot), payload[0]
                 if result.shard != task.shard:
                     raise StepError(f"a worker returned shard {result.shard.index} for shard {task.shard.index}")
-                _record_shard(out, result, record, job.png, record["options"]["output"])
+                _record_shard(out, result, record, job.png, record["options"]["output"], job.private_key)
                 computed += result.shard.stop - result.shard.start
                 idle.append(slot)
                 report()
@@ -529,7 +562,8 @@ def _check_backend(record: dict, backend: str, out: Path) -> None:
                         f"pass --backend {record['backend']} (the record is {out / RECORD_NAME})")
 
 
-def _record_shard(out: Path, result: ShardResult, record: dict, png: bool, output: str) -> None:
+def _record_shard(out: Path, result: ShardResult, record: dict, png: bool, output: str,
+                  private_key: Path | None = None) -> None:
     """Write the shard (and its PNGs), then record it: a recorded shard is always complete."""
     shard = result.shard
     indices = np.arange(shard.start, shard.stop, dtype=np.int64)
@@ -540,7 +574,7 @@ def _record_shard(out: Path, result: ShardResult, record: dict, png: bool, outpu
     record.setdefault("sample_shape", list(result.samples.shape[1:]))
     record["shards"][str(shard.index)] = {"file": shard.name, "sha256": digest, "first": shard.start,
                                           "images": len(indices), "seconds": round(result.seconds, 3)}
-    write_json_atomic(out / RECORD_NAME, record)
+    _write_record(out, record, private_key)
 
 
 def _fill_pngs(out: Path, shards: list[Shard], record: dict, log) -> None:
