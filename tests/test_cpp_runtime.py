@@ -35,8 +35,9 @@ CPP = ROOT / "runtime" / "cpp"
 BUILD_ROOT = CPP / "build"
 SANITIZE_FLAGS = "-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
 SANITIZE_CXX = f"-O1 -g1 {SANITIZE_FLAGS}"  # line tables only; -O1 (ASan's advice) halves the fuzz run (tests stay -O0)
-HEADERS = {"nlohmann/json.hpp": "nlohmann-json3-dev", "gtest/gtest.h": "libgtest-dev", "png.h": "libpng-dev"}
-APT = "apt-get install -y cmake g++ nlohmann-json3-dev libgtest-dev libpng-dev"
+HEADERS = {"nlohmann/json.hpp": "nlohmann-json3-dev", "gtest/gtest.h": "libgtest-dev", "png.h": "libpng-dev",
+           "openssl/evp.h": "libssl-dev"}
+APT = "apt-get install -y cmake g++ nlohmann-json3-dev libgtest-dev libpng-dev libssl-dev"
 
 
 # ---- building ---------------------------------------------------------------------------------------
