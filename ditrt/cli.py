@@ -403,7 +403,9 @@ def verify(artifact, accept_manifest_edits, public_key) -> None:
     for name, what, problem in results:
         click.echo(f"{str(name):<{width}}  {what:<28} {'ok' if problem is None else 'FAIL: ' + problem}")
     failed = list(dict.fromkeys(name for name, _, problem in results if problem))
-    click.echo(f"verify: {len(results) - len(failed)}/{len(results)} checks passed" +
+    against = "the manifest" + (" and its signature" if public_key is not None else "")
+    bad = sum(1 for _, _, problem in results if problem)
+    click.echo(f"verify: {len(results) - bad}/{len(results)} files match {against}" +
                (f"; FAILED: {', '.join(map(str, failed))}" if failed else ""))
     sys.exit(1 if failed else 0)
 
