@@ -105,6 +105,10 @@ HOST_CODE_OPTION = click.option("--allow-plan-host-code", is_flag=True,
 MAX_MODEL_CALLS_OPTION = click.option(
     "--max-model-calls", type=int, help="Model calls an adaptive sampler (ode-dopri5) may make per sampling call before "
                                         "it stops with an error [1000]; fixed-step samplers refuse it.")
+PUBLIC_KEY_OPTION = click.option("--public-key", type=click.Path(path_type=Path),
+                                 help="Refuse the artifact unless its signature (model.sig, `ditrt sign`) verifies with "
+                                      "this PEM public key and covers every file in it (pip install 'ditrt[sign]').")
+PRIVATE_KEY_HELP = "PEM EC private key (pip install 'ditrt[sign]')"
 DECODER_PRECISION_OPTION = click.option("--decoder-precision", type=DECODER_PRECISIONS,
                                         help="Decoder graph precision [fp32 on ONNX Runtime, fp16 on TensorRT]; fp32 "
                                              "avoids fp16 VAE overflow.")
@@ -264,6 +268,7 @@ def sampling_options(command):
                      help="Check every file the backend reads against the manifest's sha256 first."),
         HOST_CODE_OPTION,
         DECODER_PRECISION_OPTION,
+        PUBLIC_KEY_OPTION,
         click.option("--progress/--no-progress", default=True, show_default=True),
     ]
     for option in reversed(options):
@@ -287,7 +292,7 @@ def sampling_options(command):
 @click.option("--latents", "latents_path", type=click.Path(path_type=Path),
               help="Also keep the latents as .npy (with a .png --out).")
 def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options, max_model_calls, seed, backend,
-           precision, threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, image_offset,
+           precision, threads, max_batch, verify, allow_plan_host_code, decoder_precision, public_key, progress, image_offset,
            out_path, out_dir, latents_path) -> None:
     """Run the guided sampling loop on an artifact; write a PNG grid (and per-image PNGs) with its
     decoder, and/or the latents (N, C, H, W) float32 as .npy."""
@@ -297,12 +302,15 @@ def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_o
     with project_errors():
         label_list = split_labels(labels)  # numbers or names: the pipeline resolves names from the manifest
         options = parse_options(sampler_options)
+        if public_key is not None:  # before the manifest is even read
+            from ditrt.runtime.signing import require_signature
+            require_signature(artifact, public_key)
         manifest = runtime.load_manifest(artifact)
         plan = OutputPlan.from_options(out_path, out_dir, latents_path, "decoder" in manifest.networks, decoder_precision)
         plan.refuse_inputs(manifest.inputs(), len(label_list), image_offset)
         pipe = runtime.load(artifact, backend=backend, precision=precision, threads=threads, max_batch=max_batch,
                             allow_plan_host_code=allow_plan_host_code, verify=verify, decoder=plan.decodes,
-                            decoder_precision=decoder_precision)
+                            decoder_precision=decoder_precision, public_key=public_key)
         latents = pipe.sample(label_list, num_steps=steps, sampler=sampler, cfg_scale=cfg_scale, guidance=guidance,
                               seed=seed, eta=eta, progress=progress, image_offset=image_offset,
                               max_model_calls=max_model_calls, **options)
@@ -340,10 +348,13 @@ def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_o
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out: verify its finished shards, compute the missing ones. A different "
                    "artifact or option is refused.")
+@click.option("--private-key", type=click.Path(path_type=Path),
+              help=f"Sign the run record (run.sig beside run.json) after every shard, so that --resume --public-key "
+                   f"refuses a rewritten record ({PRIVATE_KEY_HELP}).")
 def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options,
              max_model_calls, seed, backend, precision, threads, max_batch, verify, allow_plan_host_code,
-             decoder_precision, progress, batch, shard_size, workers, use_ray, address, gpus_per_worker, npz_path, png,
-             resume) -> None:
+             decoder_precision, public_key, progress, batch, shard_size, workers, use_ray, address, gpus_per_worker,
+             npz_path, png, resume, private_key) -> None:
     """Generate N images in resumable shards, as the official sample_ddp.py (for FID or synthetic
     data): identical whatever the number of workers. Prints one JSON summary line."""
     from ditrt.runtime import generate as G
@@ -351,9 +362,9 @@ def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, g
     with project_errors():
         sampling = G.SamplingOptions(sampler, steps, cfg_scale, guidance, eta, parse_options(sampler_options), backend,
                                      precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code,
-                                     max_model_calls)
+                                     max_model_calls, public_key)
         job = G.GenerateJob(artifact, out_dir, num_images, labels, seed, sampling, batch, shard_size, png, npz_path,
-                            resume)
+                            resume, private_key)
         summary = G.generate(job, G.Workers(workers, use_ray, address, gpus_per_worker),
                              progress=_GenerateBar() if progress else None, log=_log)
     click.echo(json.dumps(summary.to_dict()))
@@ -379,8 +390,8 @@ def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, g
               help="Also draw Frechet distance and accuracy against images/s (and block evaluations) as a PNG "
                    "(needs matplotlib: pip install 'ditrt[quality]').")
 def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, sampler_options, max_model_calls, seed,
-            backend, precision, threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, compares,
-            batch, classifier, json_path, labels, plot_path) -> None:
+            backend, precision, threads, max_batch, verify, allow_plan_host_code, decoder_precision, public_key,
+            progress, compares, batch, classifier, json_path, labels, plot_path) -> None:
     """Score what each configuration costs: sample N images, decode them and report the digit
     classifier's accuracy, the Frechet distance, precision and recall against the real digits,
     and images/s, each relative to the first configuration (the digits example; needs
@@ -396,7 +407,7 @@ def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, samp
             check_plot_target(plot_path)
         base = SamplingOptions(sampler, steps, cfg_scale, guidance, eta, parse_options(sampler_options), backend,
                                precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code,
-                               max_model_calls)
+                               max_model_calls, public_key)
         runs = [Q.QualityRun("base", base), *(Q.parse_run(text, base) for text in compares)]
         path = classifier or Path(ditrt.exporter.__file__).resolve().parent / "data" / "digits" / "classifier.npz"
         check_outputs([("--json", json_path), ("--plot", plot_path)],
@@ -463,27 +474,55 @@ def decode(artifact, latents, out_path, out_dir, backend, decoder_precision, thr
 @click.option("--accept-manifest-edits", is_flag=True,
               help="Record the current manifest.json as intended (rewrites manifest.sha256) after a deliberate "
                    "edit; the manifest must still load. Then verify as usual.")
-def verify(artifact, accept_manifest_edits) -> None:
+@click.option("--public-key", type=click.Path(path_type=Path),
+              help="Also check the artifact's signature (model.sig) with this PEM public key, and every file it "
+                   "covers: a changed, added or removed file fails (pip install 'ditrt[sign]').")
+def verify(artifact, accept_manifest_edits, public_key) -> None:
     """Check ARTIFACT: the manifest against the digest recorded at export (manifest.sha256), and
-    every file it names (graphs, external data, TensorRT plans) against the manifest.
+    every file it names (graphs, external data, TensorRT plans) against the manifest; with
+    --public-key, its signature and every file the signature covers.
 
     Exit code 0: everything matches; 1: a file is missing or changed, or the manifest was edited
-    since export; 2: the artifact or its manifest is unusable (no denoiser graph, a bad field).
+    since export, or the signature is missing or does not verify; 2: the artifact or its manifest
+    is unusable (no denoiser graph, a bad field).
     """
     from ditrt.runtime.manifest import DIGEST_NAME, write_manifest_digest
+    if accept_manifest_edits and public_key is not None:
+        raise click.UsageError("--accept-manifest-edits rewrites manifest.sha256, which the signature covers: verify "
+                               "with --public-key first, then sign again after the edit")
     with project_errors():
         manifest = runtime.load_manifest(artifact)  # a manifest that does not load is never accepted
         if accept_manifest_edits:
             digest = write_manifest_digest(manifest.directory)
             click.echo(f"accepted the current manifest.json (sha256 {digest[:16]}...): recorded in {DIGEST_NAME}")
         results = manifest.verify_all()
+        if public_key is not None:
+            from ditrt.runtime.signing import verify_path
+            results += [(r.name, r.what, r.problem) for r in verify_path(manifest.directory, public_key)]
     width = max(len(str(name)) for name, _, _ in results)
     for name, what, problem in results:
         click.echo(f"{str(name):<{width}}  {what:<28} {'ok' if problem is None else 'FAIL: ' + problem}")
-    failed = [name for name, _, problem in results if problem]
-    click.echo(f"verify: {len(results) - len(failed)}/{len(results)} files match the manifest" +
+    failed = list(dict.fromkeys(name for name, _, problem in results if problem))
+    against = "the manifest" + (" and its signature" if public_key is not None else "")
+    bad = sum(1 for _, _, problem in results if problem)
+    click.echo(f"verify: {len(results) - bad}/{len(results)} files match {against}" +
                (f"; FAILED: {', '.join(map(str, failed))}" if failed else ""))
     sys.exit(1 if failed else 0)
+
+
+# ---- sign ---------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--private-key", type=click.Path(path_type=Path), required=True, help=PRIVATE_KEY_HELP + ".")
+def sign(artifact, private_key) -> None:
+    """Sign ARTIFACT with OpenSSF model-signing: ARTIFACT/model.sig covers every file in the folder
+    (manifest, manifest.sha256, graphs, data files, plans). The artifact must verify first
+    (`ditrt verify`): a changed file is never signed. Check with `ditrt verify ARTIFACT --public-key PUB`."""
+    from ditrt.runtime.signing import sign_artifact
+    with project_errors():
+        signature, count = sign_artifact(artifact, private_key)
+    click.echo(f"signed {count} files of {artifact}: {signature}")
 
 
 # ---- parity -------------------------------------------------------------------------------------
@@ -509,8 +548,9 @@ def verify(artifact, accept_manifest_edits) -> None:
               help="Graph precision of each --backends kind named without one [without --backends: onnxruntime-PRECISION].")
 @THREADS_OPTION
 @MAX_MODEL_CALLS_OPTION
+@PUBLIC_KEY_OPTION
 def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol, json_path, junit_path, save_golden,
-           activation_ranges, headroom, checkpoint, precision, threads, max_model_calls) -> None:
+           activation_ranges, headroom, checkpoint, precision, threads, max_model_calls, public_key) -> None:
     """Numerical parity of an artifact's backends against the PyTorch reference or a golden file.
 
     Exit code 0: every check within bounds; 1: some check out of bounds; 2: usage or artifact error.
@@ -526,7 +566,7 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
             "--activation-ranges": {"headroom", "json_path", "checkpoint"}}[mode]
     ctx = click.get_current_context()
     unused = [p.opts[0] for p in ctx.command.params if p.name not in used | {"artifact", "against", "save_golden",
-                                                                              "activation_ranges"}
+                                                                              "activation_ranges", "public_key"}
               and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
     if unused:
         raise click.UsageError(f"{' and '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply with {mode}")
@@ -536,6 +576,9 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
     if needs_torch:
         _require_torch("parity --against reference" if against else "parity", exit_code=2)
     with project_errors(all_input=True):
+        if public_key is not None:
+            from ditrt.runtime.signing import require_signature
+            require_signature(artifact, public_key)
         manifest = runtime.load_manifest(artifact)
         check_outputs([("--json", json_path), ("--junit", junit_path), ("--save-golden", save_golden)],
                       [*manifest.inputs(), Input("the --against golden file", None if against in (None, "reference")
@@ -609,8 +652,12 @@ from ditrt.runtime.trt.settings import HARDWARE_COMPAT as _HARDWARE_COMPAT  # no
 @click.option("--workspace", type=float, help="Builder workspace limit in GB [TensorRT's default].")
 @click.option("--skip-unavailable", is_flag=True,
               help="Where TensorRT or a GPU is missing, say so and exit 0 (for scripts that build where possible).")
+@click.option("--private-key", type=click.Path(path_type=Path),
+              help="Re-sign the artifact after the build (its old signature must verify with this key's public key "
+                   "first). A signed artifact is refused without it: the plans would not be covered. "
+                   f"{PRIVATE_KEY_HELP}.")
 def build(artifact, network, precision, decoder_precision, min_batch, opt_batch, max_batch, opt_level, timing_cache,
-          hardware_compat, version_compatible, workspace, skip_unavailable) -> None:
+          hardware_compat, version_compatible, workspace, skip_unavailable, private_key) -> None:
     """Build TensorRT plans from ARTIFACT's graphs and record them in the manifest.
 
     The network is strongly typed (TensorRT 11 has no fp16 flag: precision comes from the graph).
@@ -619,13 +666,17 @@ def build(artifact, network, precision, decoder_precision, min_batch, opt_batch,
     """
     import contextlib
     from ditrt.runtime.trt.build import build_all
+    from ditrt.runtime.signing import check_before_build, sign_after_build
     from ditrt.runtime.trt.settings import BuildFlags
     try:
         with project_errors(), contextlib.redirect_stdout(sys.stderr):  # Polygraphy logs to stdout
+            check_before_build(artifact, private_key)
             flags = BuildFlags(opt_level, hardware_compat, version_compatible, workspace,
                                str(timing_cache) if timing_cache else None)
             built = build_all(artifact, network, precision, decoder_precision, min_batch, opt_batch, max_batch, flags,
                               log=_log)
+            if private_key is not None:
+                _log(f"re-signed {artifact}: {sign_after_build(artifact, private_key)}")
     except _Failed as e:
         if skip_unavailable and isinstance(e.__context__, TensorRTUnavailable):
             _log(f"skipped the TensorRT build: {e.message}")
@@ -653,6 +704,7 @@ RAY_ONLY = ("replicas", "address")  # serve options that apply to --ray only
               help="Check every file the backends read against the manifest's sha256 first.")
 @HOST_CODE_OPTION
 @DECODER_PRECISION_OPTION
+@PUBLIC_KEY_OPTION
 @click.option("--max-batch", type=int, help="Rows per denoiser call [the engine's limit; else 64 on a GPU, 16 on a CPU].")
 @click.option("--max-rows", type=int, help="Rows of the running requests together [--max-batch].")
 @click.option("--max-images", type=int, help="Images (labels) per request [--max-rows / 2].")
@@ -673,8 +725,8 @@ RAY_ONLY = ("replicas", "address")  # serve options that apply to --ray only
 @click.option("--replicas", type=int, default=1, show_default=True, help="Ray Serve replicas, each with its own scheduler.")
 @click.option("--address", help="Ray cluster address (auto: the running cluster) [a local Ray].")
 def serve(artifact, host, port, policy, backend, precision, threads, verify, allow_plan_host_code, decoder_precision,
-          max_batch, max_rows, max_images, max_steps, max_queue, decode_batch, max_body_bytes, body_timeout,
-          discard_bytes, timeout, drain_timeout, use_ray, replicas, address):
+          public_key, max_batch, max_rows, max_images, max_steps, max_queue, decode_batch, max_body_bytes,
+          body_timeout, discard_bytes, timeout, drain_timeout, use_ray, replicas, address):
     """Serve class-conditional sampling over HTTP: POST /v1/samples, GET /v1/model, /v1/health,
     /v1/health/live, /v1/health/ready, /metrics (docs/serving.md). Bounded by default; SIGTERM drains."""
     ctx = click.get_current_context()
@@ -694,7 +746,7 @@ def serve(artifact, host, port, policy, backend, precision, threads, verify, all
         http = serving.HttpLimits(max_body_bytes, body_timeout, drain_timeout, discard_bytes=discard_bytes)
         serving.run(artifact, host, port, use_ray, replicas, address, http, log=_log, backend=backend,
                     precision=precision, threads=threads, verify=verify, allow_plan_host_code=allow_plan_host_code,
-                    decoder_precision=decoder_precision, policy=policy, timeout=timeout, max_batch=max_batch,
+                    decoder_precision=decoder_precision, public_key=public_key, policy=policy, timeout=timeout, max_batch=max_batch,
                     max_rows=max_rows, max_images=max_images, max_steps=max_steps, max_queue=max_queue,
                     decode_batch=decode_batch)
 

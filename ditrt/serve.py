@@ -573,13 +573,14 @@ def _wait_ready(batcher: StepBatcher, timeout: float = 600.0) -> None:
 def make_batcher(artifact, backend: str = "auto", precision: str | None = None, threads: int | None = None,
                  verify: bool = True, allow_plan_host_code: bool = False, decoder_precision: str | None = None,
                  policy: str = "step", timeout: float | None = DEFAULT_TIMEOUT_S, warm_up: bool = True,
-                 **limits) -> StepBatcher:
-    """Load the artifact as `ditrt sample` does (the same options) and start its scheduler.
-    `limits`: runtime.batching.Limits fields (max_batch, max_rows, max_images, max_steps,
-    max_queue, decode_batch); None: sized for the backend."""
+                 public_key=None, **limits) -> StepBatcher:
+    """Load the artifact as `ditrt sample` does (the same options, `public_key` included: an
+    artifact whose signature does not verify is refused before the port opens) and start its
+    scheduler. `limits`: runtime.batching.Limits fields (max_batch, max_rows, max_images,
+    max_steps, max_queue, decode_batch); None: sized for the backend."""
     pipe = runtime.load(artifact, backend=backend, precision=precision, threads=threads,
                         max_batch=limits.get("max_batch"), allow_plan_host_code=allow_plan_host_code, verify=verify,
-                        decoder_precision=decoder_precision)
+                        decoder_precision=decoder_precision, public_key=public_key)
     return StepBatcher(pipe, policy=policy, timeout=timeout, warm_up=warm_up, **limits)
 
 

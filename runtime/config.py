@@ -130,7 +130,35 @@ def read_diffusion(d: dict, model: DiTConfig, error=ArtifactError) -> Diffusion:
     if d.get("clip_denoised", False) is not False:
         raise error(f"manifest field diffusion.clip_denoised is {d.get('clip_denoised')!r}: this runtime samples as "
                     "the official sample.py does (clip_denoised false) and cannot clip")
-    return Diffusion(n, "linear", start, end, variance, "epsilon", False)
+    diffusion = Diffusion(n, "linear", start, end, variance, "epsilon", False)
+    check_alphas_cumprod(diffusion, error)
+    return diffusion
+
+
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # 2^-126, float32's smallest normal number
+
+
+def check_alphas_cumprod(diffusion: Diffusion, error=ArtifactError) -> None:
+    """Refuse a degenerate training schedule. The samplers apply alphas_cumprod (ac) and its
+    coefficients in float32; ac falls monotonically from ac[0] = 1 - beta_start, so its ends decide:
+    - float32(ac[-1]) must be a normal float32 (>= 2^-126): below, 1/sqrt(ac) overflows, ac rounds
+      to 0 (it underflows for beta_end 0.5 or num_train_timesteps 100000) and DDIM's
+      alpha_bar / alpha_bar_prev is 0/0;
+    - float32(ac[0]) must be below 1: at 1, 1 - ac is 0 (a beta_start below float32's resolution)
+      and DDIM's sigma and x0 divide by it.
+    The C++ reader (runtime/cpp/src/manifest.cpp) applies the same rule to the same float64 table."""
+    ac = diffusion.alphas_cumprod()
+    if not float(np.float32(ac[0])) < 1.0:
+        raise error(f"manifest field diffusion.beta_start {diffusion.beta_start} makes a degenerate schedule: "
+                    "alphas_cumprod[0] = 1 - beta_start rounds to 1 in float32, where the samplers divide by "
+                    "1 - alphas_cumprod; beta_start must be at least about 6e-8")
+    if not float(np.float32(ac[-1])) >= FLOAT32_TINY:
+        first = int(np.argmax(ac.astype(np.float32) < FLOAT32_TINY))
+        raise error(f"manifest fields diffusion.beta_end {diffusion.beta_end} and diffusion.num_train_timesteps "
+                    f"{diffusion.num_train_timesteps} make a degenerate schedule: alphas_cumprod falls to "
+                    f"{float(ac[-1]):.3g}, below float32's smallest normal number 2^-126 from timestep {first} on, "
+                    "where the samplers' float32 coefficients overflow (1/sqrt(alphas_cumprod)) or divide 0 by 0; "
+                    "lower beta_end or num_train_timesteps")
 
 
 def read_transport(d: dict, model: DiTConfig | None, error=ArtifactError,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -49,6 +50,7 @@ from .validate import check_int, check_number
 from .workers import LocalPool, RayPool, ShardResult, ShardTask, ShardWorker
 
 RECORD_NAME = "run.json"
+RECORD_SIGNATURE = "run.sig"  # with --private-key: the record's signature, renewed with every write
 RECORD_SCHEMA = "ditrt.generate"
 RECORD_VERSION = 1
 PNG_DIR = "png"
@@ -81,6 +83,7 @@ class SamplingOptions:
     verify: bool = True
     allow_plan_host_code: bool = False
     max_model_calls: int | None = None  # an adaptive sampler's budget per call (None: pipeline.MAX_MODEL_CALLS)
+    public_key: Path | None = None  # the artifact's signature must verify with it (checked once, by the parent)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class GenerateJob:
     png: bool = False  # also png/NNNNNN.png per image, as sample_ddp.py names them
     npz: Path | None = None  # the ADM evaluator's file
     resume: bool = False
+    private_key: Path | None = None  # sign the run record (run.sig) after every write
 
 
 @dataclass(frozen=True)
@@ -417,6 +421,7 @@ def _open_run(job: GenerateJob, artifact: dict, options: dict, shards: list[Shar
         if not job.resume:
             raise InputError(f"{out} holds a generate run already ({RECORD_NAME}): add --resume to continue it, or "
                              "choose another --out")
+        _check_record_signature(job, out)
         record = _read_record(record_path)
         check_resumable(record, artifact, options, out)
     else:
@@ -443,8 +448,30 @@ def _open_run(job: GenerateJob, artifact: dict, options: dict, shards: list[Shar
         else:
             kept[key] = entry
     record["shards"] = kept
-    write_json_atomic(record_path, record)
+    _write_record(out, record, job.private_key)
     return record
+
+
+def _check_record_signature(job: GenerateJob, out: Path) -> None:
+    """On resume: --public-key refuses a record whose signature is missing or does not verify (a
+    rewritten shard with its sha256 updated in run.json); --private-key checks the record's own
+    signature with its public key before signing the record again (never blessing an edit)."""
+    from .signing import public_key_of, require_signature
+    record_path, signature = out / RECORD_NAME, out / RECORD_SIGNATURE
+    if job.sampling.public_key is not None:
+        require_signature(record_path, job.sampling.public_key, signature, what="run record")
+    if job.private_key is not None and os.path.lexists(signature):
+        with tempfile.TemporaryDirectory(prefix="ditrt-key-") as tmp:
+            key = Path(tmp) / "public.pem"
+            key.write_bytes(public_key_of(job.private_key))
+            require_signature(record_path, key, signature, what="run record")
+
+
+def _write_record(out: Path, record: dict, private_key: Path | None) -> None:
+    write_json_atomic(out / RECORD_NAME, record)
+    if private_key is not None:
+        from .signing import sign_path
+        sign_path(out / RECORD_NAME, private_key, out / RECORD_SIGNATURE)
 
 
 def generate(job: GenerateJob, workers: Workers = Workers(), progress: Callable[[Progress], None] | None = None,
@@ -453,6 +480,12 @@ def generate(job: GenerateJob, workers: Workers = Workers(), progress: Callable[
     worker process or actor runs (ShardWorker; tests pass a subclass)."""
     began = time.perf_counter()
     _check_job(job, workers)
+    if job.private_key is not None:
+        from .signing import public_key_of
+        public_key_of(job.private_key)  # a bad key is refused before any work
+    if job.sampling.public_key is not None:  # checked here once; the workers trust this check
+        from .signing import require_signature
+        require_signature(job.artifact, job.sampling.public_key)
     manifest = load_manifest(job.artifact)
     output = "images" if "decoder" in manifest.networks else "latents"
     if output == "latents":
@@ -508,7 +541,7 @@ def generate(job: GenerateJob, workers: Workers = Workers(), progress: Callable[
             finally:
                 pool.close()
         if job.png:
-            _fill_pngs(out, shards, record, log)
+            _fill_pngs(out, shards, record, log, job.private_key)
         if job.npz is not None:
             log(f"writing {job.npz} ...")
             npz_tmp = Path(job.npz).parent.glob(f".{Path(job.npz).name}.*.tmp")  # left by a run killed while writing
@@ -557,7 +590,7 @@ def _schedule(pool, count: int, tasks: list[ShardTask], record: dict, job: Gener
                 task, result = busy.pop(slot), payload[0]
                 if result.shard != task.shard:
                     raise StepError(f"a worker returned shard {result.shard.index} for shard {task.shard.index}")
-                _record_shard(out, result, record, job.png, record["options"]["output"])
+                _record_shard(out, result, record, job.png, record["options"]["output"], job.private_key)
                 computed += result.shard.stop - result.shard.start
                 idle.append(slot)
                 report()
@@ -609,7 +642,8 @@ def _check_backend(record: dict, backend: str, out: Path) -> None:
                         f"pass --backend {record['backend']} (the record is {out / RECORD_NAME})")
 
 
-def _record_shard(out: Path, result: ShardResult, record: dict, png: bool, output: str) -> None:
+def _record_shard(out: Path, result: ShardResult, record: dict, png: bool, output: str,
+                  private_key: Path | None = None) -> None:
     """Write the shard (and its PNGs), then record it: a recorded shard is always complete."""
     shard = result.shard
     indices = np.arange(shard.start, shard.stop, dtype=np.int64)
@@ -619,7 +653,7 @@ def _record_shard(out: Path, result: ShardResult, record: dict, png: bool, outpu
     record["shards"][str(shard.index)] = {"file": shard.name, "sha256": digest, "first": shard.start,
                                           "images": len(indices), "seconds": round(result.seconds, 3),
                                           **({"png_sha256": pngs} if pngs else {})}
-    write_json_atomic(out / RECORD_NAME, record)
+    _write_record(out, record, private_key)
 
 
 def _write_pngs(out: Path, shard: Shard, images: np.ndarray) -> str:
@@ -641,7 +675,7 @@ def _pngs_digest(out: Path, shard: Shard) -> str | None:
     return hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
-def _fill_pngs(out: Path, shards: list[Shard], record: dict, log) -> None:
+def _fill_pngs(out: Path, shards: list[Shard], record: dict, log, private_key: Path | None = None) -> None:
     """Every shard's PNGs as its record says (png_sha256): missing, changed (a junk or edited file)
     or never recorded ones (a run without --png) are written again from the shard file; nothing is
     sampled again."""
@@ -655,4 +689,4 @@ def _fill_pngs(out: Path, shards: list[Shard], record: dict, log) -> None:
         rewritten += 1
         log(f"note: wrote the PNGs of shard {shard.index} from its file (missing, changed or not yet recorded)")
     if rewritten:
-        write_json_atomic(out / RECORD_NAME, record)
+        _write_record(out, record, private_key)

@@ -362,7 +362,7 @@ def decoder_backend_name(backend: str) -> str:
 def load(artifact_dir: str | Path, backend: str = "auto", precision: str | None = None,
          threads: int | None = None, max_batch: int | None = None, allow_plan_host_code: bool = False,
          verify: bool = True, decoder: bool | None = None, decoder_precision: str | None = None,
-         decoder_max_batch: int | None = None) -> Pipeline:
+         decoder_max_batch: int | None = None, public_key: str | Path | None = None) -> Pipeline:
     """A pipeline over an exported artifact. backend: "auto", a kind ("onnxruntime", "tensorrt")
     or an id ("onnxruntime-fp16"); precision None: fp16 on TensorRT, fp32 on ONNX Runtime.
     "auto" takes TensorRT when a plan compatible with this GPU and TensorRT exists, else ONNX
@@ -373,7 +373,11 @@ def load(artifact_dir: str | Path, backend: str = "auto", precision: str | None 
     loading the same artifact again does not rehash it. verify=False is the documented opt-out.
     `decoder` None loads the artifact's VAE decoder when it has one (True requires it, False skips
     it), on the same backend kind, in `decoder_precision` (None: the kind's default; fp32 avoids
-    the fp16 overflow VAE decoders are known for)."""
+    the fp16 overflow VAE decoders are known for). `public_key` (a PEM file): refuse the artifact
+    unless its signature (model.sig, `ditrt sign`) verifies with it and covers every file in it."""
+    if public_key is not None:
+        from .signing import require_signature
+        require_signature(artifact_dir, public_key)
     manifest = load_manifest(artifact_dir)
     denoiser = create_backend(manifest, backend, precision, "denoiser", threads=threads, max_batch=max_batch,
                               allow_plan_host_code=allow_plan_host_code, verify=verify)

@@ -272,6 +272,9 @@ def compare(artifact, runs: list[QualityRun], classifier: DigitClassifier, num_i
     batch = check_int(batch, "--batch", 1, 100_000)
     if not runs:
         raise InputError("quality needs at least one configuration")
+    for key in sorted({str(r.sampling.public_key) for r in runs if r.sampling.public_key is not None}):
+        from .signing import require_signature  # once, before the manifest is read (not once per pipeline)
+        require_signature(artifact, key)
     manifest = load_manifest(artifact)
     for run in runs:  # every configuration checked before the first one samples
         resolve_sampling(manifest, run.sampling, np.zeros(1, np.int64))

@@ -90,10 +90,14 @@ def ddim_step(x: np.ndarray, model_output: np.ndarray, sched: Schedule, i: int, 
     eps = (_f32(sched.sqrt_recip_alphas_cumprod, i) * x - x0) / _f32(sched.sqrt_recipm1_alphas_cumprod, i)
     alpha_bar = _f32(sched.alphas_cumprod, i)
     alpha_bar_prev = _f32(sched.alphas_cumprod_prev, i)
-    sigma = np.float32(eta) * np.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * np.sqrt(1 - alpha_bar / alpha_bar_prev)
+    # eta 0: sigma is exactly 0 (never 0 * NaN), so the loop, which draws no noise then, never needs any.
+    sigma = np.float32(0) if eta == 0 else (np.float32(eta) * np.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) *
+                                            np.sqrt(1 - alpha_bar / alpha_bar_prev))
     mean = x0 * np.sqrt(alpha_bar_prev) + np.sqrt(1 - alpha_bar_prev - sigma**2) * eps
     if i == 0 or sigma == 0:
         return mean
+    if noise is None:
+        raise ValueError(f"ddim_step: sigma is {sigma} at index {i} (eta {eta}), which needs noise; got None")
     return mean + sigma * noise
 
 

@@ -35,8 +35,9 @@ CPP = ROOT / "runtime" / "cpp"
 BUILD_ROOT = CPP / "build"
 SANITIZE_FLAGS = "-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
 SANITIZE_CXX = f"-O1 -g1 {SANITIZE_FLAGS}"  # line tables only; -O1 (ASan's advice) halves the fuzz run (tests stay -O0)
-HEADERS = {"nlohmann/json.hpp": "nlohmann-json3-dev", "gtest/gtest.h": "libgtest-dev", "png.h": "libpng-dev"}
-APT = "apt-get install -y cmake g++ nlohmann-json3-dev libgtest-dev libpng-dev"
+HEADERS = {"nlohmann/json.hpp": "nlohmann-json3-dev", "gtest/gtest.h": "libgtest-dev", "png.h": "libpng-dev",
+           "openssl/evp.h": "libssl-dev"}
+APT = "apt-get install -y cmake g++ nlohmann-json3-dev libgtest-dev libpng-dev libssl-dev"
 
 
 # ---- building ---------------------------------------------------------------------------------------
@@ -124,7 +125,9 @@ def _python_values() -> dict:
     respacing = []
     for n, spec in [(1000, s) for s in ("250", "ddim50", "10,20,30", "10", "1000", "ddim1000", "7", "ddim3", " 0010 ",
                                         "1,2,3,4,5", "100,1", " 25 ", "1_0", "ddim 10", "+5", "3,0", "0", "-1", "12345678",
-                                        "ddim300", "1001", "", "x", "10,,20", "2.5", "999", "333,333,334")] + \
+                                        "ddim300", "1001", "", "x", "10,,20", "2.5", "999", "333,333,334",
+                                        # issue 30: only blanks are stripped (C accepted these)
+                                        "25\n", "\n25", "\r25", "25\v", "\f25", " 25\t", "ddim10\n", "10,\n20")] + \
                     [(6, "5"), (4, "3"), (10, "4"), (7, "3,3"), (3, "1,1,1,1")]:
         try:
             respacing.append({"n": n, "spec": spec, "steps": schedule.space_timesteps(n, spec)})

@@ -1,9 +1,11 @@
 // The C ABI (version 2): handles over the C++ objects, and the one place where exceptions become
 // statuses.
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <locale.h>
 #include <new>
 
 #include "../include/ditrt/ditrt.h"
@@ -13,6 +15,9 @@
 #include "manifest.hpp"
 #include "noise.hpp"
 #include "sampler.hpp"
+#ifdef DITRT_WITH_OPENSSL
+#include "signature.hpp"
+#endif
 
 #ifndef DITRT_VERSION_STRING
 #define DITRT_VERSION_STRING "0.0.0"
@@ -91,13 +96,71 @@ public:
     CallScope& operator=(const CallScope&) = delete;
 };
 
+bool ascii_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }  // Python's Py_ISSPACE
+bool ascii_digit(char c) { return c >= '0' && c <= '9'; }
+
+// Digits with single underscores between them (Python's 1_000), appended to `out` without them.
+bool python_digits(const std::string& s, size_t& i, std::string& out) {
+    if (i >= s.size() || !ascii_digit(s[i])) return false;
+    out += s[i++];
+    while (i < s.size()) {
+        if (ascii_digit(s[i])) {
+            out += s[i++];
+        } else if (s[i] == '_' && i + 1 < s.size() && ascii_digit(s[i + 1])) {
+            ++i;
+        } else {
+            break;
+        }
+    }
+    return true;
+}
+
+bool iequals(const std::string& a, const char* b) {
+    if (a.size() != std::strlen(b)) return false;
+    for (size_t i = 0; i < a.size(); ++i)
+        if (std::tolower(static_cast<unsigned char>(a[i])) != b[i]) return false;
+    return true;
+}
+
+// Python's float(text) over ASCII, no more and no less: ASCII whitespace around, a sign, then
+// inf / infinity / nan in any case, or decimal digits (single underscores between digits) with an
+// optional fraction and exponent. strtod's extras are refused: hexadecimal ("0x1p2"), nan(...)
+// payloads, the locale's decimal point. Returns the number as a C-locale decimal for strtod_l.
+bool python_float_text(const std::string& text, std::string& clean) {
+    size_t b = 0, e = text.size();
+    while (b < e && ascii_space(text[b])) ++b;
+    while (e > b && ascii_space(text[e - 1])) --e;
+    const std::string s = text.substr(b, e - b);
+    size_t i = 0;
+    clean.clear();
+    if (i < s.size() && (s[i] == '+' || s[i] == '-')) clean += s[i++];
+    const std::string word = s.substr(i);
+    if (iequals(word, "inf") || iequals(word, "infinity") || iequals(word, "nan")) {
+        clean += word;
+        return true;
+    }
+    const bool whole = python_digits(s, i, clean);
+    bool fraction = false;
+    if (i < s.size() && s[i] == '.') {
+        clean += s[i++];
+        fraction = python_digits(s, i, clean);
+    }
+    if (!whole && !fraction) return false;
+    if (i < s.size() && (s[i] == 'e' || s[i] == 'E')) {
+        clean += s[i++];
+        if (i < s.size() && (s[i] == '+' || s[i] == '-')) clean += s[i++];
+        if (!python_digits(s, i, clean)) return false;
+    }
+    return i == s.size();
+}
+
 double parse_number(const char* key, const char* value) {
-    errno = 0;
-    char* end = nullptr;
-    const double v = std::strtod(value, &end);
-    if (end == value || *end != '\0')
-        throw Error(Status::InvalidArgument, std::string(key) + " must be a number, got '" + value + "'");
-    return v;
+    static const locale_t c_locale = newlocale(LC_ALL_MASK, "C", locale_t(0));  // never the process's locale
+    std::string clean;
+    if (!python_float_text(value, clean) || c_locale == locale_t(0))
+        throw Error(Status::InvalidArgument, std::string(key) + " must be a number as Python's float() reads it "
+                                             "(decimal, e.g. 4.0 or 1e-3), got '" + value + "'");
+    return strtod_l(clean.c_str(), nullptr, c_locale);  // out of range: +-inf or 0, as float()
 }
 
 uint64_t parse_uint64(const char* key, const char* value) {
@@ -260,12 +323,25 @@ ditrt_status ditrt_options_set_progress(ditrt_options* options, ditrt_progress_f
 // ---- pipelines ----
 
 ditrt_status ditrt_open(const char* artifact_dir, ditrt_executor* executor, uint32_t flags, ditrt_pipeline** out) {
+    return ditrt_open_signed(artifact_dir, executor, flags, nullptr, out);
+}
+
+ditrt_status ditrt_open_signed(const char* artifact_dir, ditrt_executor* executor, uint32_t flags,
+                               const char* public_key_path, ditrt_pipeline** out) {
     return guarded([&] {
         require(out, "out");
         *out = nullptr;
         require(artifact_dir, "artifact_dir");
         require(executor, "executor");
         if (flags & ~DITRT_OPEN_NO_VERIFY) throw Error(Status::InvalidArgument, "unknown flags " + std::to_string(flags));
+        if (public_key_path != nullptr) {  // before the manifest is read: it is one of the signed files
+#ifdef DITRT_WITH_OPENSSL
+            ditrt_core::verify_signature(artifact_dir, public_key_path);
+#else
+            throw Error(Status::Unavailable, "a public key was given, but this libditrt was built without OpenSSL: "
+                                             "it cannot verify signatures (install libssl-dev and rebuild)");
+#endif
+        }
         auto p = std::make_unique<ditrt_pipeline>();
         p->manifest = ditrt_core::load_manifest(artifact_dir);
         p->verify = !(flags & DITRT_OPEN_NO_VERIFY);

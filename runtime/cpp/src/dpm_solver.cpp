@@ -11,16 +11,16 @@ namespace {
 
 bool digit(char c) { return c >= '0' && c <= '9'; }
 
-// re.fullmatch(r"\s*[0-9]+\s*", s): the digits, or "" when it does not match.
+// re.fullmatch(r"[ \t]*[0-9]+[ \t]*", s): the digits, or "" when it does not match.
 std::string digits_only(const std::string& s) {
-    const std::string stripped = strip(s);
+    const std::string stripped = strip_blanks(s);
     return all_digits(stripped) ? stripped : "";
 }
 
-// re.fullmatch(r"\s*(ddim)?[0-9]+(\s*,\s*[0-9]+)*\s*", s): a DDPM/DDIM respacing spec.
+// re.fullmatch(r"[ \t]*(ddim)?[0-9]+([ \t]*,[ \t]*[0-9]+)*[ \t]*", s): a DDPM/DDIM respacing spec.
 bool respacing_spec(const std::string& s) {
     size_t i = 0;
-    auto spaces = [&] { while (i < s.size() && py_space(s[i])) ++i; };
+    auto spaces = [&] { while (i < s.size() && is_blank(s[i])) ++i; };
     auto number = [&] {
         const size_t start = i;
         while (i < s.size() && digit(s[i])) ++i;

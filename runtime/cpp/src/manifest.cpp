@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 
 #include "error.hpp"
 #include "flow.hpp"
@@ -224,6 +225,8 @@ void read_model(const Json& data, Manifest& m) {
              std::to_string(m.out_channels));
 }
 
+void check_alphas_cumprod(const Manifest& m);
+
 void read_diffusion(const Json& data, Manifest& m) {
     const Json& d = section(data, "diffusion");
     const std::string f = kField + "diffusion.";
@@ -244,6 +247,27 @@ void read_diffusion(const Json& data, Manifest& m) {
     if (d.contains("clip_denoised") && !(d["clip_denoised"].is_boolean() && !d["clip_denoised"].get<bool>()))
         fail(f + "clip_denoised is " + pyjson::repr(d["clip_denoised"]) + ": this runtime samples as the official "
              "sample.py does (clip_denoised false) and cannot clip");
+    check_alphas_cumprod(m);
+}
+
+// runtime/config.py check_alphas_cumprod, on the same float64 table: ac falls monotonically from
+// 1 - beta_start; float32(ac[0]) must be below 1 and float32(ac[-1]) a normal float32 (>= 2^-126),
+// else the samplers' float32 coefficients divide by 0 or overflow (ddim_step's 0/0).
+void check_alphas_cumprod(const Manifest& m) {
+    const std::vector<double> ac = alphas_cumprod(m.base_betas());
+    if (!(float(ac.front()) < 1.0f))
+        fail("manifest field diffusion.beta_start " + pyjson::repr(Json(m.beta_start)) + " makes a degenerate "
+             "schedule: alphas_cumprod[0] = 1 - beta_start rounds to 1 in float32, where the samplers divide by "
+             "1 - alphas_cumprod; beta_start must be at least about 6e-8");
+    if (!(float(ac.back()) >= std::numeric_limits<float>::min())) {
+        size_t first = 0;
+        while (float(ac[first]) >= std::numeric_limits<float>::min()) ++first;
+        fail("manifest fields diffusion.beta_end " + pyjson::repr(Json(m.beta_end)) + " and diffusion.num_train_timesteps " +
+             std::to_string(m.num_train_timesteps) + " make a degenerate schedule: alphas_cumprod falls to " +
+             pyjson::format_g(ac.back()) + ", below float32's smallest normal number 2^-126 from timestep " +
+             std::to_string(first) + " on, where the samplers' float32 coefficients overflow (1/sqrt(alphas_cumprod)) "
+             "or divide 0 by 0; lower beta_end or num_train_timesteps");
+    }
 }
 
 // config.read_transport: only the Linear path with velocity prediction and eps 0 is implemented.

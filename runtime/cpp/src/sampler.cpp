@@ -55,10 +55,14 @@ void ddim_step(const Schedule& s, size_t i, const StepShape& shape, const float*
                const float* noise, double eta, float* out) {
     const float a = f32(s.sqrt_recip_alphas_cumprod, i), b = f32(s.sqrt_recipm1_alphas_cumprod, i);
     const float alpha_bar = f32(s.alphas_cumprod, i), alpha_bar_prev = f32(s.alphas_cumprod_prev, i);
-    const float sigma = float(eta) * std::sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) *
-                        std::sqrt(1 - alpha_bar / alpha_bar_prev);
+    // eta 0: sigma is exactly 0 (never 0 * NaN), so no noise is needed (the loop draws none then).
+    const float sigma = eta == 0.0 ? 0.0f : float(eta) * std::sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) *
+                                                std::sqrt(1 - alpha_bar / alpha_bar_prev);
     const float mean_x0 = std::sqrt(alpha_bar_prev), mean_eps = std::sqrt(1 - alpha_bar_prev - sigma * sigma);
     const bool add_noise = !(i == 0 || sigma == 0);
+    if (add_noise && noise == nullptr)  // the loop draws noise whenever eta != 0 and i != 0
+        throw Error(Status::Internal, "ddim_step: sigma " + std::to_string(sigma) + " at index " + std::to_string(i) +
+                                          " needs noise, none was drawn");
     const int64_t per_image = shape.c * shape.hw;
     for (int64_t j = 0; j < shape.n; ++j) {
         const float* eps_in = eps_of(shape, mo, j);

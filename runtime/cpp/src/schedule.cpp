@@ -10,9 +10,9 @@
 namespace ditrt_core {
 namespace {
 
-// runtime/schedule.py _parse_count: 1 to 7 ASCII digits with optional whitespace around them.
+// runtime/schedule.py _parse_count: 1 to 7 ASCII digits with optional blanks (space, tab) around them.
 int64_t parse_count(const std::string& text, const std::string& spec) {
-    const std::string digits = strip(text);
+    const std::string digits = strip_blanks(text);
     if (!all_digits(digits) || digits.size() > 7)
         throw Error(Status::Schedule, "step spec '" + spec + "' is not 'N', 'ddimN' or comma-separated section counts");
     const int64_t count = std::stoll(digits);
@@ -44,12 +44,12 @@ std::vector<int64_t> ddim_steps(int64_t num_timesteps, const std::string& spec) 
 
 }  // namespace
 
-bool py_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
+bool is_blank(char c) { return c == ' ' || c == '\t'; }
 
-std::string strip(const std::string& s) {
+std::string strip_blanks(const std::string& s) {
     size_t b = 0, e = s.size();
-    while (b < e && py_space(s[b])) ++b;
-    while (e > b && py_space(s[e - 1])) --e;
+    while (b < e && is_blank(s[b])) ++b;
+    while (e > b && is_blank(s[e - 1])) --e;
     return s.substr(b, e - b);
 }
 
@@ -59,12 +59,12 @@ bool all_digits(const std::string& s) {
 
 std::vector<int64_t> space_timesteps(int64_t num_timesteps, const std::string& raw_spec) {
     std::string spec = raw_spec;
-    const std::string stripped = strip(raw_spec);
+    const std::string stripped = strip_blanks(raw_spec);
     if (all_digits(stripped)) {  // str(int(spec)): "  007 " is "7"
         const size_t first = stripped.find_first_not_of('0');
         spec = first == std::string::npos ? "0" : stripped.substr(first);
     }
-    spec = strip(spec);
+    spec = strip_blanks(spec);
     if (spec.empty())
         throw Error(Status::Schedule, "step spec must be an int or a string like '250', 'ddim50' or '10,20,30'; got '" +
                                           raw_spec + "'");

@@ -9,10 +9,11 @@
 
 namespace ditrt_core {
 
-// Step specs as Python reads them: ASCII whitespace (the \s of runtime/schedule.py's and
-// dpm_solver.py's patterns that int() also accepts), strip() over it, one or more ASCII digits.
-bool py_space(char c);
-std::string strip(const std::string& s);
+// Step specs as Python reads them: only blanks (space, tab) around a spec or a count, as
+// runtime/schedule.py's strip(" \t") and dpm_solver.py's [ \t]* (a newline, \r, \v or \f is
+// refused, not stripped), and one or more ASCII digits.
+bool is_blank(char c);
+std::string strip_blanks(const std::string& s);
 bool all_digits(const std::string& s);
 
 // The official space_timesteps: "N", "ddimN" or "a,b,c". Throws Error(Status::Schedule).

@@ -337,6 +337,12 @@ TEST_F(CApi, BadArgumentsReturnStatusesNeverCrash) {
     EXPECT_STATUS(sample({1, 2}, 2 * kPerImage - 1), DITRT_BUFFER_TOO_SMALL, "latents need 32");
     EXPECT_STATUS(ditrt_options_set(options, "cfg", "4"), DITRT_INVALID_ARGUMENT, "unknown option key 'cfg'");
     EXPECT_STATUS(ditrt_options_set(options, "cfg_scale", "4x"), DITRT_INVALID_ARGUMENT, "cfg_scale must be a number");
+    // Python's float() and nothing more (issue 30): strtod's hexadecimal and nan(...) are refused.
+    for (const char* bad : {"0x1p2", "nan(1)", "1__0", "_1", "1e", ".", "4\x1c"})
+        EXPECT_STATUS(ditrt_options_set(options, "cfg_scale", bad), DITRT_INVALID_ARGUMENT, "as Python's float() reads it");
+    for (const char* good : {" 4\n", "\f4\v", "1_0", "-Infinity", "nan", ".5e-0_1"})
+        EXPECT_EQ(ditrt_options_set(options, "cfg_scale", good), DITRT_OK) << good;
+    ASSERT_EQ(ditrt_options_set(options, "cfg_scale", nullptr), DITRT_OK);
     EXPECT_STATUS(ditrt_options_set(options, "seed", "-1"), DITRT_INVALID_ARGUMENT, "seed must be a decimal integer");
     EXPECT_STATUS(ditrt_options_set(options, "seed", "18446744073709551616"), DITRT_INVALID_ARGUMENT, "seed must be");
     const int64_t labels[] = {1};

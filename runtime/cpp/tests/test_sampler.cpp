@@ -147,3 +147,24 @@ TEST(Images, GridAndUint8EqualPython) {
         EXPECT_EQ(grid, c["grid"].get<std::vector<uint8_t>>()) << n << " images";
     }
 }
+
+// Issue 30: a degenerate table (alphas_cumprod underflows float32, the manifest readers now refuse
+// it) made sigma = 0 * NaN at eta 0, so ddim_step read the (absent) noise: a segfault. At eta 0
+// sigma is exactly 0 and no noise is read; at eta != 0 absent noise is an error, never a read.
+TEST(Steps, DdimAtEtaZeroNeverReadsNoiseEvenOnADegenerateTable) {
+    const auto betas = ditrt_core::linspace(1e-4, 0.9, 1000);
+    std::vector<int64_t> timesteps(1000);
+    for (int64_t t = 0; t < 1000; ++t) timesteps[size_t(t)] = t;
+    const ditrt_core::Schedule s = ditrt_core::schedule_from_betas(betas, timesteps);
+    ASSERT_EQ(float(s.alphas_cumprod.back()), 0.0f);  // the 0/0 of alpha_bar / alpha_bar_prev
+    const ditrt_core::StepShape shape{1, 4, 4, 8, true};
+    const std::vector<float> x(16, 1.0f), mo(32, 0.0f);
+    std::vector<float> out(16);
+    ditrt_core::ddim_step(s, 999, shape, x.data(), mo.data(), nullptr, 0.0, out.data());
+    try {
+        ditrt_core::ddim_step(s, 500, shape, x.data(), mo.data(), nullptr, 1.0, out.data());
+        FAIL() << "eta 1 without noise must throw";
+    } catch (const ditrt_core::Error& e) {
+        EXPECT_NE(std::string(e.what()).find("needs noise"), std::string::npos) << e.what();
+    }
+}

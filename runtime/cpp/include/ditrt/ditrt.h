@@ -160,7 +160,8 @@ DITRT_API void ditrt_executor_release(ditrt_executor* executor); /* NULL is fine
  *                  stride), "10,20,30" (section counts); dpm++2m: the number of model calls, digits
  *                  only, 1 .. num_train_timesteps - 1 (e.g. "25"); SiT: --num-sampling-steps, digits,
  *                  2 .. 100000 (ODE grid linspace(0, 1, N); SDE linspace(0, 0.96, N))
- *   "cfg_scale"    a decimal number (strtod); > 1 runs the unconditional rows; must be finite as float32
+ *   "cfg_scale"    a number as Python's float() reads it (ASCII: whitespace around, underscores between
+ *                  digits, inf / nan; no hexadecimal); > 1 runs the unconditional rows; must be finite as float32
  *   "guidance"     a key of the manifest's guidance.guided_channels: "official" (3 channels guided,
  *                  the released DiT models' quirk) or "standard" (all latent channels)
  *   "eta"          ddim only (given to another sampler: DITRT_INVALID_ARGUMENT), in [0, 1]; default 0
@@ -206,6 +207,16 @@ DITRT_API ditrt_status ditrt_options_set_progress(ditrt_options* options, ditrt_
  * "sit", the transport section). Failures: DITRT_ARTIFACT_ERROR with the field at fault in the message. */
 DITRT_API ditrt_status ditrt_open(const char* artifact_dir, ditrt_executor* executor, uint32_t flags,
                                   ditrt_pipeline** out);
+/* ditrt_open, refusing an artifact that does not match its signature (`ditrt sign`): before the
+ * manifest is read, <artifact_dir>/model.sig (an OpenSSF model-signing bundle: a DSSE envelope over an
+ * in-toto statement) must carry an ECDSA signature by the EC public key in the PEM file
+ * `public_key_path` (P-256, P-384 or P-521) over the DSSE PAE of its statement, and every file in
+ * the folder must match the statement's sha256 list: a changed, added or removed file, a missing
+ * or foreign signature is DITRT_ARTIFACT_ERROR naming it; a key file that is not an EC public key
+ * DITRT_INVALID_ARGUMENT. public_key_path NULL: exactly ditrt_open. DITRT_UNAVAILABLE when the
+ * library was built without OpenSSL. Added in ABI 2 (a new symbol; ditrt_open is unchanged). */
+DITRT_API ditrt_status ditrt_open_signed(const char* artifact_dir, ditrt_executor* executor, uint32_t flags,
+                                         const char* public_key_path, ditrt_pipeline** out);
 DITRT_API void ditrt_close(ditrt_pipeline* pipeline); /* NULL is fine */
 
 /* Latent shape (C, H, W) of one image; the number of real classes (labels 0..num_classes-1). */
