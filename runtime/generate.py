@@ -191,7 +191,10 @@ def plan_labels(spec: str, seed: int, num_images: int, condition, names=None) ->
     path = Path(spec)
     if path.suffix.lower() != ".npy":
         return listed_labels(spec, seed, num_images, condition, names), "list"
-    check_regular(path, "labels file")  # a FIFO would block np.load, a device never end
+    try:
+        check_regular(path, "labels file")  # a FIFO would block np.load, a device never end
+    except InputError as e:
+        raise InputError(f"cannot read the labels file {path}: {e}") from None
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)  # the header is checked against the file size
     except (OSError, ValueError, EOFError) as e:
