@@ -234,45 +234,55 @@ def test_backend_registry_names_are_shared(tiny_artifact):
         assert runtime.create_backend(manifest, name).name == name
     assert runtime.load(tiny_artifact, backend="onnxruntime", precision="fp16").backend.name == "onnxruntime-fp16"
     with pytest.raises(InputError, match="runs fp32, fp16 graphs, not 'int8'"):
-        parse_backend("onnxruntime-int8")
+        parse_backend("torch-int8")  # the torch backend runs no quantized graph
 
 
 def test_cuda_io_binding_binds_inputs_and_outputs_on_the_chosen_device(tiny_artifact):
-    """The CUDA EP path, with a recording stand-in for ONNX Runtime's IOBinding (no GPU here)."""
+    """The CUDA EP path, with a recording stand-in for ONNX Runtime's IOBinding and OrtValues (no GPU
+    here): every input and output buffer lives on the chosen device, and the feeds reach them."""
     from ditrt.runtime.backends import OnnxRuntimeBackend
     backend = runtime.create_backend(load_manifest(tiny_artifact), "onnxruntime-fp32")
     calls = []
 
+    class Value:
+        def __init__(self, shape, dtype, device, device_id):
+            self.where, self.data = (device, device_id), np.zeros(shape, dtype)
+
+        def update_inplace(self, array):
+            self.data[...] = array
+
+        def numpy(self):
+            return self.data
+
     class Binding:
         def bind_ortvalue_input(self, name, value):
-            calls.append(("input", name, value))
+            calls.append(("input", name, value.where))
 
-        def bind_output(self, name, device, device_id):
-            calls.append(("output", name, (device, device_id)))
-
-        def copy_outputs_to_cpu(self):
-            return [np.zeros((2, 8, 8, 8), np.float32)]
+        def bind_ortvalue_output(self, name, value):
+            calls.append(("output", name, value.where))
 
     class Session:
         def io_binding(self):
             return Binding()
 
-        def run_with_iobinding(self, binding):
+        def run_with_iobinding(self, binding, run_options=None):
             calls.append(("run",))
 
     class OrtValue:
         @staticmethod
-        def ortvalue_from_numpy(array, device, device_id):
-            return (device, device_id, array.shape)
+        def ortvalue_from_shape_and_type(shape, dtype, device, device_id):
+            return Value(shape, dtype, device, device_id)
 
-    backend.session, backend.device, backend.device_id = Session(), "cuda", 1
+    backend.session, backend.device, backend.device_id, backend.io_binding = Session(), "cuda", 1, True
     backend._ort = type("ort", (), {"OrtValue": OrtValue})
-    feeds = {"latent": np.zeros((2, 4, 8, 8), np.float32), "timestep": np.zeros(2, np.float32),
+    feeds = {"latent": np.ones((2, 4, 8, 8), np.float32), "timestep": np.zeros(2, np.float32),
              "class_label": np.zeros(2, np.int64)}
     out = OnnxRuntimeBackend.__call__(backend, feeds)
     assert out["model_output"].shape == (2, 8, 8, 8)
-    assert [c[2][:2] for c in calls if c[0] == "input"] == [("cuda", 1)] * 3
+    assert [c[2] for c in calls if c[0] == "input"] == [("cuda", 1)] * 3
     assert [c[2] for c in calls if c[0] == "output"] == [("cuda", 1)]
+    assert calls.count(("run",)) == 1
+    assert (backend._bound[2].inputs["latent"].data == 1).all()  # the feed was copied into the device buffer
 
 
 def test_error_kinds_decide_exit_codes(tiny_artifact, monkeypatch, tmp_path):
