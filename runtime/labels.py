@@ -82,10 +82,18 @@ def resolve_labels(items, names: ClassNames | None) -> list:
 _NUMBER = re.compile(r"[+-]?[0-9]+")
 
 
+MAX_LABEL_DIGITS = 19  # any int64 class label
+
+
 def as_number(item: str) -> int | None:
     """A class number written as ASCII digits (a sign allowed, for the range check's message)."""
     text = item.strip()
-    return int(text) if _NUMBER.fullmatch(text) else None
+    if not _NUMBER.fullmatch(text):
+        return None
+    if len(text) > MAX_LABEL_DIGITS:  # before int(): Python refuses int strings over 4300 digits (ValueError)
+        raise LabelError(f"class label {text[:12]}... has {len(text)} digits; class labels have at most "
+                         f"{MAX_LABEL_DIGITS}")
+    return int(text)
 
 
 def split_labels(text: str, what: str = "--labels") -> list[str]:
