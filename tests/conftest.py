@@ -71,7 +71,7 @@ def export_quantized(out: Path, precisions=("fp32", "int8", "fp8"), vae: bool = 
     from ditrt.exporter.quantize import QuantOptions
     from ditrt.exporter.vae import load_vae
     import torch
-    source, _ = resolve_source(example=True)
+    source, _, _ = resolve_source(example=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: on a loaded machine two OpenMP threads wait on each other 30x longer
     try:

@@ -227,7 +227,7 @@ def test_a_multistep_sampler_plugs_in_through_the_registry(tiny_artifact, monkey
 
 def test_backend_registry_names_are_shared(tiny_artifact):
     from ditrt.runtime.backends import BACKENDS, backend_ids, parse_backend
-    assert set(BACKENDS) == {"onnxruntime", "tensorrt", "torch"}
+    assert {"onnxruntime", "tensorrt", "torch"} <= set(BACKENDS)  # the built-in kinds (tests register stand-ins)
     assert "onnxruntime-fp16" in backend_ids() and "tensorrt-fp16" in backend_ids()
     manifest = load_manifest(tiny_artifact)
     for name in ("onnxruntime-fp32", "onnxruntime-fp16", "torch-fp32"):

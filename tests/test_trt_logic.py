@@ -97,7 +97,7 @@ def test_plan_filenames():
     assert plan_filename("decoder", "fp32", "sm90", "11.4.0.106") == "decoder.fp32.sm90.trt11.4.0.106.plan"
     assert settings.timing_cache_filename("sm90", "11.4.0.106") == "timing.sm90.trt11.4.0.106.cache"
     for bad in [("denoiser", "fp16", "9.0", "11.4.0"), ("denoiser", "fp16", "sm90", "eleven"),
-                ("denoiser", "fp16", "sm90", "11"), ("../x", "fp16", "sm90", "11.4"), ("denoiser", "int8", "sm90", "11.4")]:
+                ("denoiser", "fp16", "sm90", "11"), ("../x", "fp16", "sm90", "11.4"), ("denoiser", "int4", "sm90", "11.4")]:
         with pytest.raises(ValueError):
             plan_filename(*bad)
 

@@ -234,7 +234,7 @@ def test_manifest_section(decoder_artifact, example_vae):
 
 def test_export_refuses_bad_options(example_vae):
     with pytest.raises(ExportOptionError, match="unknown precision"):
-        check_common_options(("int8",), 20)
+        check_common_options(("int4",), 20)
     with pytest.raises(ExportOptionError, match="the VAE has 4 latent channels, the DiT takes 8"):
         DecoderExporter(example_vae, (8, 8, 8)).check_options(("fp32",))
 
