@@ -16,6 +16,7 @@ model is still fed [x; x], as the official code does.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from .backends import create_backend
+from .cache import NONE, Segments, denoise, start_cache
 from .chunking import Backend, run_chunked
 from .errors import InputError, StepError
 from .manifest import Manifest, load_manifest
@@ -39,6 +41,7 @@ class SampleStats:
     model_rows: int  # rows per model call (doubled under guidance)
     total_s: float
     backend_s: float
+    block_evaluations: float | None = None  # transformer blocks run per row: depth per full call (cache.py)
 
     @property
     def steps_per_s(self) -> float:
@@ -71,6 +74,19 @@ class Pipeline:
         self.decoder = decoder
         self.manifest = manifest
         self.last_stats: SampleStats | None = None
+        self.segment_options: dict = {}  # create_backend options for the segments (load() sets them)
+        self._segments: Segments | None = None
+        self._segments_lock = threading.Lock()
+
+    def segments(self) -> Segments:
+        """The denoiser's segment backends (feature caching), created on first use with the
+        denoiser's backend kind and precision."""
+        with self._segments_lock:
+            if self._segments is None:
+                names = [n for n, s in self.manifest.networks.items() if s.extra.get("segment_of") == "denoiser"]
+                self._segments = Segments({n: create_backend(self.manifest, self.backend.name, None, n,
+                                                             **self.segment_options) for n in names})
+            return self._segments
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -79,33 +95,36 @@ class Pipeline:
     def start(self, class_labels: Sequence[int] | np.ndarray, num_steps: int | str | None = None,
               sampler: str | None = None, cfg_scale: float | None = None, guidance: str | None = None,
               seed: int = 0, eta: float | None = None, noise: tuple | None = None, image_offset: int = 0,
-              **sampler_options) -> "SampleRun":
+              cache: str = NONE, cache_options: dict | None = None, **sampler_options) -> "SampleRun":
         """A validated run, ready to step; None means the manifest's default. `sampler_options` are
         the chosen sampler's own options (e.g. atol/rtol for ode-dopri5); an option it does not take
-        is refused."""
+        is refused. `cache` / `cache_options`: feature caching (runtime/cache.py, docs/caching.md)."""
         return SampleRun(self, class_labels, num_steps, sampler, cfg_scale, guidance, seed, noise, image_offset,
-                         {"eta": eta, **sampler_options})
+                         {"eta": eta, **sampler_options}, cache, cache_options)
 
     def sample(self, class_labels: Sequence[int] | np.ndarray, num_steps: int | str | None = None,
                sampler: str | None = None, cfg_scale: float | None = None, guidance: str | None = None,
                seed: int = 0, eta: float | None = None, noise: tuple | None = None, progress: bool = True,
-               image_offset: int = 0, **sampler_options) -> np.ndarray:
-        """Latents (N, C, H, W) float32 for N class labels. See docs/runtime.md for the conventions."""
+               image_offset: int = 0, cache: str = NONE, cache_options: dict | None = None,
+               **sampler_options) -> np.ndarray:
+        """Latents (N, C, H, W) float32 for N class labels. See docs/runtime.md for the conventions;
+        `cache` "first-block" or "taylorseer" with diffusers' `cache_options` in docs/caching.md."""
         run = self.start(class_labels, num_steps, sampler, cfg_scale, guidance, seed, eta, noise, image_offset,
-                         **sampler_options)
+                         cache, cache_options, **sampler_options)
         bar = _Progress(run) if progress else None
         start, backend_s = time.perf_counter(), 0.0
         while not run.done:
             feeds = run.feeds()
             t0 = time.perf_counter()
-            outputs = run_chunked(self.backend, feeds)
+            output = denoise(self, [run], feeds, self.backend)
             backend_s += time.perf_counter() - t0
-            run.advance(outputs[run.output_name])
+            run.advance(output)
             if bar:
                 bar.update()
         if bar:
             bar.close()
-        self.last_stats = SampleStats(run.steps_done, run.rows, time.perf_counter() - start, backend_s)
+        self.last_stats = SampleStats(run.steps_done, run.rows, time.perf_counter() - start, backend_s,
+                                      run.block_evaluations())
         return run.result
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -125,7 +144,7 @@ class SampleRun:
     and hands the output to the sampler's loop. Nothing here is shared with other runs."""
 
     def __init__(self, pipeline: Pipeline, class_labels, num_steps, sampler, cfg_scale, guidance, seed, noise,
-                 image_offset, options):
+                 image_offset, options, cache=NONE, cache_options=None):
         manifest = pipeline.manifest
         defaults = manifest.defaults
         spec = pipeline.backend.network
@@ -158,6 +177,8 @@ class SampleRun:
         self.null_half = self.guided and self.sampler.integrates_null_half
         self.backend_name = pipeline.backend.name
         self.total_steps = self.sampler.model_calls(self.schedule)  # None: adaptive
+        self.cache = start_cache(manifest, self.sampler, self.schedule, cache, cache_options, self.rows)
+        self.depth = manifest.model.depth
         self.steps_done = 0
         x = self.noise.initial()
         self._loop = self.sampler.loop(np.concatenate([x, x]) if self.null_half else x, self.schedule,
@@ -168,6 +189,10 @@ class SampleRun:
     @property
     def done(self) -> bool:
         return self._result is not None
+
+    def block_evaluations(self) -> float:
+        """Transformer-block evaluations so far, per row: depth per uncached call."""
+        return self.cache.block_evaluations() if self.cache is not None else float(self.depth * self.steps_done)
 
     @property
     def timestep(self) -> float:
@@ -319,4 +344,7 @@ def load(artifact_dir: str | Path, backend: str = "auto", precision: str | None 
                                          verify=verify)
     elif decoder_precision is not None:
         raise InputError("decoder_precision given, but no decoder is loaded")
-    return Pipeline(denoiser, manifest, decoder_backend)
+    pipe = Pipeline(denoiser, manifest, decoder_backend)
+    pipe.segment_options = {"threads": threads, "max_batch": max_batch, "allow_plan_host_code": allow_plan_host_code,
+                            "verify": verify}
+    return pipe
