@@ -19,6 +19,7 @@ from ditrt import runtime
 from ditrt.runtime.backends import BACKENDS, backend_ids
 from ditrt.runtime.errors import DitrtError, TensorRTUnavailable
 from ditrt.runtime.samplers import SAMPLERS
+from ditrt.runtime.cache import cache_names, parse_cache_options
 
 
 class _Failed(click.ClickException):
@@ -175,6 +176,11 @@ def sampling_options(command):
                      help="A sampler option, e.g. atol=1e-6 for ode-dopri5 (repeatable; refused by samplers that "
                           "take none)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Non-negative seed of the per-image noise."),
+        click.option("--cache", type=click.Choice(cache_names()), default="none", show_default=True,
+                     help="Feature caching on the denoiser's segments (docs/caching.md): first-block or taylorseer."),
+        click.option("--cache-option", "cache_options", multiple=True, metavar="NAME=VALUE",
+                     help="A cache option with diffusers' names, e.g. threshold=0.05 (first-block) or "
+                          "cache_interval=4 (taylorseer) (repeatable)."),
         BACKEND_OPTION,
         PRECISION_OPTION,
         THREADS_OPTION,
@@ -205,8 +211,8 @@ def sampling_options(command):
               help="Also write one PNG per image, 000000.png ... (as sample_ddp.py names them; needs a decoder).")
 @click.option("--latents", "latents_path", type=click.Path(path_type=Path),
               help="Also keep the latents as .npy (with a .png --out).")
-def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options, seed, backend, precision,
-           threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, image_offset, out_path,
+def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options, seed, cache, cache_options,
+           backend, precision, threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, image_offset, out_path,
            out_dir, latents_path) -> None:
     """Run the guided sampling loop on an artifact; write a PNG grid (and per-image PNGs) with its
     decoder, and/or the latents (N, C, H, W) float32 as .npy."""
@@ -221,7 +227,8 @@ def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_o
                             allow_plan_host_code=allow_plan_host_code, verify=verify, decoder=plan.decodes,
                             decoder_precision=decoder_precision)
         latents = pipe.sample(label_list, num_steps=steps, sampler=sampler, cfg_scale=cfg_scale, guidance=guidance,
-                              seed=seed, eta=eta, progress=progress, image_offset=image_offset, **options)
+                              seed=seed, eta=eta, progress=progress, image_offset=image_offset, cache=cache,
+                              cache_options=parse_cache_options(cache_options), **options)
         written = plan.write(latents, pipe.decode, log=_log, first_index=image_offset)
     s, d = pipe.last_stats, pipe.manifest.defaults
     click.echo(f"{len(label_list)} images x {s.steps} model calls ({sampler or d.sampler}, cfg "
@@ -256,7 +263,7 @@ def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_o
               help="Continue the run in --out: verify its finished shards, compute the missing ones. A different "
                    "artifact or option is refused.")
 def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options, seed,
-             backend, precision, threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, batch,
+             cache, cache_options, backend, precision, threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, batch,
              shard_size, workers, use_ray, address, gpus_per_worker, npz_path, png, resume) -> None:
     """Generate N images in resumable shards, as the official sample_ddp.py (for FID or synthetic
     data): identical whatever the number of workers. Prints one JSON summary line."""
@@ -264,7 +271,8 @@ def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, g
     from ditrt.runtime.samplers import parse_options
     with project_errors():
         sampling = G.SamplingOptions(sampler, steps, cfg_scale, guidance, eta, parse_options(sampler_options), backend,
-                                     precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code)
+                                     precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code,
+                                     cache, parse_cache_options(cache_options))
         job = G.GenerateJob(artifact, out_dir, num_images, labels, seed, sampling, batch, shard_size, png, npz_path,
                             resume)
         summary = G.generate(job, G.Workers(workers, use_ray, address, gpus_per_worker),
@@ -279,14 +287,14 @@ def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, g
 @sampling_options
 @click.option("--compare", "compares", multiple=True, metavar="KEY=VALUE,...",
               help="Another configuration over the base options above, e.g. 'sampler=ddim,steps=50' or "
-                   "'precision=fp16' (keys: sampler, steps, cfg_scale, guidance, eta, backend, precision, "
-                   "decoder_precision, or a sampler option). Repeatable; each is scored against the first (the base).")
+                   "'precision=fp16' or 'cache=taylorseer,cache_interval=3' (keys: sampler, steps, cfg_scale, "
+                   "guidance, eta, backend, precision, decoder_precision, cache, a cache option, or a sampler option). Repeatable; each is scored against the first (the base).")
 @click.option("--batch", type=int, default=100, show_default=True, help="Images per sampling call.")
 @click.option("--classifier", type=click.Path(path_type=Path),
               help="The digit classifier (.npz) [the one shipped with the example, exporter/data/digits].")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the report as JSON.")
-def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, sampler_options, seed, backend, precision,
-            threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, compares, batch, classifier,
+def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, sampler_options, seed, cache,
+            cache_options, backend, precision, threads, max_batch, verify, allow_plan_host_code, decoder_precision, progress, compares, batch, classifier,
             json_path) -> None:
     """Score what each configuration costs: sample N images, decode them and report the digit
     classifier's accuracy, the Frechet distance, precision and recall against the real digits,
@@ -299,7 +307,8 @@ def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, samp
     from ditrt.runtime.samplers import parse_options
     with project_errors():
         base = SamplingOptions(sampler, steps, cfg_scale, guidance, eta, parse_options(sampler_options), backend,
-                               precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code)
+                               precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code,
+                               cache, parse_cache_options(cache_options))
         runs = [Q.QualityRun("base", base), *(Q.parse_run(text, base) for text in compares)]
         path = classifier or Path(ditrt.exporter.__file__).resolve().parent / "data" / "digits" / "classifier.npz"
         report = Q.compare(artifact, runs, Q.DigitClassifier.load(path), num_images, seed, batch, threads,

@@ -77,6 +77,8 @@ class SamplingOptions:
     decoder_precision: str | None = None
     verify: bool = True
     allow_plan_host_code: bool = False
+    cache: str = "none"  # feature caching (runtime/cache.py)
+    cache_options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -217,10 +219,11 @@ def resolve_sampling(manifest: Manifest, sampling: SamplingOptions, labels: np.n
     from .pipeline import Pipeline
     run = Pipeline(_SpecOnly(manifest.network("denoiser")), manifest).start(
         labels[:1], sampling.steps, sampling.sampler, sampling.cfg_scale, sampling.guidance, 0, sampling.eta,
-        **sampling.sampler_options)
+        cache=sampling.cache, cache_options=sampling.cache_options, **sampling.sampler_options)
     d = manifest.defaults
+    cached = run.cache.settings.to_dict() if run.cache is not None else {}  # uncached records stay as before
     return {"sampler": run.sampler.name, "num_steps": str(sampling.steps if sampling.steps is not None else d.steps),
-            "cfg_scale": run.cfg_scale, "guidance": sampling.guidance or d.guidance, **run.options}
+            "cfg_scale": run.cfg_scale, "guidance": sampling.guidance or d.guidance, **run.options, **cached}
 
 
 # ---- the run record -------------------------------------------------------------------------------

@@ -216,6 +216,14 @@ ditrt_status ditrt_options_set(ditrt_options* options, const char* key, const ch
             o.eta_text = value ? value : "";
         } else if (k == "seed") o.seed = value ? parse_uint64(key, value) : 0;
         else if (k == "image_offset") o.image_offset = value ? std::optional<uint64_t>(parse_uint64(key, value)) : std::nullopt;
+        else if (k == "cache" && (!value || std::string(value) == "none")) {
+            // uncached: the monolithic denoiser, as without the key
+        } else if (k == "cache" || k == "threshold" || k == "cache_interval" || k == "disable_cache_before_step" ||
+                   k == "disable_cache_after_step" || k == "max_order")
+            throw Error(Status::InvalidArgument, "option '" + k + "'" + (value ? "='" + std::string(value) + "'" : "") +
+                                                 ": feature caching (first-block, taylorseer) is not implemented in the "
+                                                 "C++ runtime; sample uncached (cache none) or with the Python runtime "
+                                                 "(ditrt.runtime, docs/caching.md)");
         else
             throw Error(Status::InvalidArgument, "unknown option key '" + k + "'; the keys are sampler, steps, cfg_scale, "
                                                  "guidance, eta, seed, image_offset");

@@ -362,8 +362,9 @@ NetworkSpec read_network(const std::string& name, const Json& data) {
         const Json& items = get(data, kind);
         if (!items.is_array() || items.empty()) fail(kField + where + "." + kind + " must be a non-empty list");
         const bool inputs = std::strcmp(kind, "inputs") == 0;
-        const std::vector<std::string> roles = inputs ? std::vector<std::string>{"latent", "time", "condition"}
-                                                      : std::vector<std::string>{"prediction", "image"};
+        // tokens / embedding: what the denoiser's segments (feature caching) pass between them
+        const std::vector<std::string> roles = inputs ? std::vector<std::string>{"latent", "time", "condition", "tokens", "embedding"}
+                                                      : std::vector<std::string>{"prediction", "image", "tokens", "embedding"};
         for (size_t i = 0; i < items.size(); ++i)
             (inputs ? spec.inputs : spec.outputs)
                 .push_back(read_tensor(items[i], where + "." + kind + "[" + std::to_string(i) + "]", roles));
@@ -490,6 +491,23 @@ GraphEntry read_graph(const Json& graph, const std::string& where, const std::st
     return g;
 }
 
+// runtime/manifest.py _check_segment: a segment of the denoiser (feature caching; this runtime
+// samples with the monolithic denoiser and reads the segments only to accept them).
+void check_segment(const Json& data, const std::string& name, const Manifest& m) {
+    const std::string where = "networks." + name;
+    const Json& of = get(data, "segment_of");
+    if (!pyjson::is_str(of) || of.get<std::string>() != "denoiser")
+        fail(kField + where + ".segment_of must be 'denoiser', got " + pyjson::repr(of));
+    if (!data.contains("blocks")) return;
+    const Json& blocks = data["blocks"];
+    int64_t start = -1, stop = -1;
+    const bool ok = blocks.is_array() && blocks.size() == 2 && pyjson::is_int(blocks[0]) && pyjson::is_int(blocks[1]) &&
+                    pyjson::int64_value(blocks[0], &start) && pyjson::int64_value(blocks[1], &stop);
+    if (!ok || start < 0 || stop <= start || stop > m.depth)
+        fail(kField + where + ".blocks must be [start, stop] with 0 <= start < stop <= depth " + std::to_string(m.depth) +
+             ", got " + pyjson::repr(blocks));
+}
+
 void read_networks(const Json& data, Manifest& m) {
     const Json& networks = get(data, "networks");
     if (!networks.is_object() || !networks.contains("denoiser"))
@@ -498,6 +516,7 @@ void read_networks(const Json& data, Manifest& m) {
         NetworkSpec spec = read_network(it.key(), *it);
         if (it.key() == "denoiser") check_denoiser(spec, m);
         if (it.key() == "decoder") check_decoder(spec, *it, m);
+        if (it->contains("segment_of")) check_segment(*it, it.key(), m);
         const std::string at = "networks." + it.key() + ".graphs";
         const Json& graphs = get(*it, "graphs");
         if (!graphs.is_object()) fail(kField + at + " must be an object");
