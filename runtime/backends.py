@@ -12,6 +12,7 @@ the first time the registry is read.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +28,37 @@ from .validate import check_int
 
 # ---- ONNX Runtime -------------------------------------------------------------------------------
 
+class _Bound:
+    """One row count's IOBinding with its OrtValues, allocated once on the device and reused by
+    every call of that size: the inputs are copied into them in place, the outputs written there."""
+
+    def __init__(self, ort, session, network: NetworkSpec, rows: int, device: str, device_id: int,
+                 graph_id: int | None = None):
+        self.binding = session.io_binding()
+        self.run_options = None
+        if graph_id is not None:  # ONNX Runtime captures one CUDA graph per id, replayed on these buffers
+            self.run_options = ort.RunOptions()
+            self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.inputs, self.outputs = {}, []
+        for spec in network.inputs:
+            value = ort.OrtValue.ortvalue_from_shape_and_type(spec.concrete(rows), spec.numpy_dtype, device, device_id)
+            self.binding.bind_ortvalue_input(spec.name, value)
+            self.inputs[spec.name] = value
+        for spec in network.outputs:
+            value = ort.OrtValue.ortvalue_from_shape_and_type(spec.concrete(rows), spec.numpy_dtype, device, device_id)
+            self.binding.bind_ortvalue_output(spec.name, value)
+            self.outputs.append(value)
+
+
 class OnnxRuntimeBackend:
     """ONNX Runtime on the CPU EP, or the CUDA EP with IOBinding where onnxruntime-gpu is installed
-    (it replaces the onnxruntime package; never install both)."""
+    (it replaces the onnxruntime package; never install both). With IOBinding (`io_binding`, on by
+    default for CUDA), each row count's device buffers are allocated once and reused by every call
+    of that size (`_Bound`): a call copies its inputs in and its outputs out, nothing else."""
 
     def __init__(self, model_path: str | Path, network: NetworkSpec, precision: str = "fp32", device: str = "cpu",
-                 threads: int | None = None, max_batch: int | None = None, device_id: int = 0):
+                 threads: int | None = None, max_batch: int | None = None, device_id: int = 0,
+                 io_binding: bool | None = None, cuda_graph: bool = False):
         import onnxruntime as ort
 
         if device not in ("cpu", "cuda"):
@@ -43,8 +69,9 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = check_threads(threads)
-        # TF32 off: fp32 parity is the point of the fp32 graph.
-        providers = ([("CUDAExecutionProvider", {"use_tf32": 0, "device_id": device_id}), "CPUExecutionProvider"]
+        if cuda_graph and device != "cuda":
+            raise InputError("cuda_graph needs the CUDA EP (device 'cuda', onnxruntime-gpu)")
+        providers = ([("CUDAExecutionProvider", cuda_provider_options(device_id, cuda_graph)), "CPUExecutionProvider"]
                      if device == "cuda" else ["CPUExecutionProvider"])
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=providers)
@@ -58,25 +85,45 @@ class OnnxRuntimeBackend:
         self.min_batch = 1
         self.name = f"onnxruntime-{precision}"
         self._ort = ort
+        self.io_binding = device == "cuda" if io_binding is None else bool(io_binding)
+        if cuda_graph and not self.io_binding:
+            raise InputError("cuda_graph replays fixed device buffers: it needs io_binding")
+        self.cuda_graph = cuda_graph
+        self._bound: dict[int, _Bound] = {}
+        self._bound_lock = threading.Lock()  # one call at a time uses a row count's buffers
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.network.check_feeds(feeds)
         try:
-            if self.device == "cpu":
+            if not self.io_binding:
                 return dict(zip(self.network.output_names, self.session.run(list(self.network.output_names), feeds)))
-            return self._run_cuda(feeds)
+            return self._run_bound(feeds)
         except Exception as e:
             raise BackendError(f"ONNX Runtime failed running {self.path.name}: {_ort_reason(e)}") from None
 
-    def _run_cuda(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        binding = self.session.io_binding()
-        for name, array in feeds.items():
-            value = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", self.device_id)
-            binding.bind_ortvalue_input(name, value)
-        for name in self.network.output_names:
-            binding.bind_output(name, "cuda", self.device_id)
-        self.session.run_with_iobinding(binding)
-        return dict(zip(self.network.output_names, binding.copy_outputs_to_cpu()))
+    def _run_bound(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = len(next(iter(feeds.values())))
+        with self._bound_lock:
+            bound = self._bound.get(rows)
+            if bound is None:
+                graph_id = len(self._bound) if self.cuda_graph else None  # one graph per row count
+                bound = self._bound[rows] = _Bound(self._ort, self.session, self.network, rows, self.device,
+                                                   self.device_id, graph_id)
+            for name, value in bound.inputs.items():
+                value.update_inplace(np.ascontiguousarray(feeds[name]))
+            self.session.run_with_iobinding(bound.binding, bound.run_options)
+            # a CPU OrtValue's numpy() is a view of the buffer the next call overwrites: copy it out
+            return {name: np.array(value.numpy(), copy=True) if self.device == "cpu" else value.numpy()
+                    for name, value in zip(self.network.output_names, bound.outputs)}
+
+
+def cuda_provider_options(device_id: int, cuda_graph: bool = False) -> dict:
+    """The CUDA EP's options: TF32 off (fp32 parity is the point of the fp32 graph); with
+    cuda_graph, ONNX Runtime's CUDA graphs (captured on the first run of each gpu_graph_id)."""
+    options = {"use_tf32": 0, "device_id": device_id}
+    if cuda_graph:
+        options["enable_cuda_graph"] = 1
+    return options
 
 
 def _ort_reason(e: Exception) -> str:

@@ -390,6 +390,14 @@ class StepBatcher:
                              f"{', '.join(self.pipeline.manifest.networks)}); ask for the latents (format 'npy')")
         run = self.pipeline.start(class_labels, num_steps, sampler, cfg_scale, guidance, seed, eta, noise,
                                   **sampler_options)
+        try:
+            return self._enqueue(run, max_calls, timeout, decode)
+        except BaseException:
+            run.close()  # refused: no prefetch thread outlives it
+            raise
+
+    def _enqueue(self, run, max_calls, timeout, decode) -> Future:
+        limits = self.limits
         max_calls = self._call_budget(run, max_calls)
         timeout = self.default_timeout if timeout is None else _check_timeout(timeout)
         with self._cond:
@@ -530,6 +538,8 @@ class StepBatcher:
         for container in (self._queue, self._active, self._decoding):
             keep = []
             for r in container:
+                if r.future.cancelled() or r.deadline is not None and now >= r.deadline:
+                    r.run.close()  # its noise prefetch thread stops with it
                 if r.future.cancelled():
                     self._cancelled += 1
                 elif r.deadline is not None and now >= r.deadline:
@@ -592,6 +602,7 @@ class StepBatcher:
                         self.cost.observe_tick(run.rows, 1, engine_s, total_s)
                 if time.perf_counter() > until:
                     break
+            run.close()
             if self._decoder is not None:
                 latent = self._decoder.network.input("latent")
                 latents = self._decoder.network.example_inputs(1)[latent.name]
@@ -687,6 +698,7 @@ class StepBatcher:
         self._last_rows = rows
 
     def _finish(self, r: _Request, error: BaseException | None = None) -> None:
+        r.run.close()
         if r in self._active:
             self._active.remove(r)
         if r.future.cancelled():
@@ -702,6 +714,7 @@ class StepBatcher:
 
     def _fail_all(self, error: BaseException) -> None:
         for r in self._waiting():
+            r.run.close()
             self._failed += 1
             self._abandoned += 1
             _settle(r.future, error=error)

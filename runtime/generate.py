@@ -220,6 +220,7 @@ def resolve_sampling(manifest: Manifest, sampling: SamplingOptions, labels: np.n
     run = Pipeline(_SpecOnly(manifest.network("denoiser")), manifest).start(
         labels[:1], sampling.steps, sampling.sampler, sampling.cfg_scale, sampling.guidance, 0, sampling.eta,
         cache=sampling.cache, cache_options=sampling.cache_options, **sampling.sampler_options)
+    run.close()  # only validated: no noise prefetch
     d = manifest.defaults
     cached = run.cache.settings.to_dict() if run.cache is not None else {}  # uncached records stay as before
     return {"sampler": run.sampler.name, "num_steps": str(sampling.steps if sampling.steps is not None else d.steps),

@@ -50,68 +50,84 @@ _CHUNK = 1 << 13  # counters per pass: the ~20 temporaries (64 KiB each) stay in
 MAX_VALUES = 4 << 32  # per (image, draw): the block index is one 32-bit counter word
 
 
-def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int) -> tuple[np.ndarray, ...]:
+def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int, xp=np) -> tuple[np.ndarray, ...]:
     """Philox4x32-10 of counter (c0, c1, c2, c3) under key (k0, k1): uint64 arrays holding 32-bit
     words (broadcast together) in, four uint64 arrays of 32-bit words out. A round is
     (c0, c1, c2, c3) <- (hi(p1) ^ c1 ^ k0, lo(p1), hi(p0) ^ c3 ^ k1, lo(p0)) with the exact 64-bit
     products p0 = M0 c0, p1 = M1 c2; in place, since fresh arrays per operation cost half the time."""
     shape = np.broadcast_shapes(*(np.shape(c) for c in (c0, c1, c2, c3)))
-    c0, c1, c2, c3 = (np.array(np.broadcast_to(np.asarray(c, dtype=np.uint64), shape)) for c in (c0, c1, c2, c3))
-    p0, p1 = np.empty(shape, np.uint64), np.empty(shape, np.uint64)
+    c0, c1, c2, c3 = (xp.array(xp.broadcast_to(xp.asarray(c, dtype=np.uint64), shape)) for c in (c0, c1, c2, c3))
+    p0, p1 = xp.empty(shape, np.uint64), xp.empty(shape, np.uint64)
     for _ in range(PHILOX_ROUNDS):
-        np.multiply(c0, np.uint64(PHILOX_M0), out=p0)
-        np.multiply(c2, np.uint64(PHILOX_M1), out=p1)
-        np.right_shift(p1, _32, out=c0)
+        xp.multiply(c0, np.uint64(PHILOX_M0), out=p0)
+        xp.multiply(c2, np.uint64(PHILOX_M1), out=p1)
+        xp.right_shift(p1, _32, out=c0)
         c0 ^= c1
         c0 ^= np.uint64(k0)
-        np.right_shift(p0, _32, out=c2)
+        xp.right_shift(p0, _32, out=c2)
         c2 ^= c3
         c2 ^= np.uint64(k1)
-        np.bitwise_and(p1, _MASK32, out=c1)
-        np.bitwise_and(p0, _MASK32, out=c3)
+        xp.bitwise_and(p1, _MASK32, out=c1)
+        xp.bitwise_and(p0, _MASK32, out=c3)
         k0, k1 = (k0 + PHILOX_W0) & 0xFFFFFFFF, (k1 + PHILOX_W1) & 0xFFFFFFFF
     return c0, c1, c2, c3
 
 
-def _horner(z: np.ndarray, coefficients: list[float]) -> np.ndarray:
+def _horner(z: np.ndarray, coefficients: list[float], xp=np) -> np.ndarray:
     """c[0] + z (c[1] + z (c[2] + ...)), innermost first: one rounding per * and +."""
-    p = np.full_like(z, coefficients[-1])
+    p = xp.full_like(z, coefficients[-1])
     for c in reversed(coefficients[:-1]):
         p *= z
         p += c
     return p
 
 
-def log_poly(u: np.ndarray) -> np.ndarray:
+def log_poly(u: np.ndarray, xp=np) -> np.ndarray:
     """ln u for float64 u in (0, 1): u = m 2^e with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(s)
     for s = (m - 1) / (m + 1), |s| < 0.172, by its series to s^19."""
-    m, e = np.frexp(u)  # exact: m in [0.5, 1)
+    m, e = xp.frexp(u)  # exact: m in [0.5, 1)
     low = m < SQRT_HALF
     m *= low + 1.0  # doubled where low (exact)
-    e = e.astype(np.float64) - low
-    s = (m - 1.0) / (m + 1.0)
+    e = e.astype(np.float64)
+    e -= low
+    s = m - 1.0
+    m += 1.0
+    s /= m  # (m - 1) / (m + 1)
     z = s * s
-    t = s + s
-    ln_m = t + t * (z * _horner(z, ATANH))
-    return e * LN2_HI + (e * LN2_LO + ln_m)
+    s += s  # t = 2 s
+    ln_m = _horner(z, ATANH, xp)  # in place, each step one of t + t * (z * h)'s roundings
+    ln_m *= z
+    ln_m *= s
+    ln_m += s
+    low_part = e * LN2_LO
+    low_part += ln_m
+    e *= LN2_HI
+    e += low_part  # e * LN2_HI + (e * LN2_LO + ln_m)
+    return e
 
 
-def sin_cos_poly(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sin_cos_poly(a: np.ndarray, xp=np) -> tuple[np.ndarray, np.ndarray]:
     """(sin a, cos a) for float64 a in [0, pi/4], by their Taylor series to a^15 and a^16."""
     z = a * a
-    return a + (a * z) * _horner(z, SIN), 1.0 + z * _horner(z, COS)
+    sin_a = _horner(z, SIN, xp)  # a + (a * z) * h, in place with the same roundings
+    sin_a *= a * z
+    sin_a += a
+    cos_a = _horner(z, COS, xp)  # 1 + z * h
+    cos_a *= z
+    cos_a += 1.0
+    return sin_a, cos_a
 
 
-def box_muller(radius_word: np.ndarray, angle_word: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def box_muller(radius_word: np.ndarray, angle_word: np.ndarray, xp=np) -> tuple[np.ndarray, np.ndarray]:
     """(r sin theta, r cos theta) in float64 from two 32-bit words (uint64 arrays):
     r = sqrt(-2 ln u), u = (x + 1/2) 2^-32; theta = 2 pi (y + 1/2) 2^-32, reduced exactly: the top
     two bits of y are the quadrant, the third the octant (mirrored so the angle is in (0, pi/4))."""
     u = radius_word.view(np.int64).astype(np.float64)  # exact (< 2^32); int64 converts faster than uint64
     u += 0.5
     u *= 2.0 ** -32
-    r = log_poly(u)
+    r = log_poly(u, xp)
     r *= -2.0
-    np.sqrt(r, out=r)
+    xp.sqrt(r, out=r)
 
     quadrant = angle_word >> np.uint64(30)
     octant = (angle_word >> np.uint64(29)) & np.uint64(1)
@@ -120,11 +136,11 @@ def box_muller(radius_word: np.ndarray, angle_word: np.ndarray) -> tuple[np.ndar
     a = (mirrored << np.uint64(1)) | np.uint64(1)  # 2 m' + 1: the angle is (2 m' + 1) (pi/2) 2^-31
     a = a.view(np.int64).astype(np.float64)
     a *= PI_OVER_2_2M31
-    sin_a, cos_a = sin_cos_poly(a)
+    sin_a, cos_a = sin_cos_poly(a, xp)
     swap = ((octant ^ quadrant) & np.uint64(1)).astype(bool)
-    sin_t = np.where(swap, cos_a, sin_a)
+    sin_t = xp.where(swap, cos_a, sin_a)
     sin_t *= r
-    cos_t = np.where(swap, sin_a, cos_a)
+    cos_t = xp.where(swap, sin_a, cos_a)
     cos_t *= r
     # The signs, as sign-bit flips (negation is exact, so before or after the product is the same):
     # sin < 0 in quadrants 2, 3; cos < 0 in quadrants 1, 2.
@@ -153,7 +169,7 @@ def normal(seed: int, images: np.ndarray | Sequence[int], draw: int, shape: tupl
     return _normal(seed, _check_images(images), draw, shape)
 
 
-def _normal(seed: int, image_index: np.ndarray, draw: int, shape: tuple[int, ...]) -> np.ndarray:
+def _normal(seed: int, image_index: np.ndarray, draw: int, shape: tuple[int, ...], xp=np) -> np.ndarray:
     """`normal` for a checked seed and draw and uint64 image indices (SeededNoise checks them once
     per run, not at every step)."""
     shape = tuple(shape)
@@ -162,22 +178,32 @@ def _normal(seed: int, image_index: np.ndarray, draw: int, shape: tuple[int, ...
     if count > MAX_VALUES:
         raise InputError(f"a draw holds at most 2^34 values per image, asked for {count}")
     n, blocks = len(image_index), -(-count // 4)
-    out = np.empty((n, blocks * 4), dtype=np.float32)
+    out = xp.empty((n, blocks * 4), dtype=np.float32)
     flat = out.reshape(-1, 4)  # one row per counter
+    image_index = xp.asarray(image_index)
     image_lo, image_hi = image_index & _MASK32, image_index >> np.uint64(32)
     k0, k1 = seed & 0xFFFFFFFF, seed >> 32
     total = n * blocks
     for start in range(0, total, _CHUNK):
-        counter = np.arange(start, min(start + _CHUNK, total), dtype=np.uint64)
+        counter = xp.arange(start, min(start + _CHUNK, total), dtype=np.uint64)
         row = counter // np.uint64(max(blocks, 1))
         block = counter - row * np.uint64(blocks)
-        x0, x1, x2, x3 = philox4x32_10(block, np.uint64(draw), image_lo[row], image_hi[row], k0, k1)
+        x0, x1, x2, x3 = philox4x32_10(block, np.uint64(draw), image_lo[row], image_hi[row], k0, k1, xp)
         rows = flat[start:start + len(counter)]
-        rows[:, 0], rows[:, 1] = box_muller(x0, x1)  # float64 -> float32, round to nearest even
-        rows[:, 2], rows[:, 3] = box_muller(x2, x3)
+        rows[:, 0], rows[:, 1] = box_muller(x0, x1, xp)  # float64 -> float32, round to nearest even
+        rows[:, 2], rows[:, 3] = box_muller(x2, x3, xp)
     if blocks * 4 != count:
-        out = np.ascontiguousarray(out[:, :count])
+        out = xp.ascontiguousarray(out[:, :count])
     return out.reshape((n, *shape))
+
+
+def normal_on(xp, seed: int, images: np.ndarray | Sequence[int], draw: int, shape: tuple[int, ...]):
+    """`normal` computed with another array module `xp` (CuPy on a GPU; numpy is `normal`): the
+    same elementwise operations on the same dtypes, each correctly rounded (+, -, *, /, sqrt) or
+    exact, so the same bits, in an array of `xp`."""
+    seed = _check_uint(seed, "seed", 64)
+    draw = _check_uint(draw, "draw", 32)
+    return _normal(seed, _check_images(images), draw, shape, xp)
 
 
 class SeededNoise:

@@ -31,6 +31,7 @@ from .chunking import Backend, run_chunked
 from .errors import InputError, StepError
 from .manifest import Manifest, load_manifest
 from .noise import InjectedNoise, SeededNoise
+from .prefetch import NoisePrefetch
 from .samplers import Sampler, get_sampler, guide
 from .validate import check_array, check_number
 
@@ -113,16 +114,19 @@ class Pipeline:
                          cache, cache_options, **sampler_options)
         bar = _Progress(run) if progress else None
         start, backend_s = time.perf_counter(), 0.0
-        while not run.done:
-            feeds = run.feeds()
-            t0 = time.perf_counter()
-            output = denoise(self, [run], feeds, self.backend)
-            backend_s += time.perf_counter() - t0
-            run.advance(output)
+        try:
+            while not run.done:
+                feeds = run.feeds()
+                t0 = time.perf_counter()
+                output = denoise(self, [run], feeds, self.backend)  # cache "none": the monolithic graph
+                backend_s += time.perf_counter() - t0
+                run.advance(output)
+                if bar:
+                    bar.update()
+        finally:  # a failing backend or an interrupt leaves no prefetch thread behind
+            run.close()
             if bar:
-                bar.update()
-        if bar:
-            bar.close()
+                bar.close()
         self.last_stats = SampleStats(run.steps_done, run.rows, time.perf_counter() - start, backend_s,
                                       run.block_evaluations())
         return run.result
@@ -141,7 +145,11 @@ class Pipeline:
 class SampleRun:
     """One request's sampling loop, stepped from outside: `feeds()` are this model call's denoiser
     rows ([x; x] with conditions [c; null] under guidance), `advance(model_output)` applies guidance
-    and hands the output to the sampler's loop. Nothing here is shared with other runs."""
+    and hands the output to the sampler's loop. Nothing here is shared with other runs.
+
+    A seeded run that draws step noise computes draw k + 1 on its own worker thread while the engine
+    runs (runtime/prefetch.py; the same bits); the thread stops when the run finishes or fails, at
+    `close()` (a driver that drops a run early calls it), or when the run is collected."""
 
     def __init__(self, pipeline: Pipeline, class_labels, num_steps, sampler, cfg_scale, guidance, seed, noise,
                  image_offset, options, cache=NONE, cache_options=None):
@@ -180,11 +188,25 @@ class SampleRun:
         self.cache = start_cache(manifest, self.sampler, self.schedule, cache, cache_options, self.rows)
         self.depth = manifest.model.depth
         self.steps_done = 0
+        self._prefetch = self._noise_prefetch()
+        step_noise = self._prefetch or (self.noise.step if self.sampler.uses_noise else None)
         x = self.noise.initial()
         self._loop = self.sampler.loop(np.concatenate([x, x]) if self.null_half else x, self.schedule,
-                                       self.noise.step if self.sampler.uses_noise else None, **self.options)
+                                       step_noise, **self.options)
         self._result: np.ndarray | None = None
         self._pending = self._next(None)
+
+    def _noise_prefetch(self) -> NoisePrefetch | None:
+        """The seeded stream's step draws one call ahead (injected noise is already in memory)."""
+        count = self.sampler.step_draws(self.schedule, self.options)
+        if not isinstance(self.noise, SeededNoise) or count == 0:
+            return None
+        return NoisePrefetch(self.noise.step, count)  # its thread starts with the first model call
+
+    def close(self) -> None:
+        """Stop this run's noise prefetch (idempotent; a finished or failed run has done it)."""
+        if self._prefetch is not None:
+            self._prefetch.close()
 
     @property
     def done(self) -> bool:
@@ -203,6 +225,8 @@ class SampleRun:
         if self.done:
             raise InputError(f"this run is finished ({self.steps_done} model calls); it takes no more feeds")
         x, t = self._pending
+        if self._prefetch is not None and self.steps_done == 0:
+            self._prefetch.start()  # the first step draw, while the engine runs the first call
         if self.null_half:
             x = x[:len(self.labels)]
         latent = np.concatenate([x, x]) if self.guided else x
@@ -236,9 +260,14 @@ class SampleRun:
         try:
             x, t = next(self._loop) if output is None else self._loop.send(output)
         except StopIteration as stop:
+            self.close()
             x, t = stop.value, previous
             self._result = x[:len(self.labels)] if self.null_half else x
+        except BaseException:
+            self.close()
+            raise
         if not np.isfinite(x).all():
+            self.close()
             at = f"step {self.steps_done + 1}/{self.total_steps}" if self.total_steps else f"model call {self.steps_done + 1}"
             raise StepError(f"sampling produced NaN or inf at {at} (timestep {previous:g}) on {self.backend_name}; the "
                             f"model output or cfg_scale {self.cfg_scale:g} overflows float32")

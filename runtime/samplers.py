@@ -38,8 +38,10 @@ def _f32(table: np.ndarray, i: int) -> np.float32:
 
 
 def predict_x0(x: np.ndarray, eps: np.ndarray, sched: Schedule, i: int) -> np.ndarray:
-    # No clipping: sample.py uses clip_denoised=False.
-    return _f32(sched.sqrt_recip_alphas_cumprod, i) * x - _f32(sched.sqrt_recipm1_alphas_cumprod, i) * eps
+    # No clipping: sample.py uses clip_denoised=False. In place: a * x - b * eps, the same roundings.
+    x0 = np.multiply(x, _f32(sched.sqrt_recip_alphas_cumprod, i))
+    x0 -= np.multiply(eps, _f32(sched.sqrt_recipm1_alphas_cumprod, i))
+    return x0
 
 
 def split_output(model_output: np.ndarray, in_channels: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -56,8 +58,13 @@ def log_variance(v: np.ndarray | None, sched: Schedule, i: int, shape: tuple[int
         return np.full(shape, _f32(sched.fixed_large_log_variance, i), dtype=np.float32)
     min_log = _f32(sched.posterior_log_variance_clipped, i)
     max_log = _f32(sched.log_betas, i)
-    frac = (v + np.float32(1)) / np.float32(2)
-    return frac * max_log + (np.float32(1) - frac) * min_log
+    frac = np.add(v, np.float32(1))
+    frac /= np.float32(2)
+    rest = np.subtract(np.float32(1), frac)
+    rest *= min_log
+    frac *= max_log
+    frac += rest  # frac * max_log + (1 - frac) * min_log, in place
+    return frac
 
 
 def ddpm_step(x: np.ndarray, model_output: np.ndarray, sched: Schedule, i: int, noise: np.ndarray) -> np.ndarray:
@@ -65,11 +72,17 @@ def ddpm_step(x: np.ndarray, model_output: np.ndarray, sched: Schedule, i: int, 
     eps, v = split_output(model_output, x.shape[1])
     if sched.variance == "fixed_large":
         v = None  # the diffusion says fixed large: any variance channels are not used
-    x0 = predict_x0(x, eps, sched, i)
-    mean = _f32(sched.posterior_mean_coef1, i) * x0 + _f32(sched.posterior_mean_coef2, i) * x
+    mean = predict_x0(x, eps, sched, i)
+    mean *= _f32(sched.posterior_mean_coef1, i)
+    mean += np.multiply(x, _f32(sched.posterior_mean_coef2, i))
     if i == 0:
         return mean
-    return mean + np.exp(np.float32(0.5) * log_variance(v, sched, i, x.shape)) * noise
+    scale = log_variance(v, sched, i, x.shape)
+    scale *= np.float32(0.5)
+    np.exp(scale, out=scale)
+    scale *= noise
+    mean += scale  # mean + exp(0.5 log_var) * noise
+    return mean
 
 
 def ddim_step(x: np.ndarray, model_output: np.ndarray, sched: Schedule, i: int, noise: np.ndarray,
@@ -89,10 +102,14 @@ def ddim_step(x: np.ndarray, model_output: np.ndarray, sched: Schedule, i: int, 
 
 def guide(cond: np.ndarray, uncond: np.ndarray, scale: float, guided_channels: int) -> np.ndarray:
     """Classifier-free guidance on the first `guided_channels` channels (official: 3, standard: all
-    latent channels); the rest (channel 3 under official guidance, the variance) stay conditional."""
-    out = cond.copy()
-    c, u = cond[:, :guided_channels], uncond[:, :guided_channels]
-    out[:, :guided_channels] = u + np.float32(scale) * (c - u)
+    latent channels); the rest (channel 3 under official guidance, the variance) stay conditional.
+    u + s (c - u), written in place into the one output array (the same roundings)."""
+    out = np.empty_like(cond)
+    out[:, guided_channels:] = cond[:, guided_channels:]
+    guided = out[:, :guided_channels]
+    np.subtract(cond[:, :guided_channels], uncond[:, :guided_channels], out=guided)
+    guided *= np.float32(scale)
+    guided += uncond[:, :guided_channels]
     return out
 
 
@@ -127,6 +144,14 @@ class Sampler:
     check_options: Callable[[dict], dict] = lambda options: options
     uses_noise: bool = True  # False: noise(k) is never called (injected step noise is accepted, unused)
     integrates_null_half: bool = False  # the loop integrates the whole guided batch [x; x] (see pipeline)
+    # (schedule, options) -> n: the loop takes step draws 0 .. n - 1, in order (the noise prefetch
+    # computes none past them); None: noise_draws(schedule)
+    drawn: Callable[..., int] | None = None
+
+    def step_draws(self, schedule, options: dict) -> int:
+        if not self.uses_noise:
+            return 0
+        return self.drawn(schedule, **options) if self.drawn is not None else self.noise_draws(schedule)
 
     def bind(self, **given) -> dict:
         """The options for one run: defaults filled in, values checked; an option this sampler
@@ -175,10 +200,11 @@ def _dpm_schedule(diffusion: Diffusion, steps):
 
 register_sampler(Sampler("ddpm", "dit", "the official DDPM loop (learned-range or fixed-large variance)",
                          respaced_schedule, fixed_step_loop(_ddpm, _not_last), RESPACING_HELP, parity_steps=str,
-                         noise_draws=len, model_calls=len))
+                         noise_draws=len, model_calls=len, drawn=lambda sched: len(sched) - 1))
 register_sampler(Sampler("ddim", "dit", "the official DDIM loop (eta 0 deterministic)", respaced_schedule,
                          fixed_step_loop(_ddim, _ddim_draws), RESPACING_HELP, parity_steps=lambda n: f"ddim{n}",
-                         noise_draws=len, model_calls=len, options={"eta": 0.0}, check_options=_check_eta))
+                         noise_draws=len, model_calls=len, options={"eta": 0.0}, check_options=_check_eta,
+                         drawn=lambda sched, eta: len(sched) - 1 if eta != 0 else 0))
 # The 2M solver draws no noise; injected noise keeps DiT's (initial, steps (K, ...)) form, steps unused.
 register_sampler(Sampler("dpm++2m", "dit", "DPM-Solver++(2M), data prediction, midpoint: diffusers' "
                          "DPMSolverMultistepScheduler defaults (linspace timesteps, lower-order final, final sigma 0)",

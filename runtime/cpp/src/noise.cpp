@@ -4,6 +4,7 @@
 #include <cfloat>
 #include <cmath>
 #include <string>
+#include <utility>
 
 #include "error.hpp"
 
@@ -122,6 +123,86 @@ const float* SeededNoise::step(int64_t k) {
     if (k < 0) throw Error(Status::InvalidArgument, "a step index is >= 0, got " + std::to_string(k));
     draw(uint64_t(k) + 1, buffer_.data());
     return buffer_.data();
+}
+
+PrefetchedNoise::PrefetchedNoise(uint64_t seed, int64_t images, int64_t per_image, uint64_t image_offset,
+                                 int64_t step_draws)
+    : stream_(seed, images, per_image, image_offset), step_draws_(step_draws),
+      ahead_(size_t(images * per_image)), current_(size_t(images * per_image)) {
+    if (step_draws_ > 0) worker_ = std::thread(&PrefetchedNoise::work, this);
+}
+
+PrefetchedNoise::~PrefetchedNoise() {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        stop_ = true;
+    }
+    changed_.notify_all();
+    if (worker_.joinable()) worker_.join();
+}
+
+void PrefetchedNoise::want(int64_t k) {
+    if (k < step_draws_ && ready_ != k) {
+        wanted_ = k;
+        changed_.notify_all();
+    }
+}
+
+void PrefetchedNoise::work() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+        changed_.wait(lock, [&] { return stop_ || (wanted_ >= 0 && wanted_ != ready_); });
+        if (stop_) return;
+        const int64_t k = wanted_;
+        busy_ = true;
+        ready_ = -1;  // ahead_ is being overwritten
+        error_ = nullptr;
+        ++computed_;
+        lock.unlock();
+        std::exception_ptr error;
+        try {
+            stream_.draw(uint64_t(k) + 1, ahead_.data());
+        } catch (...) {
+            error = std::current_exception();
+        }
+        lock.lock();
+        busy_ = false;
+        if (wanted_ == k) wanted_ = -1;
+        ready_ = k;
+        error_ = error;
+        changed_.notify_all();
+    }
+}
+
+void PrefetchedNoise::initial(float* x) {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        want(0);  // step 0 on the worker while draw 0 is computed here
+    }
+    stream_.initial(x);
+}
+
+const float* PrefetchedNoise::step(int64_t k) {
+    if (k < 0) throw Error(Status::InvalidArgument, "a step index is >= 0, got " + std::to_string(k));
+    std::unique_lock<std::mutex> lock(mutex_);
+    changed_.wait(lock, [&] { return wanted_ != k; });  // queued or being computed: wait, never recompute
+    if (ready_ == k) {  // the worker is idle (ready_ is -1 while it computes)
+        std::swap(ahead_, current_);
+        ready_ = -1;
+        if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+    } else {  // not prefetched (taken out of order): computed here, into the buffer the worker never writes
+        ++computed_;
+        lock.unlock();
+        stream_.draw(uint64_t(k) + 1, current_.data());
+        lock.lock();
+    }
+    want(k + 1);
+    return current_.data();
+}
+
+int64_t PrefetchedNoise::computed() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return computed_;
 }
 
 void InjectedNoise::initial(float* x) { std::copy(initial_, initial_ + per_step_, x); }

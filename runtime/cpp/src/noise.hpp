@@ -11,7 +11,11 @@
 #pragma once
 
 #include <array>
+#include <condition_variable>
 #include <cstdint>
+#include <exception>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 namespace ditrt_core {
@@ -45,12 +49,44 @@ public:
     SeededNoise(uint64_t seed, int64_t images, int64_t per_image, uint64_t image_offset = 0);
     void initial(float* x) override;
     const float* step(int64_t k) override;
+    void draw(uint64_t index, float* out) const;  // draw `index` of every image into out (N, per_image)
+    int64_t values() const { return images_ * per_image_; }
 
 private:
-    void draw(uint64_t index, float* out) const;
     uint64_t seed_, image_offset_;
     int64_t images_, per_image_;
     std::vector<float> buffer_;
+};
+
+// The seeded stream with its step draws computed one model call ahead on one worker thread
+// (runtime/prefetch.py in the Python runtime): taking step k queues step k + 1 when k + 1 <
+// step_draws, so it is computed while the executor runs. The bits are SeededNoise's (the same
+// normal_fill). At most one draw is queued or held ahead; a draw is computed once when the loop
+// takes the draws in order; one taken out of order is computed on the caller's thread. The
+// destructor stops and joins the worker (a failed or cancelled sample leaves no thread).
+class PrefetchedNoise : public NoiseSource {
+public:
+    PrefetchedNoise(uint64_t seed, int64_t images, int64_t per_image, uint64_t image_offset, int64_t step_draws);
+    ~PrefetchedNoise() override;
+    PrefetchedNoise(const PrefetchedNoise&) = delete;
+    PrefetchedNoise& operator=(const PrefetchedNoise&) = delete;
+    void initial(float* x) override;               // step 0 is computed meanwhile on the worker
+    const float* step(int64_t k) override;         // valid until the next step() call
+    int64_t computed() const;                      // draws computed so far, on either thread (tests)
+
+private:
+    void work();
+    void want(int64_t k);  // queue step k for the worker (lock held)
+    SeededNoise stream_;
+    const int64_t step_draws_;
+    mutable std::mutex mutex_;
+    std::condition_variable changed_;
+    std::vector<float> ahead_, current_;  // the worker writes ahead_; step() hands out current_
+    int64_t wanted_ = -1, ready_ = -1;    // the step queued for the worker; the step in ahead_
+    int64_t computed_ = 0;
+    bool busy_ = false, stop_ = false;
+    std::exception_ptr error_;
+    std::thread worker_;
 };
 
 class InjectedNoise : public NoiseSource {

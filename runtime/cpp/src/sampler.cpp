@@ -215,6 +215,16 @@ Plan plan_sampling(const Manifest& m, const SampleOptions& o) {
     return p;
 }
 
+// The step draws the loop takes, 0 .. n - 1 in order (the noise prefetch computes none past
+// them): none at the last call (i = 0), none for eta-0 DDIM or DPM-Solver++.
+static int64_t step_draws(const Plan& p, int64_t calls) {
+    switch (p.kind) {
+        case SamplerKind::Ddpm: return calls - 1;
+        case SamplerKind::Ddim: return p.eta != 0.0 ? calls - 1 : 0;
+        default: return 0;
+    }
+}
+
 void sample(const Manifest& m, Executor& executor, const std::vector<int64_t>& labels, const SampleOptions& o, float* out,
             int64_t capacity) {
     if (labels.empty()) throw Error(Status::InvalidArgument, "class_labels must be a non-empty 1-D sequence of ints, got shape (0,)");
@@ -267,7 +277,7 @@ void sample(const Manifest& m, Executor& executor, const std::vector<int64_t>& l
     if (guided) condition.insert(condition.end(), size_t(n), condition_input.condition.null);
     std::unique_ptr<NoiseSource> noise;
     if (injected) noise = std::make_unique<InjectedNoise>(o.initial_noise, o.step_noise, count);
-    else noise = std::make_unique<SeededNoise>(o.seed, n, per_image, o.image_offset.value_or(0));
+    else noise = std::make_unique<PrefetchedNoise>(o.seed, n, per_image, o.image_offset.value_or(0), step_draws(p, K));
     if (p.kind == SamplerKind::DpmSolver) x0.resize(size_t(count)), state.resize(size_t(count));
 
     const TensorView views_in[] = {{&input_of(net, "latent"), {rows, C, S, S}, latent_in.data()},

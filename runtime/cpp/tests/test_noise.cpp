@@ -5,9 +5,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "ditrt/ditrt.h"
@@ -142,4 +144,39 @@ TEST(Noise, CApiFillsTheStreamAndRefusesBadArguments) {
     EXPECT_EQ(ditrt_noise_normal(5, 0, 1ull << 32, out.data(), 4), DITRT_INVALID_ARGUMENT);
     EXPECT_NE(std::string(ditrt_last_error()).find("draw index must be below 2^32"), std::string::npos);
     ASSERT_EQ(ditrt_noise_normal(5, 0, 0xFFFFFFFFull, out.data(), 4), DITRT_OK);  // the last draw
+}
+
+TEST(Noise, PrefetchedNoiseIsTheSeededStreamComputedOnceAhead) {
+    const int64_t per_image = 4 * 8 * 8, images = 3, draws = 6;
+    ditrt_core::SeededNoise plain(9, images, per_image, 5);
+    ditrt_core::PrefetchedNoise ahead(9, images, per_image, 5, draws);
+    std::vector<float> a(size_t(images * per_image)), b(a.size());
+    plain.initial(a.data());
+    ahead.initial(b.data());
+    EXPECT_EQ(a, b);
+    for (int64_t k = 0; k < draws; ++k) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));  // the executor's call
+        const float* want = plain.step(k);
+        const float* got = ahead.step(k);
+        EXPECT_TRUE(std::equal(want, want + a.size(), got)) << "step " << k;
+    }
+    EXPECT_EQ(ahead.computed(), draws);  // each draw once, none past step_draws
+    // Out of order (a retry): the stream's values, computed on the caller's thread.
+    for (int64_t k : {2, 0, 5}) {
+        const float* want = plain.step(k);
+        std::vector<float> copy(want, want + a.size());
+        const float* got = ahead.step(k);
+        EXPECT_TRUE(std::equal(copy.begin(), copy.end(), got)) << "step " << k;
+    }
+    EXPECT_LE(ahead.computed(), draws + 3 + 2);  // at most the prefetched next of each, bounded
+}
+
+TEST(Noise, PrefetchedNoiseStopsItsWorkerWhenDropped) {  // a failed or cancelled sample destroys it mid-loop
+    for (int i = 0; i < 20; ++i) {
+        ditrt_core::PrefetchedNoise ahead(1, 2, 256, 0, 100);
+        std::vector<float> x(512);
+        ahead.initial(x.data());
+        if (i % 2) ahead.step(0);
+    }  // the destructor joins: ASan / TSan would flag a thread that outlives its buffers
+    SUCCEED();
 }
