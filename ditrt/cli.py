@@ -19,6 +19,7 @@ from ditrt import runtime
 from ditrt.runtime.backends import BACKENDS, backend_ids
 from ditrt.runtime.errors import DitrtError, TensorRTUnavailable
 from ditrt.runtime.samplers import SAMPLERS
+from ditrt.runtime.cache import cache_names, parse_cache_options
 
 
 class _Failed(click.ClickException):
@@ -58,32 +59,6 @@ def _int_list(value: str | None, what: str) -> list[int]:
         raise _Failed(f"{what}: an integer of {max(map(len, items))} digits; these are labels or indices (at most 20 "
                       "digits)", 2)
     return [int(v) for v in items]
-
-
-class SingleUse(click.Command):
-    """A command whose options may each be given once (a repeatable one, `multiple`, excepted):
-    click would let the last of two silently win."""
-
-    def parse_args(self, ctx, args):
-        by_flag = {flag: p for p in self.params if isinstance(p, click.Option) for flag in (*p.opts, *p.secondary_opts)}
-        seen, rest = {}, iter(args)
-        for arg in rest:
-            if arg == "--":
-                break
-            flag, eq, _ = arg.partition("=")
-            param = by_flag.get(flag)
-            if param is None:
-                continue
-            if not (param.is_flag or param.count or eq):
-                next(rest, None)  # its value, which may look like an option
-            if param.multiple or param.count:
-                continue
-            if param.name in seen:
-                first = seen[param.name]
-                what = f"{flag} given twice" if first == flag else f"{first} and {flag} given together (one option)"
-                raise click.UsageError(f"{what}: give each option once (the last would silently win)", ctx)
-            seen[param.name] = flag
-        return super().parse_args(ctx, args)
 
 
 def _log(message: str) -> None:
@@ -135,9 +110,9 @@ def _refuse_repeated(command: click.Command, ctx: click.Context, args: list[str]
         param = options.get(flag)
         if param is not None:
             if not param.multiple and param.name in seen:
-                again = "again" if seen[param.name] == flag else f"after {seen[param.name]}"
-                raise click.UsageError(f"{flag} is given {again}: each option once (the last one would silently "
-                                       "win)", ctx)
+                first = seen[param.name]
+                what = f"{flag} given twice" if first == flag else f"{first} and {flag} given together (one option)"
+                raise click.UsageError(f"{what}: give each option once (the last would silently win)", ctx)
             seen[param.name] = flag
             if not param.is_flag and "=" not in arg:
                 i += 1  # its value, whatever it looks like
@@ -259,6 +234,11 @@ def sampling_options(command):
                           "take none)."),
         MAX_MODEL_CALLS_OPTION,
         click.option("--seed", type=int, default=0, show_default=True, help="Non-negative seed of the per-image noise."),
+        click.option("--cache", type=click.Choice(cache_names()), default="none", show_default=True,
+                     help="Feature caching on the denoiser's segments (docs/caching.md): first-block or taylorseer."),
+        click.option("--cache-option", "cache_options", multiple=True, metavar="NAME=VALUE",
+                     help="A cache option with diffusers' names, e.g. threshold=0.05 (first-block) or "
+                          "cache_interval=4 (taylorseer) (repeatable)."),
         BACKEND_OPTION,
         PRECISION_OPTION,
         THREADS_OPTION,
@@ -291,7 +271,7 @@ def sampling_options(command):
               help="Also write one PNG per image, 000000.png ... (as sample_ddp.py names them; needs a decoder).")
 @click.option("--latents", "latents_path", type=click.Path(path_type=Path),
               help="Also keep the latents as .npy (with a .png --out).")
-def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options, max_model_calls, seed, backend,
+def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options, max_model_calls, seed, cache, cache_options, backend,
            precision, threads, max_batch, verify, allow_plan_host_code, decoder_precision, public_key, progress, image_offset,
            out_path, out_dir, latents_path) -> None:
     """Run the guided sampling loop on an artifact; write a PNG grid (and per-image PNGs) with its
@@ -313,7 +293,8 @@ def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_o
                             decoder_precision=decoder_precision, public_key=public_key)
         latents = pipe.sample(label_list, num_steps=steps, sampler=sampler, cfg_scale=cfg_scale, guidance=guidance,
                               seed=seed, eta=eta, progress=progress, image_offset=image_offset,
-                              max_model_calls=max_model_calls, **options)
+                              max_model_calls=max_model_calls, cache=cache,
+                              cache_options=parse_cache_options(cache_options), **options)
         written = plan.write(latents, pipe.decode, log=_log, first_index=image_offset)
     s, d = pipe.last_stats, pipe.manifest.defaults
     click.echo(f"{len(label_list)} images x {s.steps} model calls ({sampler or d.sampler}, cfg "
@@ -352,7 +333,7 @@ def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_o
               help=f"Sign the run record (run.sig beside run.json) after every shard, so that --resume --public-key "
                    f"refuses a rewritten record ({PRIVATE_KEY_HELP}).")
 def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options,
-             max_model_calls, seed, backend, precision, threads, max_batch, verify, allow_plan_host_code,
+             max_model_calls, seed, cache, cache_options, backend, precision, threads, max_batch, verify, allow_plan_host_code,
              decoder_precision, public_key, progress, batch, shard_size, workers, use_ray, address, gpus_per_worker,
              npz_path, png, resume, private_key) -> None:
     """Generate N images in resumable shards, as the official sample_ddp.py (for FID or synthetic
@@ -362,7 +343,7 @@ def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, g
     with project_errors():
         sampling = G.SamplingOptions(sampler, steps, cfg_scale, guidance, eta, parse_options(sampler_options), backend,
                                      precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code,
-                                     max_model_calls, public_key)
+                                     max_model_calls, public_key, cache, parse_cache_options(cache_options))
         job = G.GenerateJob(artifact, out_dir, num_images, labels, seed, sampling, batch, shard_size, png, npz_path,
                             resume, private_key)
         summary = G.generate(job, G.Workers(workers, use_ray, address, gpus_per_worker),
@@ -377,8 +358,8 @@ def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, g
 @sampling_options
 @click.option("--compare", "compares", multiple=True, metavar="KEY=VALUE,...",
               help="Another configuration over the base options above, e.g. 'sampler=ddim,steps=50' or "
-                   "'precision=fp16' (keys: sampler, steps, cfg_scale, guidance, eta, backend, precision, "
-                   "decoder_precision, or a sampler option). Repeatable; each is scored against the first (the base).")
+                   "'precision=fp16' or 'cache=taylorseer,cache_interval=3' (keys: sampler, steps, cfg_scale, "
+                   "guidance, eta, backend, precision, decoder_precision, cache, a cache option, or a sampler option). Repeatable; each is scored against the first (the base).")
 @click.option("--batch", type=int, default=100, show_default=True, help="Images per sampling call.")
 @click.option("--classifier", type=click.Path(path_type=Path),
               help="The digit classifier (.npz) [the one shipped with the example, exporter/data/digits].")
@@ -389,7 +370,7 @@ def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, g
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path),
               help="Also draw Frechet distance and accuracy against images/s (and block evaluations) as a PNG "
                    "(needs matplotlib: pip install 'ditrt[quality]').")
-def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, sampler_options, max_model_calls, seed,
+def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, sampler_options, max_model_calls, seed, cache, cache_options,
             backend, precision, threads, max_batch, verify, allow_plan_host_code, decoder_precision, public_key,
             progress, compares, batch, classifier, json_path, labels, plot_path) -> None:
     """Score what each configuration costs: sample N images, decode them and report the digit
@@ -407,7 +388,7 @@ def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, samp
             check_plot_target(plot_path)
         base = SamplingOptions(sampler, steps, cfg_scale, guidance, eta, parse_options(sampler_options), backend,
                                precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code,
-                               max_model_calls, public_key)
+                               max_model_calls, public_key, cache, parse_cache_options(cache_options))
         runs = [Q.QualityRun("base", base), *(Q.parse_run(text, base) for text in compares)]
         path = classifier or Path(ditrt.exporter.__file__).resolve().parent / "data" / "digits" / "classifier.npz"
         check_outputs([("--json", json_path), ("--plot", plot_path)],
@@ -691,7 +672,7 @@ def build(artifact, network, precision, decoder_precision, min_batch, opt_batch,
 RAY_ONLY = ("replicas", "address")  # serve options that apply to --ray only
 
 
-@main.command(cls=SingleUse)
+@main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)

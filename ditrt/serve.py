@@ -27,6 +27,7 @@ from ditrt.runtime import outputs
 from ditrt.runtime.batching import Overloaded, StepBatcher
 from ditrt.runtime.errors import DitrtError, InputError, QueueFull, RequestTimeout, SchedulerClosed, StepError
 from ditrt.runtime.samplers import SAMPLERS
+from ditrt.runtime.cache import cache_settings
 from ditrt.runtime.validate import check_choice, check_int, check_number
 
 log = logging.getLogger("ditrt.serve")
@@ -34,7 +35,7 @@ access_log = logging.getLogger("ditrt.serve.access")
 
 DEFAULT_TIMEOUT_S = 300.0  # a request's deadline unless it asks for less (and the most it may ask for)
 SAMPLE_FIELDS = ("labels", "steps", "sampler", "cfg_scale", "guidance", "seed", "eta", "format", "timeout", "options",
-                 "max_calls")
+                 "max_calls", "cache", "cache_options")
 
 
 def _body_options(sampler) -> list[str]:
@@ -120,13 +121,15 @@ class SampleRequest:
             check_choice(name, "a sampler option", SAMPLER_OPTIONS)
         given = {k: data.get(k) for k in ("steps", "sampler", "cfg_scale", "guidance", "eta")}
         given["seed"] = data.get("seed", 0)
+        cache_settings(data.get("cache", "none"), data.get("cache_options"))  # 400 with the cache's message
+        given["cache"], given["cache_options"] = data.get("cache", "none"), data.get("cache_options")
         return cls(data["labels"], fmt, timeout, max_calls, options, given)
 
     def submit(self, batcher: StepBatcher):
         g = self.given
         return batcher.submit(self.labels, g["steps"], g["sampler"], g["cfg_scale"], g["guidance"], g["seed"], g["eta"],
                               timeout=self.timeout, decode=self.format == "png", max_calls=self.max_calls,
-                              **self.options)
+                              cache=g["cache"], cache_options=g["cache_options"], **self.options)
 
     def log_fields(self) -> dict:
         """What the access log shows: the image count, never the labels."""

@@ -26,6 +26,7 @@ from ditrt.runtime.manifest import MANIFEST_NAME, Manifest, new_manifest, write_
 
 from .decoder import DecoderExporter
 from .denoiser import DenoiserExporter, ExportSource
+from .segments import check_composition, segment_exporters
 from .onnx_export import (DEFAULT_OPSET, ExportOptionError, Steps, check_common_options, export_network,
                           network_precisions, steps_per_network)
 from .quantize import QuantOptions, check_quant_options
@@ -47,7 +48,7 @@ def export_artifact(source: ExportSource, out_dir: str | Path, precisions: tuple
     `vae` (a LoadedVae from exporter.vae.load_vae) adds the decoder network, in the same precisions
     but the quantized ones (it stays fp32 / fp16). `quant`: calibration and config of int8 / fp8."""
     out_dir, written = prepare_out_dir(out_dir, force, log), False
-    exporters = [DenoiserExporter(source, fp32_blocks, quant or QuantOptions())]
+    exporters = [DenoiserExporter(source, fp32_blocks, quant or QuantOptions()), *segment_exporters(source, tuple(fp32_blocks))]
     if vae is not None:
         exporters.append(DecoderExporter(vae, source.config.latent_shape))
     try:
@@ -61,8 +62,10 @@ def export_artifact(source: ExportSource, out_dir: str | Path, precisions: tuple
                 with signals.held():  # no temporary folder without its cleanup
                     tmp = Path(_make_temp_dir(out_dir))
                 tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
-                steps = Steps(sum(steps_per_network(network_precisions(e, precisions)) for e in exporters) + 1, log)
+                steps = Steps(sum(steps_per_network(network_precisions(e, precisions)) for e in exporters) + 2, log)
                 networks = {e.spec.name: export_network(e, tmp, precisions, opset, steps) for e in exporters}
+                with steps("composed segments vs the monolithic denoiser"):
+                    _record_composition(tmp, exporters, networks, log)
                 with steps("writing manifest"):
                     data = new_manifest(family=source.family, config=source.config, model_extra=source.model_fields(),
                                         source=source.description, networks=networks, versions=_versions(),
@@ -82,6 +85,19 @@ def export_artifact(source: ExportSource, out_dir: str | Path, precisions: tuple
         raise ExportInterrupted(f"export {e}: removed its temporary folder and lock; {state}", e.signum) from None
     log(f"wrote {out_dir} ({', '.join(precisions)})")
     return Manifest(data, out_dir)
+
+
+def _record_composition(tmp: Path, exporters: list, networks: dict, log: Callable[[str], None]) -> None:
+    """Check the segments compose to the denoiser (fp32, ExportError otherwise) and record it in the
+    final segment's fp32 validation; an fp16-only export has no fp32 graph to check against."""
+    segments = [e.spec for e in exporters if e.spec.extra.get("segment_of") == "denoiser"]
+    if "fp32" not in networks["denoiser"]["graphs"]:
+        log("      no fp32 graphs: the composition check (fp32) is skipped")
+        return
+    record = check_composition(tmp, exporters[0].spec, segments)
+    networks["final"]["graphs"]["fp32"]["validation"]["composed_vs_denoiser"] = record
+    log(f"      embed -> {len(segments) - 2} block segment(s) -> final vs denoiser: max rel err "
+        f"{record['max_rel_err']:.2e} (bound {record['bound']:g})")
 
 
 def _make_temp_dir(out_dir: Path) -> str:

@@ -53,6 +53,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from .cache import denoise
 from .chunking import MAX_ROWS_PER_CALL, run_chunked
 from .errors import InputError, QueueFull, RequestTimeout, SchedulerClosed, StepError
 from .pipeline import decode as run_decoder
@@ -627,7 +628,7 @@ class StepBatcher:
         feeds = {k: np.concatenate([f[k] for f in feeds_list]) for k in feeds_list[0]} if len(runs) > 1 \
             else feeds_list[0]
         engine_start = time.perf_counter()
-        output = run_chunked(self._denoiser, feeds)[self.pipeline.backend.network.output.name]
+        output = denoise(self.pipeline, runs, feeds, self._denoiser)  # cached runs: their segments, own state
         engine_s = time.perf_counter() - engine_start
         errors, offset = [], 0
         for run in runs:

@@ -84,6 +84,8 @@ class SamplingOptions:
     allow_plan_host_code: bool = False
     max_model_calls: int | None = None  # an adaptive sampler's budget per call (None: pipeline.MAX_MODEL_CALLS)
     public_key: Path | None = None  # the artifact's signature must verify with it (checked once, by the parent)
+    cache: str = "none"  # feature caching (runtime/cache.py)
+    cache_options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -240,11 +242,13 @@ def resolve_sampling(manifest: Manifest, sampling: SamplingOptions, labels: np.n
     from .pipeline import Pipeline
     run = Pipeline(_SpecOnly(manifest.network("denoiser")), manifest).start(
         labels[:1], sampling.steps, sampling.sampler, sampling.cfg_scale, sampling.guidance, 0, sampling.eta,
-        max_model_calls=sampling.max_model_calls, **sampling.sampler_options)
+        max_model_calls=sampling.max_model_calls, cache=sampling.cache, cache_options=sampling.cache_options,
+        **sampling.sampler_options)
     run.close()  # only validated: no noise prefetch
     d = manifest.defaults
+    cached = run.cache.settings.to_dict() if run.cache is not None else {}  # uncached records stay as before
     return {"sampler": run.sampler.name, "num_steps": str(sampling.steps if sampling.steps is not None else d.steps),
-            "cfg_scale": run.cfg_scale, "guidance": sampling.guidance or d.guidance, **run.options}
+            "cfg_scale": run.cfg_scale, "guidance": sampling.guidance or d.guidance, **run.options, **cached}
 
 
 # ---- the run record -------------------------------------------------------------------------------

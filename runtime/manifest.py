@@ -26,7 +26,7 @@ from .errors import ArtifactError
 from .files import (Input, artifact_inputs, artifact_path, atomic_output, file_key, listed_files, read_json,
                     sha256_file, write_json_atomic)
 from .labels import ClassNames, read_id2label
-from .networks import QUANTIZED_PRECISIONS, NetworkSpec, denoiser_spec
+from .networks import QUANTIZED_PRECISIONS, NetworkSpec, denoiser_spec, segment_specs
 from .quantization import QuantRecipe, read_quant_recipe
 from .validate import check_number
 
@@ -57,7 +57,7 @@ class Manifest:
         self.networks: dict[str, NetworkSpec] = {}
         for name, section in networks.items():
             spec = NetworkSpec.from_manifest(name, section).with_time_range(self.family.time_range(self.process))
-            _CROSS_CHECKS.get(name, lambda s, m: None)(spec, self)
+            _CROSS_CHECKS.get(name, _check_segment if "segment_of" in spec.extra else lambda s, m: None)(spec, self)
             self.networks[name] = spec
             for precision in self._graphs(name):
                 self._check_graph(name, precision)
@@ -319,6 +319,17 @@ def _check_decoder(spec: NetworkSpec, m: Manifest) -> None:
         raise ArtifactError(f"manifest field networks.decoder.outputs[0].shape {out} is not an RGB image batch")
     factor = spec.extra.get("scaling_factor")
     check_number(factor, "manifest field networks.decoder.scaling_factor", 0, 1e3, low_open=True, error=ArtifactError)
+
+
+def _check_segment(spec: NetworkSpec, m: Manifest) -> None:
+    """A segment of the denoiser (feature caching) must be one `segment_specs` makes for the model
+    section: its tensors, its `segment_of` and its `blocks` range."""
+    want = {w.name: w for w in segment_specs(m.model, m.family, m.process)}.get(spec.name)
+    key = lambda s: ([(t.name, t.dtype, list(t.shape), t.role, t.condition) for t in s.inputs + s.outputs],
+                     s.extra.get("segment_of"), s.extra.get("blocks"))
+    if want is None or key(spec) != key(want):
+        raise ArtifactError(f"manifest field networks.{spec.name} is not a segment of this denoiser: {key(spec)}; the "
+                            f"segments are {', '.join(w.name for w in segment_specs(m.model, m.family, m.process))}")
 
 
 _CROSS_CHECKS = {"denoiser": _check_denoiser, "decoder": _check_decoder}

@@ -10,6 +10,8 @@ without knowing their names:
     inputs:  latent (the state being denoised / decoded), time (one value per row, in `range`),
              condition (with a `condition` kind, see conditioning.py)
     outputs: prediction (what the denoiser predicts: eps [+ variance] or velocity), image
+    both:    tokens (the transformer's hidden states, (N, T, D)) and embedding (the adaLN
+             conditioning c = t_emb + y_emb, (N, D)): the denoiser's segments (feature caching)
 """
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ from .errors import ArtifactError, InputError
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 BATCH = "batch"  # the one dynamic axis, first in every tensor
-INPUT_ROLES = ("latent", "time", "condition")
-OUTPUT_ROLES = ("prediction", "image")
+SEGMENT_ROLES = ("tokens", "embedding")  # the denoiser's segments pass these between them
+INPUT_ROLES = ("latent", "time", "condition", *SEGMENT_ROLES)
+OUTPUT_ROLES = ("prediction", "image", *SEGMENT_ROLES)
 
 # Max |onnx - torch fp32| / max |torch fp32| at export time, for both networks.
 # fp32: same math, other kernels: 3e-7 (golden tiny DiT), 1.5e-6 (DiT-XL/2), 1.2e-6 (tiny VAE) and
@@ -140,7 +143,7 @@ class NetworkSpec:
         rng = np.random.default_rng([seed, batch, zlib.crc32(self.name.encode())])
         feeds = {}
         for t in self.inputs:
-            if t.role == "latent":
+            if t.role in ("latent", *SEGMENT_ROLES):
                 feeds[t.name] = rng.standard_normal(t.concrete(batch), dtype=np.float32)
             elif t.role == "time":
                 low, high = t.range
@@ -211,3 +214,33 @@ def decoder_spec(latent_shape: tuple[int, int, int], upsampling: int, scaling_fa
                             "RGB, nominally [-1, 1], not clamped (vae.decode(latent / scaling_factor).sample)"),),
         batch_unit="images",
         extra={"scaling_factor": scaling_factor, **({"source": source} if source is not None else {})})
+
+
+# ---- the denoiser's segments (feature caching, runtime/cache.py) ------------------------------------
+
+def block_segments(depth: int) -> tuple[tuple[int, int], ...]:
+    """The block ranges [start, stop) exported as segments: the first block alone (FirstBlockCache
+    decides on its residual), then the rest as one graph (both caches skip or run them together)."""
+    return ((0, 1), (1, depth)) if depth > 1 else ((0, 1),)
+
+
+def segment_name(blocks: tuple[int, int] | None = None, part: str = "") -> str:
+    return f"blocks_{blocks[0]}_{blocks[1]}" if blocks is not None else part
+
+
+def segment_specs(config: DiTConfig, family: Family, process) -> list[NetworkSpec]:
+    """`embed` (the denoiser's inputs -> tokens and conditioning), one network per block range of
+    `block_segments`, and `final` (tokens and conditioning -> the denoiser's output): composed, the
+    monolithic denoiser. Every tensor is float32 at the boundary, whatever the graph's precision."""
+    denoiser = denoiser_spec(config, family, process)
+    T, D = config.num_patches, config.hidden_size
+    tokens = TensorSpec("hidden_states", "float32", (BATCH, T, D), "tokens", "hidden states (patch tokens)")
+    embedding = TensorSpec("conditioning", "float32", (BATCH, D), "embedding", "adaLN conditioning t_emb + y_emb")
+    segment = {"segment_of": "denoiser"}
+    specs = [NetworkSpec("embed", denoiser.inputs, (tokens, embedding), "rows", extra=dict(segment))]
+    for start, stop in block_segments(config.depth):
+        specs.append(NetworkSpec(segment_name((start, stop)), (tokens, embedding),
+                                 (replace(tokens, name="hidden_states_out"),), "rows",
+                                 extra={**segment, "blocks": [start, stop]}))
+    specs.append(NetworkSpec("final", (tokens, embedding), denoiser.outputs, "rows", extra=dict(segment)))
+    return specs

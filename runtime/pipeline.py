@@ -16,6 +16,7 @@ model is still fed [x; x], as the official code does.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from .backends import create_backend
+from .cache import NONE, Segments, denoise, start_cache
 from .chunking import Backend, run_chunked
 from .errors import CallBudgetReached, InputError, StepError
 from .labels import resolve_labels
@@ -46,6 +48,7 @@ class SampleStats:
     model_rows: int  # rows per model call (doubled under guidance)
     total_s: float
     backend_s: float
+    block_evaluations: float | None = None  # transformer blocks run per row: depth per full call (cache.py)
 
     @property
     def steps_per_s(self) -> float:
@@ -78,6 +81,19 @@ class Pipeline:
         self.decoder = decoder
         self.manifest = manifest
         self.last_stats: SampleStats | None = None
+        self.segment_options: dict = {}  # create_backend options for the segments (load() sets them)
+        self._segments: Segments | None = None
+        self._segments_lock = threading.Lock()
+
+    def segments(self) -> Segments:
+        """The denoiser's segment backends (feature caching), created on first use with the
+        denoiser's backend kind and precision."""
+        with self._segments_lock:
+            if self._segments is None:
+                names = [n for n, s in self.manifest.networks.items() if s.extra.get("segment_of") == "denoiser"]
+                self._segments = Segments({n: create_backend(self.manifest, self.backend.name, None, n,
+                                                             **self.segment_options) for n in names})
+            return self._segments
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -86,13 +102,15 @@ class Pipeline:
     def start(self, class_labels: Sequence[int] | np.ndarray, num_steps: int | str | None = None,
               sampler: str | None = None, cfg_scale: float | None = None, guidance: str | None = None,
               seed: int = 0, eta: float | None = None, noise: tuple | None = None, image_offset: int = 0,
-              max_model_calls: int | None = None, **sampler_options) -> "SampleRun":
+              max_model_calls: int | None = None, cache: str = NONE, cache_options: dict | None = None,
+              **sampler_options) -> "SampleRun":
         """A validated run, ready to step; None means the manifest's default. `sampler_options` are
         the chosen sampler's own options (e.g. atol/rtol for ode-dopri5); an option it does not take
         is refused. `max_model_calls` caps an adaptive sampler's model calls (default
-        MAX_MODEL_CALLS; CallBudgetReached when reached); fixed-step samplers refuse it."""
+        MAX_MODEL_CALLS; CallBudgetReached when reached); fixed-step samplers refuse it. `cache` /
+        `cache_options`: feature caching (runtime/cache.py, docs/caching.md)."""
         run = SampleRun(self, class_labels, num_steps, sampler, cfg_scale, guidance, seed, noise, image_offset,
-                        {"eta": eta, **sampler_options})
+                        {"eta": eta, **sampler_options}, cache, cache_options)
         if max_model_calls is not None:
             run.limit_model_calls(max_model_calls)
         return run
@@ -100,27 +118,30 @@ class Pipeline:
     def sample(self, class_labels: Sequence[int] | np.ndarray, num_steps: int | str | None = None,
                sampler: str | None = None, cfg_scale: float | None = None, guidance: str | None = None,
                seed: int = 0, eta: float | None = None, noise: tuple | None = None, progress: bool = True,
-               image_offset: int = 0, max_model_calls: int | None = None, **sampler_options) -> np.ndarray:
+               image_offset: int = 0, max_model_calls: int | None = None, cache: str = NONE,
+               cache_options: dict | None = None, **sampler_options) -> np.ndarray:
         """Latents (N, C, H, W) float32 for N class labels. See docs/runtime.md for the conventions;
-        `max_model_calls`: see `start`."""
+        `max_model_calls`: see `start`; `cache` "first-block" or "taylorseer" with diffusers'
+        `cache_options` in docs/caching.md."""
         run = self.start(class_labels, num_steps, sampler, cfg_scale, guidance, seed, eta, noise, image_offset,
-                         max_model_calls, **sampler_options)
+                         max_model_calls, cache, cache_options, **sampler_options)
         bar = _Progress(run) if progress else None
         start, backend_s = time.perf_counter(), 0.0
         try:
             while not run.done:
                 feeds = run.feeds()
                 t0 = time.perf_counter()
-                outputs = run_chunked(self.backend, feeds)
+                output = denoise(self, [run], feeds, self.backend)  # cache "none": the monolithic graph
                 backend_s += time.perf_counter() - t0
-                run.advance(outputs[run.output_name])
+                run.advance(output)
                 if bar:
                     bar.update()
         finally:  # a failing backend or an interrupt leaves no prefetch thread behind
             run.close()
             if bar:
                 bar.close()
-        self.last_stats = SampleStats(run.steps_done, run.rows, time.perf_counter() - start, backend_s)
+        self.last_stats = SampleStats(run.steps_done, run.rows, time.perf_counter() - start, backend_s,
+                                      run.block_evaluations())
         return run.result
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -144,7 +165,7 @@ class SampleRun:
     `close()` (a driver that drops a run early calls it), or when the run is collected."""
 
     def __init__(self, pipeline: Pipeline, class_labels, num_steps, sampler, cfg_scale, guidance, seed, noise,
-                 image_offset, options):
+                 image_offset, options, cache=NONE, cache_options=None):
         manifest = pipeline.manifest
         defaults = manifest.defaults
         spec = pipeline.backend.network
@@ -181,6 +202,8 @@ class SampleRun:
         self.total_steps = self.sampler.model_calls(self.schedule)  # None: adaptive
         self.max_model_calls = self.total_steps or MAX_MODEL_CALLS
         self._budget_names = ("max_model_calls", "")  # the option that sets it, and the most it may be
+        self.cache = start_cache(manifest, self.sampler, self.schedule, cache, cache_options, self.rows)
+        self.depth = manifest.model.depth
         self.steps_done = 0
         self._prefetch = self._noise_prefetch()
         step_noise = self._prefetch or (self.noise.step if self.sampler.uses_noise else None)
@@ -217,6 +240,10 @@ class SampleRun:
                              f"{self.total_steps} model calls")
         self.max_model_calls = check_int(budget, f"{option} (model calls)", 1, limit)
         self._budget_names = (option, f" (at most {limit}, {where})" if where else "")
+
+    def block_evaluations(self) -> float:
+        """Transformer-block evaluations so far, per row: depth per uncached call."""
+        return self.cache.block_evaluations() if self.cache is not None else float(self.depth * self.steps_done)
 
     @property
     def timestep(self) -> float:
@@ -389,4 +416,7 @@ def load(artifact_dir: str | Path, backend: str = "auto", precision: str | None 
                                          allow_plan_host_code=allow_plan_host_code, verify=verify)
     elif decoder_precision is not None:
         raise InputError("decoder_precision given, but no decoder is loaded")
-    return Pipeline(denoiser, manifest, decoder_backend)
+    pipe = Pipeline(denoiser, manifest, decoder_backend)
+    pipe.segment_options = {"threads": threads, "max_batch": max_batch, "allow_plan_host_code": allow_plan_host_code,
+                            "verify": verify}
+    return pipe

@@ -223,15 +223,17 @@ class QualityRun:
 
 # `--compare` keys: SamplingOptions fields; anything else is a sampler option (e.g. atol).
 _RUN_KEYS = {"sampler": str, "steps": str, "cfg_scale": float, "guidance": str, "eta": float, "backend": str,
-             "precision": str, "decoder_precision": str}
+             "precision": str, "decoder_precision": str, "cache": str}
 
 
 def parse_run(text: str, base) -> QualityRun:
     """A configuration from `key=value,key=value` over the base options, e.g. `sampler=ddim,steps=50`
     or `precision=fp16` (keys: sampler, steps, cfg_scale, guidance, eta, backend, precision,
-    decoder_precision, or a sampler option)."""
+    decoder_precision, cache, a cache option such as cache_interval or threshold, or a sampler
+    option)."""
     from dataclasses import replace
-    changes, options, seen = {}, dict(base.sampler_options), set()
+    from .cache import cache_option_names
+    changes, options, cache_options, seen = {}, dict(base.sampler_options), dict(base.cache_options), set()
     for item in [p.strip() for p in str(text).split(",") if p.strip()]:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
@@ -246,14 +248,18 @@ def parse_run(text: str, base) -> QualityRun:
                 changes[key] = _RUN_KEYS[key](value.strip())
             except ValueError:
                 raise InputError(f"--compare {key} must be a number, got {value!r}") from None
+        elif key in cache_option_names():
+            cache_options[key] = value.strip()  # the cache checks and converts it
         else:
             try:
                 options[key] = float(value)
             except ValueError:
                 options[key] = value.strip()
-    if not changes and options == base.sampler_options:
+    if not changes and options == base.sampler_options and cache_options == base.cache_options:
         raise InputError(f"--compare {text!r} changes nothing")
-    return QualityRun(text.strip(), replace(base, **changes, sampler_options=options))
+    if changes.get("cache", base.cache) == "none":
+        cache_options = {}  # cache=none over a cached base: no cache options
+    return QualityRun(text.strip(), replace(base, **changes, sampler_options=options, cache_options=cache_options))
 
 
 def compare(artifact, runs: list[QualityRun], classifier: DigitClassifier, num_images: int = 1000, seed: int = 0,
@@ -297,18 +303,22 @@ def compare(artifact, runs: list[QualityRun], classifier: DigitClassifier, num_i
                               decoder=True, decoder_precision=s.decoder_precision)
         pipe = pipes[key]
         log(f"{run.name}: {num_images} images on {pipe.backend.name} ...")
-        images, calls = [], 0
+        images, calls, blocks = [], 0, 0.0
         start = time.perf_counter()
         for first in range(0, num_images, batch):
             latents = pipe.sample(labels[first:first + batch], num_steps=s.steps, sampler=s.sampler,
                                   cfg_scale=s.cfg_scale, guidance=s.guidance, eta=s.eta, seed=seed, image_offset=first,
-                                  progress=False, max_model_calls=s.max_model_calls, **s.sampler_options)
+                                  progress=False, max_model_calls=s.max_model_calls, cache=s.cache,
+                                  cache_options=s.cache_options, **s.sampler_options)
             calls += pipe.last_stats.steps
+            blocks += pipe.last_stats.block_evaluations
             images.append(pipe.decode(latents))
         seconds = time.perf_counter() - start
         scores = digit_scores(classifier, np.concatenate(images), labels, real_features)
+        batches = -(-num_images // batch)
         rows.append({"run": run.name, "backend": pipe.backend.name, "images": num_images,
-                     "model_calls_per_batch": calls // -(-num_images // batch), **scores, "seconds": seconds,
+                     "model_calls_per_batch": calls // batches, "cache": s.cache, "cache_options": s.cache_options,
+                     "block_evaluations": blocks / batches, **scores, "seconds": seconds,
                      "images_per_s": num_images / seconds})
     first = rows[0]
     for row in rows:
@@ -323,7 +333,7 @@ def compare(artifact, runs: list[QualityRun], classifier: DigitClassifier, num_i
 
 
 def format_report(report: dict) -> str:
-    columns = [("run", "{}"), ("accuracy", "{:.3f}"), ("frechet_distance", "{:.3f}"), ("precision", "{:.3f}"),
+    columns = [("run", "{}"), ("block_evaluations", "{:.1f}"), ("accuracy", "{:.3f}"), ("frechet_distance", "{:.3f}"), ("precision", "{:.3f}"),
                ("recall", "{:.3f}"), ("images_per_s", "{:.2f}"), ("frechet_vs_first", "{:+.3f}"),
                ("speed_vs_first", "{:.2f}x")]
     table = [[name for name, _ in columns]] + [[fmt.format(r[name]) for name, fmt in columns] for r in report["runs"]]

@@ -770,6 +770,26 @@ def test_bad_sample_arguments_return_a_status_and_message(cpp_pipe, labels, sett
     assert np.isnan(out).all()  # and nothing written
 
 
+@pytest.mark.parametrize("key, value", [("cache", "taylorseer"), ("cache", "first-block"), ("cache_interval", "4"),
+                                        ("threshold", "0.05"), ("max_order", "2")])
+def test_cache_options_are_refused_until_the_cpp_runtime_implements_them(lib, key, value):
+    handle = VP()
+    assert lib.lib.ditrt_options_create(ctypes.byref(handle)) == OK
+    try:
+        assert lib.lib.ditrt_options_set(handle, b"cache", b"none") == OK  # uncached: as without the key
+        assert lib.lib.ditrt_options_set(handle, key.encode(), value.encode()) == INVALID_ARGUMENT
+        assert "feature caching (first-block, taylorseer) is not implemented in the C++ runtime" in lib.error()
+    finally:
+        lib.lib.ditrt_options_release(handle)
+
+
+def test_an_artifact_with_segments_opens_and_samples(cpp_pipe, cpp_artifact):
+    names = json.loads((cpp_artifact / "manifest.json").read_text())["networks"]
+    assert {"embed", "blocks_0_1", "final"} <= set(names)  # what export writes, accepted by the C++ reader
+    status, out = cpp_pipe.sample([1], steps="ddim3")
+    assert status == OK and np.isfinite(out).all()
+
+
 def test_a_failing_callback_is_an_executor_error(lib, cpp_artifact):
     broken = CppPipeline(lib, cpp_artifact)
     try:

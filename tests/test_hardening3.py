@@ -312,7 +312,7 @@ def test_the_same_option_twice_is_refused(art, tmp_path):
     with pytest.raises(InputError, match="atol is given twice"):
         parse_options(["atol=1e-3", "atol=1e-4"])
     r = cli("sample", art, "--labels", 1, "--steps", 2, "--labels", 2, "--out", tmp_path / "x.npy")
-    assert r.exit_code == 2 and "--labels is given again" in r.output, r.output
+    assert r.exit_code == 2 and "--labels given twice" in r.output, r.output
 
 
 def test_quality_compare_with_a_key_twice_is_refused():

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from ditrt import runtime
 from ditrt.runtime import quality
 from ditrt.runtime.generate import SamplingOptions
 
@@ -96,3 +97,21 @@ def test_cli_quality_prints_a_table_and_writes_json(example, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "ditrt.cli", "quality", str(example), "--compare", "steps"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "key=value" in bad.stderr
+
+
+def test_cli_quality_compares_caches_with_block_evaluations(example, tmp_path):
+    """The acceptance form: --compare cache=taylorseer,cache_interval=3 --compare
+    cache=first-block,threshold=0.05 --json FILE; block_evaluations on every row, uncached too."""
+    out = tmp_path / "q.json"
+    r = subprocess.run([sys.executable, "-m", "ditrt.cli", "quality", str(example), "--num-images", "20", "--sampler",
+                        "ddim", "--steps", "12", "--batch", "10", "--compare", "cache=taylorseer,cache_interval=3",
+                        "--compare", "cache=first-block,threshold=0.05", "--json", str(out), "--no-progress"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["runs"]
+    depth = runtime.load_manifest(example).model.depth
+    assert [row["cache"] for row in rows] == ["none", "taylorseer", "first-block"]
+    assert rows[0]["block_evaluations"] == depth * 12
+    assert rows[1]["block_evaluations"] == depth * 6  # full calls 0, 1, 2, 4, 7, 10 of 12
+    assert depth * 12 >= rows[2]["block_evaluations"] >= depth + 11  # block 0 every call, the rest once at least
+    assert all(0 <= row["accuracy"] <= 1 and row["frechet_distance"] >= 0 for row in rows)

@@ -160,6 +160,16 @@ def test_http_threads_bit_identical(pipe):
     assert stats["completed"] == len(reqs)
 
 
+def test_a_cached_request_over_http_is_the_python_apis(pipe):
+    options = {"cache_interval": 2, "disable_cache_before_step": 1}
+    expected = pipe.sample([1, 2], num_steps=8, sampler="ddim", cache="taylorseer", cache_options=options,
+                           progress=False)
+    body = {"labels": [1, 2], "steps": 8, "sampler": "ddim", "cache": "taylorseer", "cache_options": options}
+    with Server(StepBatcher(pipe)) as s, httpx.Client(base_url=s.url, timeout=60) as client:
+        got = latents(client.post("/v1/samples", json=body))
+    assert np.array_equal(expected, got)
+
+
 def test_png_format_returns_the_decoded_grid(vae_pipe):
     from ditrt.runtime import images
     with Server(StepBatcher(vae_pipe)) as server:
@@ -229,6 +239,11 @@ def test_health_model_and_limits(pipe):
     ({"labels": [1], "options": [1]}, "options must be an object of sampler options"),
     ({"labels": [1], "max_calls": 5}, "max_calls applies to adaptive samplers only"),
     ({"labels": [1], "timeout": 0}, "timeout (seconds) must be a number > 0"),
+    ({"labels": [1], "cache": "taylorseer", "cache_options": {"cache_interval": 0}},
+     "taylorseer option cache_interval must be a positive integer, got 0"),
+    ({"labels": [1], "cache": "first-block", "cache_options": {"interval": 2}},
+     "unknown cache option 'interval' for first-block; it takes threshold"),
+    ({"labels": [1], "cache": "deepcache"}, "cache must be one of 'none', 'first-block', 'taylorseer'"),
 ])
 def test_bad_requests_400_with_message(pipe, body, message):
     if message is None:  # the Python API's own message

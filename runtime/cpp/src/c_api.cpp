@@ -284,7 +284,15 @@ ditrt_status ditrt_options_set(ditrt_options* options, const char* key, const ch
             const bool numeric = k != "diffusion_form" && k != "last_step";
             if (!value) o.sampler_options.erase(k);
             else o.sampler_options[k] = numeric ? (parse_number(key, value), std::string(value)) : std::string(value);
-        } else
+        } else if (k == "cache" && (!value || std::string(value) == "none")) {
+            // uncached: the monolithic denoiser, as without the key
+        } else if (k == "cache" || k == "threshold" || k == "cache_interval" || k == "disable_cache_before_step" ||
+                   k == "disable_cache_after_step" || k == "max_order")
+            throw Error(Status::InvalidArgument, "option '" + k + "'" + (value ? "='" + std::string(value) + "'" : "") +
+                                                 ": feature caching (first-block, taylorseer) is not implemented in the "
+                                                 "C++ runtime; sample uncached (cache none) or with the Python runtime "
+                                                 "(ditrt.runtime, docs/caching.md)");
+        else
             throw Error(Status::InvalidArgument, "unknown option key '" + k + "'; the keys are sampler, steps, cfg_scale, "
                                                  "guidance, eta, seed, image_offset, atol, rtol, diffusion_form, "
                                                  "diffusion_norm, last_step, last_step_size");

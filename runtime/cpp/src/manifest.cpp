@@ -429,8 +429,9 @@ NetworkSpec read_network(const std::string& name, const Json& data) {
         const Json& items = get(data, kind);
         if (!items.is_array() || items.empty()) fail(kField + where + "." + kind + " must be a non-empty list");
         const bool inputs = std::strcmp(kind, "inputs") == 0;
-        const std::vector<std::string> roles = inputs ? std::vector<std::string>{"latent", "time", "condition"}
-                                                      : std::vector<std::string>{"prediction", "image"};
+        // tokens / embedding: what the denoiser's segments (feature caching) pass between them
+        const std::vector<std::string> roles = inputs ? std::vector<std::string>{"latent", "time", "condition", "tokens", "embedding"}
+                                                      : std::vector<std::string>{"prediction", "image", "tokens", "embedding"};
         for (size_t i = 0; i < items.size(); ++i)
             (inputs ? spec.inputs : spec.outputs)
                 .push_back(read_tensor(items[i], where + "." + kind + "[" + std::to_string(i) + "]", roles));
@@ -593,6 +594,61 @@ void read_quantization(const Json& graph, const std::string& precision, const st
 
 bool known_precision(const std::string& p) { return p == "fp32" || p == "fp16" || p == "int8" || p == "fp8"; }
 
+// runtime/manifest.py _check_segment: a segment of the denoiser (feature caching) is one that
+// runtime/networks.py segment_specs makes for the model section: its name, tensors, segment_of and
+// blocks. This runtime samples with the monolithic denoiser; it reads the segments to accept them.
+void check_segment(const NetworkSpec& spec, const Json& data, const Manifest& m) {
+    const int64_t S = m.input_size, C = m.in_channels, D = m.hidden_size, K = m.num_classes;
+    const int64_t T = (S / m.patch_size) * (S / m.patch_size);
+    struct Want {
+        std::string name;
+        DType dtype;
+        std::vector<int64_t> shape;
+        std::string role;
+    };
+    const Want hidden{"hidden_states", DType::Float32, {-1, T, D}, "tokens"};
+    const Want conditioning{"conditioning", DType::Float32, {-1, D}, "embedding"};
+    std::vector<Want> inputs{hidden, conditioning}, outputs{{"hidden_states_out", DType::Float32, {-1, T, D}, "tokens"}};
+    std::vector<int64_t> blocks;  // empty: the segment has no blocks field
+    if (spec.name == "embed") {
+        inputs = {{"latent", DType::Float32, {-1, C, S, S}, "latent"}, {"timestep", DType::Float32, {-1}, "time"},
+                  {"class_label", DType::Int64, {-1}, "condition"}};
+        outputs = {hidden, conditioning};
+    } else if (spec.name == "final") {
+        outputs = {{"model_output", DType::Float32, {-1, m.out_channels, S, S}, "prediction"}};
+    } else if (spec.name == "blocks_0_1") {
+        blocks = {0, 1};
+    } else if (m.depth > 1 && spec.name == "blocks_1_" + std::to_string(m.depth)) {
+        blocks = {1, m.depth};
+    } else {
+        blocks = {-1};  // not a segment of this denoiser
+    }
+    auto same = [K](const std::vector<TensorSpec>& have, const std::vector<Want>& want) {
+        if (have.size() != want.size()) return false;
+        for (size_t i = 0; i < want.size(); ++i) {
+            const TensorSpec& t = have[i];
+            if (t.name != want[i].name || t.dtype != want[i].dtype || t.shape != want[i].shape || t.role != want[i].role)
+                return false;
+            if (t.has_condition && (t.condition.num_classes != K || t.condition.null != K)) return false;
+        }
+        return true;
+    };
+    bool ok = blocks != std::vector<int64_t>{-1} && same(spec.inputs, inputs) && same(spec.outputs, outputs);
+    const Json& of = get(data, "segment_of");
+    ok = ok && pyjson::is_str(of) && of.get<std::string>() == "denoiser";
+    if (blocks.empty()) {
+        ok = ok && (!data.contains("blocks") || data["blocks"].is_null());  // Python: .get("blocks") == None
+    } else if (ok) {
+        const Json& have = get(data, "blocks");  // Python compares lists with ==: 1.0 and true equal 1
+        ok = have.is_array() && have.size() == 2 && pyjson::equals_int(have[0], blocks[0]) &&
+             pyjson::equals_int(have[1], blocks[1]);
+    }
+    if (!ok) {
+        std::string names = "embed, blocks_0_1, " + (m.depth > 1 ? "blocks_1_" + std::to_string(m.depth) + ", " : std::string()) + "final";
+        fail(kField + "networks." + spec.name + " is not a segment of this denoiser; the segments are " + names);
+    }
+}
+
 void read_networks(const Json& data, Manifest& m) {
     const Json& networks = get(data, "networks");
     if (!networks.is_object() || !networks.contains("denoiser"))
@@ -600,7 +656,8 @@ void read_networks(const Json& data, Manifest& m) {
     for (auto it = networks.begin(); it != networks.end(); ++it) {
         NetworkSpec spec = read_network(it.key(), *it);
         if (it.key() == "denoiser") check_denoiser(spec, m);
-        if (it.key() == "decoder") check_decoder(spec, *it, m);
+        else if (it.key() == "decoder") check_decoder(spec, *it, m);
+        else if (it->contains("segment_of")) check_segment(spec, *it, m);
         const std::string at = "networks." + it.key() + ".graphs";
         const Json& graphs = get(*it, "graphs");
         if (!graphs.is_object()) fail(kField + at + " must be an object");
