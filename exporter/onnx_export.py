@@ -48,6 +48,7 @@ class NetworkExporter(Protocol):
     quantizable: tuple[str, ...]  # the QUANTIZED_PRECISIONS it has a recipe for (the others export fp32 / fp16 only)
     validation_batches: tuple[tuple[int, int], ...]  # (batch, seed) of the export-time checks
     example_batch: int  # the batch torch.export traces with (2 where code branches on a batch of 1)
+    dynamo: bool  # torch.export (dynamo) for the fp32 / fp16 graphs; False: the TorchScript exporter
 
     def check_options(self, precisions: tuple[str, ...]) -> None: ...  # ExportOptionError before any work
 
@@ -116,7 +117,7 @@ def export_network(exporter: NetworkExporter, directory: Path, precisions: tuple
         with steps(f"exporting {precision} {spec.name} graph (opset {opset})"):
             module = exporter.module(precision)
             files = torch_export(module, spec, path, opset, exporter.example_batch,
-                                 dynamo=precision not in QUANTIZED_PRECISIONS)
+                                 dynamo=exporter.dynamo and precision not in QUANTIZED_PRECISIONS)
         with steps(f"validating {precision} {spec.name} graph"):
             validation = validate_graph(path, spec, cases, references, precision, exporter.check_graph,
                                         torch_candidate=module if precision in ONNXRUNTIME_REFUSED else None)
@@ -163,7 +164,7 @@ def torch_export(module: torch.nn.Module, spec: NetworkSpec, path: Path, opset: 
                 external_data=weight_bytes > EXTERNAL_DATA_BYTES)
         except Exception as e:
             raise ExportError(f"torch.onnx export of the {spec.name} failed: {type(e).__name__}: {e}") from e
-    _rename_batch_axis(path)
+    _name_axes(path, spec)
     return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name))
 
 
@@ -177,15 +178,23 @@ def _example_tensor(t, batch: int = 1) -> torch.Tensor:
     return torch.randn(shape)
 
 
-def _rename_batch_axis(path: Path) -> None:
-    """Name the dynamic axis 'batch' on every input and output (the exporter may call it s0)."""
+def _name_axes(path: Path, spec: NetworkSpec) -> None:
+    """Name the dynamic axis 'batch' on every input and output (the exporter may call it s0), and
+    give the other axes the spec's sizes where the exporter left a name (the TorchScript exporter
+    names a size-1 axis it cannot prove constant, e.g. DiT-S/8's single token)."""
     model = onnx.load(str(path), load_external_data=False)
+    tensors = {t.name: t for t in (*spec.inputs, *spec.outputs)}
     changed = False
     for value in [*model.graph.input, *model.graph.output]:
-        dim = value.type.tensor_type.shape.dim[0]
-        if dim.dim_param != "batch":
-            dim.dim_param = "batch"
+        dims = value.type.tensor_type.shape.dim
+        if dims[0].dim_param != "batch":
+            dims[0].dim_param = "batch"
             changed = True
+        want = tensors[value.name].shape if value.name in tensors else ()
+        for dim, size in zip(list(dims)[1:], want[1:]):
+            if isinstance(size, int) and not dim.HasField("dim_value"):
+                dim.dim_value = size
+                changed = True
     if changed:
         onnx.save(model, str(path))
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from .chunking import run_chunked
 from .errors import InputError
+from .networks import QUANTIZED_PRECISIONS
 from .validate import check_choice, check_int, check_number
 
 NONE = "none"
@@ -300,9 +301,10 @@ class RunCache:
         return self.blocks_run / len(self.states)
 
 
-def start_cache(manifest, sampler, schedule, cache, cache_options, rows: int) -> RunCache | None:
-    """The run's cache (None for "none"), refused with the reason for a sampler or artifact it
-    cannot serve."""
+def start_cache(manifest, sampler, schedule, cache, cache_options, rows: int,
+                precision: str | None = None) -> RunCache | None:
+    """The run's cache (None for "none"), refused with the reason for a sampler, artifact or
+    precision it cannot serve (`precision`: the denoiser's graph; segments have no quantized ones)."""
     settings = cache_settings(cache, cache_options)
     if settings is None:
         return None
@@ -314,6 +316,9 @@ def start_cache(manifest, sampler, schedule, cache, cache_options, rows: int) ->
     if not segments:
         raise InputError(f"{manifest.directory} has no denoiser segments (exported before feature caching); "
                          f"export it again to use cache {method.name}")
+    if precision in QUANTIZED_PRECISIONS:  # segments export fp32 / fp16 only: a cached step would change precision
+        raise InputError(f"cache {method.name} runs the denoiser's segments, which have fp32 and fp16 graphs only; this "
+                         f"pipeline runs the {precision} graph: load it with precision fp32 or fp16 to cache")
     if manifest.model.depth < method.min_blocks:
         raise InputError(f"cache {method.name} needs at least {method.min_blocks} transformer blocks; this model has "
                          f"{manifest.model.depth}")

@@ -202,7 +202,8 @@ class SampleRun:
         self.total_steps = self.sampler.model_calls(self.schedule)  # None: adaptive
         self.max_model_calls = self.total_steps or MAX_MODEL_CALLS
         self._budget_names = ("max_model_calls", "")  # the option that sets it, and the most it may be
-        self.cache = start_cache(manifest, self.sampler, self.schedule, cache, cache_options, self.rows)
+        self.cache = start_cache(manifest, self.sampler, self.schedule, cache, cache_options, self.rows,
+                                 getattr(pipeline.backend, "precision", None))
         self.depth = manifest.model.depth
         self.steps_done = 0
         self._prefetch = self._noise_prefetch()

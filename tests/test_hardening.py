@@ -51,7 +51,7 @@ def test_flipped_bytes_in_a_graph_are_refused_at_load(art, tmp_path):
 
 def test_verify_passes_on_a_clean_artifact(art):
     r = ditrt("verify", art)
-    assert r.returncode == 0 and "3/3 files match the manifest" in r.stdout  # the manifest and two graphs
+    assert r.returncode == 0 and "11/11 files match the manifest" in r.stdout  # the manifest, fp32 + fp16 of the denoiser and 4 segments
 
 
 def test_cfg_scale_1e39_is_refused_in_float32(art, tmp_path):

@@ -31,7 +31,7 @@ def test_quality_plot_and_labels_by_name(named_artifact, tmp_path):  # noqa: F81
     assert report["labels"] == "tench,goldfish" and "over classes tench,goldfish" in r.output
     with Image.open(tmp_path / "q.png") as image:
         assert image.format == "PNG"
-        assert image.size == (990, 378)  # figsize 11 x 4.2 inches at 90 dpi, one cost row (images/s)
+        assert image.size == (990, 756)  # 11 x 4.2 inches per cost row at 90 dpi: images/s, block evaluations (every row has them)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
 
 

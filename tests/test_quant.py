@@ -96,6 +96,19 @@ def test_the_decoder_stays_fp32(quant_artifact):
     assert images.shape == (2, 3, 64, 64) and np.isfinite(images).all()
 
 
+def test_segments_stay_fp32_and_an_int8_pipeline_refuses_a_cache(quant_artifact):
+    """Feature caching runs the segments, which have no quantized graphs: an int8 pipeline asked to
+    cache is refused before any model call, instead of silently running fp32 segments."""
+    manifest = load_manifest(quant_artifact)
+    assert manifest.precisions("embed") == ["fp32"] and "int8" in manifest.precisions("denoiser")
+    pipe = runtime.load(quant_artifact, backend="onnxruntime", precision="int8", decoder=False)
+    with pytest.raises(InputError, match="segments, which have fp32 and fp16 graphs only; this pipeline runs the int8"):
+        pipe.sample([3, 7], num_steps=5, sampler="ddim", cache="taylorseer", progress=False)
+    assert pipe.last_stats is None or pipe.last_stats.steps == 0
+    fp32 = runtime.load(quant_artifact, backend="onnxruntime", precision="fp32", decoder=False)
+    assert np.isfinite(fp32.sample([3, 7], num_steps=5, sampler="ddim", cache="taylorseer", progress=False)).all()
+
+
 def test_calibration_is_deterministic_and_follows_its_seed(quant_artifact, tmp_path):
     again = export_quantized(tmp_path / "again", ("int8",), vae=False)
     assert _sha(again / INT8) == _sha(quant_artifact / INT8)

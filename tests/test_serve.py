@@ -215,7 +215,7 @@ def test_health_model_and_limits(pipe):
         assert httpx.get(s.url + "/v1/health/live").json() == {"status": "live"}
         assert httpx.get(s.url + "/v1/health/ready").json() == {"status": "ready"}
         m = httpx.get(s.url + "/v1/model").json()
-        assert m["networks"] == ["denoiser"] and m["backend"] == "onnxruntime-fp32" and m["max_batch"] == 16
+        assert m["networks"] == ["denoiser", "embed", "blocks_0_1", "blocks_1_2", "final"] and m["backend"] == "onnxruntime-fp32" and m["max_batch"] == 16
         assert set(m["samplers"]) >= {"ddpm", "ddim", "dpm++2m"} and m["defaults"]["steps"] == 250
         assert m["model"]["num_classes"] == pipe.manifest.model.num_classes and m["formats"] == ["npy"]
         assert m["limits"] == {**Limits.for_pipeline(pipe).to_dict(), "max_body_bytes": 65536, "body_timeout_s": 10.0,

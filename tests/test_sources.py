@@ -74,7 +74,7 @@ def test_hub_export_records_repository_revision_files_and_class_names(hub_artifa
                                 "transformer/diffusion_pytorch_model.safetensors", "vae/config.json",
                                 "vae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"]}
     assert source["sha256"] == sha256(snapshot / "transformer" / "diffusion_pytorch_model.safetensors")
-    assert set(manifest.networks) == {"denoiser", "decoder"}  # one command, both networks
+    assert set(manifest.networks) == {"denoiser", "decoder", "embed", "blocks_0_1", "blocks_1_2", "final"}  # one command
     assert manifest.data["id2label"] == ID2LABEL
     assert invoke("verify", hub_artifact).exit_code == 0
 

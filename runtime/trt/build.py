@@ -178,10 +178,17 @@ def build_all(artifact_dir: str | Path, network: str = "all", precision: str = "
     need one network. Everything is checked before the first build starts."""
     manifest = load_manifest(artifact_dir)
     check_outputs([("--timing-cache", flags.timing_cache)], manifest.inputs(every_file=False))
+    from ..networks import QUANTIZED_PRECISIONS
     names = list(manifest.networks) if network == "all" else [manifest.network(network).name]
-    if any(v is not None for v in (min_batch, opt_batch, max_batch)) and len(names) > 1:
+    segments = [n for n in names if manifest.network(n).extra.get("segment_of")]
+    if network == "all" and precision in QUANTIZED_PRECISIONS and segments:  # a cache refuses quantized pipelines
+        log(f"the denoiser's segments ({', '.join(segments)}) have no {precision} graphs (feature caching runs fp32 / "
+            f"fp16 pipelines): no plans for them")
+        names = [n for n in names if n not in segments]
+    units = {manifest.network(n).batch_unit for n in names}
+    if any(v is not None for v in (min_batch, opt_batch, max_batch)) and len(units) > 1:
         raise InputError(f"--min-batch/--opt-batch/--max-batch are in one network's unit; this artifact has "
-                         f"{', '.join(names)}: add --network NAME")
+                         f"{', '.join(names)} (units: {', '.join(sorted(units))}): add --network NAME")
     jobs = []
     for name in names:
         spec = manifest.network(name)
