@@ -734,6 +734,44 @@ def test_a_cancel_callback_stops_the_loop_within_one_step(lib, cpp_artifact):
         pipe.close()
 
 
+def test_the_error_of_the_outer_call_survives_a_failing_call_in_its_callback(lib, cpp_pipe):
+    """ditrt.h, Errors: a progress callback whose own ditrt call fails (an unknown option key)
+    leaves the outer ditrt_sample's message (the cancel's when it cancels, "" when it succeeds);
+    inside the callback the message is the callback's call's, never the application's last one."""
+    scratch, seen, cancel_at = VP(), [], [2]
+    assert lib.lib.ditrt_options_create(ctypes.byref(scratch)) == OK
+
+    def progress(user, done, total, timestep):
+        on_entry = lib.error()
+        status = lib.lib.ditrt_options_set(scratch, b"no_such_key", b"1")
+        seen.append((on_entry, status, lib.error()))
+        return 1 if done == cancel_at[0] else 0
+    callback = PROGRESS(progress)
+    options = cpp_pipe.options(progress=callback, sampler="ddim", steps="ddim5")
+    labels, out = np.array([1], np.int64), np.full((1, *cpp_pipe.shape), np.nan, np.float32)
+
+    def sample() -> int:
+        # the application's last call before the sample fails: its message must stay at its level
+        assert lib.lib.ditrt_options_set(options, b"stale_key", b"1") == INVALID_ARGUMENT
+        seen.clear()
+        return lib.lib.ditrt_sample(cpp_pipe.pipe, labels.ctypes.data_as(ctypes.POINTER(I64)), 1, options, _f32(out),
+                                    out.size)
+    try:
+        assert sample() == CANCELLED
+        assert lib.error() == "cancelled by the progress callback after step 2/5; the output was not written"
+        nested = "unknown option key 'no_such_key'"
+        assert [status for _, status, _ in seen] == [INVALID_ARGUMENT] * 2
+        assert all(error.startswith(nested) for _, _, error in seen)
+        assert seen[0][0] == "" and seen[1][0].startswith(nested)  # not "unknown option key 'stale_key'"
+        cancel_at[0] = 0
+        assert sample() == OK
+        assert lib.error() == ""  # the outer call's success, not its callback's failures
+        assert len(seen) == 5 and seen[-1][1] == INVALID_ARGUMENT
+    finally:
+        lib.lib.ditrt_options_release(options)
+        lib.lib.ditrt_options_release(scratch)
+
+
 def test_defaults_come_from_the_manifest(cpp_pipe, cpp_artifact):
     defaults = json.loads((cpp_artifact / "manifest.json").read_text())["defaults"]
     assert cpp_pipe.num_steps() == defaults["steps"]
