@@ -88,3 +88,45 @@ def quant_artifact(tmp_path_factory) -> Path:
     """The digits example with fp32, int8 and fp8 denoiser graphs and its fp32 decoder."""
     pytest.importorskip("modelopt.torch.quantization", reason="int8 / fp8 graphs need pip install 'ditrt[quant]'")
     return export_quantized(tmp_path_factory.mktemp("artifacts") / "quant")
+
+
+# ---- the C++ runtime through its C ABI (tests/cpp_abi.py): test_cpp_runtime, test_cpp_sit, test_cpp_hardening
+
+@pytest.fixture(scope="session")
+def release_build() -> Path:
+    from cpp_abi import build_cpp
+    return build_cpp("release", ["-DCMAKE_BUILD_TYPE=Release"])
+
+
+@pytest.fixture(scope="session")
+def sanitize_build() -> Path:
+    from cpp_abi import SANITIZE_CXX, SANITIZE_FLAGS, build_cpp
+    return build_cpp("sanitize", ["-DCMAKE_BUILD_TYPE=Sanitize", f"-DCMAKE_CXX_FLAGS={SANITIZE_CXX}",
+                                  f"-DCMAKE_C_FLAGS={SANITIZE_CXX}", f"-DCMAKE_EXE_LINKER_FLAGS={SANITIZE_FLAGS}",
+                                  f"-DCMAKE_SHARED_LINKER_FLAGS={SANITIZE_FLAGS}",
+                                  f"-DCMAKE_MODULE_LINKER_FLAGS={SANITIZE_FLAGS}", "-DDITRT_BUILD_EXAMPLES=OFF"])
+
+
+@pytest.fixture(scope="session")
+def lib(release_build):
+    from cpp_abi import Lib, library
+    return Lib(library(release_build))
+
+
+@pytest.fixture(scope="session")
+def cpp_artifact(tiny_artifact_with_vae) -> Path:
+    """The tiny golden DiT and the small golden VAE in one artifact (manifest schema 3)."""
+    assert json.loads((tiny_artifact_with_vae / "manifest.json").read_text())["schema_version"] == 3
+    return tiny_artifact_with_vae
+
+
+@pytest.fixture(scope="session")
+def cpp_pipe(lib, cpp_artifact):
+    from cpp_abi import opened_pipeline
+    yield from opened_pipeline(lib, cpp_artifact)
+
+
+@pytest.fixture(scope="session")
+def python_pipe(cpp_artifact):
+    from cpp_abi import python_fp32
+    return python_fp32(cpp_artifact)

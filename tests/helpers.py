@@ -1,10 +1,15 @@
-"""Test-only helpers: writing files in formats ditrt reads (diffusers DiT weights) and reading PNGs."""
+"""Test-only helpers: writing files in formats ditrt reads (diffusers DiT weights), reading PNGs, and
+making signing keys."""
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from ditrt.exporter.checkpoints import (DIFFUSERS_BLOCK_EMBEDDER_KEYS, DIFFUSERS_BLOCK_KEYS, DIFFUSERS_GLOBAL_KEYS,
@@ -54,3 +59,30 @@ def read_png(path) -> np.ndarray:
     from PIL import Image
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB") if image.mode not in ("RGB", "L") else image).copy()
+
+
+def openssl_key_pair(directory: Path, name: str = "key") -> tuple[Path, Path]:
+    """An EC P-256 key pair (private, public PEM), made as the docs say (openssl ecparam / openssl
+    ec); skips the test when the openssl command is missing."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl (the command) makes the test keys")
+    private, public = directory / f"{name}.pem", directory / f"{name}.pub.pem"
+    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(private)], check=True)
+    subprocess.run(["openssl", "ec", "-in", str(private), "-pubout", "-out", str(public)], check=True,
+                   capture_output=True)
+    return private, public
+
+
+def swap_graph_and_its_digests(art: Path, precision: str = "fp16") -> None:
+    """The signing issue's attack: rewrite the denoiser's graph of this precision, put its new
+    sha256 in the manifest, regenerate manifest.sha256. Every digest agrees afterwards; only a
+    signature can tell."""
+    graph = art / f"denoiser.{precision}.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-10] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["networks"]["denoiser"]["graphs"][precision]["sha256"][graph.name] = hashlib.sha256(data).hexdigest()
+    (art / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    digest = hashlib.sha256((art / "manifest.json").read_bytes()).hexdigest()
+    (art / "manifest.sha256").write_text(f"{digest}  manifest.json\n")

@@ -16,19 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_cpp_runtime import (ARTIFACT_ERROR, I64, INVALID_ARGUMENT, OK, SANITIZER_ENV, SCHEDULE_ERROR, VP,  # noqa: F401
-                              CppPipeline, _both_refuse, _edited_artifact, _open_status, cpp_artifact, cpp_pipe, lib,
-                              release_build, sanitize_build)
+from cpp_abi import ARTIFACT_ERROR, I64, INVALID_ARGUMENT, OK, SANITIZER_ENV, SCHEDULE_ERROR, VP, CppPipeline
+from helpers import openssl_key_pair, swap_graph_and_its_digests
+from test_cpp_runtime import _both_refuse, _edited_artifact, _open_status
 
 # ---- signed artifacts -------------------------------------------------------------------------------
-
-
-def _key_pair(directory: Path, name: str) -> tuple[Path, Path]:
-    private, public = directory / f"{name}.pem", directory / f"{name}.pub.pem"
-    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(private)], check=True)
-    subprocess.run(["openssl", "ec", "-in", str(private), "-pubout", "-out", str(public)], check=True,
-                   capture_output=True)
-    return private, public
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +28,9 @@ def signed_cases(tmp_path_factory, cpp_artifact):
     """Folders signed by the Python side (`ditrt sign`), then each tampered one way: name ->
     (folder, the file C++ must name or None when it must open)."""
     pytest.importorskip("model_signing", reason="signing needs model-signing: pip install 'ditrt[sign]'")
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl (the command) makes the test keys")
     from ditrt.runtime.signing import sign_artifact
     root = tmp_path_factory.mktemp("cpp-signed")
-    keys = {"key": _key_pair(root, "key"), "other": _key_pair(root, "other")}
+    keys = {"key": openssl_key_pair(root, "key"), "other": openssl_key_pair(root, "other")}
     master = root / "master"
     shutil.copytree(cpp_artifact, master)
     sign_artifact(master, keys["key"][0])
@@ -51,18 +41,6 @@ def signed_cases(tmp_path_factory, cpp_artifact):
         shutil.copytree(master, folder)
         tamper(folder)
         cases[name] = (folder, named)
-
-    def swap_graph(folder):  # the issue's attack: a graph and both digests rewritten, all consistent
-        import hashlib
-        graph = folder / "denoiser.fp32.onnx"
-        data = bytearray(graph.read_bytes())
-        data[-7] ^= 0x01
-        graph.write_bytes(bytes(data))
-        m = json.loads((folder / "manifest.json").read_text())
-        m["networks"]["denoiser"]["graphs"]["fp32"]["sha256"][graph.name] = hashlib.sha256(data).hexdigest()
-        (folder / "manifest.json").write_text(json.dumps(m))
-        digest = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
-        (folder / "manifest.sha256").write_text(f"{digest}  manifest.json\n")
 
     def flip_signature(folder):
         import base64
@@ -81,7 +59,7 @@ def signed_cases(tmp_path_factory, cpp_artifact):
         (folder / "model.sig").write_text(json.dumps(bundle))
 
     case("intact", lambda f: None, None)
-    case("swapped-graph", swap_graph, "denoiser.fp32.onnx")
+    case("swapped-graph", lambda folder: swap_graph_and_its_digests(folder, "fp32"), "denoiser.fp32.onnx")
     case("added-file", lambda f: (f / "extra.txt").write_text("x"), "extra.txt")
     case("removed-file", lambda f: (f / "decoder.fp16.onnx").unlink(), "decoder.fp16.onnx")
     case("flipped-signature", flip_signature, "model.sig")

@@ -14,8 +14,8 @@ import pytest
 
 from conftest import ROOT, max_rel_err, read_npz
 from ditrt.runtime import flow
-from test_cpp_runtime import (CANCELLED, INVALID_ARGUMENT, OK, PROGRESS, SCHEDULE_ERROR, CppPipeline, FakeBackend,  # noqa: F401
-                              cpp_artifact, lib, python_pipe, release_build)
+from cpp_abi import CANCELLED, INVALID_ARGUMENT, OK, PROGRESS, SCHEDULE_ERROR, opened_pipeline, python_fp32
+from test_cpp_runtime import FakeBackend
 
 SIT_DIR = ROOT / "tests" / "golden" / "sit"
 META = json.loads((SIT_DIR / "sit_vectors.json").read_text())
@@ -38,22 +38,17 @@ def sit_artifact(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sit_cpp(lib, sit_artifact):
-    pipe = CppPipeline(lib, sit_artifact)
-    yield pipe
-    pipe.close()
+    yield from opened_pipeline(lib, sit_artifact)
 
 
 @pytest.fixture(scope="module")
 def sit_py(sit_artifact):
-    from ditrt import runtime
-    return runtime.load(sit_artifact, backend="onnxruntime", precision="fp32", decoder_precision="fp32")
+    return python_fp32(sit_artifact)
 
 
 @pytest.fixture(scope="module")
 def dit_cpp(lib, cpp_artifact):
-    pipe = CppPipeline(lib, cpp_artifact)
-    yield pipe
-    pipe.close()
+    yield from opened_pipeline(lib, cpp_artifact)
 
 
 @pytest.fixture(scope="module")

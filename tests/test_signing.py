@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -19,6 +18,7 @@ from ditrt import runtime
 from ditrt.cli import main
 from ditrt.runtime.errors import InputError, StepError
 from ditrt.runtime.signing import SignatureError, SigningUnavailable, sign_path, verify_path
+from helpers import openssl_key_pair, swap_graph_and_its_digests
 
 pytest.importorskip("model_signing", reason="signing needs model-signing: pip install 'ditrt[sign]'")
 
@@ -27,19 +27,8 @@ def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def openssl_key_pair(directory, name="key"):
-    """An EC P-256 key pair, made as the docs say (openssl ecparam / openssl ec)."""
-    private, public = directory / f"{name}.pem", directory / f"{name}.pub.pem"
-    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(private)], check=True)
-    subprocess.run(["openssl", "ec", "-in", str(private), "-pubout", "-out", str(public)], check=True,
-                   capture_output=True)
-    return private, public
-
-
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl (the command) makes the test keys")
     return openssl_key_pair(tmp_path_factory.mktemp("keys"))
 
 
@@ -62,20 +51,6 @@ def signed(tmp_path, signed_master):
     art = tmp_path / "art"
     shutil.copytree(signed_master, art)
     return art
-
-
-def swap_graph_and_its_digests(art):
-    """The issue's attack: rewrite a graph, put its new sha256 in the manifest, regenerate
-    manifest.sha256. Every digest agrees afterwards."""
-    graph = art / "denoiser.fp16.onnx"
-    data = bytearray(graph.read_bytes())
-    data[-10] ^= 0xFF
-    graph.write_bytes(bytes(data))
-    manifest = json.loads((art / "manifest.json").read_text())
-    manifest["networks"]["denoiser"]["graphs"]["fp16"]["sha256"][graph.name] = hashlib.sha256(data).hexdigest()
-    (art / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    digest = hashlib.sha256((art / "manifest.json").read_bytes()).hexdigest()
-    (art / "manifest.sha256").write_text(f"{digest}  manifest.json\n")
 
 
 def test_the_signature_covers_every_file_and_verifies(signed, keys):

@@ -1,5 +1,7 @@
 // The C ABI (version 2): handles over the C++ objects, and the one place where exceptions become
 // statuses.
+#include <algorithm>
+#include <array>
 #include <cctype>
 #include <cerrno>
 #include <cmath>
@@ -55,25 +57,49 @@ struct ditrt_options {
 
 namespace {
 
-thread_local std::string last_error;
+// The thread's error slots, one per depth of ditrt calls (ditrt.h, Errors): slot d holds the
+// message of the last call that returned at depth d (0: the application; 1: a callback of a
+// ditrt_sample / ditrt_decode). A call that a callback makes writes its own slot, never its outer
+// call's. A nested ditrt_sample / ditrt_decode is refused (DITRT_BUSY), so calls nest at most two
+// deep: the slots are fixed (no allocation when a call starts) and a deeper call shares the last.
+constexpr size_t kErrorSlots = 4;
+thread_local std::array<std::string, kErrorSlots> error_slots;
+thread_local size_t call_depth = 0;  // the ditrt calls running on this thread
 thread_local bool inside_call = false;  // this thread is in ditrt_sample / ditrt_decode (and so maybe in a callback)
 
-// Runs body, turning every exception into a status and the thread's last error.
+std::string& error_slot(size_t depth) { return error_slots[std::min(depth, kErrorSlots - 1)]; }
+
+// One fallible call's stay on the thread: the slot it reports in, and a fresh one for the calls
+// its callbacks make (they start with no error of their own).
+class CallLevel {
+public:
+    CallLevel() : depth_(call_depth++) { error_slot(call_depth).clear(); }
+    ~CallLevel() { --call_depth; }
+    CallLevel(const CallLevel&) = delete;
+    CallLevel& operator=(const CallLevel&) = delete;
+    std::string& message() const { return error_slot(depth_); }
+
+private:
+    size_t depth_;
+};
+
+// Runs body, turning every exception into a status and this call's error message.
 template <class F>
 ditrt_status guarded(F&& body) noexcept {
+    const CallLevel level;
     try {
         body();
-        last_error.clear();
+        level.message().clear();
         return DITRT_OK;
     } catch (const Error& e) {
-        last_error = e.what();
+        level.message() = e.what();
         return ditrt_status(e.status());
     } catch (const std::bad_alloc&) {
-        last_error = "out of memory";
+        level.message() = "out of memory";
     } catch (const std::exception& e) {
-        last_error = std::string("internal error: ") + e.what();
+        level.message() = std::string("internal error: ") + e.what();
     } catch (...) {
-        last_error = "internal error: unknown exception";
+        level.message() = "internal error: unknown exception";
     }
     return DITRT_INTERNAL_ERROR;
 }
@@ -192,7 +218,7 @@ extern "C" {
 
 uint32_t ditrt_abi_version(void) { return DITRT_ABI_VERSION; }
 
-const char* ditrt_last_error(void) { return last_error.c_str(); }
+const char* ditrt_last_error(void) { return error_slot(call_depth).c_str(); }
 
 const char* ditrt_status_name(ditrt_status status) {
     switch (status) {

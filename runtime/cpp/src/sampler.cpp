@@ -128,6 +128,23 @@ const TensorSpec& input_of(const NetworkSpec& spec, const std::string& role) {
     return *t;
 }
 
+// The denoiser's inputs (in its spec's order) and its output over a loop's buffers of `rows` rows.
+struct DenoiserTensors {
+    std::vector<TensorView> inputs, outputs;
+};
+
+DenoiserTensors denoiser_tensors(const NetworkSpec& net, int64_t rows, int64_t C, int64_t S, int64_t out_channels,
+                                 float* latent, float* time, int64_t* condition, float* model_out) {
+    const TensorView views_in[] = {{&input_of(net, "latent"), {rows, C, S, S}, latent},
+                                   {&input_of(net, "time"), {rows}, time},
+                                   {&input_of(net, "condition"), {rows}, condition}};
+    DenoiserTensors tensors;
+    for (const TensorSpec& t : net.inputs)
+        for (const TensorView& v : views_in)
+            if (v.spec == &t) tensors.inputs.push_back(v);
+    tensors.outputs = {{&net.outputs[0], {rows, out_channels, S, S}, model_out}};
+    return tensors;
+}
 }  // namespace
 
 int64_t checked_count(std::initializer_list<int64_t> factors, const std::string& what) {
@@ -309,14 +326,8 @@ void sample(const Manifest& m, Executor& executor, const std::vector<int64_t>& l
     else noise = std::make_unique<PrefetchedNoise>(o.seed, n, per_image, o.image_offset.value_or(0), step_draws(p, K));
     if (p.kind == SamplerKind::DpmSolver) x0.resize(size_t(count)), state.resize(size_t(count));
 
-    const TensorView views_in[] = {{&input_of(net, "latent"), {rows, C, S, S}, latent_in.data()},
-                                   {&input_of(net, "time"), {rows}, time_in.data()},
-                                   {&condition_input, {rows}, condition.data()}};
-    std::vector<TensorView> inputs;
-    for (const TensorSpec& t : net.inputs)  // in the spec's order
-        for (const TensorView& v : views_in)
-            if (v.spec == &t) inputs.push_back(v);
-    const std::vector<TensorView> outputs = {{&net.outputs[0], {rows, m.out_channels, S, S}, model_out.data()}};
+    const DenoiserTensors tensors = denoiser_tensors(net, rows, C, S, m.out_channels, latent_in.data(), time_in.data(),
+                                                     condition.data(), model_out.data());
     const StepShape shape{n, C, hw, m.out_channels, m.learned_variance()};
 
     float* x = latent_in.data();  // the conditional half of the model input is x itself
@@ -325,7 +336,7 @@ void sample(const Manifest& m, Executor& executor, const std::vector<int64_t>& l
         const double t = double(p.model_timesteps[size_t(k)]);
         if (guided) std::copy(x, x + count, x + count);
         std::fill(time_in.begin(), time_in.end(), float(t));
-        run_network(executor, net, rows, inputs, outputs);
+        run_network(executor, net, rows, tensors.inputs, tensors.outputs);
         if (guided) guide(model_out.data(), model_out.data() + n * m.out_channels * hw, n, m.out_channels, hw, p.cfg_scale,
                           p.guided_channels);
         const size_t i = size_t(K - 1 - k);  // ddpm / ddim: from the noisiest index down to 0
@@ -418,14 +429,8 @@ void sample_flow(const Manifest& m, Executor& executor, const std::vector<int64_
         model_out(static_cast<size_t>(out_count));
     std::vector<int64_t> condition(labels);
     if (guided) condition.insert(condition.end(), size_t(n), condition_input.condition.null);
-    const TensorView views_in[] = {{&input_of(net, "latent"), {rows, C, S, S}, latent_in.data()},
-                                   {&input_of(net, "time"), {rows}, time_in.data()},
-                                   {&condition_input, {rows}, condition.data()}};
-    std::vector<TensorView> inputs;
-    for (const TensorSpec& t : net.inputs)  // in the spec's order
-        for (const TensorView& v : views_in)
-            if (v.spec == &t) inputs.push_back(v);
-    const std::vector<TensorView> outputs = {{&net.outputs[0], {rows, m.out_channels, S, S}, model_out.data()}};
+    const DenoiserTensors tensors = denoiser_tensors(net, rows, C, S, m.out_channels, latent_in.data(), time_in.data(),
+                                                     condition.data(), model_out.data());
     const int64_t total = p.calls(), state = int64_t(x.size()), per_out = m.out_channels * hw;
     int64_t calls = 0;
     double last_t = 0.0;
@@ -439,7 +444,7 @@ void sample_flow(const Manifest& m, Executor& executor, const std::vector<int64_
         std::copy(x_eval, x_eval + count, latent_in.begin());  // the real rows (twice under guidance)
         if (guided) std::copy(x_eval, x_eval + count, latent_in.begin() + count);
         std::fill(time_in.begin(), time_in.end(), t);
-        run_network(executor, net, rows, inputs, outputs);
+        run_network(executor, net, rows, tensors.inputs, tensors.outputs);
         if (guided) guide(model_out.data(), model_out.data() + n * per_out, n, m.out_channels, hw, p.cfg_scale, p.guided_channels);
         std::copy(model_out.begin(), model_out.begin() + count, v);
         if (null_half) {  // forward_with_cfg's second half: the same guided channels, its own rest

@@ -224,6 +224,68 @@ TEST_F(CApi, ProgressReportsEveryStepAndANonZeroReturnCancelsWithinOneStep) {
     EXPECT_EQ(seen.done.size(), 10u);
 }
 
+// ditrt.h, Errors: a progress callback that makes a failing ditrt call of its own.
+struct NestedCalls {
+    ditrt_options* scratch = nullptr;  // the callback sets an unknown key on these
+    float* poison = nullptr;           // set to NaN after step 1 when given: step 2 fails (the outer call's own error)
+    int64_t cancel_at = 0;             // cancel after this step (0: never)
+    std::vector<std::string> on_entry, nested_error;  // ditrt_last_error() before and after the callback's call
+    std::vector<ditrt_status> nested_status;
+};
+
+int progress_with_a_failing_call(void* user, int64_t done, int64_t, double) {
+    NestedCalls& s = *static_cast<NestedCalls*>(user);
+    s.on_entry.push_back(ditrt_last_error());
+    s.nested_status.push_back(ditrt_options_set(s.scratch, "no_such_key", "1"));
+    s.nested_error.push_back(ditrt_last_error());
+    if (s.poison && done == 1) *s.poison = NAN;
+    return done == s.cancel_at ? 1 : 0;
+}
+
+TEST_F(CApi, TheErrorOfTheOuterCallSurvivesTheCallsOfItsCallbacks) {
+    NestedCalls s;
+    ASSERT_EQ(ditrt_options_create(&s.scratch), DITRT_OK);
+    set("steps", "5");
+    ASSERT_EQ(ditrt_options_set_progress(options, progress_with_a_failing_call, &s), DITRT_OK);
+    const std::string nested = "unknown option key 'no_such_key'";
+    // The application's last call failed: its message must not leak into the callback's level.
+    EXPECT_STATUS(ditrt_options_set(options, "stale_key", "1"), DITRT_INVALID_ARGUMENT, "unknown option key 'stale_key'");
+
+    s.cancel_at = 2;  // fails for its own reason: a cancel
+    EXPECT_STATUS(sample({1}), DITRT_CANCELLED, "cancelled by the progress callback after step 2/5");
+    EXPECT_EQ(s.nested_status, (std::vector<ditrt_status>{DITRT_INVALID_ARGUMENT, DITRT_INVALID_ARGUMENT}));
+    ASSERT_EQ(s.on_entry.size(), 2u);
+    EXPECT_EQ(s.on_entry[0], "");  // nothing yet at the callback's level (not the application's stale message)
+    EXPECT_NE(s.on_entry[1].find(nested), std::string::npos) << s.on_entry[1];  // the callbacks' own latest call
+    for (const std::string& e : s.nested_error) EXPECT_NE(e.find(nested), std::string::npos) << e;
+
+    s = NestedCalls{s.scratch, &toy.poison};  // fails for its own reason: NaN at step 2
+    EXPECT_STATUS(sample({1}), DITRT_STEP_ERROR, "sampling produced NaN or inf at step 2/5");
+    EXPECT_EQ(s.nested_status.size(), 1u);
+    EXPECT_EQ(s.on_entry, (std::vector<std::string>{""}));
+    toy.poison = 0.0f;
+
+    s = NestedCalls{s.scratch};  // succeeds: "" (this call's), not the failure of a call inside it
+    ASSERT_EQ(sample({1}), DITRT_OK) << ditrt_last_error();
+    EXPECT_STREQ(ditrt_last_error(), "");
+    EXPECT_EQ(s.nested_status, std::vector<ditrt_status>(5, DITRT_INVALID_ARGUMENT));
+    EXPECT_NE(s.nested_error.back().find(nested), std::string::npos);
+
+    // The C++ wrapper reads the same slot: its exception carries the outer call's message.
+    s = NestedCalls{s.scratch};
+    s.cancel_at = 1;
+    try {
+        ditrt::check(sample({1}));
+        ADD_FAILURE() << "no exception";
+    } catch (const ditrt::Exception& e) {
+        EXPECT_EQ(e.status(), DITRT_CANCELLED);
+        EXPECT_NE(std::string(e.what()).find("DITRT_CANCELLED: cancelled by the progress callback after step 1/5"),
+                  std::string::npos) << e.what();
+    }
+    ditrt_options_release(s.scratch);  // a call without a status: the message stays
+    EXPECT_NE(std::string(ditrt_last_error()).find("cancelled by the progress callback"), std::string::npos);
+}
+
 TEST_F(CApi, NanOrInfStopsTheLoopWithPythonsMessage) {
     toy.poison = NAN;
     set("steps", "5");

@@ -32,28 +32,15 @@ inline const json& python_values() {
 
 inline const char* kDigest = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";  // sha256("abc")
 
-// A tiny DiT's manifest (schema 3: 2x2 latents of 4 channels, 10 classes), no engines, a 3-byte
-// fake fp32 graph; with a decoder to 3x16x16 images when `decoder`.
+// A tiny DiT's manifest: tests/data/toy_dit_manifest.json (schema 3: 2x2 latents of 4 channels,
+// 10 classes, no engines, a 3-byte fake fp32 graph), which tests/test_cpp_runtime.py reads too;
+// with a decoder to 3x16x16 images when `decoder`.
 inline json minimal_manifest(bool decoder = false) {
-    json m = json::parse(R"({
-      "schema": "ditrt.manifest", "schema_version": 3,
-      "model": {"family": "dit", "input_size": 2, "patch_size": 2, "in_channels": 4, "hidden_size": 64, "depth": 2,
-                "num_heads": 4, "mlp_ratio": 4.0, "num_classes": 10, "learn_sigma": true, "out_channels": 8},
-      "diffusion": {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
-                    "variance": "learned_range", "prediction": "epsilon", "clip_denoised": false},
-      "guidance": {"guided_channels": {"official": 3, "standard": 4}},
-      "defaults": {"sampler": "ddpm", "steps": 250, "cfg_scale": 4.0, "guidance": "official"},
-      "networks": {"denoiser": {
-          "inputs": [{"name": "latent", "dtype": "float32", "shape": ["batch", 4, 2, 2], "role": "latent"},
-                     {"name": "timestep", "dtype": "float32", "shape": ["batch"], "role": "time"},
-                     {"name": "class_label", "dtype": "int64", "shape": ["batch"], "role": "condition",
-                      "condition": {"kind": "class", "num_classes": 10, "null": 10}}],
-          "outputs": [{"name": "model_output", "dtype": "float32", "shape": ["batch", 8, 2, 2], "role": "prediction"}],
-          "batch_axis": 0, "batch_unit": "rows",
-          "graphs": {"fp32": {"file": "denoiser.fp32.onnx", "files": ["denoiser.fp32.onnx"],
-                              "sha256": {"denoiser.fp32.onnx": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}}}}},
-      "engines": []
-    })");
+    static const json base = [] {
+        std::ifstream f(DITRT_TOY_MANIFEST);
+        return json::parse(f);
+    }();
+    json m = base;
     if (decoder)
         m["networks"]["decoder"] = json::parse(R"({
           "inputs": [{"name": "latent", "dtype": "float32", "shape": ["batch", 4, 2, 2], "role": "latent"}],

@@ -6,9 +6,9 @@
  * ---- Conventions (as ONNX Runtime's C API) --------------------------------------------------------
  * - Opaque handles (ditrt_executor, ditrt_pipeline, ditrt_options), created by *_create / ditrt_open
  *   and released by their *_release / ditrt_close (NULL is accepted there and does nothing).
- * - Every fallible call returns a ditrt_status (an int; DITRT_OK = 0). The message of the last
- *   failure on the calling thread is ditrt_last_error() (a successful call sets it to ""). No C++
- *   exception ever crosses this boundary. On failure, out-pointers are set to NULL / left unwritten
+ * - Every fallible call returns a ditrt_status (an int; DITRT_OK = 0) and leaves its message in
+ *   ditrt_last_error() ("" after a success; see Errors below). No C++ exception ever crosses this
+ *   boundary. On failure, out-pointers are set to NULL / left unwritten
  *   and caller buffers are not written.
  * - Buffers are caller-owned host memory in C order; sizes ("capacity", "count") count elements
  *   (floats, bytes for uint8), not bytes, unless the name says bytes. Strings are NUL-terminated UTF-8.
@@ -37,6 +37,20 @@
  * - ditrt_close / *_release must not run while another thread uses that handle. Handles may be
  *   released in any order (a pipeline keeps its executor alive; an options object is not kept).
  * - ditrt_last_error() is per thread.
+ *
+ * ---- Errors ---------------------------------------------------------------------------------------
+ * - After any fallible call (one that returns a ditrt_status) returns, ditrt_last_error() on that
+ *   thread describes THAT call: its message on failure, "" on success. This holds also when the
+ *   call's callbacks (its progress callback, a callback executor's function) made ditrt calls of
+ *   their own, failing or not: a call made from inside a callback reports in a slot of its own, one
+ *   level down, and never changes what its outer call reports.
+ * - Inside a callback, ditrt_last_error() describes the latest ditrt call made from the callbacks
+ *   of the running outer call, and is "" before they have made one (whatever the application's
+ *   last call left): the outer call is still running and has no message yet.
+ * - The calls that return no status (ditrt_last_error, ditrt_status_name, the version and build
+ *   getters, ditrt_has_network, ditrt_close, the *_release functions, ditrt_free) leave it as it was:
+ *   releasing the options after a failed ditrt_sample keeps that call's message.
+ * - The string is ditrt's: read or copy it before this thread's next fallible ditrt call.
  */
 #ifndef DITRT_DITRT_H
 #define DITRT_DITRT_H
@@ -132,7 +146,7 @@ typedef int (*ditrt_progress_fn)(void* user, int64_t steps_done, int64_t total_s
 
 /* ---- errors and versions ---------------------------------------------------------------------- */
 DITRT_API uint32_t ditrt_abi_version(void);   /* DITRT_ABI_VERSION of the library */
-DITRT_API const char* ditrt_last_error(void); /* thread-local; "" after a success; never NULL */
+DITRT_API const char* ditrt_last_error(void); /* per thread and call level (Errors); "" after a success; never NULL */
 DITRT_API const char* ditrt_status_name(ditrt_status status); /* "DITRT_OK", ...; never NULL */
 DITRT_API const char* ditrt_version(void);    /* the library's version, e.g. "0.3.0" */
 DITRT_API int ditrt_has_tensorrt(void);       /* 1 when built with -DDITRT_WITH_TENSORRT=ON */
