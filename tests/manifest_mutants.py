@@ -132,7 +132,9 @@ def sit_from_dit(data: dict) -> dict:
     d["model"]["out_channels"] = d["model"]["in_channels"]
     d.pop("diffusion")
     d["transport"] = {"path_type": "Linear", "prediction": "velocity", "train_eps": 0.0, "sample_eps": 0.0}
-    d["networks"]["denoiser"]["outputs"][0]["shape"][1] = d["model"]["in_channels"]
+    for name in ("denoiser", "final"):  # the final segment outputs the denoiser's prediction (feature caching)
+        if name in d["networks"]:
+            d["networks"][name]["outputs"][0]["shape"][1] = d["model"]["in_channels"]
     d["defaults"] = {"sampler": "sde-euler", "steps": 250, "cfg_scale": 1.5, "guidance": "official"}
     return d
 

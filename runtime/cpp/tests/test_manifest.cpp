@@ -136,7 +136,7 @@ TEST(Manifest, SitArtifactsAreReadWithTheTransport) {
 
 TEST(Manifest, ReaderRules) {
     EXPECT_MENTIONS(with([](json& m) { m["networks"]["denoiser"]["inputs"][2]["condition"]["null"] = 9; }),
-                    "condition.null is 9, but a class-conditional DiT's null class is num_classes = 10");
+                    "condition.null is 9, but it must equal num_classes = 10");
     EXPECT_MENTIONS(with([](json& m) { m["guidance"]["guided_channels"]["official"] = 0; }), "guidance.guided_channels.official");
     EXPECT_MENTIONS(with([](json& m) { m["guidance"]["guided_channels"]["standard"] = 5; }),
                     "guidance.guided_channels.standard must be an integer from 1 to 4, got 5");
