@@ -129,7 +129,7 @@ def check_alphas_cumprod(diffusion: Diffusion, error=ArtifactError) -> None:
       alpha_bar / alpha_bar_prev is 0/0;
     - float32(ac[0]) must be below 1: at 1, 1 - ac is 0 (a beta_start below float32's resolution)
       and DDIM's sigma and x0 divide by it.
-    The C++ reader (runtime/cpp/src/manifest.cpp) applies the same rule to the same float64 table."""
+    The C++ reader (runtime/cpp/src/config.cpp) applies the same rule to the same float64 table."""
     ac = diffusion.alphas_cumprod()
     if not float(np.float32(ac[0])) < 1.0:
         raise error(f"manifest field diffusion.beta_start {diffusion.beta_start} makes a degenerate schedule: "

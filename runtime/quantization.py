@@ -1,7 +1,7 @@
 """The recipe of a quantized graph (int8, fp8: ModelOpt QDQ graphs of the denoiser), as the manifest
 records it in `networks.<name>.graphs.<precision>.quantization` and both readers check it (this one
-and runtime/cpp/src/manifest.cpp read_quantization): a quantized graph without a well-formed recipe
-is refused, naming the field. Written by exporter/quantize.py; docs/quantization.md.
+and runtime/cpp/src/quantization.cpp read_quantization, by manifest_schema.json's rules): a quantized
+graph without a well-formed recipe is refused, naming the field. Written by exporter/quantize.py; docs/quantization.md.
 """
 from __future__ import annotations
 
