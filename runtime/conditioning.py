@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import ArtifactError, InputError
-from .validate import check_int
+from .schema import check_object
 
 
 class Conditioning(Protocol):
@@ -69,11 +69,8 @@ class ClassLabels:
 
     @classmethod
     def from_manifest(cls, data: dict, where: str) -> "ClassLabels":
-        k = check_int(data.get("num_classes"), f"manifest field {where}.num_classes", 1, 1 << 30, ArtifactError)
-        null = check_int(data.get("null"), f"manifest field {where}.null", 0, 1 << 30, ArtifactError)
-        if null != k:
-            raise ArtifactError(f"manifest field {where}.null is {null}, but a class-conditional DiT's null class is "
-                                f"num_classes = {k} (classes 0..{k - 1} are real)")
+        values = check_object("condition", data, where)  # manifest_schema.json: ranges, null == num_classes
+        k, null = values["num_classes"], values["null"]
         return cls(k, null)
 
 

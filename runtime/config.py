@@ -15,7 +15,8 @@ from typing import Callable
 import numpy as np
 
 from .errors import ArtifactError, InputError
-from .validate import check_choice, check_int, check_number
+from .schema import Context, check_object
+from .validate import check_int
 
 
 @dataclass(frozen=True)
@@ -106,31 +107,13 @@ class Transport:
         return asdict(self)
 
 
-VARIANCES = ("learned_range", "fixed_large")
-PATHS = ("Linear",)
-SIT_PATHS = ("Linear", "GVP", "VP")  # SiT's own choices; only PATHS run here
-SIT_PREDICTIONS = ("velocity", "score", "noise")
-
-
 def read_diffusion(d: dict, model: DiTConfig, error=ArtifactError) -> Diffusion:
     """The diffusion section, checked against what this runtime can honour (nothing is silently
-    replaced: a value it cannot honour is refused, naming the field)."""
-    f = "manifest field diffusion."
-    n = check_int(d.get("num_train_timesteps"), f + "num_train_timesteps", 2, 100_000, error)
-    check_choice(d.get("beta_schedule"), f + "beta_schedule", ("linear",), error)
-    start = check_number(d.get("beta_start"), f + "beta_start", 0, low_open=True, error=error)
-    end = check_number(d.get("beta_end"), f + "beta_end", 0, low_open=True, error=error)
-    if not start <= end < 1:
-        raise error(f"manifest fields diffusion.beta_start {start} and beta_end {end} need 0 < beta_start <= beta_end < 1")
-    variance = check_choice(d.get("variance"), f + "variance", VARIANCES, error)
-    if variance == "learned_range" and not model.learn_sigma:
-        raise error(f"manifest field diffusion.variance is learned_range, but the model has {model.out_channels} "
-                    f"output channels (learned range needs 2 x in_channels = {2 * model.in_channels})")
-    check_choice(d.get("prediction", "epsilon"), f + "prediction", ("epsilon",), error)
-    if d.get("clip_denoised", False) is not False:
-        raise error(f"manifest field diffusion.clip_denoised is {d.get('clip_denoised')!r}: this runtime samples as "
-                    "the official sample.py does (clip_denoised false) and cannot clip")
-    diffusion = Diffusion(n, "linear", start, end, variance, "epsilon", False)
+    replaced: a value it cannot honour is refused, naming the field). The value rules are
+    manifest_schema.json's; the degenerate-schedule check is code."""
+    v = check_object("diffusion", d, "diffusion", Context(refs={"model.learn_sigma": model.learn_sigma}))
+    diffusion = Diffusion(v["num_train_timesteps"], "linear", v["beta_start"], v["beta_end"], v["variance"], "epsilon",
+                          False)
     check_alphas_cumprod(diffusion, error)
     return diffusion
 
@@ -146,7 +129,7 @@ def check_alphas_cumprod(diffusion: Diffusion, error=ArtifactError) -> None:
       alpha_bar / alpha_bar_prev is 0/0;
     - float32(ac[0]) must be below 1: at 1, 1 - ac is 0 (a beta_start below float32's resolution)
       and DDIM's sigma and x0 divide by it.
-    The C++ reader (runtime/cpp/src/manifest.cpp) applies the same rule to the same float64 table."""
+    The C++ reader (runtime/cpp/src/config.cpp) applies the same rule to the same float64 table."""
     ac = diffusion.alphas_cumprod()
     if not float(np.float32(ac[0])) < 1.0:
         raise error(f"manifest field diffusion.beta_start {diffusion.beta_start} makes a degenerate schedule: "
@@ -164,19 +147,11 @@ def check_alphas_cumprod(diffusion: Diffusion, error=ArtifactError) -> None:
 def read_transport(d: dict, model: DiTConfig | None, error=ArtifactError,
                    where: str = "manifest field transport.") -> Transport:
     """The transport section (or, from the exporter, the options describing one), refusing what is
-    not implemented by name."""
-    path, prediction = d.get("path_type"), d.get("prediction")
-    if path in SIT_PATHS and path not in PATHS:
-        raise error(f"{where}path_type is {path!r}: only the Linear path is implemented (SiT's released models); "
-                    "GVP and VP have no golden reference here")
-    check_choice(path, f"{where}path_type", PATHS, error)
-    if prediction in SIT_PREDICTIONS and prediction != "velocity":
-        raise error(f"{where}prediction is {prediction!r}: only velocity prediction is implemented (SiT's released "
-                    "models)")
-    check_choice(prediction, f"{where}prediction", ("velocity",), error)
-    for key in ("train_eps", "sample_eps"):
-        if check_number(d.get(key, 0.0), f"{where}{key}", 0, 0, error=error) != 0:
-            raise error(f"{where}{key} must be 0 for the Linear path")
+    not implemented by name (manifest_schema.json's transport rules)."""
+    try:
+        check_object("transport", d, "transport")
+    except ArtifactError as e:  # the exporter's options name themselves, with its error kind
+        raise error(str(e).replace("manifest field transport.", where, 1)) from None
     return Transport()
 
 
@@ -262,15 +237,7 @@ class Guidance:
 def read_model(data) -> tuple[Family, DiTConfig]:
     section = _section(data, "model")
     family = get_family(section.get("family"), ArtifactError)
-    for f in fields(DiTConfig):
-        if f.name not in section:
-            raise ArtifactError(f"manifest field model.{f.name} is missing")
-    for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
-        check_int(section[name], f"manifest field model.{name}", 1, 1 << 20, ArtifactError)
-    if not isinstance(section["learn_sigma"], bool):
-        raise ArtifactError(f"manifest field model.learn_sigma must be true or false, got {section['learn_sigma']!r}")
-    check_number(section["mlp_ratio"], "manifest field model.mlp_ratio", 0, 1e3, low_open=True, error=ArtifactError)
-    config = DiTConfig.from_dict(section)
+    config = DiTConfig.from_dict(check_object("model", section, "model"))
     try:
         config.validate()
     except InputError as e:
@@ -287,35 +254,22 @@ def read_process(data, family: Family, model: DiTConfig):
 
 
 def read_guidance(data, model: DiTConfig) -> Guidance:
-    guided = _section(data, "guidance").get("guided_channels")
-    if not isinstance(guided, dict) or not guided:
-        raise ArtifactError(f"manifest field guidance.guided_channels must be an object like "
-                            f'{{"official": 3, "standard": {model.in_channels}}}, got {guided!r}')
-    for name, value in guided.items():
-        check_int(value, f"manifest field guidance.guided_channels.{name}", 1, model.in_channels, ArtifactError)
-    return Guidance(dict(guided))
+    values = check_object("guidance", _section(data, "guidance"), "guidance",
+                          Context(refs={"model.in_channels": model.in_channels}))
+    return Guidance(dict(values["guided_channels"]))
 
 
 def read_defaults(data, family: Family, guidance: Guidance, samplers) -> Defaults:
     d = data.get("defaults", {})
     if not isinstance(d, dict):
         raise ArtifactError(f"manifest field defaults must be an object, got {d!r}")
-    unknown = sorted(set(d) - {f.name for f in fields(Defaults)})
-    if unknown:
-        raise ArtifactError(f"manifest field defaults has unknown keys {unknown}; it takes "
-                            f"{', '.join(f.name for f in fields(Defaults))}")
-    defaults = Defaults(**{**family.defaults.__dict__, **d})
     mine = [name for name, s in samplers.items() if s.family == family.name]
-    check_choice(defaults.sampler, "manifest field defaults.sampler", mine, ArtifactError)
-    check_choice(defaults.guidance, "manifest field defaults.guidance", guidance.guided_channels, ArtifactError)
-    check_number(defaults.cfg_scale, "manifest field defaults.cfg_scale", error=ArtifactError, float32=True)
-    if isinstance(defaults.steps, bool) or not isinstance(defaults.steps, (int, str)):
-        raise ArtifactError(f"manifest field defaults.steps must be an int or a step spec string, got {defaults.steps!r}")
-    if defaults.eta is not None:
-        if "eta" not in samplers[defaults.sampler].options:
-            raise ArtifactError(f"manifest field defaults.eta is set, but the default sampler {defaults.sampler} takes "
-                                "no eta")
-        check_number(defaults.eta, "manifest field defaults.eta", 0, 1, error=ArtifactError)
+    context = Context(choices={"samplers of the family": mine, "guidance.guided_channels": list(guidance.guided_channels)},
+                      defaults=family.defaults.__dict__)
+    defaults = Defaults(**check_object("defaults", d, "defaults", context))
+    if defaults.eta is not None and "eta" not in samplers[defaults.sampler].options:  # the sampler registry: code
+        raise ArtifactError(f"manifest field defaults.eta is set, but the default sampler {defaults.sampler} takes "
+                            "no eta")
     return defaults
 
 

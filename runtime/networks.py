@@ -23,6 +23,7 @@ import numpy as np
 from .conditioning import ClassLabels, Conditioning, read_condition
 from .config import DiTConfig, Family
 from .errors import ArtifactError, InputError
+from .schema import check_object
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 BATCH = "batch"  # the one dynamic axis, first in every tensor
@@ -172,11 +173,7 @@ class NetworkSpec:
         names = [t.name for t in tensors["inputs"] + tensors["outputs"]]
         if len(set(names)) != len(names):
             raise ArtifactError(f"manifest field {where}: tensor names must be unique, got {names}")
-        if data.get("batch_axis", 0) != 0:
-            raise ArtifactError(f"manifest field {where}.batch_axis must be 0, got {data.get('batch_axis')!r}")
-        unit = data.get("batch_unit")
-        if unit not in ("rows", "images"):
-            raise ArtifactError(f"manifest field {where}.batch_unit must be 'rows' or 'images', got {unit!r}")
+        unit = check_object("network", data, where)["batch_unit"]  # manifest_schema.json: batch_axis, batch_unit
         extra = {k: v for k, v in data.items() if k not in ("inputs", "outputs", "batch_axis", "batch_unit", "graphs")}
         return cls(name, tensors["inputs"], tensors["outputs"], unit, extra=extra)
 

@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import random
+import re
 
 POOL = [None, True, False, 0, -1, 1, 2, 3, 4, 7, 8, 10, 11, 64, 65, 999, 1000, 1001, 100_000, 100_001, 2**16, 2**16 + 1,
         2**20, 2**20 + 1, 2**30, 2**30 + 1, 2**31, 2**32, 2**63 - 1, 2**63, 2**64, 10**30, -(10**30), 1e6, 1e15, 1e39, -1e39,
@@ -199,3 +200,97 @@ def mutants(base_list: list[dict], count: int, seed: int = 0) -> list[bytes]:
         else:
             out.append(json.dumps(mutate_tree(base, rng)).encode())
     return out
+
+
+# ---- mutants from the schema (runtime/manifest_schema.json) -------------------------------------------
+
+def _instances(node, tokens: list[str], prefix=()):
+    """The paths in the tree that an object's `at` pattern names ("<...>" any key, "x[i]" any item of list x)."""
+    if not tokens:
+        yield prefix
+        return
+    token, rest = tokens[0], tokens[1:]
+    if token.endswith("[i]"):
+        items = node.get(token[:-3]) if isinstance(node, dict) else None
+        for i, item in enumerate(items if isinstance(items, list) else []):
+            yield from _instances(item, rest, prefix + (token[:-3], i))
+    elif token.startswith("<"):
+        for key, value in (node.items() if isinstance(node, dict) else ()):
+            yield from _instances(value, rest, prefix + (key,))
+    elif isinstance(node, dict) and token in node:
+        yield from _instances(node[token], rest, prefix + (token,))
+
+
+def object_paths(data: dict, at: str) -> list[tuple]:
+    """Where the schema object with this `at` sits in a manifest (an existing object only)."""
+    tokens = at.split(" (")[0].replace("<int8 / fp8>", "<precision>").split(".")
+    return [p for p in _instances(data, tokens) if isinstance(_get(data, p), dict)]
+
+
+def _get(data, path):
+    for p in path:
+        data = data[p]
+    return data
+
+
+def rule_values(rule: dict, model: dict) -> list:
+    """Values that probe a field rule: of the wrong type, at and one past each bound, each choice,
+    the refused values, null."""
+    kind = rule["type"]
+    bound = lambda b: model[b.split(".")[1]] if isinstance(b, str) else b
+    out = [None, "x", [], {}, True]
+    if kind == "int":
+        low, high = bound(rule.get("min", 0)), bound(rule.get("max", 2**63))
+        out += [low, low - 1, high, high + 1, float(low), str(low), 2**64]
+    elif kind == "number":
+        low, high = rule.get("min", 0), rule.get("max", 1e300)
+        out += [low, high, low - 1e-9 if not rule.get("min_open") else low / 2, high * 1.5 + 1, math.nan, math.inf, 1e39, 1]
+    elif kind == "choice":
+        out += [*rule.get("values", ()), *rule.get("refused", ()), "ddim", "official", "int8", "fp8", 1]
+    elif kind in ("const", "equal"):
+        out += [rule["value"], 0, 0.0, False, 1, "false"]
+    elif kind == "text":
+        out += ["", "y", 0]
+    elif kind == "int_or_text":
+        out += [1, 1.5, "ddim50", -1]
+    elif kind == "strings":
+        out += [["a"], [1], ["a", None], "a"]
+    elif kind == "map":
+        out += [{"official": 1}, {"official": "1"}, {"official": 0}, {"x": model["in_channels"] + 1}, [1]]
+    elif kind == "object":
+        out += [{"a": 1}]
+    return out
+
+
+def schema_mutants(base_list: list[dict], schema: dict) -> list[tuple[bytes, str, str]]:
+    """For every object of the schema in every base, every field: each probe value, the field
+    removed, and an unknown key added to the object; (manifest text, the object, what was edited)."""
+    out = []
+    for b, base in enumerate(base_list):
+        for name, spec in schema["objects"].items():
+            for path in object_paths(base, spec["at"])[:1]:  # the first instance: one per object and base
+                for key, rule in spec["fields"].items():
+                    edits = [(key, v) for v in rule_values(rule, base.get("model", {"in_channels": 4}))] + [(key, _REMOVE)]
+                    edits.append(("zz_unknown", 1))
+                    for field, value in edits:
+                        d = copy.deepcopy(base)
+                        target = _get(d, path)
+                        if value is _REMOVE:
+                            target.pop(field, None)
+                        else:
+                            target[field] = value
+                        out.append((json.dumps(d).encode(), name, f"base {b} {'.'.join(map(str, path))}.{field} = "
+                                    f"{'removed' if value is _REMOVE else repr(value)}"))
+    return out
+
+
+_REMOVE = object()
+
+
+_NAMED = re.compile(r"manifest fields? ([\w.\[\]'\"+-]+)")
+
+
+def named_field(message: str) -> str | None:
+    """The field a refusal names first ("manifest field model.depth must be ..." -> model.depth), or None."""
+    match = _NAMED.search(message)
+    return match.group(1) if match else None

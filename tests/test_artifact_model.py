@@ -86,8 +86,8 @@ def test_the_manifest_defaults_are_used(edit):
 
 @pytest.mark.parametrize("path, value, message", [
     (("networks", "denoiser", "inputs", 2, "condition", "null"), 3,
-     "condition.null is 3, but a class-conditional DiT's null class is num_classes = 10"),
-    (("networks", "denoiser", "inputs", 2, "condition", "num_classes"), 11, "null is 10, but a class-conditional"),
+     "condition.null is 3, but it must equal num_classes = 10"),
+    (("networks", "denoiser", "inputs", 2, "condition", "num_classes"), 11, "null is 10, but it must equal num_classes = 11"),
     (("networks", "denoiser", "inputs", 2, "dtype"), "int32", "do not match the model section"),
     (("networks", "denoiser", "inputs", 2, "condition", "kind"), "text", "condition.kind is 'text'"),
     (("networks", "denoiser", "inputs", 1, "role"), "condition", "do not match the model section|condition.kind"),

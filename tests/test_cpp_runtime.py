@@ -696,8 +696,10 @@ def test_input_size_2_31_and_2_32_are_refused(lib, cpp_pipe, cpp_artifact, tmp_p
 def test_the_largest_accepted_shapes_are_sized_without_overflow(lib, cpp_pipe, cpp_artifact, tmp_path):
     """input_size 2^16 (the largest a tensor spec allows) opens, reports its true shape, and a
     sample whose buffers would exceed 2^32 values is refused with a status before any call."""
-    directory = _edited_artifact(cpp_artifact, tmp_path, lambda m: (_set_input_size(m, 2**16),
-                                                                   m["networks"].pop("decoder")))
+    def edit(m):  # the decoder and the segments (feature caching) take the old latents: dropped
+        _set_input_size(m, 2**16)
+        m["networks"] = {k: v for k, v in m["networks"].items() if k != "decoder" and "segment_of" not in v}
+    directory = _edited_artifact(cpp_artifact, tmp_path, edit)
     pipe = VP()
     assert lib.lib.ditrt_open(str(directory).encode(), cpp_pipe.executor, 1, ctypes.byref(pipe)) == OK, lib.error()
     try:
@@ -882,38 +884,57 @@ def mutants(cpp_artifact) -> list[bytes]:
     return manifest_mutants.mutants(manifest_mutants.bases(schema3, schema3_decoder, schema1), FUZZ_COUNT)
 
 
-@pytest.fixture(scope="session")
-def cpp_verdicts(sanitize_build, mutants, tmp_path_factory) -> list[tuple[int, str]]:
-    """The sanitized C++ reader's (status, message) per mutant, all in one process."""
-    work = tmp_path_factory.mktemp("cpp-mutants")
+def _cpp_reader_verdicts(build: Path, mutants: list[bytes], work: Path, env: dict) -> list[tuple[int, str]]:
+    """The C++ reader's (status, message) per manifest, all in one process (tests/manifest_check.cpp)."""
     records = b"".join(struct.pack("<Q", len(m)) + m for m in mutants)
     (work / "mutants.bin").write_bytes(records)
     (work / "artifact").mkdir()
     start = time.perf_counter()
-    proc = subprocess.run([str(sanitize_build / "tests" / "ditrt_manifest_check"), str(work / "mutants.bin"),
-                           str(work / "artifact")], capture_output=True, env={**os.environ, **SANITIZER_ENV}, timeout=600)
-    print(f"C++ reader (ASan + UBSan build): {len(mutants)} manifests in {time.perf_counter() - start:.1f} s")
+    proc = subprocess.run([str(build / "tests" / "ditrt_manifest_check"), str(work / "mutants.bin"),
+                           str(work / "artifact")], capture_output=True, env=env, timeout=600)
+    print(f"C++ reader ({build.name}): {len(mutants)} manifests in {time.perf_counter() - start:.1f} s")
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-6000:]
     lines = proc.stdout.decode(errors="replace").split("\n")[:-1]
     assert len(lines) == len(mutants)
     return [(int(status), message) for status, message in (line.split("\t", 1) for line in lines)]
 
 
-@pytest.fixture(scope="session")
-def python_verdicts(mutants, tmp_path_factory) -> list[tuple[bool, str]]:
-    """The Python reader's (accepted, exception type or family) per mutant."""
+def _python_reader_verdicts(mutants: list[bytes], work: Path) -> list[tuple[bool, str, str]]:
+    """The Python reader's (accepted, exception type or family, message) per manifest."""
     from ditrt.runtime.manifest import load_manifest
-    work = tmp_path_factory.mktemp("py-mutants")
     verdicts = []
     start = time.perf_counter()
     for text in mutants:
         (work / "manifest.json").write_bytes(text)
         try:
-            verdicts.append((True, load_manifest(work).family.name))
+            verdicts.append((True, load_manifest(work).family.name, ""))
         except Exception as e:  # noqa: BLE001 - every refusal counts; its type is reported
-            verdicts.append((False, type(e).__name__))
+            verdicts.append((False, type(e).__name__, str(e)))
     print(f"Python reader: {len(mutants)} manifests in {time.perf_counter() - start:.1f} s")
     return verdicts
+
+
+def _disagreements(mutants, cpp, python) -> list[tuple]:
+    """Where the readers differ: in the verdict, or, refusing, in the field the message names first."""
+    import manifest_mutants
+    out = []
+    for i, ((status, message), (accepted, _, py_message)) in enumerate(zip(cpp, python)):
+        if accepted != (status == OK) or (
+                not accepted and manifest_mutants.named_field(message) != manifest_mutants.named_field(py_message)):
+            out.append((i, accepted, py_message[:300], status, message[:300], mutants[i][:200]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def cpp_verdicts(sanitize_build, mutants, tmp_path_factory) -> list[tuple[int, str]]:
+    """The sanitized C++ reader's (status, message) per mutant, all in one process."""
+    return _cpp_reader_verdicts(sanitize_build, mutants, tmp_path_factory.mktemp("cpp-mutants"),
+                                {**os.environ, **SANITIZER_ENV})
+
+
+@pytest.fixture(scope="session")
+def python_verdicts(mutants, tmp_path_factory) -> list[tuple[bool, str, str]]:
+    return _python_reader_verdicts(mutants, tmp_path_factory.mktemp("py-mutants"))
 
 
 def test_the_cpp_reader_survives_10000_mutated_manifests_under_asan_and_ubsan(mutants, cpp_verdicts):
@@ -930,22 +951,51 @@ def test_the_cpp_reader_survives_10000_mutated_manifests_under_asan_and_ubsan(mu
 
 def test_python_and_cpp_readers_agree_on_every_mutated_manifest(mutants, cpp_verdicts, python_verdicts):
     """One contract, two readers: the same >= 5,000 mutants (here all 10,000, of both families)
-    accepted or refused by both, SiT's included. Refusals that reach Python as exceptions other
-    than ArtifactError are listed (they are Python-side findings, not disagreements)."""
+    accepted or refused by both, SiT's included, a refusal naming the same field first. Refusals
+    that reach Python as exceptions other than ArtifactError are listed (they are Python-side
+    findings, not disagreements)."""
     assert len(mutants) >= 5000
-    disagreements, sit, odd = [], 0, {}
-    for i, ((status, message), (accepted, what)) in enumerate(zip(cpp_verdicts, python_verdicts)):
-        sit += accepted and what == "sit"
-        if accepted != (status == OK):
-            disagreements.append((i, accepted, status, message[:300], mutants[i][:200]))
+    disagreements = _disagreements(mutants, cpp_verdicts, python_verdicts)
+    sit = sum(accepted and what == "sit" for accepted, what, _ in python_verdicts)
+    odd = {}
+    for accepted, what, _ in python_verdicts:
         if not accepted and what != "ArtifactError":
             odd[what] = odd.get(what, 0) + 1
-    accepted = sum(a for a, _ in python_verdicts)
+    accepted = sum(a for a, _, _ in python_verdicts)
     print(f"differential: {len(mutants)} mutants, both accept {accepted} ({sit} SiT), both refuse "
           f"{len(mutants) - accepted - len(disagreements)}, disagreements {len(disagreements)}; "
           f"Python refusals that were not ArtifactError: {odd or 'none'}")
     assert not disagreements, disagreements[:5]
-    assert sit > 500  # the SiT bases are exercised (3 of the 8 bases)
+    assert sit > 500  # the SiT bases are exercised (3 of the 11 bases)
+
+
+def test_both_readers_agree_on_the_schema_mutants(release_build, cpp_artifact, tmp_path):
+    """Mutants made from runtime/manifest_schema.json: every field of every schema object in every
+    base, of the wrong type, at and one past each bound, each choice and refused value, null,
+    removed, and an unknown key beside it. Both readers give the same verdict and name the same
+    field; every object of the schema is probed and both verdicts occur."""
+    import manifest_mutants
+    from ditrt.runtime.schema import rules
+    schema3_decoder = json.loads((cpp_artifact / "manifest.json").read_text())
+    schema3 = json.loads((cpp_artifact / "manifest.json").read_text())
+    schema3["networks"].pop("decoder")
+    schema1 = json.loads((ROOT / "tests" / "data" / "manifest_schema1.json").read_text())
+    edits = manifest_mutants.schema_mutants(manifest_mutants.bases(schema3, schema3_decoder, schema1), rules())
+    texts = [text for text, _, _ in edits]
+    (tmp_path / "cpp").mkdir()
+    (tmp_path / "py").mkdir()
+    cpp = _cpp_reader_verdicts(release_build, texts, tmp_path / "cpp", dict(os.environ))
+    python = _python_reader_verdicts(texts, tmp_path / "py")
+    disagreements = [(edits[i][2], *rest) for i, *rest in _disagreements(texts, cpp, python)]
+    accepted = sum(a for a, _, _ in python)
+    print(f"schema mutants: {len(texts)}, both accept {accepted}, disagreements {len(disagreements)}")
+    assert not disagreements, disagreements[:5]
+    assert len(texts) >= 3000 and 0.05 < accepted / len(texts) < 0.5
+    # every object of the schema is probed, and refused somewhere naming one of its own fields
+    objects = rules()["objects"]
+    refused = {name for (_, name, _), (a, _, message) in zip(edits, python)
+               if not a and (manifest_mutants.named_field(message) or "").split(".")[-1] in objects[name]["fields"]}
+    assert refused == set(objects), set(objects) - refused
 
 
 # ---- ditrt-sample, images, noise ------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 // The artifact manifest (engines/README.md, schema ditrt.manifest version 3; versions 1 and 2 are
 // upgraded in memory as runtime/manifest.py does): read, checked with every rule of the Python
-// reader (runtime/manifest.py, config.py, networks.py, conditioning.py, files.py) and typed.
+// reader (runtime/manifest.py, config.py, networks.py, conditioning.py, files.py) and typed. The
+// field rules are runtime/manifest_schema.json's, compiled in (schema.hpp); the reader's parts are
+// listed in manifest_readers.hpp.
 //
 // One contract, two readers: a manifest the Python runtime loads, this reader loads, and one it
 // refuses, this reader refuses with a message naming the field (tests/test_cpp_runtime.py feeds

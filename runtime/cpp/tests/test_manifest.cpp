@@ -7,11 +7,14 @@
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <functional>
+#include <sstream>
 
 #include "error.hpp"
 #include "manifest.hpp"
 #include "pyjson.hpp"
+#include "schema.hpp"
 #include "test_util.hpp"
 
 using testutil::json;
@@ -136,7 +139,7 @@ TEST(Manifest, SitArtifactsAreReadWithTheTransport) {
 
 TEST(Manifest, ReaderRules) {
     EXPECT_MENTIONS(with([](json& m) { m["networks"]["denoiser"]["inputs"][2]["condition"]["null"] = 9; }),
-                    "condition.null is 9, but a class-conditional DiT's null class is num_classes = 10");
+                    "condition.null is 9, but it must equal num_classes = 10");
     EXPECT_MENTIONS(with([](json& m) { m["guidance"]["guided_channels"]["official"] = 0; }), "guidance.guided_channels.official");
     EXPECT_MENTIONS(with([](json& m) { m["guidance"]["guided_channels"]["standard"] = 5; }),
                     "guidance.guided_channels.standard must be an integer from 1 to 4, got 5");
@@ -261,4 +264,28 @@ TEST(Manifest, LoadAndVerifyFiles) {
     EXPECT_THROW(m.graph("denoiser", "fp16"), ditrt_core::Error);
     EXPECT_THROW(ditrt_core::load_manifest(dir + "/nowhere"), ditrt_core::Error);
     std::filesystem::remove_all(dir);
+}
+
+// The rules compiled into the library are runtime/manifest_schema.json, the Python package's file.
+TEST(Schema, TheEmbeddedRulesAreThePackagesFile) {
+    std::ifstream in(DITRT_SCHEMA_FILE);
+    ASSERT_TRUE(in) << DITRT_SCHEMA_FILE;
+    std::stringstream text;
+    text << in.rdbuf();
+    EXPECT_EQ(ditrt_core::schema::rules().dump(), ditrt_core::pyjson::parse(text.str()).dump());
+    EXPECT_EQ(ditrt_core::schema::rules()["objects"]["model"]["fields"]["input_size"]["max"], 1 << 20);
+}
+
+// A rule between fields, as the schema states it (0 < beta_start <= beta_end < 1), with Python's message.
+TEST(Schema, CrossFieldRulesNameBothFields) {
+    ditrt_core::schema::Context sigma;
+    sigma.refs["model.learn_sigma"] = true;
+    const auto diffusion = ditrt_core::pyjson::parse(
+        R"({"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.5, "beta_end": 0.1, "variance": "fixed_large"})");
+    try {
+        ditrt_core::schema::check_object("diffusion", diffusion, "diffusion", sigma);
+        FAIL() << "accepted beta_start > beta_end";
+    } catch (const ditrt_core::Error& e) {
+        EXPECT_STREQ(e.what(), "manifest fields diffusion.beta_start 0.5 and beta_end 0.1 need 0 < beta_start <= beta_end < 1");
+    }
 }
