@@ -26,7 +26,8 @@ from ditrt import runtime
 from ditrt.runtime import outputs
 from ditrt.runtime.batching import Overloaded, StepBatcher
 from ditrt.runtime.errors import DitrtError, InputError, QueueFull, RequestTimeout, SchedulerClosed, StepError
-from ditrt.runtime.samplers import SAMPLERS
+from ditrt.runtime.request import SampleSpec, sampler_options
+from ditrt.runtime.samplers import option_names, samplers_of
 from ditrt.runtime.cache import cache_settings
 from ditrt.runtime.validate import check_choice, check_int, check_number
 
@@ -38,12 +39,9 @@ SAMPLE_FIELDS = ("labels", "steps", "sampler", "cfg_scale", "guidance", "seed", 
                  "max_calls", "cache", "cache_options")
 
 
-def _body_options(sampler) -> list[str]:
-    """The sampler's options a request gives in `options` (eta has its own field)."""
-    return sorted(set(sampler.options) - {"eta"})
+BODY_FIELD_OPTIONS = ("eta",)  # sampler options a request gives as fields of their own, not in `options`
 
 
-SAMPLER_OPTIONS = sorted({name for s in SAMPLERS.values() for name in _body_options(s)})
 ROUTES = ("/v1/samples", "/v1/health", "/v1/health/live", "/v1/health/ready", "/v1/model", "/metrics")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500)
@@ -83,13 +81,12 @@ class ClientGone(Exception):
 @dataclass(frozen=True)
 class SampleRequest:
     """A POST /v1/samples body, checked as far as the HTTP layer knows (fields, types it alone
-    uses, bounds); the pipeline checks the rest at submit with the Python API's messages."""
-    labels: object
+    uses, bounds): the request's SampleSpec (as sent; None: the manifest's default), which the
+    pipeline checks at submit with the Python API's messages, and the HTTP side's fields."""
+    spec: SampleSpec
     format: str
     timeout: float | None
     max_calls: int | None
-    options: dict
-    given: dict  # steps, sampler, cfg_scale, guidance, seed, eta as sent (None: the manifest's default)
 
     @classmethod
     def parse(cls, body: bytes, max_timeout: float | None) -> "SampleRequest":
@@ -118,25 +115,25 @@ class SampleRequest:
             raise InputError(f"options must be an object of sampler options (e.g. {{\"atol\": 1e-6}}), got "
                              f"{type(options).__name__}")
         for name in options:
-            check_choice(name, "a sampler option", SAMPLER_OPTIONS)
-        given = {k: data.get(k) for k in ("steps", "sampler", "cfg_scale", "guidance", "eta")}
-        given["seed"] = data.get("seed", 0)
-        cache_settings(data.get("cache", "none"), data.get("cache_options"))  # 400 with the cache's message
-        given["cache"], given["cache_options"] = data.get("cache", "none"), data.get("cache_options")
-        return cls(data["labels"], fmt, timeout, max_calls, options, given)
+            check_choice(name, "a sampler option", option_names(exclude=BODY_FIELD_OPTIONS))
+        cache, cache_options = data.get("cache", "none"), data.get("cache_options")
+        cache_settings(cache, cache_options)  # 400 with the cache's message
+        spec = SampleSpec(labels=data["labels"], sampler=data.get("sampler"), steps=data.get("steps"),
+                          guidance=data.get("guidance"), cfg_scale=data.get("cfg_scale"), seed=data.get("seed", 0),
+                          options=sampler_options(data.get("eta"), options), cache=cache,
+                          cache_options=cache_options or {})
+        return cls(spec, fmt, timeout, max_calls)
 
     def submit(self, batcher: StepBatcher):
-        g = self.given
-        return batcher.submit(self.labels, g["steps"], g["sampler"], g["cfg_scale"], g["guidance"], g["seed"], g["eta"],
-                              timeout=self.timeout, decode=self.format == "png", max_calls=self.max_calls,
-                              cache=g["cache"], cache_options=g["cache_options"], **self.options)
+        return batcher.submit_spec(self.spec, timeout=self.timeout, decode=self.format == "png",
+                                   max_calls=self.max_calls)
 
     def log_fields(self) -> dict:
         """What the access log shows: the image count, never the labels."""
-        labels = self.labels
+        labels = self.spec.labels
         fields = {"images": len(labels) if isinstance(labels, list) else None, "format": self.format}
         for name in ("steps", "sampler", "cfg_scale", "seed"):
-            value = self.given[name]
+            value = getattr(self.spec, name)
             fields[name] = value if isinstance(value, (int, float)) and not isinstance(value, bool) and \
                 abs(value) < 1e18 else _short(value, 40) if value is not None else None
         return fields
@@ -374,12 +371,13 @@ def model_summary(service: Service) -> dict:
     batcher = service.batcher
     pipe, m = batcher.pipeline, batcher.pipeline.manifest
     decoder = getattr(pipe, "decoder", None)
-    samplers = {name: entry for name, entry in SAMPLERS.items() if entry.family == m.family.name}
+    samplers = samplers_of(m.family.name)
     return {"model": asdict(m.model), "family": m.family.name, "latent_shape": list(pipe.latent_shape),
             m.family.process_section: asdict(m.process), "guidance": m.guidance.to_dict(),
             "noise": runtime.NOISE_VERSION, "defaults": m.defaults.to_dict(), "networks": list(m.networks),
             "samplers": list(samplers),
-            "sampler_options": {s: _body_options(e) for s, e in samplers.items() if _body_options(e)},
+            "sampler_options": {s: option_names([e], BODY_FIELD_OPTIONS) for s, e in samplers.items()
+                                if option_names([e], BODY_FIELD_OPTIONS)},
             "backend": pipe.backend.name, "decoder": decoder.name if decoder is not None else None,
             "formats": ["npy", "png"] if decoder is not None else ["npy"],
             "max_batch": batcher.limits.max_batch, "policy": batcher.policy, "limits": service.limits(),

@@ -297,6 +297,7 @@ def read_guidance(data, model: DiTConfig) -> Guidance:
 
 
 def read_defaults(data, family: Family, guidance: Guidance, samplers) -> Defaults:
+    """The manifest's defaults; `samplers` the family's registry entries (samplers.samplers_of)."""
     d = data.get("defaults", {})
     if not isinstance(d, dict):
         raise ArtifactError(f"manifest field defaults must be an object, got {d!r}")
@@ -305,8 +306,7 @@ def read_defaults(data, family: Family, guidance: Guidance, samplers) -> Default
         raise ArtifactError(f"manifest field defaults has unknown keys {unknown}; it takes "
                             f"{', '.join(f.name for f in fields(Defaults))}")
     defaults = Defaults(**{**family.defaults.__dict__, **d})
-    mine = [name for name, s in samplers.items() if s.family == family.name]
-    check_choice(defaults.sampler, "manifest field defaults.sampler", mine, ArtifactError)
+    check_choice(defaults.sampler, "manifest field defaults.sampler", list(samplers), ArtifactError)
     check_choice(defaults.guidance, "manifest field defaults.guidance", guidance.guided_channels, ArtifactError)
     check_number(defaults.cfg_scale, "manifest field defaults.cfg_scale", error=ArtifactError, float32=True)
     if isinstance(defaults.steps, bool) or not isinstance(defaults.steps, (int, str)):

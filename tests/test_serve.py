@@ -487,8 +487,8 @@ def test_event_loop_runs_no_network_and_no_encoding(vae_pipe, monkeypatch):
             record(self.what)
             return self.inner(feeds)
     spied = runtime.Pipeline(Spy(vae_pipe.backend, "denoiser"), vae_pipe.manifest, Spy(vae_pipe.decoder, "decoder"))
-    start, encode = spied.start, serving.outputs.encode
-    monkeypatch.setattr(spied, "start", lambda *a, **k: (record("start"), start(*a, **k))[1], raising=False)
+    start, encode = spied.start_spec, serving.outputs.encode
+    monkeypatch.setattr(spied, "start_spec", lambda *a, **k: (record("start"), start(*a, **k))[1], raising=False)
     monkeypatch.setattr(serving.outputs, "encode", lambda *a, **k: (record("encode"), encode(*a, **k))[1])
     with Server(StepBatcher(spied)) as s, httpx.Client(base_url=s.url, timeout=60) as client:
         loop_thread = s.thread.name
