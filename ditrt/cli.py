@@ -20,6 +20,8 @@ from ditrt.runtime.backends import BACKENDS, backend_ids
 from ditrt.runtime.errors import DitrtError, InputError, TensorRTUnavailable
 from ditrt.runtime.samplers import SAMPLERS
 from ditrt.runtime.cache import cache_names, parse_cache_options
+from ditrt.runtime.request import LoadOptions
+from ditrt.serve.parsing import DEFAULT_TIMEOUT_S, HttpLimits  # no fastapi: the app imports it when made
 
 
 class _Failed(click.ClickException):
@@ -668,6 +670,7 @@ def build(artifact, network, precision, decoder_precision, min_batch, opt_batch,
 # ---- serve --------------------------------------------------------------------------------------
 
 RAY_ONLY = ("replicas", "address")  # serve options that apply to --ray only
+SERVER_HTTP = HttpLimits()  # the server's defaults, stated once (ditrt/serve/parsing.py)
 
 
 @main.command()
@@ -690,15 +693,17 @@ RAY_ONLY = ("replicas", "address")  # serve options that apply to --ray only
 @click.option("--max-steps", type=int, help="Model calls per request; adaptive samplers stop there [1000].")
 @click.option("--max-queue", type=int, help="Requests admitted and waiting to start [64].")
 @click.option("--decode-batch", type=int, help="Images per decoder call [the engine's limit; else 8 GPU, 4 CPU].")
-@click.option("--max-body-bytes", type=int, default=64 * 1024, show_default=True, help="Largest request body (413).")
-@click.option("--body-timeout", type=float, default=10.0, show_default=True, help="Seconds to receive a body (408).")
-@click.option("--discard-bytes", type=int, default=64 << 20, show_default=True,
+@click.option("--max-body-bytes", type=int, default=SERVER_HTTP.max_body_bytes, show_default=True,
+              help="Largest request body (413).")
+@click.option("--body-timeout", type=float, default=SERVER_HTTP.body_timeout, show_default=True,
+              help="Seconds to receive a body (408).")
+@click.option("--discard-bytes", type=int, default=SERVER_HTTP.discard_bytes, show_default=True,
               help="A body refused with 413 is read and dropped up to this many bytes (within --body-timeout), so "
                    "a client that sends before it reads gets the answer; 0: close at once.")
-@click.option("--timeout", type=float, default=300.0, show_default=True,
+@click.option("--timeout", type=float, default=DEFAULT_TIMEOUT_S, show_default=True,
               help="A request's deadline in seconds, and the most it may ask for; admission refuses (429) what "
                    "would miss it.")
-@click.option("--drain-timeout", type=float, default=30.0, show_default=True,
+@click.option("--drain-timeout", type=float, default=SERVER_HTTP.drain_timeout, show_default=True,
               help="On SIGTERM: seconds to finish admitted requests (new ones get 503), then exit 0.")
 @click.option("--ray", "use_ray", is_flag=True, help="Deploy on Ray Serve (pip install 'ditrt[ray]').")
 @click.option("--replicas", type=int, default=1, show_default=True, help="Ray Serve replicas, each with its own scheduler.")
@@ -723,11 +728,12 @@ def serve(artifact, host, port, policy, backend, precision, threads, verify, all
                       2) from None
     with project_errors():
         http = serving.HttpLimits(max_body_bytes, body_timeout, drain_timeout, discard_bytes=discard_bytes)
-        serving.run(artifact, host, port, use_ray, replicas, address, http, log=_log, backend=backend,
-                    precision=precision, threads=threads, verify=verify, allow_plan_host_code=allow_plan_host_code,
-                    decoder_precision=decoder_precision, public_key=public_key, policy=policy, timeout=timeout, max_batch=max_batch,
-                    max_rows=max_rows, max_images=max_images, max_steps=max_steps, max_queue=max_queue,
-                    decode_batch=decode_batch)
+        load = LoadOptions(backend=backend, precision=precision, threads=threads, verify=verify,
+                           decoder_precision=decoder_precision, allow_plan_host_code=allow_plan_host_code,
+                           public_key=public_key)
+        serving.run(artifact, host, port, use_ray, replicas, address, http, log=_log, load=load, policy=policy,
+                    timeout=timeout, max_batch=max_batch, max_rows=max_rows, max_images=max_images,
+                    max_steps=max_steps, max_queue=max_queue, decode_batch=decode_batch)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import numpy as np
 
 from . import __version__
 from .backends import check_threads, parse_backend, resolve_backend
-from .chunking import check_max_batch
+from .chunking import BackendBase, check_max_batch
 from .errors import InputError, StepError
 from .files import (Input, check_outputs, check_regular, claimed_output, hash_file, read_json, sha256_file,
                     verified_hashes, write_json_atomic)
@@ -204,15 +204,15 @@ def labels_digest(labels: np.ndarray) -> str:
 
 # ---- validation ---------------------------------------------------------------------------------
 
-class _SpecOnly:
+class _SpecOnly(BackendBase):
     """A stand-in backend carrying only the denoiser's spec: `Pipeline.start` validates a request
     with it (the very checks a worker's run makes) before any worker loads a network."""
-    max_batch, min_batch, name = None, 1, "validation"
 
     def __init__(self, network):
-        self.network = network
+        super().__init__(network, "validation", None)
+        self.name = "validation"
 
-    def __call__(self, feeds):
+    def infer(self, feeds):
         raise StepError("the validation stand-in runs no network")
 
 
