@@ -74,13 +74,14 @@ def test_a_new_sampler_option_reaches_every_entry_point(tiny_artifact, pipe, pla
 
     run = tmp_path / "run"
     monkeypatch.setattr(G, "ShardWorker", DummyOptionWorker)  # the workers' processes register the variant too
-    r = cli("generate", tiny_artifact, "--num-images", 4, "--batch", 3, "--shard-size", 4, "--steps", STEPS,
+    r = cli("generate", tiny_artifact, "--num-images", 4, "--batch", 3, "--shard-size", 2, "--steps", STEPS,
             "--sampler", "ddim", "--cfg-scale", CFG, "--seed", SEED, "--option", "dummy=1", "--backend", "onnxruntime",
             "--precision", "fp32", "--out", run, "--no-progress")
     assert r.exit_code == 0, r.output
-    (shard,) = plan_shards(4, 4)
-    samples, shard_labels = read_shard(run / shard.name, shard, "latents")
-    assert np.array_equal(shard_labels, labels) and np.array_equal(samples, expected)
+    for shard in plan_shards(4, 2):  # the second starts at image 2: its noise is images 2 and 3 of the seed's
+        samples, shard_labels = read_shard(run / shard.name, shard, "latents")
+        assert np.array_equal(shard_labels, labels[shard.start:shard.stop])
+        assert np.array_equal(samples, expected[shard.start:shard.stop])
     assert read_json(run / G.RECORD_NAME, "run record")["options"]["dummy"] == 1.0
 
     compared = parse_run("dummy=1", QualityRun("base", SampleSpec(sampler="ddim", steps=str(STEPS), cfg_scale=CFG)))
