@@ -140,3 +140,16 @@ def test_progress_lines_on_a_terminal_and_in_a_log():
     assert terminal.getvalue().endswith("half\033[K\n") and terminal.getvalue().count("\n") == 1
     line.show(1.0, "done")  # a full bar ends its own line
     assert terminal.getvalue().endswith("] done\033[K\n")
+
+
+def test_every_backend_checks_its_feeds_before_it_runs(pipe):
+    """BackendBase: the feed check comes before the backend's own `infer` (ONNX Runtime here; a
+    missing or misshapen input is the caller's error, not an engine failure)."""
+    backend = pipe.backend
+    feeds = backend.network.example_inputs(2)
+    assert backend(feeds)[backend.network.output.name].shape[0] == 2
+    latent = backend.network.input("latent").name
+    with pytest.raises(InputError, match="takes inputs"):
+        backend({k: v for k, v in feeds.items() if k != latent})
+    with pytest.raises(InputError, match=f"input {latent} has shape \\(2, 1\\)"):
+        backend({**feeds, latent: np.zeros((2, 1), np.float32)})
