@@ -37,7 +37,7 @@ PEAK = 'int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).
 
 def run_case(name: str, artifact: Path, out: Path, args, workers: G.Workers, steps: int) -> dict:
     times = []
-    job = G.GenerateJob(artifact, out, args.num_images, "balanced", 0, G.SamplingOptions(steps=str(steps)),
+    job = G.GenerateJob(artifact, out, args.num_images, "balanced", 0, G.SampleSpec(steps=str(steps)),
                         batch=args.shard_size, shard_size=args.shard_size, npz=out / "s.npz")
     start = time.perf_counter()
     summary = G.generate(job, workers, progress=lambda p: times.append((time.perf_counter(), p.images_done)),
@@ -53,7 +53,7 @@ def run_case(name: str, artifact: Path, out: Path, args, workers: G.Workers, ste
 
 def npz_memory(artifact: Path, root: Path, images: int) -> dict:
     out = root / "npz-run"
-    job = G.GenerateJob(artifact, out, images, "balanced", 0, G.SamplingOptions(sampler="ddim", steps="5"),
+    job = G.GenerateJob(artifact, out, images, "balanced", 0, G.SampleSpec(sampler="ddim", steps="5"),
                         batch=100, shard_size=100)
     G.generate(job, G.Workers(2), log=lambda m: None)
     script = f"""

@@ -41,7 +41,7 @@ def main() -> None:
 
     from ditrt.exporter.artifact import DATA, EXAMPLE_VAE, export_command
     from ditrt.runtime import quality
-    from ditrt.runtime.generate import SamplingOptions
+    from ditrt.runtime.request import LoadOptions
 
     classifier = quality.DigitClassifier.load(DATA / "digits" / "classifier.npz")
     families = [f.strip() for f in args.families.split(",") if f.strip()]
@@ -52,8 +52,9 @@ def main() -> None:
             art = export_command(DATA / "digits" / f"{family}.safetensors", num_heads=4, family=family,
                                  vae_dir=EXAMPLE_VAE, out_dir=Path(tmp) / family, log=lambda m: None)
             first = ("sampler=ddpm,steps=250" if family == "dit" else "sampler=sde-euler,steps=250")
-            base = quality.parse_run(first + ",cfg_scale=4", SamplingOptions(backend="onnxruntime", precision="fp32"))
-            runs = [base] + [quality.parse_run(text, base.sampling) for text in (DIT_RUNS if family == "dit" else SIT_RUNS)]
+            base = quality.parse_run(first + ",cfg_scale=4",
+                                    quality.QualityRun("base", load=LoadOptions(backend="onnxruntime", precision="fp32")))
+            runs = [base] + [quality.parse_run(text, base) for text in (DIT_RUNS if family == "dit" else SIT_RUNS)]
             result = quality.compare(art, runs, classifier, args.num_images, args.seed, batch=100,
                                      threads=args.threads, log=lambda m: print(m, flush=True))
             rows += [{"family": family, **row} for row in result["runs"]]

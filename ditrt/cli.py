@@ -17,9 +17,11 @@ import click
 
 from ditrt import runtime
 from ditrt.runtime.backends import BACKENDS, backend_ids
-from ditrt.runtime.errors import DitrtError, TensorRTUnavailable
+from ditrt.runtime.errors import DitrtError, InputError, TensorRTUnavailable
 from ditrt.runtime.samplers import SAMPLERS
 from ditrt.runtime.cache import cache_names, parse_cache_options
+from ditrt.runtime.request import LoadOptions
+from ditrt.serve.parsing import DEFAULT_TIMEOUT_S, HttpLimits  # no fastapi: the app imports it when made
 
 
 class _Failed(click.ClickException):
@@ -271,36 +273,47 @@ def sampling_options(command):
               help="Also write one PNG per image, 000000.png ... (as sample_ddp.py names them; needs a decoder).")
 @click.option("--latents", "latents_path", type=click.Path(path_type=Path),
               help="Also keep the latents as .npy (with a .png --out).")
-def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options, max_model_calls, seed, cache, cache_options, backend,
-           precision, threads, max_batch, verify, allow_plan_host_code, decoder_precision, public_key, progress, image_offset,
-           out_path, out_dir, latents_path) -> None:
+def sample(artifact, labels, image_offset, out_path, out_dir, latents_path, **options) -> None:
     """Run the guided sampling loop on an artifact; write a PNG grid (and per-image PNGs) with its
     decoder, and/or the latents (N, C, H, W) float32 as .npy."""
+    from dataclasses import replace
     from ditrt.runtime.outputs import OutputPlan
-    from ditrt.runtime.samplers import parse_options
     from ditrt.runtime.labels import split_labels
     with project_errors():
         label_list = split_labels(labels)  # numbers or names: the pipeline resolves names from the manifest
-        options = parse_options(sampler_options)
-        if public_key is not None:  # before the manifest is even read
+        spec, load = _sampling_request(options, label_list, image_offset)
+        if load.public_key is not None:  # before the manifest is even read
             from ditrt.runtime.signing import require_signature
-            require_signature(artifact, public_key)
+            require_signature(artifact, load.public_key)
         manifest = runtime.load_manifest(artifact)
-        plan = OutputPlan.from_options(out_path, out_dir, latents_path, "decoder" in manifest.networks, decoder_precision)
+        plan = OutputPlan.from_options(out_path, out_dir, latents_path, "decoder" in manifest.networks,
+                                       load.decoder_precision)
         plan.refuse_inputs(manifest.inputs(), len(label_list), image_offset)
-        pipe = runtime.load(artifact, backend=backend, precision=precision, threads=threads, max_batch=max_batch,
-                            allow_plan_host_code=allow_plan_host_code, verify=verify, decoder=plan.decodes,
-                            decoder_precision=decoder_precision, public_key=public_key)
-        latents = pipe.sample(label_list, num_steps=steps, sampler=sampler, cfg_scale=cfg_scale, guidance=guidance,
-                              seed=seed, eta=eta, progress=progress, image_offset=image_offset,
-                              max_model_calls=max_model_calls, cache=cache,
-                              cache_options=parse_cache_options(cache_options), **options)
+        pipe = runtime.load_pipeline(artifact, replace(load, decoder=plan.decodes))
+        latents = pipe.sample_spec(spec, progress=options["progress"])
         written = plan.write(latents, pipe.decode, log=_log, first_index=image_offset)
     s, d = pipe.last_stats, pipe.manifest.defaults
-    click.echo(f"{len(label_list)} images x {s.steps} model calls ({sampler or d.sampler}, cfg "
-               f"{d.cfg_scale if cfg_scale is None else cfg_scale} {guidance or d.guidance}, noise "
+    click.echo(f"{len(label_list)} images x {s.steps} model calls ({spec.sampler or d.sampler}, cfg "
+               f"{d.cfg_scale if spec.cfg_scale is None else spec.cfg_scale} {spec.guidance or d.guidance}, noise "
                f"{runtime.NOISE_VERSION}) on {pipe.backend.name}: {s.total_s:.2f} s, {s.steps_per_s:.2f} calls/s, "
                f"runtime overhead {100 * s.overhead_fraction:.2f}% -> {', '.join(written)}")
+
+
+def _sampling_request(options: dict, labels=None, image_offset: int = 0):
+    """(SampleSpec, LoadOptions) from the options `sampling_options` adds: the one place the CLI
+    builds them (`sample`, `generate`, `quality`)."""
+    from ditrt.runtime.request import LoadOptions, SampleSpec, sampler_options
+    from ditrt.runtime.samplers import parse_options
+    o = options
+    spec = SampleSpec(labels=labels, sampler=o["sampler"], steps=o["steps"], guidance=o["guidance"],
+                      cfg_scale=o["cfg_scale"], seed=o["seed"], image_offset=image_offset,
+                      options=sampler_options(o["eta"], parse_options(o["sampler_options"])),
+                      max_model_calls=o["max_model_calls"], cache=o["cache"],
+                      cache_options=parse_cache_options(o["cache_options"]))
+    load = LoadOptions(backend=o["backend"], precision=o["precision"], threads=o["threads"], max_batch=o["max_batch"],
+                       verify=o["verify"], decoder_precision=o["decoder_precision"],
+                       allow_plan_host_code=o["allow_plan_host_code"], public_key=o["public_key"])
+    return spec, load
 
 
 # ---- generate -----------------------------------------------------------------------------------
@@ -332,23 +345,34 @@ def sample(artifact, labels, steps, sampler, cfg_scale, guidance, eta, sampler_o
 @click.option("--private-key", type=click.Path(path_type=Path),
               help=f"Sign the run record (run.sig beside run.json) after every shard, so that --resume --public-key "
                    f"refuses a rewritten record ({PRIVATE_KEY_HELP}).")
-def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, guidance, eta, sampler_options,
-             max_model_calls, seed, cache, cache_options, backend, precision, threads, max_batch, verify, allow_plan_host_code,
-             decoder_precision, public_key, progress, batch, shard_size, workers, use_ray, address, gpus_per_worker,
-             npz_path, png, resume, private_key) -> None:
+def generate(artifact, num_images, out_dir, labels, batch, shard_size, workers, use_ray, address, gpus_per_worker,
+             npz_path, png, resume, private_key, **options) -> None:
     """Generate N images in resumable shards, as the official sample_ddp.py (for FID or synthetic
     data): identical whatever the number of workers. Prints one JSON summary line."""
     from ditrt.runtime import generate as G
-    from ditrt.runtime.samplers import parse_options
+    from ditrt.runtime.progress import JobProgress
     with project_errors():
-        sampling = G.SamplingOptions(sampler, steps, cfg_scale, guidance, eta, parse_options(sampler_options), backend,
-                                     precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code,
-                                     max_model_calls, public_key, cache, parse_cache_options(cache_options))
-        job = G.GenerateJob(artifact, out_dir, num_images, labels, seed, sampling, batch, shard_size, png, npz_path,
-                            resume, private_key)
-        summary = G.generate(job, G.Workers(workers, use_ray, address, gpus_per_worker),
-                             progress=_GenerateBar() if progress else None, log=_log)
+        spec, load = _sampling_request(options)
+        job = G.GenerateJob(artifact, out_dir, num_images, labels, spec.seed, spec, batch, shard_size, png, npz_path,
+                            resume, private_key, load)
+        try:
+            summary = G.generate(job, G.Workers(workers, use_ray, address, gpus_per_worker),
+                                 progress=JobProgress() if options["progress"] else None, log=_log)
+        except G.RunMismatch as e:  # the record's option names, said as this command's flags
+            raise InputError(e.describe(_generate_flag)) from None
     click.echo(json.dumps(summary.to_dict()))
+
+
+# A run record's options by the flag that sets them (a sampler's own options are --option NAME=VALUE).
+GENERATE_FLAGS = {"num_images": "--num-images", "seed": "--seed", "labels": "--labels", "shard_size": "--shard-size",
+                  "batch": "--batch", "sampler": "--sampler", "num_steps": "--steps", "cfg_scale": "--cfg-scale",
+                  "guidance": "--guidance", "eta": "--eta", "backend": "--backend", "precision": "--precision",
+                  "max_batch": "--max-batch", "decoder_precision": "--decoder-precision",
+                  "output": "output (images with a decoder, latents without)"}
+
+
+def _generate_flag(option: str) -> str:
+    return GENERATE_FLAGS.get(option, f"--option {option}")
 
 
 @main.command()
@@ -370,9 +394,7 @@ def generate(artifact, num_images, out_dir, labels, steps, sampler, cfg_scale, g
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path),
               help="Also draw Frechet distance and accuracy against images/s (and block evaluations) as a PNG "
                    "(needs matplotlib: pip install 'ditrt[quality]').")
-def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, sampler_options, max_model_calls, seed, cache, cache_options,
-            backend, precision, threads, max_batch, verify, allow_plan_host_code, decoder_precision, public_key,
-            progress, compares, batch, classifier, json_path, labels, plot_path) -> None:
+def quality(artifact, num_images, compares, batch, classifier, json_path, labels, plot_path, **options) -> None:
     """Score what each configuration costs: sample N images, decode them and report the digit
     classifier's accuracy, the Frechet distance, precision and recall against the real digits,
     and images/s, each relative to the first configuration (the digits example; needs
@@ -380,45 +402,23 @@ def quality(artifact, num_images, steps, sampler, cfg_scale, guidance, eta, samp
     import ditrt.exporter
     from ditrt.runtime import quality as Q
     from ditrt.runtime.files import Input, check_outputs, write_json_atomic
-    from ditrt.runtime.generate import SamplingOptions
-    from ditrt.runtime.samplers import parse_options
     from ditrt.runtime.plots import check_plot_target, plot_report
     with project_errors():
         if plot_path:
             check_plot_target(plot_path)
-        base = SamplingOptions(sampler, steps, cfg_scale, guidance, eta, parse_options(sampler_options), backend,
-                               precision, threads, max_batch, decoder_precision, verify, allow_plan_host_code,
-                               max_model_calls, public_key, cache, parse_cache_options(cache_options))
-        runs = [Q.QualityRun("base", base), *(Q.parse_run(text, base) for text in compares)]
+        spec, load = _sampling_request(options)
+        base = Q.QualityRun("base", spec, load)
+        runs = [base, *(Q.parse_run(text, base) for text in compares)]
         path = classifier or Path(ditrt.exporter.__file__).resolve().parent / "data" / "digits" / "classifier.npz"
         check_outputs([("--json", json_path), ("--plot", plot_path)],
                       [*runtime.load_manifest(artifact).inputs(), Input("the --classifier", path)])
-        report = Q.compare(artifact, runs, Q.DigitClassifier.load(path), num_images, seed, batch, threads,
-                           log=_log if progress else lambda m: None, labels=labels)
+        report = Q.compare(artifact, runs, Q.DigitClassifier.load(path), num_images, spec.seed, batch, load.threads,
+                           log=_log if options["progress"] else lambda m: None, labels=labels)
         if json_path:
             write_json_atomic(json_path, report)
         if plot_path:
             _log(f"wrote {plot_report(report, plot_path)}")
     click.echo(Q.format_report(report))
-
-
-class _GenerateBar:
-    """A redrawn bar (images/s, ETA) on a terminal, one line per finished shard elsewhere (logs)."""
-
-    def __init__(self):
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, p) -> None:
-        eta = "?" if p.eta_s is None else f"{int(p.eta_s) // 3600}:{int(p.eta_s) % 3600 // 60:02d}:{int(p.eta_s) % 60:02d}"
-        text = (f"{p.images_done}/{p.images_total} images, shard {p.shards_done}/{p.shards_total}, "
-                f"{p.images_per_s:.2f} images/s, ETA {eta}")
-        if self.tty:
-            filled = int(30 * p.images_done / p.images_total)
-            end = "\n" if p.images_done == p.images_total else ""
-            sys.stderr.write(f"\rgenerate [{'#' * filled}{'.' * (30 - filled)}] {text}\033[K{end}")
-        else:
-            sys.stderr.write(f"generate: {text}\n")
-        sys.stderr.flush()
 
 
 @main.command()
@@ -670,6 +670,7 @@ def build(artifact, network, precision, decoder_precision, min_batch, opt_batch,
 # ---- serve --------------------------------------------------------------------------------------
 
 RAY_ONLY = ("replicas", "address")  # serve options that apply to --ray only
+SERVER_HTTP = HttpLimits()  # the server's defaults, stated once (ditrt/serve/parsing.py)
 
 
 @main.command()
@@ -692,15 +693,17 @@ RAY_ONLY = ("replicas", "address")  # serve options that apply to --ray only
 @click.option("--max-steps", type=int, help="Model calls per request; adaptive samplers stop there [1000].")
 @click.option("--max-queue", type=int, help="Requests admitted and waiting to start [64].")
 @click.option("--decode-batch", type=int, help="Images per decoder call [the engine's limit; else 8 GPU, 4 CPU].")
-@click.option("--max-body-bytes", type=int, default=64 * 1024, show_default=True, help="Largest request body (413).")
-@click.option("--body-timeout", type=float, default=10.0, show_default=True, help="Seconds to receive a body (408).")
-@click.option("--discard-bytes", type=int, default=64 << 20, show_default=True,
+@click.option("--max-body-bytes", type=int, default=SERVER_HTTP.max_body_bytes, show_default=True,
+              help="Largest request body (413).")
+@click.option("--body-timeout", type=float, default=SERVER_HTTP.body_timeout, show_default=True,
+              help="Seconds to receive a body (408).")
+@click.option("--discard-bytes", type=int, default=SERVER_HTTP.discard_bytes, show_default=True,
               help="A body refused with 413 is read and dropped up to this many bytes (within --body-timeout), so "
                    "a client that sends before it reads gets the answer; 0: close at once.")
-@click.option("--timeout", type=float, default=300.0, show_default=True,
+@click.option("--timeout", type=float, default=DEFAULT_TIMEOUT_S, show_default=True,
               help="A request's deadline in seconds, and the most it may ask for; admission refuses (429) what "
                    "would miss it.")
-@click.option("--drain-timeout", type=float, default=30.0, show_default=True,
+@click.option("--drain-timeout", type=float, default=SERVER_HTTP.drain_timeout, show_default=True,
               help="On SIGTERM: seconds to finish admitted requests (new ones get 503), then exit 0.")
 @click.option("--ray", "use_ray", is_flag=True, help="Deploy on Ray Serve (pip install 'ditrt[ray]').")
 @click.option("--replicas", type=int, default=1, show_default=True, help="Ray Serve replicas, each with its own scheduler.")
@@ -725,11 +728,12 @@ def serve(artifact, host, port, policy, backend, precision, threads, verify, all
                       2) from None
     with project_errors():
         http = serving.HttpLimits(max_body_bytes, body_timeout, drain_timeout, discard_bytes=discard_bytes)
-        serving.run(artifact, host, port, use_ray, replicas, address, http, log=_log, backend=backend,
-                    precision=precision, threads=threads, verify=verify, allow_plan_host_code=allow_plan_host_code,
-                    decoder_precision=decoder_precision, public_key=public_key, policy=policy, timeout=timeout, max_batch=max_batch,
-                    max_rows=max_rows, max_images=max_images, max_steps=max_steps, max_queue=max_queue,
-                    decode_batch=decode_batch)
+        load = LoadOptions(backend=backend, precision=precision, threads=threads, verify=verify,
+                           decoder_precision=decoder_precision, allow_plan_host_code=allow_plan_host_code,
+                           public_key=public_key)
+        serving.run(artifact, host, port, use_ray, replicas, address, http, log=_log, load=load, policy=policy,
+                    timeout=timeout, max_batch=max_batch, max_rows=max_rows, max_images=max_images,
+                    max_steps=max_steps, max_queue=max_queue, decode_batch=decode_batch)
 
 
 if __name__ == "__main__":

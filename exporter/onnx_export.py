@@ -245,9 +245,10 @@ def validate_graph(path: Path, spec: NetworkSpec, cases: list[dict], references:
     lint = lint_model(graph)
     if not lint.ok:
         raise ExportError(f"{path.name} fails the TensorRT lint: " + "; ".join(lint.problems))
+    from .torch_backend import TorchBackend
     backend = (OnnxRuntimeBackend(path, spec, precision) if torch_candidate is None else
-               _TorchCandidate(torch_candidate, spec))
-    label = "ONNX Runtime" if torch_candidate is None else _TorchCandidate.label
+               TorchBackend(torch_candidate, spec, precision=precision))
+    label = "ONNX Runtime" if torch_candidate is None else TORCH_CANDIDATE
     runs = []
     for feeds, ref in zip(cases, references):
         outputs, refs = backend(feeds), ref if isinstance(ref, tuple) else (ref,)
@@ -266,17 +267,8 @@ def validate_graph(path: Path, spec: NetworkSpec, cases: list[dict], references:
             "tensorrt_lint": lint.to_dict()}
 
 
-class _TorchCandidate:
-    """The exported module behind the backend call form, for graphs ONNX Runtime cannot run."""
-    label = "PyTorch fake-quantized (ModelOpt)"
-
-    def __init__(self, module: torch.nn.Module, spec: NetworkSpec):
-        self.module, self.spec = module.eval(), spec
-
-    def __call__(self, feeds: dict) -> dict:
-        with torch.no_grad():
-            out = self.module(*(torch.from_numpy(feeds[n]) for n in self.spec.input_names))
-        return {self.spec.output.name: out.float().numpy()}
+TORCH_CANDIDATE = "PyTorch fake-quantized (ModelOpt)"  # the candidate's name in reports: graphs ONNX Runtime cannot
+# run are checked as their exported module, behind the torch backend
 
 
 def check_graph_file(path: Path) -> tuple[onnx.ModelProto, onnx.ModelProto]:

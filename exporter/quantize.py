@@ -107,21 +107,15 @@ def check_quant_options(options: QuantOptions, precisions: tuple[str, ...]) -> N
         import_modelopt()
 
 
-def calibration_batches(num_images: int, num_classes: int, seed: int, batch: int = CALIB_BATCH):
-    """(first image, labels) per calibration batch: balanced labels from (seed, image index), as
-    `ditrt generate`, so any batch size gives the same images."""
-    from ditrt.runtime.generate import balanced_labels
-    for first in range(0, num_images, batch):
-        yield first, balanced_labels(seed, first, min(first + batch, num_images), num_classes)
-
-
 def calibrate(model: torch.nn.Module, family, options: QuantOptions) -> dict:
     """Run `model` (being calibrated) over sampling trajectories: the family's default sampler and
     cfg scale with guidance rows, `calib_steps` steps, `calib_images` balanced images, seeded noise;
     returns the calibration part of the recipe."""
     from ditrt.runtime.manifest import Manifest, network_section, new_manifest
     from ditrt.runtime.networks import denoiser_spec
+    from ditrt.runtime.generate import balanced_labels
     from ditrt.runtime.pipeline import Pipeline
+    from ditrt.runtime.request import SampleSpec
 
     from .torch_backend import TorchBackend
     config = model.config
@@ -131,9 +125,11 @@ def calibrate(model: torch.nn.Module, family, options: QuantOptions) -> dict:
     manifest = Manifest(data, Path("."), graphs_required=False)
     pipe = Pipeline(TorchBackend(model, spec), manifest)
     defaults, calls = manifest.defaults, 0
-    for first, labels in calibration_batches(options.calib_images, config.num_classes, options.calib_seed):
-        pipe.sample(labels, num_steps=options.calib_steps, sampler=defaults.sampler, cfg_scale=defaults.cfg_scale,
-                    guidance=defaults.guidance, seed=options.calib_seed, image_offset=first, progress=False)
+    # balanced labels and noise from (seed, image index), as `ditrt generate`: any batch size gives the same images
+    labels = balanced_labels(options.calib_seed, 0, options.calib_images, config.num_classes)
+    spec = SampleSpec(sampler=defaults.sampler, steps=options.calib_steps, guidance=defaults.guidance,
+                      cfg_scale=defaults.cfg_scale, seed=options.calib_seed)
+    for _ in pipe.sample_batches(spec, labels, CALIB_BATCH):
         calls += pipe.last_stats.steps
     return {"sampler": defaults.sampler, "steps": options.calib_steps, "images": options.calib_images,
             "seed": options.calib_seed, "cfg_scale": defaults.cfg_scale, "guidance": defaults.guidance,

@@ -9,28 +9,24 @@ from pathlib import Path
 import numpy as np
 
 from ditrt.runtime.backends import BackendKind
+from ditrt.runtime.chunking import BackendBase
 from ditrt.runtime.errors import BackendError, InputError
 from ditrt.runtime.manifest import Manifest
 from ditrt.runtime.networks import NetworkSpec
 
 
-class TorchBackend:
+class TorchBackend(BackendBase):
     """A torch module over a network's named tensors (inputs in the spec's order, its one output)."""
 
     def __init__(self, module, network: NetworkSpec, device: str = "cpu", max_batch: int | None = None,
                  precision: str = "fp32"):
         import torch
+        super().__init__(network, "torch", precision, max_batch)
         self.model = module.eval().to(device)
         self.device = torch.device(device)
-        self.network = network
-        self.max_batch = max_batch
-        self.min_batch = 1
-        self.precision = precision
-        self.name = f"torch-{precision}"
 
-    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
-        self.network.check_feeds(feeds)
         args = [torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device) for name in self.network.input_names]
         with torch.no_grad():
             return {self.network.output.name: self.model(*args).float().cpu().numpy()}

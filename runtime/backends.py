@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from .chunking import Backend, check_max_batch
+from .chunking import Backend, BackendBase, check_max_batch
 from .errors import ArtifactError, BackendError, InputError
 from .manifest import PRECISIONS
 from .networks import NetworkSpec
@@ -51,7 +51,7 @@ class _Bound:
             self.outputs.append(value)
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(BackendBase):
     """ONNX Runtime on the CPU EP, or the CUDA EP with IOBinding where onnxruntime-gpu is installed
     (it replaces the onnxruntime package; never install both). With IOBinding (`io_binding`, on by
     default for CUDA), each row count's device buffers are allocated once and reused by every call
@@ -78,13 +78,9 @@ class OnnxRuntimeBackend:
             self.session = ort.InferenceSession(str(model_path), options, providers=providers)
         except Exception as e:  # ORT's own exception types (Fail, InvalidGraph, ...) carry the reason
             raise ArtifactError(f"ONNX Runtime cannot load {model_path}: {_ort_reason(e)}") from None
+        super().__init__(network, "onnxruntime", precision, max_batch)
         self.path = Path(model_path)
-        self.network = network
-        self.precision = precision
         self.device, self.device_id = device, device_id
-        self.max_batch = check_max_batch(max_batch)
-        self.min_batch = 1
-        self.name = f"onnxruntime-{precision}"
         self._ort = ort
         self.io_binding = device == "cuda" if io_binding is None else bool(io_binding)
         if cuda_graph and not self.io_binding:
@@ -93,8 +89,7 @@ class OnnxRuntimeBackend:
         self._bound: dict[int, _Bound] = {}
         self._bound_lock = threading.Lock()  # one call at a time uses a row count's buffers
 
-    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.network.check_feeds(feeds)
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             if not self.io_binding:
                 return dict(zip(self.network.output_names, self.session.run(list(self.network.output_names), feeds)))

@@ -56,7 +56,9 @@ import numpy as np
 from .cache import denoise
 from .chunking import MAX_ROWS_PER_CALL, run_chunked
 from .errors import InputError, QueueFull, RequestTimeout, SchedulerClosed, StepError
+from . import request
 from .pipeline import decode as run_decoder
+from .request import SampleSpec
 from .validate import check_int, check_number
 
 POLICIES = ("step", "serial", "request")
@@ -380,13 +382,22 @@ class StepBatcher:
 
     def submit(self, class_labels, num_steps=None, sampler=None, cfg_scale=None, guidance=None, seed=0, eta=None,
                noise=None, timeout: float | None = None, decode: bool = False, max_calls: int | None = None,
-               **sampler_options) -> Future:
+               image_offset: int = 0, max_model_calls: int | None = None, cache: str = "none",
+               cache_options: dict | None = None, **sampler_options) -> Future:
+        """`submit_spec` with the keywords of `Pipeline.start`."""
+        spec = SampleSpec(class_labels, sampler, num_steps, guidance, cfg_scale, seed, image_offset,
+                          request.sampler_options(eta, sampler_options), max_model_calls, cache, cache_options or {})
+        return self.submit_spec(spec, noise, timeout=timeout, decode=decode, max_calls=max_calls)
+
+    def submit_spec(self, spec: SampleSpec, noise=None, timeout: float | None = None, decode: bool = False,
+                    max_calls: int | None = None) -> Future:
         """A future of the latents (N, C, H, W) float32 (with decode=True: a DecodedSample, latents
         and images); raises at once InputError (a bad or oversized request), QueueFull (the queue
         is full), Overloaded (it would miss its deadline) or SchedulerClosed. timeout (s, from
         submit; None: the batcher's default) fails the future with RequestTimeout. max_calls caps
         an adaptive sampler's model calls (default limits.max_steps); fixed-step samplers refuse it."""
         limits = self.limits
+        class_labels = spec.labels
         count = len(class_labels) if hasattr(class_labels, "__len__") else None
         if count is not None and count > limits.max_images:
             raise InputError(f"{count} labels: this scheduler takes at most {limits.max_images} images per request "
@@ -394,8 +405,7 @@ class StepBatcher:
         if decode and self._decoder is None:
             raise InputError("images (format 'png') need an artifact with a decoder network (this one has only "
                              f"{', '.join(self.pipeline.manifest.networks)}); ask for the latents (format 'npy')")
-        run = self.pipeline.start(class_labels, num_steps, sampler, cfg_scale, guidance, seed, eta, noise,
-                                  **sampler_options)
+        run = self.pipeline.start_spec(spec, noise)
         try:
             return self._enqueue(run, max_calls, timeout, decode)
         except BaseException:

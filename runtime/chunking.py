@@ -23,6 +23,30 @@ class Backend(Protocol):
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+class BackendBase:
+    """What every backend shares, said once (as Polygraphy's runners: `infer` checks, `infer_impl`
+    runs): its network, precision, name ("<kind>-<precision>") and batch bounds, and `__call__`,
+    which checks the feeds (`check_feeds`: NetworkSpec.check_feeds unless the backend knows
+    better) and then runs `infer(feeds)`, the backend's own part."""
+
+    def __init__(self, network: NetworkSpec, kind: str, precision: str | None, max_batch: int | None = None,
+                 min_batch: int = 1):
+        self.network, self.precision = network, precision
+        self.name = f"{kind}-{precision}"
+        self.max_batch = check_max_batch(max_batch)
+        self.min_batch = min_batch
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.check_feeds(feeds)
+        return self.infer(feeds)
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+        self.network.check_feeds(feeds)
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
 def chunk_plan(rows: int, max_rows: int | None, min_rows: int = 1) -> list[tuple[int, int, int]]:
     """(start, stop, call rows) per backend call for `rows` rows: calls hold at most max_rows rows;
     a call below min_rows is padded up to it (engines reject smaller batches) and the padding rows

@@ -260,10 +260,11 @@ def read_guidance(data, model: DiTConfig) -> Guidance:
 
 
 def read_defaults(data, family: Family, guidance: Guidance, samplers) -> Defaults:
+    """The manifest's defaults; `samplers` the family's registry entries (samplers.samplers_of)."""
     d = data.get("defaults", {})
     if not isinstance(d, dict):
         raise ArtifactError(f"manifest field defaults must be an object, got {d!r}")
-    mine = [name for name, s in samplers.items() if s.family == family.name]
+    mine = list(samplers)  # the family's (samplers.samplers_of)
     context = Context(choices={"samplers of the family": mine, "guidance.guided_channels": list(guidance.guided_channels)},
                       defaults=family.defaults.__dict__)
     defaults = Defaults(**check_object("defaults", d, "defaults", context))

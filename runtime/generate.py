@@ -27,7 +27,7 @@ import os
 import tempfile
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +35,7 @@ import numpy as np
 
 from . import __version__
 from .backends import check_threads, parse_backend, resolve_backend
-from .chunking import check_max_batch
+from .chunking import BackendBase, check_max_batch
 from .errors import InputError, StepError
 from .files import (Input, check_outputs, check_regular, claimed_output, hash_file, read_json, sha256_file,
                     verified_hashes, write_json_atomic)
@@ -43,7 +43,8 @@ from .images import per_image_name, write_png
 from .labels import as_number, resolve_labels, split_labels
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
 from .noise import NOISE_VERSION, philox4x32_10
-from .pipeline import decoder_backend_name
+from .pipeline import class_condition, decoder_backend_name
+from .request import LoadOptions, SampleSpec
 from .outputs import check_writable
 from .shards import SHARD_DIR, Shard, plan_shards, read_shard, write_npz, write_shard
 from .validate import check_int, check_number
@@ -66,29 +67,6 @@ MAX_IMAGES = (1 << 48) - 1  # image indices are 64-bit in the noise stream; a ru
 # ---- options --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class SamplingOptions:
-    """The options of `ditrt sample` (None: the manifest's default): what to sample and how each
-    worker loads its pipeline."""
-    sampler: str | None = None
-    steps: int | str | None = None
-    cfg_scale: float | None = None
-    guidance: str | None = None
-    eta: float | None = None
-    sampler_options: dict = field(default_factory=dict)
-    backend: str = "auto"
-    precision: str | None = None
-    threads: int | None = None
-    max_batch: int | None = None
-    decoder_precision: str | None = None
-    verify: bool = True
-    allow_plan_host_code: bool = False
-    max_model_calls: int | None = None  # an adaptive sampler's budget per call (None: pipeline.MAX_MODEL_CALLS)
-    public_key: Path | None = None  # the artifact's signature must verify with it (checked once, by the parent)
-    cache: str = "none"  # feature caching (runtime/cache.py)
-    cache_options: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class Workers:
     """Where shards run: `count` local processes, or `count` Ray actors (on the cluster at `address`,
     a local Ray when None) with `gpus` GPUs each."""
@@ -104,14 +82,16 @@ class GenerateJob:
     out: Path  # the run directory: run.json, shards/, png/
     num_images: int
     labels: str = "balanced"  # balanced | random | a .npy file of N class labels
-    seed: int = 0
-    sampling: SamplingOptions = SamplingOptions()
+    seed: int = 0  # the seed of image i's label and noise (the job's: `sampling`'s seed is not read)
+    sampling: SampleSpec = SampleSpec()  # what to sample; labels, seed and image offset come from the job
     batch: int = 32  # images per pipeline call within a shard
     shard_size: int = 256
     png: bool = False  # also png/NNNNNN.png per image, as sample_ddp.py names them
     npz: Path | None = None  # the ADM evaluator's file
     resume: bool = False
     private_key: Path | None = None  # sign the run record (run.sig) after every write
+    load: LoadOptions = LoadOptions()  # how each worker loads its pipeline (the decoder: when the artifact has one;
+    # threads None: the cores shared by the workers; public_key checked once, by the coordinator)
 
 
 @dataclass(frozen=True)
@@ -224,26 +204,23 @@ def labels_digest(labels: np.ndarray) -> str:
 
 # ---- validation ---------------------------------------------------------------------------------
 
-class _SpecOnly:
+class _SpecOnly(BackendBase):
     """A stand-in backend carrying only the denoiser's spec: `Pipeline.start` validates a request
     with it (the very checks a worker's run makes) before any worker loads a network."""
-    max_batch, min_batch, name = None, 1, "validation"
 
     def __init__(self, network):
-        self.network = network
+        super().__init__(network, "validation", None)
+        self.name = "validation"
 
-    def __call__(self, feeds):
+    def infer(self, feeds):
         raise StepError("the validation stand-in runs no network")
 
 
-def resolve_sampling(manifest: Manifest, sampling: SamplingOptions, labels: np.ndarray) -> dict:
+def resolve_sampling(manifest: Manifest, sampling: SampleSpec, labels: np.ndarray) -> dict:
     """The options that decide the pixels, with the manifest's defaults filled in and every value
-    checked by the pipeline itself: the keyword arguments of `Pipeline.sample` for each batch."""
+    checked by the pipeline itself (the run record's options)."""
     from .pipeline import Pipeline
-    run = Pipeline(_SpecOnly(manifest.network("denoiser")), manifest).start(
-        labels[:1], sampling.steps, sampling.sampler, sampling.cfg_scale, sampling.guidance, 0, sampling.eta,
-        max_model_calls=sampling.max_model_calls, cache=sampling.cache, cache_options=sampling.cache_options,
-        **sampling.sampler_options)
+    run = Pipeline(_SpecOnly(manifest.network("denoiser")), manifest).start_spec(sampling.for_batch(labels[:1], 0, 0))
     run.close()  # only validated: no noise prefetch
     d = manifest.defaults
     cached = run.cache.settings.to_dict() if run.cache is not None else {}  # uncached records stay as before
@@ -253,13 +230,13 @@ def resolve_sampling(manifest: Manifest, sampling: SamplingOptions, labels: np.n
 
 # ---- the run record -------------------------------------------------------------------------------
 
-def graphs_read(manifest: Manifest, sampling: SamplingOptions, decode: bool) -> list[tuple[str, str]]:
+def graphs_read(manifest: Manifest, load: LoadOptions, decode: bool) -> list[tuple[str, str]]:
     """The (network, precision) graphs the workers' backends read: the denoiser's (and the
     decoder's when `decode`) as runtime.load resolves the options, on a backend that reads its
     graph files (ONNX Runtime; a TensorRT backend reads its plan, which it checks itself)."""
-    wanted = [("denoiser", sampling.backend, sampling.precision)]
+    wanted = [("denoiser", load.backend, load.precision)]
     if decode:
-        wanted.append(("decoder", decoder_backend_name(sampling.backend), sampling.decoder_precision))
+        wanted.append(("decoder", decoder_backend_name(load.backend), load.decoder_precision))
     read = []
     for network, backend, precision in wanted:
         kind, precision = resolve_backend(manifest, backend, precision, network)
@@ -286,30 +263,35 @@ def artifact_identity(manifest: Manifest, used: list[tuple[str, str]]) -> tuple[
     return {"sha256": digest, "files": files}, hashed
 
 
-# The recorded options by the flag that sets them (a sampler's own options are --option NAME=VALUE).
-OPTION_FLAGS = {"num_images": "--num-images", "seed": "--seed", "labels": "--labels", "shard_size": "--shard-size",
-                "batch": "--batch", "sampler": "--sampler", "num_steps": "--steps", "cfg_scale": "--cfg-scale",
-                "guidance": "--guidance", "eta": "--eta", "backend": "--backend", "precision": "--precision",
-                "max_batch": "--max-batch", "decoder_precision": "--decoder-precision",
-                "output": "output (images with a decoder, latents without)"}
+@dataclass(frozen=True)
+class Difference:
+    """A recorded option of a run (its run.json name) that differs now."""
+    option: str
+    recorded: object
+    now: object
 
 
-def _differences(recorded: dict, now: dict) -> list[str]:
-    out = []
-    for key in sorted(set(recorded) | set(now)):
-        if recorded.get(key) == now.get(key):
-            continue
-        if key == "labels_sha256":
-            out.append("--labels: the labels differ from the run's")
-        else:
-            out.append(f"{OPTION_FLAGS.get(key, f'--option {key}')}: {recorded.get(key)!r} in the run, "
-                       f"{now.get(key)!r} now")
-    return out
+class RunMismatch(InputError):
+    """--resume with another artifact, other options or another noise stream. `problems` are the
+    artifact's and noise's differences in words, `differences` the options' by their record names;
+    `describe(name_of)` words them with another name for each option (the CLI: its flags)."""
+
+    def __init__(self, out: Path, problems: list[str], differences: list[Difference]):
+        self.out, self.problems, self.differences = out, problems, differences
+        super().__init__(self.describe(lambda option: option))
+
+    def describe(self, name_of) -> str:
+        lines = self.problems + [f"{name_of('labels')}: the labels differ from the run's" if d.option == "labels_sha256"
+                                 else f"{name_of(d.option)}: {d.recorded!r} in the run, {d.now!r} now"
+                                 for d in self.differences]
+        return (f"--resume: {self.out} was generated with something else; refusing to mix the two in one run:"
+                + "".join(f"\n  {line}" for line in lines)
+                + "\nrerun with the run's artifact and options, or choose another --out")
 
 
 def check_resumable(record: dict, artifact: dict, options: dict, out: Path) -> None:
     """Refuse to continue a run with another artifact, other options or another noise stream,
-    naming each difference."""
+    naming each difference (RunMismatch)."""
     if record.get("schema") != RECORD_SCHEMA or record.get("version") != RECORD_VERSION:
         raise InputError(f"{out / RECORD_NAME} is not a ditrt generate run record (schema {record.get('schema')!r} "
                          f"version {record.get('version')!r}); choose another --out")
@@ -323,11 +305,11 @@ def check_resumable(record: dict, artifact: dict, options: dict, out: Path) -> N
                    for name in sorted(set(before) | set(now)) if before.get(name) != now.get(name)]
         problems.append(f"artifact: sha256 {str(old.get('sha256'))[:12]}... in the run, {artifact['sha256'][:12]}... "
                         f"now; files that differ: {', '.join(changed) or 'none listed'}")
-    problems += _differences(record.get("options", {}), options)
-    if problems:
-        raise InputError(f"--resume: {out} was generated with something else; refusing to mix the two in one run:"
-                         + "".join(f"\n  {problem}" for problem in problems)
-                         + "\nrerun with the run's artifact and options, or choose another --out")
+    recorded = record.get("options", {})
+    differences = [Difference(key, recorded.get(key), options.get(key)) for key in sorted(set(recorded) | set(options))
+                   if recorded.get(key) != options.get(key)]
+    if problems or differences:
+        raise RunMismatch(out, problems, differences)
 
 
 def _read_record(path: Path) -> dict:
@@ -378,12 +360,12 @@ def _check_job(job: GenerateJob, workers: Workers) -> None:
     check_number(workers.gpus, "--gpus-per-worker", 0.0, 64.0)
     if not workers.ray and (workers.address is not None or workers.gpus):
         raise InputError("--address and --gpus-per-worker apply to --ray workers only")
-    s = job.sampling
-    if s.threads is not None:
-        check_threads(s.threads)
-    check_max_batch(s.max_batch)
-    if s.backend != "auto":
-        parse_backend(s.backend)
+    load = job.load
+    if load.threads is not None:
+        check_threads(load.threads)
+    check_max_batch(load.max_batch)
+    if load.backend != "auto":
+        parse_backend(load.backend)
     if job.npz is not None:
         check_writable(Path(job.npz))
     if not isinstance(job.out, (str, os.PathLike)) or not str(job.out):
@@ -465,8 +447,8 @@ def _check_record_signature(job: GenerateJob, out: Path) -> None:
     signature with its public key before signing the record again (never blessing an edit)."""
     from .signing import public_key_of, require_signature
     record_path, signature = out / RECORD_NAME, out / RECORD_SIGNATURE
-    if job.sampling.public_key is not None:
-        require_signature(record_path, job.sampling.public_key, signature, what="run record")
+    if job.load.public_key is not None:
+        require_signature(record_path, job.load.public_key, signature, what="run record")
     if job.private_key is not None and os.path.lexists(signature):
         with tempfile.TemporaryDirectory(prefix="ditrt-key-") as tmp:
             key = Path(tmp) / "public.pem"
@@ -482,40 +464,40 @@ def _write_record(out: Path, record: dict, private_key: Path | None) -> None:
 
 
 def generate(job: GenerateJob, workers: Workers = Workers(), progress: Callable[[Progress], None] | None = None,
-             log: Callable[[str], None] = lambda m: None, worker_class=ShardWorker) -> GenerateSummary:
+             log: Callable[[str], None] = lambda m: None, worker_class=None) -> GenerateSummary:
     """Run (or resume) a generation job; see the module docstring. `worker_class` is what each
-    worker process or actor runs (ShardWorker; tests pass a subclass)."""
+    worker process or actor runs (None: ShardWorker; tests pass a subclass)."""
+    worker_class = worker_class or ShardWorker
     began = time.perf_counter()
     _check_job(job, workers)
     if job.private_key is not None:
         from .signing import public_key_of
         public_key_of(job.private_key)  # a bad key is refused before any work
-    if job.sampling.public_key is not None:  # checked here once; the workers trust this check
+    if job.load.public_key is not None:  # checked here once; the workers trust this check
         from .signing import require_signature
-        require_signature(job.artifact, job.sampling.public_key)
+        require_signature(job.artifact, job.load.public_key)
     manifest = load_manifest(job.artifact)
     output = "images" if "decoder" in manifest.networks else "latents"
     if output == "latents":
-        if job.png or job.sampling.decoder_precision is not None:
+        if job.png or job.load.decoder_precision is not None:
             raise InputError(f"{job.artifact} has no decoder network, so no images can be written (--png, "
                              "--decoder-precision); export with --vae DIR to add one")
         log(f"note: {job.artifact} has no decoder network: the shards and the npz hold the latents (float32 "
             "N, C, H, W), not images (export with --vae DIR for images)")
-    (condition,) = [t.condition for t in manifest.network("denoiser").conditions]
+    condition = class_condition(manifest.network("denoiser")).condition
     labels, label_kind = plan_labels(job.labels, job.seed, job.num_images, condition, manifest.labels)
-    sample_kwargs = resolve_sampling(manifest, job.sampling, labels)
-    s = job.sampling
+    load = job.load
     options = {"output": output, "num_images": job.num_images, "seed": job.seed, "labels": label_kind,
                "labels_sha256": labels_digest(labels), "shard_size": job.shard_size, "batch": job.batch,
-               "backend": s.backend, "precision": s.precision, "max_batch": s.max_batch,
-               "decoder_precision": s.decoder_precision, **sample_kwargs}
+               "backend": load.backend, "precision": load.precision, "max_batch": load.max_batch,
+               "decoder_precision": load.decoder_precision, **resolve_sampling(manifest, job.sampling, labels)}
     shards = plan_shards(job.num_images, job.shard_size)
     out = Path(job.out)
     check_outputs([("--npz", job.npz)], _run_inputs(job, manifest))
     log(f"hashing the artifact {job.artifact} ...")
     # Each graph file the workers read is hashed once, here; the workers trust these digests
     # (files.trust_verified_hashes: same machine, same file identity), the unused graphs are not read.
-    artifact, hashed = artifact_identity(manifest, graphs_read(manifest, s, output == "images"))
+    artifact, hashed = artifact_identity(manifest, graphs_read(manifest, load, output == "images"))
     with claimed_output(out, log=log):
         record = _open_run(job, artifact, options, shards, log)
         resumed = len(record["shards"])
@@ -527,15 +509,13 @@ def generate(job: GenerateJob, workers: Workers = Workers(), progress: Callable[
             used = min(workers.count, len(todo))
             # ONNX Runtime threads: the cores shared by the local workers; a Ray actor asks for one CPU (a GPU
             # actor needs few) unless --threads says more.
-            threads = s.threads or (1 if workers.ray else max(1, _cpu_count() // used))
-            load_kwargs = {"backend": s.backend, "precision": s.precision, "threads": threads,
-                           "max_batch": s.max_batch, "allow_plan_host_code": s.allow_plan_host_code,
-                           "verify": s.verify, "decoder_precision": s.decoder_precision}
-            budget = {} if s.max_model_calls is None else {"max_model_calls": s.max_model_calls}  # not recorded: it
-            # changes no pixel (a run that reaches it fails)
-            worker_args = {"artifact": str(job.artifact), "decode": output == "images", "load_kwargs": load_kwargs,
-                           "sample_kwargs": {**sample_kwargs, **budget}, "seed": job.seed, "batch": job.batch,
-                           "trusted_hashes": verified_hashes(hashed) if s.verify else None}
+            threads = load.threads or (1 if workers.ray else max(1, _cpu_count() // used))
+            # The workers sample the job's spec as given (resolved against the same manifest, checked by its
+            # sha256: the recorded options); its max_model_calls is not recorded: it changes no pixel.
+            worker_args = {"artifact": str(job.artifact), "load": replace(load, threads=threads, public_key=None,
+                                                                          decoder=output == "images"),
+                           "spec": job.sampling, "seed": job.seed, "batch": job.batch,
+                           "trusted_hashes": verified_hashes(hashed) if load.verify else None}
             if workers.ray:
                 pool = RayPool(worker_class, worker_args, workers.address, cpus=threads, gpus=workers.gpus, log=log)
             else:

@@ -43,13 +43,13 @@ class Manifest:
     def __init__(self, data: dict, directory: Path, graphs_required: bool = True):
         """`graphs_required` False: the manifest of a model held in memory (training, a torch
         backend), which samples through a backend given to the Pipeline directly."""
-        from .samplers import SAMPLERS
+        from .samplers import samplers_of
         self.data = data
         self.directory = Path(directory)
         self.family, self.model = read_model(data)
         self.process = read_process(data, self.family, self.model)  # Diffusion (dit) or Transport (sit)
         self.guidance: Guidance = read_guidance(data, self.model)
-        self.defaults: Defaults = read_defaults(data, self.family, self.guidance, SAMPLERS)
+        self.defaults: Defaults = read_defaults(data, self.family, self.guidance, samplers_of(self.family.name))
         self.labels: ClassNames | None = read_id2label(data, self.model.num_classes)  # class names, when exported with them
         networks = data.get("networks")
         if not isinstance(networks, dict) or "denoiser" not in networks:

@@ -18,7 +18,7 @@ from .chunking import Backend, run_chunked
 from .errors import InputError
 from .files import atomic_output, write_json_atomic
 from .noise import SeededNoise
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, samplers_of
 from .validate import check_int
 
 GOLDEN_FORMAT = "ditrt.golden/2"  # version 1 (denoiser inputs as latent/timestep/class_label) still loads
@@ -90,9 +90,7 @@ def loop_cases(manifest, steps: int, seed: int = 0, num_images: int = 2) -> list
     model = manifest.model
     labels = np.array([(1 + 7 * i) % model.num_classes for i in range(num_images)], dtype=np.int64)
     cases = []
-    for sampler in SAMPLERS.values():
-        if sampler.family != manifest.family.name:
-            continue
+    for sampler in samplers_of(manifest.family.name).values():
         spec = sampler.parity_steps(steps)
         draws = sampler.noise_draws(sampler.schedule(manifest.process, spec))
         noise = SeededNoise(seed, num_images, model.latent_shape)

@@ -15,7 +15,6 @@ model is still fed [x; x], as the official code does.
 """
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +32,9 @@ from .labels import resolve_labels
 from .manifest import Manifest, load_manifest
 from .noise import InjectedNoise, SeededNoise
 from .prefetch import NoisePrefetch
+from .progress import StepProgress
+from . import request
+from .request import LoadOptions, SampleSpec
 from .samplers import Sampler, get_sampler, guide
 from .validate import check_array, check_int, check_number
 
@@ -109,10 +111,15 @@ class Pipeline:
         is refused. `max_model_calls` caps an adaptive sampler's model calls (default
         MAX_MODEL_CALLS; CallBudgetReached when reached); fixed-step samplers refuse it. `cache` /
         `cache_options`: feature caching (runtime/cache.py, docs/caching.md)."""
-        run = SampleRun(self, class_labels, num_steps, sampler, cfg_scale, guidance, seed, noise, image_offset,
-                        {"eta": eta, **sampler_options}, cache, cache_options)
-        if max_model_calls is not None:
-            run.limit_model_calls(max_model_calls)
+        return self.start_spec(SampleSpec(class_labels, sampler, num_steps, guidance, cfg_scale, seed, image_offset,
+                                          request.sampler_options(eta, sampler_options), max_model_calls, cache,
+                                          cache_options or {}), noise)
+
+    def start_spec(self, spec: SampleSpec, noise: tuple | None = None) -> "SampleRun":
+        """`start` for a request built elsewhere (runtime/request.py); `noise` injects the noise."""
+        run = SampleRun(self, spec, noise)
+        if spec.max_model_calls is not None:
+            run.limit_model_calls(spec.max_model_calls)
         return run
 
     def sample(self, class_labels: Sequence[int] | np.ndarray, num_steps: int | str | None = None,
@@ -123,9 +130,14 @@ class Pipeline:
         """Latents (N, C, H, W) float32 for N class labels. See docs/runtime.md for the conventions;
         `max_model_calls`: see `start`; `cache` "first-block" or "taylorseer" with diffusers'
         `cache_options` in docs/caching.md."""
-        run = self.start(class_labels, num_steps, sampler, cfg_scale, guidance, seed, eta, noise, image_offset,
-                         max_model_calls, cache, cache_options, **sampler_options)
-        bar = _Progress(run) if progress else None
+        spec = SampleSpec(class_labels, sampler, num_steps, guidance, cfg_scale, seed, image_offset,
+                          request.sampler_options(eta, sampler_options), max_model_calls, cache, cache_options or {})
+        return self.sample_spec(spec, noise, progress)
+
+    def sample_spec(self, spec: SampleSpec, noise: tuple | None = None, progress: bool = True) -> np.ndarray:
+        """`sample` for a request built elsewhere (runtime/request.py)."""
+        run = self.start_spec(spec, noise)
+        bar = StepProgress(run) if progress else None
         start, backend_s = time.perf_counter(), 0.0
         try:
             while not run.done:
@@ -143,6 +155,13 @@ class Pipeline:
         self.last_stats = SampleStats(run.steps_done, run.rows, time.perf_counter() - start, backend_s,
                                       run.block_evaluations())
         return run.result
+
+    def sample_batches(self, spec: SampleSpec, labels: np.ndarray, batch: int, first_index: int = 0):
+        """The latents of `labels` in batches of `batch` (each after its call; `last_stats` is that
+        call's): image i of the job (first_index + its position) draws the noise of image i of
+        spec's seed, so the images are the same whatever the batch (generate, quality, calibration)."""
+        for start in range(0, len(labels), batch):
+            yield self.sample_spec(spec.for_batch(labels[start:start + batch], first_index + start), progress=False)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Images (N, 3, H, W) float32 from DiT-scale latents (N, C, h, w), as the official scripts'
@@ -164,31 +183,36 @@ class SampleRun:
     runs (runtime/prefetch.py; the same bits); the thread stops when the run finishes or fails, at
     `close()` (a driver that drops a run early calls it), or when the run is collected."""
 
-    def __init__(self, pipeline: Pipeline, class_labels, num_steps, sampler, cfg_scale, guidance, seed, noise,
-                 image_offset, options, cache=NONE, cache_options=None):
+    def __init__(self, pipeline: Pipeline, spec: SampleSpec, noise: tuple | None = None):
         manifest = pipeline.manifest
         defaults = manifest.defaults
-        spec = pipeline.backend.network
-        self.latent_name, self.time_name = spec.input("latent").name, spec.input("time").name
-        self.output_name = spec.output.name
-        (condition,) = _class_condition(spec)
+        network = pipeline.backend.network
+        self.latent_name, self.time_name = network.input("latent").name, network.input("time").name
+        self.output_name = network.output.name
+        condition = class_condition(network)
         self.condition_name = condition.name
+        class_labels = spec.labels
         if isinstance(class_labels, (list, tuple)) and any(isinstance(v, str) for v in class_labels):
             class_labels = resolve_labels(class_labels, manifest.labels)  # class names, as DiTPipeline.get_label_ids
         self.labels = condition.condition.check(class_labels)
-        self.sampler = get_sampler(sampler if sampler is not None else defaults.sampler, manifest.family.name)
+        self.sampler = get_sampler(spec.sampler if spec.sampler is not None else defaults.sampler, manifest.family.name)
+        options = spec.options
+        if not isinstance(options, dict):
+            raise InputError(f"sampler options must be a dict of option names to values, got {type(options).__name__}")
         if options.get("eta") is None and defaults.eta is not None and "eta" in self.sampler.options:
             options = {**options, "eta": defaults.eta}  # the manifest's default eta, for samplers that take one
         self.options = self.sampler.bind(**options)
         self.schedule = schedule_for(self.sampler, manifest.process,
-                                     num_steps if num_steps is not None else defaults.steps)
-        self.guided_channels = manifest.guidance.channels(guidance if guidance is not None else defaults.guidance)
-        self.cfg_scale = check_number(defaults.cfg_scale if cfg_scale is None else cfg_scale, "cfg_scale", float32=True)
+                                     spec.steps if spec.steps is not None else defaults.steps)
+        self.guided_channels = manifest.guidance.channels(spec.guidance if spec.guidance is not None
+                                                          else defaults.guidance)
+        self.cfg_scale = check_number(defaults.cfg_scale if spec.cfg_scale is None else spec.cfg_scale, "cfg_scale",
+                                      float32=True)
         n, shape = len(self.labels), manifest.model.latent_shape
         if noise is None:
-            self.noise = SeededNoise(seed, n, shape, image_offset)
+            self.noise = SeededNoise(spec.seed, n, shape, spec.image_offset)
         else:
-            if image_offset:
+            if spec.image_offset:
                 raise InputError("image_offset selects seeded noise; it does not apply to injected noise")
             if not isinstance(noise, (tuple, list)) or len(noise) != 2:
                 raise InputError("noise must be None or a tuple (initial (N,C,H,W), steps (K,N,C,H,W) or None)")
@@ -202,7 +226,7 @@ class SampleRun:
         self.total_steps = self.sampler.model_calls(self.schedule)  # None: adaptive
         self.max_model_calls = self.total_steps or MAX_MODEL_CALLS
         self._budget_names = ("max_model_calls", "")  # the option that sets it, and the most it may be
-        self.cache = start_cache(manifest, self.sampler, self.schedule, cache, cache_options, self.rows,
+        self.cache = start_cache(manifest, self.sampler, self.schedule, spec.cache, spec.cache_options, self.rows,
                                  getattr(pipeline.backend, "precision", None))
         self.depth = manifest.model.depth
         self.steps_done = 0
@@ -315,13 +339,15 @@ class SampleRun:
         return self._result.astype(np.float32, copy=False)
 
 
-def _class_condition(spec):
-    conditions = spec.conditions
+def class_condition(network):
+    """The denoiser's one class-condition input (its TensorSpec; `.condition` the ClassLabels), or
+    an InputError naming what it takes instead: sampling takes class labels."""
+    conditions = network.conditions
     if len(conditions) != 1 or conditions[0].condition.kind != "class":
         kinds = [t.condition.kind for t in conditions]
         raise InputError(f"this denoiser takes {kinds or 'no'} conditioning; Pipeline.sample takes class labels "
                          "(one 'class' condition input)")
-    return conditions
+    return conditions[0]
 
 
 def decode(decoder: Backend, latents: np.ndarray) -> np.ndarray:
@@ -340,45 +366,6 @@ def decode(decoder: Backend, latents: np.ndarray) -> np.ndarray:
     images = run_chunked(decoder, {want.name: latents.astype(np.float32, copy=False)})[decoder.network.output.name]
     check_finite(images, "decoder", decoder.precision)
     return images
-
-
-class _Progress:
-    """Progress on stderr without dependencies: a redrawn bar on a terminal (at most 10 redraws a
-    second), one line per tenth of the loop elsewhere (CI logs). Adaptive loops (no known number
-    of calls) show their model time instead."""
-
-    def __init__(self, run: SampleRun):
-        self.run, self.start, self.last_draw, self.last_tenth = run, time.perf_counter(), 0.0, 0
-        self.tty = sys.stderr.isatty()
-
-    def _fraction(self) -> float:
-        run = self.run
-        if run.total_steps:
-            return run.steps_done / run.total_steps
-        return 1.0 if run.done else float(np.clip(run.timestep, 0.0, 1.0))  # adaptive SiT loops run t from 0 to 1
-
-    def update(self) -> None:
-        now, run = time.perf_counter(), self.run
-        rate = run.steps_done / max(now - self.start, 1e-9)
-        done = f"{run.steps_done}/{run.total_steps} steps" if run.total_steps else f"{run.steps_done} calls, t={run.timestep:.3f}"
-        fraction = self._fraction()
-        if self.tty:
-            if now - self.last_draw < 0.1 and not run.done:
-                return
-            self.last_draw = now
-            filled = int(30 * fraction)
-            sys.stderr.write(f"\rsampling [{'#' * filled}{'.' * (30 - filled)}] {done}, {rate:.1f} calls/s")
-        else:
-            tenth = int(10 * fraction)
-            if tenth == self.last_tenth:
-                return
-            self.last_tenth = tenth
-            sys.stderr.write(f"sampling {done}, {rate:.1f} calls/s\n")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
 
 
 def decoder_backend_name(backend: str) -> str:
@@ -403,21 +390,27 @@ def load(artifact_dir: str | Path, backend: str = "auto", precision: str | None 
     it), on the same backend kind, in `decoder_precision` (None: the kind's default; fp32 avoids
     the fp16 overflow VAE decoders are known for). `public_key` (a PEM file): refuse the artifact
     unless its signature (model.sig, `ditrt sign`) verifies with it and covers every file in it."""
-    if public_key is not None:
+    return load_pipeline(artifact_dir, LoadOptions(backend, precision, threads, max_batch, verify, decoder,
+                                                   decoder_precision, decoder_max_batch, allow_plan_host_code,
+                                                   public_key))
+
+
+def load_pipeline(artifact_dir: str | Path, options: LoadOptions) -> Pipeline:
+    """`load` with its options in one object (runtime/request.py)."""
+    o = options
+    if o.public_key is not None:
         from .signing import require_signature
-        require_signature(artifact_dir, public_key)
+        require_signature(artifact_dir, o.public_key)
     manifest = load_manifest(artifact_dir)
-    denoiser = create_backend(manifest, backend, precision, "denoiser", threads=threads, max_batch=max_batch,
-                              allow_plan_host_code=allow_plan_host_code, verify=verify)
+    shared = o.backend_options()
+    denoiser = create_backend(manifest, o.backend, o.precision, "denoiser", max_batch=o.max_batch, **shared)
     decoder_backend = None
-    if decoder or (decoder is None and "decoder" in manifest.networks):
+    if o.decoder or (o.decoder is None and "decoder" in manifest.networks):
         manifest.network("decoder")
-        decoder_backend = create_backend(manifest, decoder_backend_name(backend), decoder_precision, "decoder",
-                                         threads=threads, max_batch=decoder_max_batch,
-                                         allow_plan_host_code=allow_plan_host_code, verify=verify)
-    elif decoder_precision is not None:
+        decoder_backend = create_backend(manifest, decoder_backend_name(o.backend), o.decoder_precision, "decoder",
+                                         max_batch=o.decoder_max_batch, **shared)
+    elif o.decoder_precision is not None:
         raise InputError("decoder_precision given, but no decoder is loaded")
     pipe = Pipeline(denoiser, manifest, decoder_backend)
-    pipe.segment_options = {"threads": threads, "max_batch": max_batch, "allow_plan_host_code": allow_plan_host_code,
-                            "verify": verify}
+    pipe.segment_options = {"max_batch": o.max_batch, **shared}
     return pipe

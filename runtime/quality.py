@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import InputError
 from .files import check_regular
+from .request import LoadOptions, SampleSpec
 from .validate import check_int
 
 DIGIT_SIDE = 8  # scikit-learn's digits are 8x8
@@ -216,24 +217,28 @@ def load_real_digits() -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class QualityRun:
-    """One configuration: a name and the sampling options (runtime.generate.SamplingOptions)."""
+    """One configuration: a name, what to sample (its labels and seed come from `compare`) and how
+    to load the pipeline."""
     name: str
-    sampling: object
+    spec: SampleSpec = SampleSpec()
+    load: LoadOptions = LoadOptions()
 
 
-# `--compare` keys: SamplingOptions fields; anything else is a sampler option (e.g. atol).
-_RUN_KEYS = {"sampler": str, "steps": str, "cfg_scale": float, "guidance": str, "eta": float, "backend": str,
-             "precision": str, "decoder_precision": str, "cache": str}
+# `--compare` keys that are fields of the spec or the load options; a cache option goes to the cache's
+# options, anything else is a sampler option (e.g. atol).
+_SPEC_KEYS = {"sampler": str, "steps": str, "cfg_scale": float, "guidance": str, "cache": str}
+_LOAD_KEYS = {"backend": str, "precision": str, "decoder_precision": str}
 
 
-def parse_run(text: str, base) -> QualityRun:
+def parse_run(text: str, base: QualityRun) -> QualityRun:
     """A configuration from `key=value,key=value` over the base options, e.g. `sampler=ddim,steps=50`
     or `precision=fp16` (keys: sampler, steps, cfg_scale, guidance, eta, backend, precision,
     decoder_precision, cache, a cache option such as cache_interval or threshold, or a sampler
     option)."""
     from dataclasses import replace
     from .cache import cache_option_names
-    changes, options, cache_options, seen = {}, dict(base.sampler_options), dict(base.cache_options), set()
+    spec_changes, load_changes, seen = {}, {}, set()
+    options, cache_options = dict(base.spec.options), dict(base.spec.cache_options)
     for item in [p.strip() for p in str(text).split(",") if p.strip()]:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
@@ -243,9 +248,10 @@ def parse_run(text: str, base) -> QualityRun:
         if key in seen:  # the last one would silently win
             raise InputError(f"--compare {text!r} sets {key} twice; give each key once")
         seen.add(key)
-        if key in _RUN_KEYS:
+        if key in _SPEC_KEYS or key in _LOAD_KEYS:
+            kind, changes = (_SPEC_KEYS[key], spec_changes) if key in _SPEC_KEYS else (_LOAD_KEYS[key], load_changes)
             try:
-                changes[key] = _RUN_KEYS[key](value.strip())
+                changes[key] = kind(value.strip())
             except ValueError:
                 raise InputError(f"--compare {key} must be a number, got {value!r}") from None
         elif key in cache_option_names():
@@ -255,11 +261,13 @@ def parse_run(text: str, base) -> QualityRun:
                 options[key] = float(value)
             except ValueError:
                 options[key] = value.strip()
-    if not changes and options == base.sampler_options and cache_options == base.cache_options:
+    if (not spec_changes and not load_changes and options == base.spec.options
+            and cache_options == base.spec.cache_options):
         raise InputError(f"--compare {text!r} changes nothing")
-    if changes.get("cache", base.cache) == "none":
+    if spec_changes.get("cache", base.spec.cache) == "none":
         cache_options = {}  # cache=none over a cached base: no cache options
-    return QualityRun(text.strip(), replace(base, **changes, sampler_options=options, cache_options=cache_options))
+    spec = replace(base.spec, **spec_changes, options=options, cache_options=cache_options)
+    return QualityRun(text.strip(), spec, replace(base.load, **load_changes))
 
 
 def compare(artifact, runs: list[QualityRun], classifier: DigitClassifier, num_images: int = 1000, seed: int = 0,
@@ -271,21 +279,22 @@ def compare(artifact, runs: list[QualityRun], classifier: DigitClassifier, num_i
     a comma-separated list of class numbers or names the images are balanced over (`ditrt generate`'s
     --labels)."""
     import time
+    from dataclasses import replace
     from .generate import balanced_labels, listed_labels, resolve_sampling
     from .manifest import load_manifest
-    from .pipeline import load
+    from .pipeline import class_condition, load_pipeline
     num_images = check_int(num_images, "--num-images", 20, 1_000_000)
     batch = check_int(batch, "--batch", 1, 100_000)
     if not runs:
         raise InputError("quality needs at least one configuration")
-    for key in sorted({str(r.sampling.public_key) for r in runs if r.sampling.public_key is not None}):
+    for key in sorted({str(r.load.public_key) for r in runs if r.load.public_key is not None}):
         from .signing import require_signature  # once, before the manifest is read (not once per pipeline)
         require_signature(artifact, key)
     manifest = load_manifest(artifact)
     for run in runs:  # every configuration checked before the first one samples
-        resolve_sampling(manifest, run.sampling, np.zeros(1, np.int64))
+        resolve_sampling(manifest, run.spec, np.zeros(1, np.int64))
     manifest.network("decoder")  # images are scored: the artifact needs its decoder
-    (condition,) = manifest.network("denoiser").conditions
+    condition = class_condition(manifest.network("denoiser"))
     if condition.condition.num_classes != len(classifier.classes):
         raise InputError(f"the artifact has {condition.condition.num_classes} classes, the classifier "
                          f"{len(classifier.classes)}: ditrt quality scores the digits example")
@@ -296,20 +305,14 @@ def compare(artifact, runs: list[QualityRun], classifier: DigitClassifier, num_i
               else listed_labels(label_spec, seed, num_images, condition.condition, manifest.labels))
     rows, pipes = [], {}
     for run in runs:
-        s = run.sampling
-        key = (s.backend, s.precision, s.decoder_precision)
+        key = (run.load.backend, run.load.precision, run.load.decoder_precision)
         if key not in pipes:
-            pipes[key] = load(artifact, backend=s.backend, precision=s.precision, threads=threads, verify=s.verify,
-                              decoder=True, decoder_precision=s.decoder_precision)
+            pipes[key] = load_pipeline(artifact, replace(run.load, threads=threads, decoder=True, public_key=None))
         pipe = pipes[key]
         log(f"{run.name}: {num_images} images on {pipe.backend.name} ...")
         images, calls, blocks = [], 0, 0.0
         start = time.perf_counter()
-        for first in range(0, num_images, batch):
-            latents = pipe.sample(labels[first:first + batch], num_steps=s.steps, sampler=s.sampler,
-                                  cfg_scale=s.cfg_scale, guidance=s.guidance, eta=s.eta, seed=seed, image_offset=first,
-                                  progress=False, max_model_calls=s.max_model_calls, cache=s.cache,
-                                  cache_options=s.cache_options, **s.sampler_options)
+        for latents in pipe.sample_batches(run.spec.for_batch(None, seed=seed), labels, batch):
             calls += pipe.last_stats.steps
             blocks += pipe.last_stats.block_evaluations
             images.append(pipe.decode(latents))
@@ -317,7 +320,8 @@ def compare(artifact, runs: list[QualityRun], classifier: DigitClassifier, num_i
         scores = digit_scores(classifier, np.concatenate(images), labels, real_features)
         batches = -(-num_images // batch)
         rows.append({"run": run.name, "backend": pipe.backend.name, "images": num_images,
-                     "model_calls_per_batch": calls // batches, "cache": s.cache, "cache_options": s.cache_options,
+                     "model_calls_per_batch": calls // batches, "cache": run.spec.cache,
+                     "cache_options": run.spec.cache_options,
                      "block_evaluations": blocks / batches, **scores, "seconds": seconds,
                      "images_per_s": num_images / seconds})
     first = rows[0]

@@ -250,9 +250,21 @@ for _sampler in (
     register_sampler(_sampler)
 
 
+def samplers_of(family: str | None) -> dict[str, Sampler]:
+    """The registry entries that sample `family`'s models (None: every entry), in registry order."""
+    return {name: entry for name, entry in SAMPLERS.items() if family is None or entry.family == family}
+
+
+def option_names(samplers=None, exclude=()) -> list[str]:
+    """The sorted option names the given registry entries take (None: the whole registry, as it is
+    now: a sampler registered later counts), less `exclude`."""
+    entries = SAMPLERS.values() if samplers is None else samplers
+    return sorted({name for entry in entries for name in entry.options} - set(exclude))
+
+
 def get_sampler(name, family: str | None = None) -> Sampler:
     """The registry entry; with `family`, only that family's samplers are accepted."""
-    choices = [s for s, entry in SAMPLERS.items() if family is None or entry.family == family]
+    choices = list(samplers_of(family))
     if not isinstance(name, str) or name not in choices:
         where = f" for a {family} model" if family else ""
         other = (f" ({name} samples {SAMPLERS[name].family} models)"

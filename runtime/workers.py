@@ -21,7 +21,8 @@ import numpy as np
 from .errors import DitrtError, InputError, StepError
 from .files import trust_verified_hashes
 from .images import to_uint8
-from .pipeline import load
+from .pipeline import load_pipeline
+from .request import LoadOptions, SampleSpec
 from .shards import Shard
 
 
@@ -43,15 +44,16 @@ class ShardWorker:
     """One worker: its pipeline (the denoiser, and the decoder when `decode`), loaded once,
     computes shards."""
 
-    def __init__(self, artifact: str, decode: bool, load_kwargs: dict, sample_kwargs: dict, seed: int, batch: int,
+    def __init__(self, artifact: str, load: LoadOptions, spec: SampleSpec, seed: int, batch: int,
                  trusted_hashes: dict | None = None):
-        """`load_kwargs` for runtime.load, `sample_kwargs` for Pipeline.sample (sampler, num_steps,
-        cfg_scale, guidance, the sampler's options). `trusted_hashes`: the coordinator's verified
-        digests (files.verified_hashes), taken for the files they name when this worker runs on the
-        coordinator's machine and the files are unchanged; any other file is hashed here."""
+        """`load` for runtime.load (its `decoder`: whether shards hold images), `spec` what each
+        batch samples (its labels and offsets come from the shard). `trusted_hashes`: the
+        coordinator's verified digests (files.verified_hashes), taken for the files they name when
+        this worker runs on the coordinator's machine and the files are unchanged; any other file is
+        hashed here."""
         trust_verified_hashes(trusted_hashes)
-        self.pipeline = load(artifact, decoder=decode, **load_kwargs)
-        self.decode, self.sample_kwargs, self.seed, self.batch = decode, sample_kwargs, seed, batch
+        self.pipeline = load_pipeline(artifact, load)
+        self.decode, self.spec, self.seed, self.batch = bool(load.decoder), spec, seed, batch
 
     @property
     def backend(self) -> str:
@@ -60,11 +62,10 @@ class ShardWorker:
     def run(self, task: ShardTask) -> ShardResult:
         """The shard's images (uint8, as sample_ddp.py saves them) or latents, in batches of
         `batch`: image start + j gets noise image start + j."""
-        start_time, shard, parts = time.perf_counter(), task.shard, []
-        for s in range(0, shard.stop - shard.start, self.batch):
-            latents = self.pipeline.sample(task.labels[s:s + self.batch], seed=self.seed, progress=False,
-                                           image_offset=shard.start + s, **self.sample_kwargs)
-            parts.append(to_uint8(self.pipeline.decode(latents)) if self.decode else latents)
+        start_time, shard = time.perf_counter(), task.shard
+        spec = self.spec.for_batch(None, seed=self.seed)
+        parts = [to_uint8(self.pipeline.decode(latents)) if self.decode else latents
+                 for latents in self.pipeline.sample_batches(spec, task.labels, self.batch, shard.start)]
         return ShardResult(shard, np.concatenate(parts), task.labels, time.perf_counter() - start_time)
 
 

@@ -124,7 +124,7 @@ from pathlib import Path
 from ditrt.runtime import generate as G
 from generate_workers import SlowWorker
 G.generate(G.GenerateJob(Path({str(tiny_artifact_with_vae)!r}), Path({str(tmp_path / "run")!r}), 16,
-                         sampling=G.SamplingOptions(steps="2"), shard_size=8), G.Workers(2), worker_class=SlowWorker)
+                         sampling=G.SampleSpec(steps="2"), shard_size=8), G.Workers(2), worker_class=SlowWorker)
 """
     tests = str(Path(__file__).resolve().parent)
     env = {**os.environ, BUSY_MARKER: str(tmp_path / "busy"),
@@ -162,7 +162,7 @@ def test_ray_replaces_a_dead_actor_and_retries_its_shard(tiny_artifact_with_vae,
 
 
 def job(artifact, out: Path, **overrides) -> G.GenerateJob:
-    return G.GenerateJob(artifact, out, N, "balanced", SEED, G.SamplingOptions(steps=str(STEPS)), shard_size=SHARD,
+    return G.GenerateJob(artifact, out, N, "balanced", SEED, G.SampleSpec(steps=str(STEPS)), shard_size=SHARD,
                          npz=out / "s.npz", **overrides)
 
 
@@ -208,11 +208,11 @@ def test_batch_and_shard_size_do_not_change_the_bytes(tiny_artifact_with_vae, re
     """--batch 3 cuts each shard of 8 into calls of 3, 3, 2 (image start + j keeps noise image start
     + j): the same shard files; --shard-size 5 --batch 2 plans other shards: the same npz."""
     out = tmp_path / "batch3"
-    G.generate(G.GenerateJob(tiny_artifact_with_vae, out, N, "balanced", SEED, G.SamplingOptions(steps=str(STEPS)),
+    G.generate(G.GenerateJob(tiny_artifact_with_vae, out, N, "balanced", SEED, G.SampleSpec(steps=str(STEPS)),
                              batch=3, shard_size=SHARD, npz=out / "s.npz"), G.Workers(1))
     assert_same_run(out, reference)
     out = tmp_path / "shard5"
-    G.generate(G.GenerateJob(tiny_artifact_with_vae, out, N, "balanced", SEED, G.SamplingOptions(steps=str(STEPS)),
+    G.generate(G.GenerateJob(tiny_artifact_with_vae, out, N, "balanced", SEED, G.SampleSpec(steps=str(STEPS)),
                              batch=2, shard_size=5, npz=out / "s.npz"), G.Workers(1))
     assert len(json.loads((out / "run.json").read_text())["shards"]) == 8
     assert (out / "s.npz").read_bytes() == (reference / "s.npz").read_bytes()
@@ -236,7 +236,7 @@ def test_each_graph_file_is_hashed_once_per_run_and_unused_ones_never(tiny_artif
     (tmp_path / "hashes").mkdir()
     monkeypatch.setenv(HASH_LOG, str(tmp_path / "hashes"))
     out = tmp_path / "run"
-    summary = G.generate(G.GenerateJob(art, out, 16, "balanced", SEED, G.SamplingOptions(steps="2"), shard_size=8),
+    summary = G.generate(G.GenerateJob(art, out, 16, "balanced", SEED, G.SampleSpec(steps="2"), shard_size=8),
                          G.Workers(2), worker_class=HashCountingWorker)
     assert summary.workers == 2
     expected = ["manifest.json", *graphs["denoiser"]["fp32"], *graphs["decoder"]["fp32"]]
@@ -543,7 +543,7 @@ def test_an_artifact_without_decoder_gives_the_latents_of_ditrt_sample(tiny_arti
     r = invoke(*generate_args(denoiser_only, tmp_path / "png"), "--png")
     assert r.exit_code == 2 and "has no decoder network, so no images can be written (--png" in r.output
     out = tmp_path / "latents"
-    summary = G.generate(G.GenerateJob(denoiser_only, out, 12, "random", SEED, G.SamplingOptions(steps=str(STEPS)),
+    summary = G.generate(G.GenerateJob(denoiser_only, out, 12, "random", SEED, G.SampleSpec(steps=str(STEPS)),
                                        shard_size=SHARD, npz=out / "s.npz"), G.Workers(1))
     assert summary.output == "latents"
     latents, labels = load_npz(out / "s.npz")

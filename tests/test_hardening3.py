@@ -19,7 +19,7 @@ from ditrt import runtime
 from ditrt.runtime import generate as G
 from ditrt.runtime.errors import ArtifactError, CallBudgetReached, InputError, ScheduleError
 from ditrt.runtime.files import claimed_output, read_json
-from ditrt.runtime.quality import parse_run
+from ditrt.runtime.quality import QualityRun, parse_run
 from ditrt.runtime.samplers import get_sampler, parse_options
 from conftest import TINY_CHECKPOINT
 
@@ -80,7 +80,7 @@ def sit_pipe(sit_art):
 def run_dir(tmp_path_factory, tiny_artifact):
     """A finished two-image generate run (one shard)."""
     out = tmp_path_factory.mktemp("run") / "run"
-    G.generate(G.GenerateJob(tiny_artifact, out, 2, sampling=G.SamplingOptions(steps=2), batch=2, shard_size=2))
+    G.generate(G.GenerateJob(tiny_artifact, out, 2, sampling=G.SampleSpec(steps=2), batch=2, shard_size=2))
     return out
 
 
@@ -317,8 +317,8 @@ def test_the_same_option_twice_is_refused(art, tmp_path):
 
 def test_quality_compare_with_a_key_twice_is_refused():
     with pytest.raises(InputError, match="sets steps twice"):
-        parse_run("steps=3,steps=4", G.SamplingOptions())
-    assert parse_run("steps=3,sampler=ddim", G.SamplingOptions()).sampling.steps == "3"
+        parse_run("steps=3,steps=4", QualityRun("base"))
+    assert parse_run("steps=3,sampler=ddim", QualityRun("base")).spec.steps == "3"
 
 
 def test_options_that_need_another_are_refused(art, tmp_path):

@@ -182,7 +182,7 @@ def test_an_interrupt_from_the_progress_bar_leaves_no_thread(monkeypatch):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-    monkeypatch.setattr(pipeline_module._Progress, "update", interrupt)
+    monkeypatch.setattr(pipeline_module.StepProgress, "update", interrupt)
     before = set(threading.enumerate())
     pipe = _pipe("sit", delay_s=0.002)
     with pytest.raises(KeyboardInterrupt) as interrupted:
@@ -209,8 +209,8 @@ def test_a_run_dropped_early_stops_its_worker():
 def test_the_batcher_cancelling_a_request_leaves_no_thread():
     from ditrt.runtime.batching import StepBatcher
     pipe = _pipe("dit", delay_s=0.01)
-    runs, start = [], pipe.start
-    pipe.start = lambda *a, **k: runs.append(start(*a, **k)) or runs[-1]  # keeps the runs alive: no collector
+    runs, start = [], pipe.start_spec
+    pipe.start_spec = lambda *a, **k: runs.append(start(*a, **k)) or runs[-1]  # keeps the runs alive: no collector
     before = set(threading.enumerate())
     with StepBatcher(pipe, max_batch=16) as batcher:
         while not batcher.ready:
@@ -233,8 +233,8 @@ def test_the_batcher_refusing_a_request_leaves_no_thread():
     from ditrt.runtime.errors import SchedulerClosed
     from ditrt.runtime.batching import StepBatcher
     pipe = _pipe("sit", delay_s=0.01)
-    runs, start = [], pipe.start
-    pipe.start = lambda *a, **k: runs.append(start(*a, **k)) or runs[-1]
+    runs, start = [], pipe.start_spec
+    pipe.start_spec = lambda *a, **k: runs.append(start(*a, **k)) or runs[-1]
     before = set(threading.enumerate())
     batcher = StepBatcher(pipe, max_batch=16)
     batcher.close()

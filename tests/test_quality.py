@@ -11,7 +11,7 @@ import pytest
 
 from ditrt import runtime
 from ditrt.runtime import quality
-from ditrt.runtime.generate import SamplingOptions
+from ditrt.runtime.request import LoadOptions, SampleSpec
 
 pytest.importorskip("sklearn", reason="ditrt quality compares with scikit-learn's digits (pip install 'ditrt[quality]')")
 
@@ -38,8 +38,9 @@ def classifier():
 
 @pytest.fixture(scope="module")
 def report(example, classifier):
-    base = SamplingOptions(sampler="ddpm", steps=250, cfg_scale=4.0, backend="onnxruntime", precision="fp32")
-    runs = [quality.QualityRun("fp32 DDPM-250", base)] + [
+    base = quality.QualityRun("fp32 DDPM-250", SampleSpec(sampler="ddpm", steps=250, cfg_scale=4.0),
+                              LoadOptions(backend="onnxruntime", precision="fp32"))
+    runs = [base] + [
         quality.parse_run(text, base) for text in ("sampler=ddim,steps=50", "sampler=dpm++2m,steps=25",
                                                    "sampler=dpm++2m,steps=10", "sampler=ddim,steps=50,precision=fp16")]
     return quality.compare(example, runs, classifier, NUM_IMAGES, seed=0, batch=100)
@@ -68,8 +69,8 @@ def test_real_digits_score_perfectly_against_themselves(report):
 def test_unguided_samples_are_less_accurate(example, classifier):
     """cfg 1 (no guidance) reads as the asked class less often than cfg 4: guidance is what the
     accuracy floor measures."""
-    base = SamplingOptions(sampler="ddim", steps=25, backend="onnxruntime")
-    runs = [quality.QualityRun("cfg 4", base), quality.parse_run("cfg_scale=1", base)]
+    base = quality.QualityRun("cfg 4", SampleSpec(sampler="ddim", steps=25), LoadOptions(backend="onnxruntime"))
+    runs = [base, quality.parse_run("cfg_scale=1", base)]
     rows = quality.compare(example, runs, classifier, 100, seed=1)["runs"]
     assert rows[0]["accuracy"] >= ACCURACY_FLOOR and rows[1]["accuracy"] < rows[0]["accuracy"] - 0.1
 

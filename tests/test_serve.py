@@ -25,6 +25,7 @@ import uvicorn  # noqa: E402
 from ditrt import runtime  # noqa: E402
 from ditrt.runtime.batching import Limits, StepBatcher  # noqa: E402
 from ditrt.serve import HttpLimits, create_app  # noqa: E402
+from ditrt.runtime.request import LoadOptions  # noqa: E402
 
 from test_batching import Gate, alone, export_tiny_sit, mixed_requests  # noqa: E402
 from helpers import read_png  # noqa: E402
@@ -487,8 +488,8 @@ def test_event_loop_runs_no_network_and_no_encoding(vae_pipe, monkeypatch):
             record(self.what)
             return self.inner(feeds)
     spied = runtime.Pipeline(Spy(vae_pipe.backend, "denoiser"), vae_pipe.manifest, Spy(vae_pipe.decoder, "decoder"))
-    start, encode = spied.start, serving.outputs.encode
-    monkeypatch.setattr(spied, "start", lambda *a, **k: (record("start"), start(*a, **k))[1], raising=False)
+    start, encode = spied.start_spec, serving.outputs.encode
+    monkeypatch.setattr(spied, "start_spec", lambda *a, **k: (record("start"), start(*a, **k))[1], raising=False)
     monkeypatch.setattr(serving.outputs, "encode", lambda *a, **k: (record("encode"), encode(*a, **k))[1])
     with Server(StepBatcher(spied)) as s, httpx.Client(base_url=s.url, timeout=60) as client:
         loop_thread = s.thread.name
@@ -719,8 +720,8 @@ def test_ray_serve_request_and_drain(tiny_artifact, pipe):
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(ray_app(tiny_artifact, replicas=1, http=HttpLimits(drain_timeout=60), backend="onnxruntime-fp32",
-                          threads=1), name="ditrt", route_prefix="/")
+        serve.run(ray_app(tiny_artifact, replicas=1, http=HttpLimits(drain_timeout=60),
+                          load=LoadOptions(backend="onnxruntime-fp32", threads=1)), name="ditrt", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         r = httpx.post(url + "/v1/samples", json=as_json(CHECK), timeout=120)
         assert np.array_equal(latents(r), alone(pipe, CHECK))

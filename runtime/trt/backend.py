@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..chunking import check_max_batch, run_chunked
+from ..chunking import BackendBase, check_max_batch, run_chunked
 from ..errors import ArtifactError, BackendError, InputError, TensorRTUnavailable
 from ..files import artifact_path, sha256_file
 from ..manifest import Manifest
@@ -64,7 +64,7 @@ class _Slot:
     graph_exec: Any = None
     runs: int = 0
 
-class TensorRTBackend:
+class TensorRTBackend(BackendBase):
     """The runtime's backend protocol (named numpy tensors in and out) over a TensorRT plan of one
     network. `entry` is the plan's manifest entry: its sha256 is checked before deserialising."""
 
@@ -108,13 +108,11 @@ class TensorRTBackend:
         self._dtypes, self._dims = self._read_io(plan)
         bounds = self._engine.get_tensor_profile_shape(network.input_names[0], 0)  # [min, opt, max] of profile 0
         self.profile = EngineProfile(int(bounds[0][0]), int(bounds[1][0]), int(bounds[2][0]))
-        self.max_batch = self._max_batch(max_batch)
-        self.min_batch = self.profile.min_rows
+        super().__init__(network, "tensorrt", view.precision if view else "fp16", self._max_batch(max_batch),
+                         self.profile.min_rows)
         self.cuda_graphs = cuda_graphs
         self.graph_failures: dict[int, str] = {}  # batch rows -> why capture failed (those run without a graph)
         self.plan, self.entry = plan, entry
-        self.precision = view.precision if view else "fp16"
-        self.name = f"tensorrt-{self.precision}"
         self._lock = threading.Lock()
         self._slots: OrderedDict[int, _Slot] = OrderedDict()
         self._stream = self._cuda("cudaStreamCreateWithFlags", self._cuda.rt.cudaStreamNonBlocking)
@@ -238,12 +236,16 @@ class TensorRTBackend:
 
     # ---- running ----------------------------------------------------------------------------------
 
-    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+        """Against the engine's own dimensions (what it was built for)."""
         n = len(next(iter(feeds.values())))
         for name in self.network.input_names:
             want = (n, *self._dims[name])
             if name not in feeds or np.shape(feeds[name]) != want:
                 raise InputError(f"{name} has shape {np.shape(feeds.get(name))}; this engine takes {want}")
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(next(iter(feeds.values())))
         if not self.min_batch <= n <= self.max_batch:
             return run_chunked(self, feeds)  # the one chunker: calls back with in-profile batches
         with self._lock:
