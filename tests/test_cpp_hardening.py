@@ -58,6 +58,22 @@ def signed_cases(tmp_path_factory, cpp_artifact):
         bundle["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
         (folder / "model.sig").write_text(json.dumps(bundle))
 
+    def resign_inconsistent_statement(folder):  # signed by the key itself, but its subject does not hash its resources
+        import base64
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        bundle = json.loads((folder / "model.sig").read_text())
+        envelope = bundle["dsseEnvelope"]
+        statement = json.loads(base64.b64decode(envelope["payload"]))
+        statement["subject"][0]["digest"]["sha256"] = "0" * 64
+        payload = json.dumps(statement).encode()
+        kind = envelope["payloadType"].encode()
+        pae = b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)  # DSSE's pre-authentication encoding
+        private = serialization.load_pem_private_key(keys["key"][0].read_bytes(), None)
+        envelope["payload"] = base64.b64encode(payload).decode()
+        envelope["signatures"][0]["sig"] = base64.b64encode(private.sign(pae, ec.ECDSA(hashes.SHA256()))).decode()
+        (folder / "model.sig").write_text(json.dumps(bundle))
+
     case("intact", lambda f: None, None)
     case("swapped-graph", lambda folder: swap_graph_and_its_digests(folder, "fp32"), "denoiser.fp32.onnx")
     case("added-file", lambda f: (f / "extra.txt").write_text("x"), "extra.txt")
@@ -65,6 +81,7 @@ def signed_cases(tmp_path_factory, cpp_artifact):
     case("flipped-signature", flip_signature, "model.sig")
     case("rewritten-statement", rewrite_statement, "model.sig")
     case("unsigned", lambda f: (f / "model.sig").unlink(), "not signed")
+    case("inconsistent-statement", resign_inconsistent_statement, "does not match its resources")
     return keys, cases
 
 
