@@ -26,7 +26,6 @@ class DecoderExporter:
     # No quantized graph: the decoder runs once per image (not once per step), and its output is
     # the image itself, where int8 rounding shows; it stays fp32 / fp16 (docs/quantization.md).
     quantizable = ()
-    dynamo: bool = True
     # Batch 2 for torch.export: diffusers' Upsample2D branches on the batch size.
     validation_batches: tuple[tuple[int, int], ...] = ((1, 1), (3, 2))
     example_batch: int = 2

@@ -78,7 +78,6 @@ class DenoiserExporter:
     fp32_blocks: tuple[int, ...] = ()
     quant: QuantOptions = field(default_factory=QuantOptions)
     quantizable: tuple[str, ...] = QUANTIZED_PRECISIONS
-    dynamo: bool = True
     validation_batches: tuple[tuple[int, int], ...] = ((1, 1), (3, 2), (3, 3))
     example_batch: int = 1
     spec: object = field(init=False)

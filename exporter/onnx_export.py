@@ -48,7 +48,9 @@ class NetworkExporter(Protocol):
     quantizable: tuple[str, ...]  # the QUANTIZED_PRECISIONS it has a recipe for (the others export fp32 / fp16 only)
     validation_batches: tuple[tuple[int, int], ...]  # (batch, seed) of the export-time checks
     example_batch: int  # the batch torch.export traces with (2 where code branches on a batch of 1)
-    dynamo: bool  # torch.export (dynamo) for the fp32 / fp16 graphs; False: the TorchScript exporter
+    # Optional `dynamo: bool` (default True): torch.export (dynamo) for the fp32 / fp16 graphs; False:
+    # the TorchScript exporter (the denoiser's segments). Read with getattr so exporters written
+    # before it (docs/extending.md) keep working.
 
     def check_options(self, precisions: tuple[str, ...]) -> None: ...  # ExportOptionError before any work
 
@@ -117,7 +119,7 @@ def export_network(exporter: NetworkExporter, directory: Path, precisions: tuple
         with steps(f"exporting {precision} {spec.name} graph (opset {opset})"):
             module = exporter.module(precision)
             files = torch_export(module, spec, path, opset, exporter.example_batch,
-                                 dynamo=exporter.dynamo and precision not in QUANTIZED_PRECISIONS)
+                                 dynamo=getattr(exporter, "dynamo", True) and precision not in QUANTIZED_PRECISIONS)
         with steps(f"validating {precision} {spec.name} graph"):
             validation = validate_graph(path, spec, cases, references, precision, exporter.check_graph,
                                         torch_candidate=module if precision in ONNXRUNTIME_REFUSED else None)
