@@ -101,30 +101,35 @@ std::string shape_text(const std::vector<int64_t>& shape) {
     return s + "]";
 }
 
+// A tensor a network must have: name, dtype, shape (-1 the batch) and role (runtime/networks.py).
+struct WantTensor {
+    std::string name;
+    DType dtype;
+    std::vector<int64_t> shape;
+    std::string role;
+};
+
+// `have` is exactly `want`, in order; a condition input's classes are `classes` (null = classes).
+bool tensors_match(const std::vector<TensorSpec>& have, const std::vector<WantTensor>& want, int64_t classes) {
+    if (have.size() != want.size()) return false;
+    for (size_t i = 0; i < want.size(); ++i) {
+        const TensorSpec& t = have[i];
+        if (t.name != want[i].name || t.dtype != want[i].dtype || t.shape != want[i].shape || t.role != want[i].role)
+            return false;
+        if (t.has_condition && (t.condition.num_classes != classes || t.condition.null != classes)) return false;
+    }
+    return true;
+}
+
 // runtime/manifest.py _check_denoiser: exactly the tensors denoiser_spec(model, family) has.
 void check_denoiser(const NetworkSpec& spec, const Manifest& m) {
     const int64_t C = m.in_channels, S = m.input_size, K = m.num_classes;
-    struct Want {
-        const char* name;
-        DType dtype;
-        std::vector<int64_t> shape;
-        const char* role;
-    };
+    using Want = WantTensor;
     const std::vector<Want> inputs = {{"latent", DType::Float32, {-1, C, S, S}, "latent"},
                                       {"timestep", DType::Float32, {-1}, "time"},
                                       {"class_label", DType::Int64, {-1}, "condition"}};
     const std::vector<Want> outputs = {{"model_output", DType::Float32, {-1, m.out_channels, S, S}, "prediction"}};
-    auto same = [](const std::vector<TensorSpec>& have, const std::vector<Want>& want, int64_t classes) {
-        if (have.size() != want.size()) return false;
-        for (size_t i = 0; i < want.size(); ++i) {
-            const TensorSpec& t = have[i];
-            if (t.name != want[i].name || t.dtype != want[i].dtype || t.shape != want[i].shape || t.role != want[i].role)
-                return false;
-            if (t.has_condition && (t.condition.num_classes != classes || t.condition.null != classes)) return false;
-        }
-        return true;
-    };
-    if (!same(spec.inputs, inputs, K) || !same(spec.outputs, outputs, K)) {
+    if (!tensors_match(spec.inputs, inputs, K) || !tensors_match(spec.outputs, outputs, K)) {
         std::string have;
         for (const auto* list : {&spec.inputs, &spec.outputs})
             for (const auto& t : *list)
@@ -180,12 +185,7 @@ GraphEntry read_graph(const Json& graph, const std::string& where, const std::st
 void check_segment(const NetworkSpec& spec, const Json& data, const Manifest& m) {
     const int64_t S = m.input_size, C = m.in_channels, D = m.hidden_size, K = m.num_classes;
     const int64_t T = (S / m.patch_size) * (S / m.patch_size);
-    struct Want {
-        std::string name;
-        DType dtype;
-        std::vector<int64_t> shape;
-        std::string role;
-    };
+    using Want = WantTensor;
     const Want hidden{"hidden_states", DType::Float32, {-1, T, D}, "tokens"};
     const Want conditioning{"conditioning", DType::Float32, {-1, D}, "embedding"};
     std::vector<Want> inputs{hidden, conditioning}, outputs{{"hidden_states_out", DType::Float32, {-1, T, D}, "tokens"}};
@@ -203,17 +203,8 @@ void check_segment(const NetworkSpec& spec, const Json& data, const Manifest& m)
     } else {
         blocks = {-1};  // not a segment of this denoiser
     }
-    auto same = [K](const std::vector<TensorSpec>& have, const std::vector<Want>& want) {
-        if (have.size() != want.size()) return false;
-        for (size_t i = 0; i < want.size(); ++i) {
-            const TensorSpec& t = have[i];
-            if (t.name != want[i].name || t.dtype != want[i].dtype || t.shape != want[i].shape || t.role != want[i].role)
-                return false;
-            if (t.has_condition && (t.condition.num_classes != K || t.condition.null != K)) return false;
-        }
-        return true;
-    };
-    bool ok = blocks != std::vector<int64_t>{-1} && same(spec.inputs, inputs) && same(spec.outputs, outputs);
+    bool ok = blocks != std::vector<int64_t>{-1} && tensors_match(spec.inputs, inputs, K) &&
+              tensors_match(spec.outputs, outputs, K);
     const Json& of = get(data, "segment_of");
     ok = ok && pyjson::is_str(of) && of.get<std::string>() == "denoiser";
     if (blocks.empty()) {
