@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from ditrt import runtime
-from ditrt.runtime.backends import BackendKind, register_backend
-from ditrt.runtime.errors import BackendError
+from ditrt.runtime.execution.backends import BackendKind, register_backend
+from ditrt.runtime.core.errors import BackendError
 
 DATA = Path(__file__).resolve().parent / "data" / "host_loop"
 BITS = DATA / "bits.npz"
@@ -116,8 +116,8 @@ def test_a_prefetch_computes_each_draw_once_and_holds_at_most_one():
     """A loop takes draws 0..K-1 in order, with 'engine time' in between: every draw is computed
     exactly once, the values are the stream's (noise.normal, the specification), and never more
     than one draw is queued, computing or held."""
-    from ditrt.runtime.noise import SeededNoise, normal
-    from ditrt.runtime.prefetch import NoisePrefetch
+    from ditrt.runtime.sampling.noise import SeededNoise, normal
+    from ditrt.runtime.sampling.prefetch import NoisePrefetch
     noise = SeededNoise(11, 2, (4, 8, 8))
     prefetch = NoisePrefetch(noise.step, 6)
     prefetch.start()
@@ -135,8 +135,8 @@ def test_a_prefetch_computes_each_draw_once_and_holds_at_most_one():
 def test_random_access_is_served_and_stale_draws_are_dropped():
     """Out of order (a retry goes back): the draw is the stream's, computed on the caller's thread,
     and what the worker keeps stays within depth of the last draw taken."""
-    from ditrt.runtime.noise import SeededNoise
-    from ditrt.runtime.prefetch import NoisePrefetch
+    from ditrt.runtime.sampling.noise import SeededNoise
+    from ditrt.runtime.sampling.prefetch import NoisePrefetch
     noise = SeededNoise(3, 1, (4, 8, 8))
     prefetch = NoisePrefetch(noise.step, 10, depth=2)
     try:
@@ -175,7 +175,7 @@ def test_a_backend_failing_mid_loop_leaves_no_thread(sampler, steps, family):
 
 def test_an_interrupt_from_the_progress_bar_leaves_no_thread(monkeypatch):
     """A cancel raised where the loop reports progress (Ctrl-C during the bar's update)."""
-    from ditrt.runtime import pipeline as pipeline_module
+    from ditrt.runtime.execution import pipeline as pipeline_module
     calls = []
 
     def interrupt(self):
@@ -207,7 +207,7 @@ def test_a_run_dropped_early_stops_its_worker():
 
 
 def test_the_batcher_cancelling_a_request_leaves_no_thread():
-    from ditrt.runtime.batching import StepBatcher
+    from ditrt.runtime.jobs.batching import StepBatcher
     pipe = _pipe("dit", delay_s=0.01)
     runs, start = [], pipe.start_spec
     pipe.start_spec = lambda *a, **k: runs.append(start(*a, **k)) or runs[-1]  # keeps the runs alive: no collector
@@ -230,8 +230,8 @@ def test_the_batcher_cancelling_a_request_leaves_no_thread():
 def test_the_batcher_refusing_a_request_leaves_no_thread():
     """An SDE run draws its first step noise when it is made (its worker starts at once): refused
     at submit (the scheduler is closed), it is closed there."""
-    from ditrt.runtime.errors import SchedulerClosed
-    from ditrt.runtime.batching import StepBatcher
+    from ditrt.runtime.core.errors import SchedulerClosed
+    from ditrt.runtime.jobs.batching import StepBatcher
     pipe = _pipe("sit", delay_s=0.01)
     runs, start = [], pipe.start_spec
     pipe.start_spec = lambda *a, **k: runs.append(start(*a, **k)) or runs[-1]
@@ -270,7 +270,7 @@ def test_io_binding_reuses_its_ortvalues_and_returns_what_run_returns(tmp_path):
     each row count's OrtValues are made once and reused, every output equals session.run's bit for
     bit and the graph's own arithmetic, and an output handed out earlier is not overwritten by a
     later call."""
-    from ditrt.runtime.backends import OnnxRuntimeBackend
+    from ditrt.runtime.execution.backends import OnnxRuntimeBackend
     spec = runtime.load_manifest(DATA / "dit").network("denoiser")
     _tiny_graph(tmp_path / "tiny.onnx")
     plain = OnnxRuntimeBackend(tmp_path / "tiny.onnx", spec, "fp32", "cpu", threads=1)
