@@ -78,8 +78,14 @@ def ddpm_step(x: np.ndarray, model_output: np.ndarray, sched: Schedule, i: int, 
     mean += np.multiply(x, _f32(sched.posterior_mean_coef2, i))
     if i == 0:
         return mean
-    # exp_float32, not np.exp: numpy's float32 exp and the C++ runtime's expf differ in the last bit
-    return mean + exp_float32(np.float32(0.5) * log_variance(v, sched, i, x.shape)) * noise
+    # exp_float32, not np.exp: numpy's float32 exp and the C++ runtime's expf differ in the last bit.
+    # In place, the same roundings: mean + exp(0.5 log_var) * noise (a + b is b + a to the bit).
+    half_log_var = log_variance(v, sched, i, x.shape)
+    half_log_var *= np.float32(0.5)
+    out = exp_float32(half_log_var)
+    out *= noise
+    out += mean
+    return out
 
 
 def ddim_step(x: np.ndarray, model_output: np.ndarray, sched: Schedule, i: int, noise: np.ndarray,
