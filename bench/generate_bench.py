@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report  # noqa: E402
 
-from ditrt.runtime import generate as G  # noqa: E402
+from ditrt.runtime.jobs import generate as G  # noqa: E402
 
 PEAK = 'int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))'
 
@@ -59,7 +59,7 @@ def npz_memory(artifact: Path, root: Path, images: int) -> dict:
     script = f"""
 import re, numpy as np
 from pathlib import Path
-from ditrt.runtime import shards as S
+from ditrt.runtime.jobs import shards as S
 out = Path({str(out)!r})
 shards = S.plan_shards({images}, 100)
 labels = np.concatenate([S.read_shard(out / s.name, s)[1] for s in shards])
@@ -106,7 +106,7 @@ def main() -> None:
         print(npz_memory(artifact, root, args.npz_images))
         return
     cases = [("local, 1 worker", G.Workers(1)), ("local, 2 workers", G.Workers(2))]
-    from ditrt.runtime.manifest import load_manifest
+    from ditrt.runtime.artifact.manifest import load_manifest
     manifest = load_manifest(artifact)
     model = manifest.data["model"]
     extra = {"artifact": str(artifact), "model": model.get("name") or "the example",

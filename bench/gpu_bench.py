@@ -3,7 +3,7 @@
     python bench/gpu_bench.py                                   # DiT-XL/2, 256 px, random init
     python bench/gpu_bench.py --artifact engines/xl --checkpoint DiT-XL-2-256x256.pt
 
-Backends (ids of the runtime's registry, ditrt.runtime.backends.BACKENDS, plus one derived variant),
+Backends (ids of the runtime's registry, ditrt.runtime.execution.backends.BACKENDS, plus one derived variant),
 each run on its own (the others freed) and reported "unavailable: <reason>" when this machine cannot:
   tensorrt-fp16         the artifact's fp16 plan for this GPU (built here, 1/16/64 engine rows, when
                         the artifact has none that covers the batches); CUDA graph per batch size
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import model_parser, report  # noqa: E402
 
-# The registry's ids (ditrt.runtime.backends.BACKENDS), plus the one variant it has not: the bench's
+# The registry's ids (ditrt.runtime.execution.backends.BACKENDS), plus the one variant it has not: the bench's
 # own CUDA-graph wrapper around the torch reference, named after the id it derives from.
 BACKENDS = ("tensorrt-fp16", "onnxruntime-fp16", "torch-fp16", "torch-fp16-cudagraph")
 RENAMED = {"tensorrt": "tensorrt-fp16", "onnxruntime-cuda": "onnxruntime-fp16", "torch-eager": "torch-fp16",
@@ -48,7 +48,7 @@ def gpu_name() -> str | None:
     except ImportError:
         pass
     try:
-        from ditrt.runtime.trt.device import gpu_info
+        from ditrt.runtime.execution.trt.device import gpu_info
         return gpu_info().name
     except Exception:  # no cuda-python, no driver, no device
         return None
@@ -101,9 +101,9 @@ class TorchCudaGraphBackend:
 def unavailable_reason(name: str) -> str | None:
     """Why this machine cannot run a backend at all (checked before any artifact is exported), or None."""
     if name == "tensorrt-fp16":
-        from ditrt.runtime.errors import TensorRTUnavailable
+        from ditrt.runtime.core.errors import TensorRTUnavailable
         try:
-            from ditrt.runtime.trt.device import environment
+            from ditrt.runtime.execution.trt.device import environment
             environment()  # TensorRT and a GPU, or the reason why not
         except TensorRTUnavailable as e:
             return e.missing
@@ -135,17 +135,17 @@ def unavailable_reason(name: str) -> str | None:
 def make_backend(name: str, manifest, args, batches: list[int], log):
     """(backend, note); Unavailable with the reason when this machine cannot run it."""
     from ditrt.runtime import create_backend
-    from ditrt.runtime.errors import TensorRTUnavailable
+    from ditrt.runtime.core.errors import TensorRTUnavailable
     low, high = min(batches), max(batches)
     if name in ("tensorrt-fp16", "onnxruntime-fp16") and "fp16" not in manifest.precisions("denoiser"):
         raise Unavailable(f"{manifest.directory} has no fp16 denoiser graph (re-export with the fp16 precision)")
     if name == "tensorrt-fp16":
-        from ditrt.runtime.trt.compat import compatible_engine
+        from ditrt.runtime.execution.trt.compat import compatible_engine
         try:
             entry = compatible_engine(manifest, "denoiser", "fp16")
             if entry is None or entry["profile"]["min"] > low or entry["profile"]["max"] < high:
-                from ditrt.runtime.trt.build import build_engine, require_toolchain
-                from ditrt.runtime.trt.settings import BuildFlags, EngineProfile
+                from ditrt.runtime.jobs.build import build_engine, require_toolchain
+                from ditrt.runtime.execution.trt.settings import BuildFlags, EngineProfile
                 require_toolchain()
                 log(f"building a TensorRT plan (1/{min(16, high)}/{high} engine rows) for this GPU ...")
                 build_engine(manifest.directory, "denoiser", "fp16", EngineProfile(1, min(16, high), high), BuildFlags(),
@@ -173,7 +173,7 @@ def make_backend(name: str, manifest, args, batches: list[int], log):
 
 
 def _reload(manifest):
-    from ditrt.runtime.manifest import load_manifest
+    from ditrt.runtime.artifact.manifest import load_manifest
     return load_manifest(manifest.directory)
 
 
@@ -187,7 +187,7 @@ def example_feeds(network, rows: int) -> dict[str, np.ndarray]:
 
 
 def forward_ms(backend, rows: int, repeats: int) -> list[float]:
-    from ditrt.runtime.chunking import run_chunked
+    from ditrt.runtime.execution.chunking import run_chunked
     feeds = example_feeds(backend.network, rows)
     for _ in range(3):  # warm-up: CUDA graph capture, lazy allocations, autotuning
         run_chunked(backend, feeds)
@@ -202,7 +202,7 @@ def forward_ms(backend, rows: int, repeats: int) -> list[float]:
 def prepare(args, log):
     """(manifest, description of the weights). The artifact is exported (fp16 graph only: what the
     GPU backends run) when it does not exist yet."""
-    from ditrt.runtime.manifest import ArtifactError, load_manifest
+    from ditrt.runtime.artifact.manifest import ArtifactError, load_manifest
     artifact = Path(args.artifact or ROOT / "engines" / f"bench-{args.config.replace('/', '-')}-{args.image_size}-random")
     try:
         manifest = load_manifest(artifact)
@@ -318,7 +318,7 @@ def main() -> int:
            {"gpu": name, "config": args.config, "image_size": args.image_size, "weights": weights,
             "artifact": str(manifest.directory), "steps": args.steps, "cfg_scale": args.cfg_scale, "images": args.images,
             "sampler": "ddpm", "backends": names, "versions": versions(),
-            "notes": "backend: ids of ditrt.runtime.backends.BACKENDS (torch-fp16-cudagraph: this bench's CUDA-graph "
+            "notes": "backend: ids of ditrt.runtime.execution.backends.BACKENDS (torch-fp16-cudagraph: this bench's CUDA-graph "
                      "wrapper of torch-fp16); forward times include host<->device copies (numpy in/out, as the "
                      "runtime calls a backend); engine rows = 2 x images under guidance"},
            out=args.out)

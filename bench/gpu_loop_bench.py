@@ -84,9 +84,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from ditrt import runtime
-    from ditrt.runtime import noise
-    from ditrt.runtime.backends import OnnxRuntimeBackend
-    from ditrt.runtime.pipeline import Pipeline
+    from ditrt.runtime.sampling import noise
+    from ditrt.runtime.execution.backends import OnnxRuntimeBackend
+    from ditrt.runtime.execution.pipeline import Pipeline
 
     no_ep, cupy = cuda_ep(), cupy_or_reason()
     if no_ep and isinstance(cupy, str):

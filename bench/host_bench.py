@@ -82,7 +82,7 @@ class SleepingBackend:
 
 def register_sleeping_backends(sleeps_ms: list[int]) -> dict[int, str]:
     """One registry kind per sleep (`sleep<T>ms`), created as every other kind is."""
-    from ditrt.runtime.backends import BackendKind, register_backend
+    from ditrt.runtime.execution.backends import BackendKind, register_backend
     names = {}
     for ms in sleeps_ms:
         name = f"sleep{ms}ms"
@@ -232,7 +232,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from ditrt import runtime
-    from ditrt.runtime.noise import NOISE_VERSION
+    from ditrt.runtime.sampling.noise import NOISE_VERSION
     samplers = args.samplers.split(",")
     images = [int(n) for n in args.images.split(",")]
     sleeps = [int(ms) for ms in args.sleep_ms.split(",")]

@@ -3,7 +3,7 @@ best-of-N wall time per draw and the ratio.
 
     python bench/noise_bench.py [--repeats 5] [--cpp-lib runtime/cpp/build/pytest-release/libditrt.so]
 
-ditrt's stream is `ditrt.runtime.noise.normal(seed, images, draw, shape)` (Philox4x32-10 and a
+ditrt's stream is `ditrt.runtime.sampling.noise.normal(seed, images, draw, shape)` (Philox4x32-10 and a
 polynomial Box-Muller in float64, vectorised); the yardstick is
 `np.random.default_rng(0).standard_normal((images, *shape), dtype=np.float32)` (ziggurat). With
 --cpp-lib, the C++ library's ditrt_noise_normal (scalar, one image at a time) is timed too.
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--cpp-lib", help="a built libditrt.so: time ditrt_noise_normal too")
     args = parser.parse_args()
 
-    from ditrt.runtime import noise
+    from ditrt.runtime.sampling import noise
     cpp = cpp_filler(args.cpp_lib) if args.cpp_lib else None
     rows = []
     for name, images, shape in CASES:

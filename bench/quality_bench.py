@@ -3,7 +3,7 @@ DiT and for the SiT trained the same way (exporter/data/digits): what each accel
 
     python bench/quality_bench.py --num-images 1000 --threads 2
 
-Every row goes through the project's own path, `ditrt.runtime.quality.compare` (what `ditrt quality`
+Every row goes through the project's own path, `ditrt.runtime.jobs.quality.compare` (what `ditrt quality`
 runs): the exported ONNX graphs on ONNX Runtime (CPU), the runtime's samplers and guidance (official,
 cfg 4 unless the row says otherwise), the decoder graph, and a digit classifier trained on the real
 digits. Columns: the classifier's accuracy on the requested labels, the Frechet distance and
@@ -40,8 +40,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from ditrt.exporter.artifact import DATA, EXAMPLE_VAE, export_command
-    from ditrt.runtime import quality
-    from ditrt.runtime.request import LoadOptions
+    from ditrt.runtime.jobs import quality
+    from ditrt.runtime.sampling.request import LoadOptions
 
     classifier = quality.DigitClassifier.load(DATA / "digits" / "classifier.npz")
     families = [f.strip() for f in args.families.split(",") if f.strip()]

@@ -48,7 +48,7 @@ def main() -> None:
     from ditrt.exporter.model import named_config
     from ditrt.exporter.artifact import export_artifact
     from ditrt.exporter.denoiser import source_from_random_init
-    from ditrt.runtime.backends import OnnxRuntimeBackend
+    from ditrt.runtime.execution.backends import OnnxRuntimeBackend
 
     torch.set_num_threads(args.threads)
     rows = []

@@ -32,7 +32,7 @@ def main() -> None:
     from ditrt.exporter.artifact import export_artifact
     from ditrt.exporter.denoiser import source_from_random_init
     from ditrt.exporter.model import named_config
-    from ditrt.runtime.samplers import SAMPLERS
+    from ditrt.runtime.sampling.samplers import SAMPLERS
 
     torch.set_num_threads(args.threads)
     cfg = named_config(args.config, args.image_size)

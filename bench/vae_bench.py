@@ -97,7 +97,7 @@ def main() -> None:
         import onnxruntime as ort
         import torch
         from ditrt.exporter.vae import random_vae
-        from ditrt.runtime.parity import compare
+        from ditrt.runtime.jobs.parity import compare
         torch.set_num_threads(args.threads)
         loaded = random_vae(seed=SEED)
         options = ort.SessionOptions()

@@ -16,11 +16,11 @@ from pathlib import Path
 import click
 
 from ditrt import runtime
-from ditrt.runtime.backends import BACKENDS, backend_ids
-from ditrt.runtime.errors import DitrtError, InputError, TensorRTUnavailable
-from ditrt.runtime.samplers import SAMPLERS
-from ditrt.runtime.cache import cache_names, parse_cache_options
-from ditrt.runtime.request import LoadOptions
+from ditrt.runtime.execution.backends import BACKENDS, backend_ids
+from ditrt.runtime.core.errors import DitrtError, InputError, TensorRTUnavailable
+from ditrt.runtime.sampling.samplers import SAMPLERS
+from ditrt.runtime.execution.cache import cache_names, parse_cache_options
+from ditrt.runtime.sampling.request import LoadOptions
 from ditrt.serve.parsing import DEFAULT_TIMEOUT_S, HttpLimits  # no fastapi: the app imports it when made
 
 
@@ -277,13 +277,13 @@ def sample(artifact, labels, image_offset, out_path, out_dir, latents_path, **op
     """Run the guided sampling loop on an artifact; write a PNG grid (and per-image PNGs) with its
     decoder, and/or the latents (N, C, H, W) float32 as .npy."""
     from dataclasses import replace
-    from ditrt.runtime.outputs import OutputPlan
-    from ditrt.runtime.labels import split_labels
+    from ditrt.runtime.jobs.outputs import OutputPlan
+    from ditrt.runtime.artifact.labels import split_labels
     with project_errors():
         label_list = split_labels(labels)  # numbers or names: the pipeline resolves names from the manifest
         spec, load = _sampling_request(options, label_list, image_offset)
         if load.public_key is not None:  # before the manifest is even read
-            from ditrt.runtime.signing import require_signature
+            from ditrt.runtime.artifact.signing import require_signature
             require_signature(artifact, load.public_key)
         manifest = runtime.load_manifest(artifact)
         plan = OutputPlan.from_options(out_path, out_dir, latents_path, "decoder" in manifest.networks,
@@ -302,8 +302,8 @@ def sample(artifact, labels, image_offset, out_path, out_dir, latents_path, **op
 def _sampling_request(options: dict, labels=None, image_offset: int = 0):
     """(SampleSpec, LoadOptions) from the options `sampling_options` adds: the one place the CLI
     builds them (`sample`, `generate`, `quality`)."""
-    from ditrt.runtime.request import LoadOptions, SampleSpec, sampler_options
-    from ditrt.runtime.samplers import parse_options
+    from ditrt.runtime.sampling.request import LoadOptions, SampleSpec, sampler_options
+    from ditrt.runtime.sampling.samplers import parse_options
     o = options
     spec = SampleSpec(labels=labels, sampler=o["sampler"], steps=o["steps"], guidance=o["guidance"],
                       cfg_scale=o["cfg_scale"], seed=o["seed"], image_offset=image_offset,
@@ -349,8 +349,8 @@ def generate(artifact, num_images, out_dir, labels, batch, shard_size, workers, 
              npz_path, png, resume, private_key, **options) -> None:
     """Generate N images in resumable shards, as the official sample_ddp.py (for FID or synthetic
     data): identical whatever the number of workers. Prints one JSON summary line."""
-    from ditrt.runtime import generate as G
-    from ditrt.runtime.progress import JobProgress
+    from ditrt.runtime.jobs import generate as G
+    from ditrt.runtime.core.progress import JobProgress
     with project_errors():
         spec, load = _sampling_request(options)
         job = G.GenerateJob(artifact, out_dir, num_images, labels, spec.seed, spec, batch, shard_size, png, npz_path,
@@ -400,9 +400,9 @@ def quality(artifact, num_images, compares, batch, classifier, json_path, labels
     and images/s, each relative to the first configuration (the digits example; needs
     scikit-learn: pip install 'ditrt[quality]')."""
     import ditrt.exporter
-    from ditrt.runtime import quality as Q
-    from ditrt.runtime.files import Input, check_outputs, write_json_atomic
-    from ditrt.runtime.plots import check_plot_target, plot_report
+    from ditrt.runtime.jobs import quality as Q
+    from ditrt.runtime.core.files import Input, check_outputs, write_json_atomic
+    from ditrt.runtime.jobs.plots import check_plot_target, plot_report
     with project_errors():
         if plot_path:
             check_plot_target(plot_path)
@@ -432,9 +432,9 @@ def quality(artifact, num_images, compares, batch, classifier, json_path, labels
 @click.option("--verify/--no-verify", default=True, show_default=True)
 def decode(artifact, latents, out_path, out_dir, backend, decoder_precision, threads, verify) -> None:
     """Decode saved latents (N, C, H, W) .npy with ARTIFACT's VAE decoder into PNGs."""
-    from ditrt.runtime.files import Input
-    from ditrt.runtime.outputs import OutputPlan, load_latents
-    from ditrt.runtime.pipeline import decode as run_decoder
+    from ditrt.runtime.core.files import Input
+    from ditrt.runtime.jobs.outputs import OutputPlan, load_latents
+    from ditrt.runtime.execution.pipeline import decode as run_decoder
     if out_path is None and out_dir is None:
         raise click.UsageError("give --out GRID.png and/or --out-dir DIR")
     if out_path is not None and out_path.suffix.lower() != ".png":
@@ -467,7 +467,7 @@ def verify(artifact, accept_manifest_edits, public_key) -> None:
     since export, or the signature is missing or does not verify; 2: the artifact or its manifest
     is unusable (no denoiser graph, a bad field).
     """
-    from ditrt.runtime.manifest import DIGEST_NAME, write_manifest_digest
+    from ditrt.runtime.artifact.manifest import DIGEST_NAME, write_manifest_digest
     if accept_manifest_edits and public_key is not None:
         raise click.UsageError("--accept-manifest-edits rewrites manifest.sha256, which the signature covers: verify "
                                "with --public-key first, then sign again after the edit")
@@ -478,7 +478,7 @@ def verify(artifact, accept_manifest_edits, public_key) -> None:
             click.echo(f"accepted the current manifest.json (sha256 {digest[:16]}...): recorded in {DIGEST_NAME}")
         results = manifest.verify_all()
         if public_key is not None:
-            from ditrt.runtime.signing import verify_path
+            from ditrt.runtime.artifact.signing import verify_path
             results += [(r.name, r.what, r.problem) for r in verify_path(manifest.directory, public_key)]
     width = max(len(str(name)) for name, _, _ in results)
     for name, what, problem in results:
@@ -500,7 +500,7 @@ def sign(artifact, private_key) -> None:
     """Sign ARTIFACT with OpenSSF model-signing: ARTIFACT/model.sig covers every file in the folder
     (manifest, manifest.sha256, graphs, data files, plans). The artifact must verify first
     (`ditrt verify`): a changed file is never signed. Check with `ditrt verify ARTIFACT --public-key PUB`."""
-    from ditrt.runtime.signing import sign_artifact
+    from ditrt.runtime.artifact.signing import sign_artifact
     with project_errors():
         signature, count = sign_artifact(artifact, private_key)
     click.echo(f"signed {count} files of {artifact}: {signature}")
@@ -536,8 +536,8 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
 
     Exit code 0: every check within bounds; 1: some check out of bounds; 2: usage or artifact error.
     """
-    from ditrt.runtime import parity as P
-    from ditrt.runtime.files import Input, check_outputs
+    from ditrt.runtime.jobs import parity as P
+    from ditrt.runtime.core.files import Input, check_outputs
     if sum([bool(against), bool(save_golden), activation_ranges]) != 1:
         raise click.UsageError("give exactly one of --against, --save-golden or --activation-ranges")
     mode = "--against" if against else "--save-golden" if save_golden else "--activation-ranges"
@@ -558,7 +558,7 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
         _require_torch("parity --against reference" if against else "parity", exit_code=2)
     with project_errors(all_input=True):
         if public_key is not None:
-            from ditrt.runtime.signing import require_signature
+            from ditrt.runtime.artifact.signing import require_signature
             require_signature(artifact, public_key)
         manifest = runtime.load_manifest(artifact)
         check_outputs([("--json", json_path), ("--junit", junit_path), ("--save-golden", save_golden)],
@@ -569,7 +569,7 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
             report = activation_report(manifest, checkpoint, headroom)
             click.echo(format_activation_report(report))
             if json_path:
-                from ditrt.runtime.files import write_json_atomic
+                from ditrt.runtime.core.files import write_json_atomic
                 write_json_atomic(json_path, report)
             return
         if against == "reference" or save_golden:
@@ -603,7 +603,7 @@ def parity(artifact, against, backends, steps, batches, max_rel_errs, atol, rtol
 
 # ---- build --------------------------------------------------------------------------------------
 
-from ditrt.runtime.trt.settings import HARDWARE_COMPAT as _HARDWARE_COMPAT  # noqa: E402  (pure: no TensorRT import)
+from ditrt.runtime.execution.trt.settings import HARDWARE_COMPAT as _HARDWARE_COMPAT  # noqa: E402  (pure: no TensorRT import)
 
 
 @main.command()
@@ -646,9 +646,9 @@ def build(artifact, network, precision, decoder_precision, min_batch, opt_batch,
     pip install 'ditrt[trt]' and an NVIDIA GPU; torch is not needed.
     """
     import contextlib
-    from ditrt.runtime.trt.build import build_all
-    from ditrt.runtime.signing import check_before_build, sign_after_build
-    from ditrt.runtime.trt.settings import BuildFlags
+    from ditrt.runtime.jobs.build import build_all
+    from ditrt.runtime.artifact.signing import check_before_build, sign_after_build
+    from ditrt.runtime.execution.trt.settings import BuildFlags
     try:
         with project_errors(), contextlib.redirect_stdout(sys.stderr):  # Polygraphy logs to stdout
             check_before_build(artifact, private_key)

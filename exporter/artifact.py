@@ -1,9 +1,9 @@
 """`ditrt export`: an artifact directory (graphs + manifest) from a denoiser source and an optional
 VAE, through the one export loop (onnx_export.export_network) per network. Everything is written to
 a temporary directory beside `--out` that is renamed into place only when every network passed;
-`--out` is checked before any work (runtime.files.resolve_out_dir: a symbolic link is resolved,
-never rewritten) and claimed exclusively for the duration (runtime.files.claimed_output). SIGTERM
-and SIGINT run the same cleanup as an error (runtime.files.signals_raise): the lock and the
+`--out` is checked before any work (runtime.core.files.resolve_out_dir: a symbolic link is resolved,
+never rewritten) and claimed exclusively for the duration (runtime.core.files.claimed_output). SIGTERM
+and SIGINT run the same cleanup as an error (runtime.core.files.signals_raise): the lock and the
 temporary folder go, a previous artifact stays as it was. See docs/integrity.md."""
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import onnx
 import torch
 
 from ditrt import runtime
-from ditrt.runtime.errors import StepError
-from ditrt.runtime.files import (Input, Terminated, check_output_folder, claimed_output, listed_files, resolve_out_dir, signals_raise,
+from ditrt.runtime.core.errors import StepError
+from ditrt.runtime.core.files import (Input, Terminated, check_output_folder, claimed_output, listed_files, resolve_out_dir, signals_raise,
                                  swap_into_place, write_json_atomic)
-from ditrt.runtime.manifest import MANIFEST_NAME, Manifest, new_manifest, write_manifest_digest
+from ditrt.runtime.artifact.manifest import MANIFEST_NAME, Manifest, new_manifest, write_manifest_digest
 
 from .decoder import DecoderExporter
 from .denoiser import DenoiserExporter, ExportSource
@@ -110,7 +110,7 @@ def _make_temp_dir(out_dir: Path) -> str:
 
 def prepare_out_dir(out_dir, force: bool, log: Callable[[str], None] = print) -> Path:
     """`--out` as the directory to write, refused at once when the export could not end well (see
-    runtime.files.resolve_out_dir and check_out_dir); a symbolic link is followed, and said so."""
+    runtime.core.files.resolve_out_dir and check_out_dir); a symbolic link is followed, and said so."""
     path = resolve_out_dir(out_dir)
     if path != Path(out_dir):
         log(f"note: --out {out_dir} is a symbolic link; writing the directory it names, {path}")
@@ -146,7 +146,7 @@ def _versions() -> dict:
 # ---- what `ditrt export` exports ----------------------------------------------------------------------
 
 DATA = Path(__file__).resolve().parent / "data"
-# The trained digits example (exporter/data/digits/README.md, exporter/train_digits.py): a DiT of
+# The trained digits example (exporter/data/digits/README.md, examples/digits/train_digits.py): a DiT of
 # depth 4, hidden 128, 4 heads on 8x8x4 latents of its own small VAE, 10 classes (the digits).
 EXAMPLE_CHECKPOINT = DATA / "digits" / "dit.safetensors"
 EXAMPLE_VAE = DATA / "digits" / "vae"
@@ -164,7 +164,7 @@ def resolve_source(checkpoint: str | Path | None = None, example: bool = False, 
     `transport` ({path_type, prediction}, SiT's create_transport names) says how a SiT was trained:
     no tensor records it, and only the Linear path with velocity prediction is implemented (others
     refused)."""
-    from ditrt.runtime.validate import check_int
+    from ditrt.runtime.core.validate import check_int
 
     from .checkpoints import load_checkpoint
     from .denoiser import source_from_checkpoint, source_from_random_init
@@ -187,7 +187,7 @@ def resolve_source(checkpoint: str | Path | None = None, example: bool = False, 
         if family != "sit":
             raise ExportOptionError(f"--path-type / --prediction describe a SiT's transport; they do not apply to "
                                     f"--family {family}")
-        from ditrt.runtime.config import Transport, read_transport
+        from ditrt.runtime.spec.config import Transport, read_transport
         read_transport({**Transport().to_dict(), **transport}, None, ExportOptionError, where="the SiT's transport ")
     if random_init:
         size = 256 if image_size is None else check_int(image_size, "--image-size (pixels)", 8, 8192)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ditrt.runtime.errors import InputError
-from ditrt.runtime.files import sha256_file
-from ditrt.runtime.validate import check_int
+from ditrt.runtime.core.errors import InputError
+from ditrt.runtime.core.files import sha256_file
+from ditrt.runtime.core.validate import check_int
 
 from .model import DIT_CONFIGS, DiT, DiTConfig, get_2d_sincos_pos_embed
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import onnx
 import torch
 
-from ditrt.runtime.networks import decoder_spec
+from ditrt.runtime.spec.networks import decoder_spec
 
 from .onnx_export import ExportError, ExportOptionError
 from .vae import DecoderGraph, LoadedVae

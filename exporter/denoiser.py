@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import onnx
 import torch
 
-from ditrt.runtime.config import DiTConfig, Family, get_family
-from ditrt.runtime.labels import ClassNames
-from ditrt.runtime.networks import QUANTIZED_PRECISIONS, denoiser_spec
+from ditrt.runtime.spec.config import DiTConfig, Family, get_family
+from ditrt.runtime.artifact.labels import ClassNames
+from ditrt.runtime.spec.networks import QUANTIZED_PRECISIONS, denoiser_spec
 
 from .checkpoints import Checkpoint
 from .model import DiT, count_parameters, family_model, macs_per_forward, set_precision

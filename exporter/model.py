@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ditrt.runtime.config import DiTConfig
-from ditrt.runtime.errors import InputError
+from ditrt.runtime.spec.config import DiTConfig
+from ditrt.runtime.core.errors import InputError
 
 
 # depth, hidden, heads of the official named configs; each with patch 2, 4 or 8.
@@ -226,7 +226,7 @@ FAMILY_MODELS = {"dit": DiT, "sit": SiT}
 
 
 def family_model(family: str) -> type[DiT]:
-    """The module class of a model family (runtime.config.FAMILIES names them)."""
+    """The module class of a model family (runtime.spec.config.FAMILIES names them)."""
     if family not in FAMILY_MODELS:
         raise InputError(f"no PyTorch model for family {family!r}; ditrt has {', '.join(FAMILY_MODELS)}")
     return FAMILY_MODELS[family]

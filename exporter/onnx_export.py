@@ -4,7 +4,7 @@ Runtime vs the PyTorch fp32 reference, per precision, and comes out as its manif
 
 An exporter is any object with the `NetworkExporter` attributes; `exporter/denoiser.py` and
 `exporter/decoder.py` are the two there are. Adding a network means one such module and its spec
-(runtime/networks.py); see docs/extending.md.
+(runtime/spec/networks.py); see docs/extending.md.
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ import numpy as np
 import onnx
 import torch
 
-from ditrt.runtime.backends import ONNXRUNTIME_REFUSED
-from ditrt.runtime.errors import InputError, StepError
-from ditrt.runtime.manifest import graph_entry, network_section
-from ditrt.runtime.networks import QUANTIZED_PRECISIONS, NetworkSpec
-from ditrt.runtime.parity import compare
+from ditrt.runtime.execution.backends import ONNXRUNTIME_REFUSED
+from ditrt.runtime.core.errors import InputError, StepError
+from ditrt.runtime.artifact.manifest import graph_entry, network_section
+from ditrt.runtime.spec.networks import QUANTIZED_PRECISIONS, NetworkSpec
+from ditrt.runtime.jobs.parity import compare
 
 from .trt_lint import lint_model
 
@@ -235,7 +235,7 @@ def validate_graph(path: Path, spec: NetworkSpec, cases: list[dict], references:
     network's own checks, TensorRT lint, and ONNX Runtime (or `torch_candidate`, the module exported,
     for graphs ONNX Runtime cannot run) vs the PyTorch fp32 outputs within the spec's bound for this
     precision."""
-    from ditrt.runtime.backends import OnnxRuntimeBackend
+    from ditrt.runtime.execution.backends import OnnxRuntimeBackend
     graph, inferred = check_graph_file(path)
     for value, want in zip([*inferred.graph.input, *inferred.graph.output], [*spec.inputs, *spec.outputs]):
         dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]

@@ -8,11 +8,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ditrt.runtime.errors import InputError
-from ditrt.runtime.manifest import Manifest
-from ditrt.runtime.parity import Golden, make_golden
-from ditrt.runtime.pipeline import Pipeline
-from ditrt.runtime.validate import check_number
+from ditrt.runtime.core.errors import InputError
+from ditrt.runtime.artifact.manifest import Manifest
+from ditrt.runtime.jobs.parity import Golden, make_golden
+from ditrt.runtime.execution.pipeline import Pipeline
+from ditrt.runtime.core.validate import check_number
 
 from .model import DiT
 from .reference import reference_decoder, reference_model
@@ -26,7 +26,7 @@ def reference_golden(manifest: Manifest, batches: list[int], steps: int, checkpo
     """Run the PyTorch reference once over the check set: per-forward checks at `batches` and one
     loop of about `steps` model calls per sampler of the artifact's family (`max_model_calls`
     budgets the adaptive ones)."""
-    from ditrt.runtime.validate import check_int
+    from ditrt.runtime.core.validate import check_int
     if not batches:
         raise InputError("--batch needs at least one batch size")
     batches = [check_int(b, "--batch sizes", 1, 4096) for b in batches]

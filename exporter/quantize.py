@@ -4,7 +4,7 @@ quantization (QuantizeLinear / DequantizeLinear pairs) that TensorRT builds into
 kernels and ONNX Runtime's CPU provider runs as int8 (docs/quantization.md).
 
 Calibration runs the runtime's own pipeline (the artifact's default sampler, official guidance with
-its null rows, balanced labels, the seeded noise stream of runtime/noise.py) over the model being
+its null rows, balanced labels, the seeded noise stream of runtime/sampling/noise.py) over the model being
 calibrated, one batch of images at a time: nothing but the model and one batch of activations is
 held. ModelOpt keeps quantization off while it calibrates, so the trajectories are fp32's.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ditrt.runtime.networks import QUANTIZED_PRECISIONS
-from ditrt.runtime.quantization import MAX_COUNT
+from ditrt.runtime.spec.networks import QUANTIZED_PRECISIONS
+from ditrt.runtime.spec.quantization import MAX_COUNT
 
 from .onnx_export import ExportOptionError
 
@@ -95,7 +95,7 @@ def quant_options(calib_images: int | None = None, calib_steps: int | None = Non
 
 def check_quant_options(options: QuantOptions, precisions: tuple[str, ...]) -> None:
     """Refused before any work: bad counts, a config for a precision not exported, no ModelOpt."""
-    from ditrt.runtime.validate import check_int
+    from ditrt.runtime.core.validate import check_int
     check_int(options.calib_images, "--calib-images", 1, 1_000_000, error=ExportOptionError)
     check_int(options.calib_steps, "--calib-steps", 1, 10_000, error=ExportOptionError)
     check_int(options.calib_seed, "--calib-seed", 0, MAX_COUNT, error=ExportOptionError)
@@ -111,11 +111,11 @@ def calibrate(model: torch.nn.Module, family, options: QuantOptions) -> dict:
     """Run `model` (being calibrated) over sampling trajectories: the family's default sampler and
     cfg scale with guidance rows, `calib_steps` steps, `calib_images` balanced images, seeded noise;
     returns the calibration part of the recipe."""
-    from ditrt.runtime.manifest import Manifest, network_section, new_manifest
-    from ditrt.runtime.networks import denoiser_spec
-    from ditrt.runtime.generate import balanced_labels
-    from ditrt.runtime.pipeline import Pipeline
-    from ditrt.runtime.request import SampleSpec
+    from ditrt.runtime.artifact.manifest import Manifest, network_section, new_manifest
+    from ditrt.runtime.spec.networks import denoiser_spec
+    from ditrt.runtime.jobs.generate import balanced_labels
+    from ditrt.runtime.execution.pipeline import Pipeline
+    from ditrt.runtime.sampling.request import SampleSpec
 
     from .torch_backend import TorchBackend
     config = model.config

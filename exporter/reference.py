@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ditrt.runtime.errors import ArtifactError
-from ditrt.runtime.manifest import Manifest
+from ditrt.runtime.core.errors import ArtifactError
+from ditrt.runtime.artifact.manifest import Manifest
 
 from .checkpoints import load_checkpoint
 from .model import DiT, family_model, random_init
@@ -47,7 +47,7 @@ def reference_model(manifest: Manifest, checkpoint: str | Path | None = None) ->
 def _from_hub_cache(source: dict) -> Path:
     """The source's transformer weights found again in this machine's Hugging Face cache (or hub),
     at the recorded commit, each recorded file's sha256 checked."""
-    from ditrt.runtime.files import sha256_file
+    from ditrt.runtime.core.files import sha256_file
 
     from .checkpoints import CheckpointError
     from .sources import hub_checkpoint

@@ -1,6 +1,6 @@
-"""The denoiser as segments, for feature caching (runtime/cache.py): `embed` (latent, timestep,
+"""The denoiser as segments, for feature caching (runtime/execution/cache.py): `embed` (latent, timestep,
 class label -> tokens and the adaLN conditioning), the block ranges of
-`runtime.networks.block_segments` (tokens, conditioning -> tokens), and `final` (tokens,
+`runtime.spec.networks.block_segments` (tokens, conditioning -> tokens), and `final` (tokens,
 conditioning -> the denoiser's output). Composed, they are the monolithic denoiser; export checks
 that on ONNX Runtime (`check_composition`, within 1e-6 fp32), and the monolithic graph stays the
 uncached path.
@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import torch
 
-from ditrt.runtime.networks import NetworkSpec, segment_specs
+from ditrt.runtime.spec.networks import NetworkSpec, segment_specs
 
 from .denoiser import FP16_FLOAT32_PARTS, ExportSource
 from .model import SiT
@@ -132,8 +132,8 @@ def check_composition(directory: Path, denoiser: NetworkSpec, segments: list[Net
                       batches: tuple[tuple[int, int], ...] = ((1, 5), (3, 6))) -> dict:
     """ONNX Runtime, fp32: embed -> blocks... -> final against the monolithic denoiser graph on the
     denoiser's example inputs; ExportError above COMPOSITION_BOUND. Returns the record."""
-    from ditrt.runtime.backends import OnnxRuntimeBackend
-    from ditrt.runtime.parity import compare
+    from ditrt.runtime.execution.backends import OnnxRuntimeBackend
+    from ditrt.runtime.jobs.parity import compare
     whole = OnnxRuntimeBackend(directory / f"{denoiser.name}.fp32.onnx", denoiser, "fp32")
     parts = [OnnxRuntimeBackend(directory / f"{s.name}.fp32.onnx", s, "fp32") for s in segments]
     runs = []

@@ -22,9 +22,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ditrt.runtime.config import Diffusion
-from ditrt.runtime.files import sha256_file
-from ditrt.runtime.labels import ClassNames, id2label_from_config
+from ditrt.runtime.spec.config import Diffusion
+from ditrt.runtime.core.files import sha256_file
+from ditrt.runtime.artifact.labels import ClassNames, id2label_from_config
 
 from .checkpoints import CheckpointError
 

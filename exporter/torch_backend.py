@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ditrt.runtime.backends import BackendKind
-from ditrt.runtime.chunking import BackendBase
-from ditrt.runtime.errors import BackendError, InputError
-from ditrt.runtime.manifest import Manifest
-from ditrt.runtime.networks import NetworkSpec
+from ditrt.runtime.execution.backends import BackendKind
+from ditrt.runtime.execution.chunking import BackendBase
+from ditrt.runtime.core.errors import BackendError, InputError
+from ditrt.runtime.artifact.manifest import Manifest
+from ditrt.runtime.spec.networks import NetworkSpec
 
 
 class TorchBackend(BackendBase):

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ditrt.runtime.errors import InputError
-from ditrt.runtime.files import sha256_file
-from ditrt.runtime.validate import check_number
+from ditrt.runtime.core.errors import InputError
+from ditrt.runtime.core.files import sha256_file
+from ditrt.runtime.core.validate import check_number
 
 from .checkpoints import check_keys
 

@@ -7,9 +7,9 @@ import signal
 import time
 from pathlib import Path
 
-from ditrt.runtime import files
-from ditrt.runtime.errors import BackendError
-from ditrt.runtime.workers import ShardWorker
+from ditrt.runtime.core import files
+from ditrt.runtime.core.errors import BackendError
+from ditrt.runtime.jobs.workers import ShardWorker
 
 DIE_SHARD = "DITRT_TEST_DIE_SHARD"  # the shard whose worker dies
 DIE_ONCE = "DITRT_TEST_DIE_ONCE"  # a marker file: die only while it does not exist (the first attempt)

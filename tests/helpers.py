@@ -15,7 +15,7 @@ import torch
 from ditrt.exporter.checkpoints import (DIFFUSERS_BLOCK_EMBEDDER_KEYS, DIFFUSERS_BLOCK_KEYS, DIFFUSERS_GLOBAL_KEYS,
                                         DIFFUSERS_POS_EMBED, block_count)
 from ditrt.exporter.model import DiT
-from ditrt.runtime.config import DiTConfig
+from ditrt.runtime.spec.config import DiTConfig
 
 
 def build_model(ckpt) -> DiT:

@@ -1,5 +1,5 @@
 """Mutated manifests for the reader tests (tests/test_cpp_runtime.py): the same mutants go to the
-Python reader (runtime.manifest.load_manifest) and the C++ one (ditrt_open), whose accept/refuse
+Python reader (runtime.artifact.manifest.load_manifest) and the C++ one (ditrt_open), whose accept/refuse
 decisions must agree, and to the C++ reader under AddressSanitizer and UBSan.
 
 A mutant is a valid manifest (DiT: schema 3 with and without a decoder, schema 2, schema 1; SiT:
@@ -154,7 +154,7 @@ def bases(schema3: dict, schema3_decoder: dict, schema1: dict) -> list[dict]:
     out = [trim(schema3), trim(schema3_decoder), trim(schema1), downgrade_to_schema_2(trim(schema3_decoder))]
     with_eta = trim(schema3)
     with_eta["defaults"] = {"sampler": "ddim", "steps": "ddim50", "cfg_scale": 1.5, "guidance": "standard", "eta": 0.5}
-    with_labels = trim(schema3_decoder)  # class names (runtime/labels.py read_id2label; C++ read_labels)
+    with_labels = trim(schema3_decoder)  # class names (runtime/artifact/labels.py read_id2label; C++ read_labels)
     with_labels["id2label"] = {"0": "tench, Tinca tinca", "1": "goldfish", "3": "crane", "9": "crane, derrick"}
     sit_dopri5 = sit_from_dit(trim(schema3))
     sit_dopri5["defaults"] = {"sampler": "ode-dopri5", "steps": "50", "guidance": "standard"}
@@ -202,7 +202,7 @@ def mutants(base_list: list[dict], count: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-# ---- mutants from the schema (runtime/manifest_schema.json) -------------------------------------------
+# ---- mutants from the schema (runtime/spec/manifest_schema.json) -------------------------------------------
 
 def _instances(node, tokens: list[str], prefix=()):
     """The paths in the tree that an object's `at` pattern names ("<...>" any key, "x[i]" any item of list x)."""

@@ -1,5 +1,5 @@
 """A scalar, pure-Python reading of docs/noise.md, written from the document and not from
-runtime/noise.py: Python ints for Philox, Python floats (IEEE doubles, correctly rounded) for the
+runtime/sampling/noise.py: Python ints for Philox, Python floats (IEEE doubles, correctly rounded) for the
 transform, its constants derived here (exact fractions rounded once, fdlibm's published ln 2 split)
 rather than copied as hex, the angle reduced with the document's arithmetic (quotient, remainder,
 mirror) rather than bit masks. Tests compare the vectorised numpy stream and the C++ one with it.

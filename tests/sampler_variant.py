@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from ditrt.runtime.errors import InputError
-from ditrt.runtime.samplers import SAMPLERS, Sampler
-from ditrt.runtime.workers import ShardWorker
+from ditrt.runtime.core.errors import InputError
+from ditrt.runtime.sampling.samplers import SAMPLERS, Sampler
+from ditrt.runtime.jobs.workers import ShardWorker
 
 DDIM = SAMPLERS["ddim"]  # the registry's own entry, captured before any variant replaces it
 
@@ -36,6 +36,6 @@ class DummyOptionWorker(ShardWorker):
     """A generate worker whose process has the variant registered (a worker process is its own)."""
 
     def __init__(self, *args, **kwargs):
-        from ditrt.runtime.samplers import register_sampler
+        from ditrt.runtime.sampling.samplers import register_sampler
         register_sampler(dummy_ddim())
         super().__init__(*args, **kwargs)

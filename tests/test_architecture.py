@@ -1,6 +1,7 @@
 """The layering the project keeps, checked on the source: the runtime never imports the exporter, the
-CLI or the server; the project's modules import each other without cycles (function-level imports
-count: a lazy import is still a dependency); no module imports another module's private names."""
+CLI or the server; inside the runtime, each layer (a sub-package) imports only the layers below it;
+the project's modules import each other without cycles (function-level imports count: a lazy import
+is still a dependency); no module imports another module's private names."""
 from __future__ import annotations
 
 import ast
@@ -9,6 +10,10 @@ from pathlib import Path
 from conftest import ROOT
 
 PACKAGES = {"runtime": "ditrt.runtime", "exporter": "ditrt.exporter", "ditrt": "ditrt"}
+
+# The runtime's layers, lowest first (docs/architecture.md): a module may import its own layer and the
+# layers before it, never one after it, and never the `ditrt.runtime` facade (the public API).
+LAYERS = ["core", "spec", "sampling", "artifact", "execution", "jobs"]
 
 
 def project_modules() -> dict[str, Path]:
@@ -54,9 +59,53 @@ def graph() -> dict[str, set[str]]:
     return {m: {target for target, _ in imports(m) if target != m} for m in MODULES}
 
 
+def layer_of(module: str) -> int | None:
+    """The rank of a runtime module's layer; None for the facade (`ditrt.runtime` itself)."""
+    parts = module.split(".")
+    return LAYERS.index(parts[2]) if len(parts) > 2 else None
+
+
+def upward_imports() -> list[tuple[str, str]]:
+    return [(m, t) for m, targets in graph().items() if m.startswith("ditrt.runtime.")
+            for t in targets if t.startswith("ditrt.runtime") and (layer_of(t) is None or layer_of(t) > layer_of(m))]
+
+
 def test_the_module_list_is_the_project():
-    assert {"ditrt.runtime", "ditrt.runtime.pipeline", "ditrt.runtime.trt.backend", "ditrt.exporter.onnx_export",
-            "ditrt.cli", "ditrt.serve"} <= set(MODULES)
+    assert {"ditrt.runtime", "ditrt.runtime.execution.pipeline", "ditrt.runtime.execution.trt.backend",
+            "ditrt.exporter.onnx_export", "ditrt.cli", "ditrt.serve", "ditrt.serve.app"} <= set(MODULES)
+
+
+def test_every_runtime_module_sits_in_one_layer():
+    loose = [m for m in MODULES if m.startswith("ditrt.runtime.") and m.split(".")[2] not in LAYERS]
+    assert loose == [], f"runtime modules outside the layers {LAYERS}: {loose}"
+
+
+def test_the_runtime_layers_import_only_downward():
+    assert upward_imports() == []
+
+
+def test_the_installed_packages_are_the_folders():
+    """pyproject's package list names every folder with an __init__.py (a missing one is absent from a
+    wheel), and the training program is not among them (examples/digits/train_digits.py)."""
+    import tomllib
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {m for m, path in MODULES.items() if path.name == "__init__.py"} | {"ditrt.exporter.data"}
+    assert listed == packages
+    assert not any("train_digits" in m for m in MODULES) and (ROOT / "examples/digits/train_digits.py").is_file()
+
+
+def test_the_flat_names_are_the_moved_modules():
+    """Code written against ditrt <= 0.3's flat layout imports the same module objects (one registry)."""
+    import importlib
+    from ditrt import runtime
+    from ditrt.runtime.backends import BackendKind, register_backend
+    from ditrt.runtime.execution import backends
+    assert (register_backend, BackendKind) == (backends.register_backend, backends.BackendKind)
+    for flat, moved in runtime.MOVED.items():
+        assert importlib.import_module(f"ditrt.runtime.{flat}") is importlib.import_module(f"ditrt.runtime.{moved}")
+        assert f"ditrt.runtime.{moved}" in MODULES
+    assert runtime.noise is importlib.import_module("ditrt.runtime.sampling.noise")
+    assert importlib.import_module("ditrt.runtime.trt.build").__spec__.name == "ditrt.runtime.jobs.build"
 
 
 def test_the_runtime_imports_no_exporter_cli_or_server():
@@ -99,3 +148,13 @@ def test_the_checks_see_a_cycle_and_a_private_import(tmp_path, monkeypatch):
     edges = graph()
     assert "ditrt.runtime.b_mod" in edges["ditrt.runtime.a_mod"] and "ditrt.runtime.a_mod" in edges["ditrt.runtime.b_mod"]
     assert ("ditrt.runtime.a_mod", "_secret") in imports("ditrt.runtime.b_mod")
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path, monkeypatch):
+    """A sampling module that imports the pipeline, and a job-free module that imports the facade, are found."""
+    up = tmp_path / "up.py"
+    up.write_text("def f():\n    from ..execution.pipeline import load\n    from .. import load\n")
+    monkeypatch.setitem(MODULES, "ditrt.runtime.sampling.up", up)
+    found = upward_imports()
+    assert ("ditrt.runtime.sampling.up", "ditrt.runtime.execution.pipeline") in found
+    assert ("ditrt.runtime.sampling.up", "ditrt.runtime") in found

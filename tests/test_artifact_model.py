@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 from ditrt import runtime
-from ditrt.runtime.errors import ArtifactError, BackendError, InputError, StepError
-from ditrt.runtime.manifest import load_manifest, upgrade_schema_1
-from ditrt.runtime.files import sha256_file
-from ditrt.runtime.samplers import SAMPLERS
+from ditrt.runtime.core.errors import ArtifactError, BackendError, InputError, StepError
+from ditrt.runtime.artifact.manifest import load_manifest, upgrade_schema_1
+from ditrt.runtime.core.files import sha256_file
+from ditrt.runtime.sampling.samplers import SAMPLERS
 from conftest import ROOT
 
 NOISE_SEED = 5
@@ -194,7 +194,7 @@ def test_schema_1_artifacts_load_and_sample_the_same(tmp_path, tiny_artifact):
 
 def test_sampler_registry_drives_cli_choices_and_parity_cases(tiny_artifact):
     from ditrt.cli import sample
-    from ditrt.runtime.parity import loop_cases
+    from ditrt.runtime.jobs.parity import loop_cases
     choices = next(p for p in sample.params if p.name == "sampler").type.choices
     assert list(choices) == list(SAMPLERS)
     cases = loop_cases(load_manifest(tiny_artifact), 4)  # a DiT artifact: the DiT family's samplers
@@ -205,7 +205,7 @@ def test_sampler_registry_drives_cli_choices_and_parity_cases(tiny_artifact):
 def test_a_multistep_sampler_plugs_in_through_the_registry(tiny_artifact, monkeypatch):
     """A sampler that carries state between steps: the loop hands each step the state the previous
     step returned, per run."""
-    from ditrt.runtime import samplers
+    from ditrt.runtime.sampling import samplers
     seen = []
 
     def step(x, model_output, sched, k, noise, state):
@@ -226,7 +226,7 @@ def test_a_multistep_sampler_plugs_in_through_the_registry(tiny_artifact, monkey
 
 
 def test_backend_registry_names_are_shared(tiny_artifact):
-    from ditrt.runtime.backends import BACKENDS, backend_ids, parse_backend
+    from ditrt.runtime.execution.backends import BACKENDS, backend_ids, parse_backend
     assert {"onnxruntime", "tensorrt", "torch"} <= set(BACKENDS)  # the built-in kinds (tests register stand-ins)
     assert "onnxruntime-fp16" in backend_ids() and "tensorrt-fp16" in backend_ids()
     manifest = load_manifest(tiny_artifact)
@@ -240,7 +240,7 @@ def test_backend_registry_names_are_shared(tiny_artifact):
 def test_cuda_io_binding_binds_inputs_and_outputs_on_the_chosen_device(tiny_artifact):
     """The CUDA EP path, with a recording stand-in for ONNX Runtime's IOBinding and OrtValues (no GPU
     here): every input and output buffer lives on the chosen device, and the feeds reach them."""
-    from ditrt.runtime.backends import OnnxRuntimeBackend
+    from ditrt.runtime.execution.backends import OnnxRuntimeBackend
     backend = runtime.create_backend(load_manifest(tiny_artifact), "onnxruntime-fp32")
     calls = []
 
@@ -296,7 +296,7 @@ def test_error_kinds_decide_exit_codes(tiny_artifact, monkeypatch, tmp_path):
     def failing_backend(self, feeds):
         raise BackendError("ONNX Runtime failed running denoiser.fp32.onnx: simulated")
 
-    monkeypatch.setattr(runtime.backends.OnnxRuntimeBackend, "__call__", failing_backend)
+    monkeypatch.setattr(runtime.execution.backends.OnnxRuntimeBackend, "__call__", failing_backend)
     r = CliRunner().invoke(cli.main, ["sample", str(tiny_artifact), "--labels", "1", "--steps", "4",
                                       "--backend", "onnxruntime", "--out", str(tmp_path / "b.npy")])
     assert r.exit_code == 1 and "simulated" in r.output and not (tmp_path / "b.npy").exists()
@@ -304,7 +304,7 @@ def test_error_kinds_decide_exit_codes(tiny_artifact, monkeypatch, tmp_path):
     def bug(self, feeds):
         raise KeyError("a bug in ditrt")
 
-    monkeypatch.setattr(runtime.backends.OnnxRuntimeBackend, "__call__", bug)
+    monkeypatch.setattr(runtime.execution.backends.OnnxRuntimeBackend, "__call__", bug)
     r = CliRunner().invoke(cli.main, ["sample", str(tiny_artifact), "--labels", "1", "--steps", "4",
                                       "--backend", "onnxruntime", "--out", str(tmp_path / "c.npy")])
     assert r.exit_code == 1 and isinstance(r.exception, KeyError)  # a bug, not "bad input" (2)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from ditrt import runtime
-from ditrt.runtime.batching import (DecodedSample, Limits, Overloaded, StepBatcher, Work, admit_count, fit_line,
+from ditrt.runtime.jobs.batching import (DecodedSample, Limits, Overloaded, StepBatcher, Work, admit_count, fit_line,
                                     simulate)
-from ditrt.runtime.errors import BackendError, InputError, QueueFull, RequestTimeout, SchedulerClosed, StepError
+from ditrt.runtime.core.errors import BackendError, InputError, QueueFull, RequestTimeout, SchedulerClosed, StepError
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +262,7 @@ def test_async_helper(pipe):
 def test_runtime_imports_without_fastapi():
     import subprocess
     import sys
-    code = "import sys, ditrt.runtime, ditrt.runtime.batching; assert 'fastapi' not in sys.modules and 'torch' not in sys.modules"
+    code = "import sys, ditrt.runtime, ditrt.runtime.jobs.batching; assert 'fastapi' not in sys.modules and 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

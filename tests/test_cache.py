@@ -1,4 +1,4 @@
-"""Feature caching (runtime/cache.py) on the tiny golden artifact's segments: the segments compose
+"""Feature caching (runtime/execution/cache.py) on the tiny golden artifact's segments: the segments compose
 to the monolithic graph, the forecasts and skip decisions match hand computations, cache state is
 per row and per request (batcher, guidance, batches), bad options are refused."""
 from __future__ import annotations
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from ditrt import runtime
-from ditrt.runtime.backends import OnnxRuntimeBackend
-from ditrt.runtime.batching import StepBatcher
-from ditrt.runtime.cache import (CACHES, FirstBlockState, TaylorSeerState, cache_settings, newton_forecast, refusal,
+from ditrt.runtime.execution.backends import OnnxRuntimeBackend
+from ditrt.runtime.jobs.batching import StepBatcher
+from ditrt.runtime.execution.cache import (CACHES, FirstBlockState, TaylorSeerState, cache_settings, newton_forecast, refusal,
                                  relative_change, taylorseer_computes)
-from ditrt.runtime.errors import InputError
-from ditrt.runtime.samplers import get_sampler
+from ditrt.runtime.core.errors import InputError
+from ditrt.runtime.sampling.samplers import get_sampler
 
 from conftest import max_rel_err
 
@@ -161,7 +161,7 @@ def test_images_do_not_depend_on_the_batch(pipe, cache, options):
 def test_guided_rows_keep_their_own_features(pipe):
     run = pipe.start([5], num_steps=6, sampler="ddim", cfg_scale=4.0, cache="taylorseer")
     while not run.done:
-        run.advance(runtime.cache.denoise(pipe, [run], run.feeds(), pipe.backend))
+        run.advance(runtime.execution.cache.denoise(pipe, [run], run.feeds(), pipe.backend))
     conditional, unconditional = run.cache.states
     assert len(run.cache.states) == 2 and conditional.steps == unconditional.steps
     assert not np.array_equal(conditional.features[0], unconditional.features[0])
@@ -190,7 +190,7 @@ def test_two_concurrent_cached_requests_in_the_batcher_match_each_alone(pipe):
 # ---- samplers and bad options --------------------------------------------------------------------------
 
 def test_samplers_that_cannot_cache_say_why():
-    from ditrt.runtime.config import Transport
+    from ditrt.runtime.spec.config import Transport
     dopri5, heun = get_sampler("ode-dopri5"), get_sampler("ode-heun2")
     transport = Transport()
     for name in CACHES:

@@ -28,7 +28,7 @@ def signed_cases(tmp_path_factory, cpp_artifact):
     """Folders signed by the Python side (`ditrt sign`), then each tampered one way: name ->
     (folder, the file C++ must name or None when it must open)."""
     pytest.importorskip("model_signing", reason="signing needs model-signing: pip install 'ditrt[sign]'")
-    from ditrt.runtime.signing import sign_artifact
+    from ditrt.runtime.artifact.signing import sign_artifact
     root = tmp_path_factory.mktemp("cpp-signed")
     keys = {"key": openssl_key_pair(root, "key"), "other": openssl_key_pair(root, "other")}
     master = root / "master"
@@ -98,7 +98,7 @@ def test_cpp_verifies_python_signed_bundles_and_names_each_tampered_file(signed_
     build = release_build if kind == "release" else request.getfixturevalue("sanitize_build")
     verdicts = _check(build, keys["key"][1], [folder for folder, _ in cases.values()],
                       SANITIZER_ENV if kind == "sanitize" else None)
-    from ditrt.runtime.signing import verify_path
+    from ditrt.runtime.artifact.signing import verify_path
     for (name, (folder, named)), (status, message) in zip(cases.items(), verdicts):
         python_ok = all(r.problem is None for r in verify_path(folder, keys["key"][1]))
         if named is None:
@@ -157,8 +157,8 @@ def test_both_readers_accept_exactly_the_schedules_whose_float32_alphas_cumprod_
                                                                                          tmp_path, beta_end):
     """The boundary: accepted iff float32(ac[-1]) >= 2^-126 (between beta_end 0.1646 and 0.1648 for T = 1000);
     an accepted one samples DDIM (eta 0 and 1) in C++ to a status, never a crash."""
-    from ditrt.runtime.errors import ArtifactError
-    from ditrt.runtime.manifest import load_manifest
+    from ditrt.runtime.core.errors import ArtifactError
+    from ditrt.runtime.artifact.manifest import load_manifest
     first, last = _float32_alphas_cumprod_end(1e-4, beta_end, 1000)
     expected = first < 1.0 and last >= 2.0 ** -126
     assert expected == (beta_end <= 0.1646)  # the boundary, found by bisection on the formula (about 0.16469)
@@ -184,7 +184,7 @@ def test_both_readers_accept_exactly_the_schedules_whose_float32_alphas_cumprod_
 
 def test_python_ddim_step_at_eta_0_needs_no_noise_even_on_a_degenerate_table():
     """The TypeError of issue 30 (sigma = 0 * NaN, then sigma * None): at eta 0 sigma is exactly 0."""
-    from ditrt.runtime import samplers, schedule
+    from ditrt.runtime.sampling import samplers, schedule
     betas = np.linspace(1e-4, 0.9, 1000)  # the issue's beta_end 0.9: alphas_cumprod underflows, 0/0 in ddim
     with np.errstate(all="ignore"):
         sched = schedule.schedule_from_betas(betas, np.arange(1000))
@@ -214,8 +214,8 @@ def _generated(alphabet: str, count: int, seed: int, max_len: int = 7) -> list[s
 
 
 def _python_calls(manifest, sampler: str, spec: str):
-    from ditrt.runtime.errors import ScheduleError
-    from ditrt.runtime.samplers import SAMPLERS
+    from ditrt.runtime.core.errors import ScheduleError
+    from ditrt.runtime.sampling.samplers import SAMPLERS
     try:
         return SAMPLERS[sampler].model_calls(SAMPLERS[sampler].schedule(manifest.process, spec))
     except ScheduleError:
@@ -237,7 +237,7 @@ def _cpp_calls(lib, pipe, sampler: str, spec: str):
 
 
 def test_step_specs_c_and_python_accept_the_same_and_count_the_same_calls(lib, cpp_pipe, cpp_artifact):
-    from ditrt.runtime.manifest import load_manifest
+    from ditrt.runtime.artifact.manifest import load_manifest
     manifest = load_manifest(cpp_artifact)
     specs = ISSUE_SPECS + _generated("0123456789 \t\n\r\v\f,ddim", 1500, 30) + _generated("12 \t\n,", 500, 31, 5)
     disagreements = []

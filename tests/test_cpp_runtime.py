@@ -49,9 +49,10 @@ def test_missing_headers_skip_with_the_reason_unless_ci_requires_them(monkeypatc
 
 def _python_values() -> dict:
     """Values the Python runtime computes, which the GoogleTest suite reads (DITRT_TEST_VALUES)."""
-    from ditrt.runtime import dpm_solver, images, samplers, schedule
-    from ditrt.runtime.config import Diffusion
-    from ditrt.runtime.trt import compat as trt_plan
+    from ditrt.runtime.sampling import dpm_solver, samplers, schedule
+    from ditrt.runtime.core import images
+    from ditrt.runtime.spec.config import Diffusion
+    from ditrt.runtime.execution.trt import compat as trt_plan
 
     def diffusion(variance="learned_range"):  # the official training process, as the manifest states it
         return Diffusion(1000, "linear", 1e-4, 0.02, variance)
@@ -129,11 +130,11 @@ def _python_values() -> dict:
 
 
 def _flow_cases() -> dict:
-    """SiT's grids and each flow loop (runtime/flow.py, through the sampler registry) driven by an
+    """SiT's grids and each flow loop (runtime/sampling/flow.py, through the sampler registry) driven by an
     elementwise velocity a x + t b (the same float32 operations in C++): the sample, the model
     times and, for dopri5, its accepted and rejected steps. Expected bit for bit."""
-    from ditrt.runtime import flow
-    from ditrt.runtime.samplers import get_sampler
+    from ditrt.runtime.sampling import flow
+    from ditrt.runtime.sampling.samplers import get_sampler
     grids = [{"n": n, "ode": flow.ode_grid(n).t.tolist(), "sde": flow.sde_grid(n).t.tolist()}
              for n in (2, 3, 7, 10, 50, 250, 1001)]
     rng = np.random.default_rng(321)
@@ -183,8 +184,8 @@ def _sit_pipeline_cases() -> dict:
     import tempfile
 
     import manifest_mutants
-    from ditrt.runtime.manifest import Manifest
-    from ditrt.runtime.pipeline import Pipeline
+    from ditrt.runtime.artifact.manifest import Manifest
+    from ditrt.runtime.execution.pipeline import Pipeline
     data = manifest_mutants.sit_from_dit(TOY_DIT_MANIFEST)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = Manifest(data, Path(tmp))
@@ -201,8 +202,8 @@ def _sit_pipeline_cases() -> dict:
 
 
 def _portable_cases() -> dict:
-    """runtime/portable.py's exp_float32 (as uint32 bits) and pairwise_sum."""
-    from ditrt.runtime import portable
+    """runtime/core/portable.py's exp_float32 (as uint32 bits) and pairwise_sum."""
+    from ditrt.runtime.core import portable
     rng = np.random.default_rng(99)
     x = np.concatenate([rng.uniform(-30, 5, 2000), [0.0, -0.0, 1e-8, -1e-8, 88.7, -87.3, -103.0, -104.5, -150.0, -250.0,
                                                      0.5 * np.log(0.02), -0.34657359, 0.34657359]]).astype(np.float32)
@@ -339,7 +340,7 @@ def test_cpp_equals_python_latents_decoder_and_pngs(cpp_pipe, python_pipe, lib, 
     PNGs the Python runtime writes (the bytes themselves are not canonical)."""
     from PIL import Image
 
-    from ditrt.runtime import images
+    from ditrt.runtime.core import images
     labels = [3, 7, 0]
     k = cpp_pipe.num_steps(sampler=sampler, steps=steps)
     rng = np.random.default_rng(zlib.crc32(f"{sampler} {guidance} {cfg}".encode()))
@@ -571,8 +572,8 @@ def test_a_sit_manifest_opens_and_bad_transports_are_refused(lib, cpp_pipe, cpp_
     """Both readers take SiT manifests (model.family "sit", the transport section) and refuse the
     transports that are not implemented, naming the field; a SiT manifest never reads a diffusion."""
     import manifest_mutants
-    from ditrt.runtime.errors import ArtifactError
-    from ditrt.runtime.manifest import load_manifest
+    from ditrt.runtime.core.errors import ArtifactError
+    from ditrt.runtime.artifact.manifest import load_manifest
     good = manifest_mutants.sit_from_dit(json.loads((cpp_artifact / "manifest.json").read_text()))
     cases = [(good, None), ({**good, "diffusion": "not read"}, None),
              ({**good, "transport": {**good["transport"], "path_type": "GVP"}}, "transport.path_type is 'GVP'"),
@@ -649,8 +650,8 @@ def _edited_artifact(cpp_artifact: Path, tmp_path: Path, edit) -> Path:
 
 def _both_refuse(lib, executor, directory: Path, field: str) -> str:
     """Python's reader and the C++ one refuse the manifest, naming the field; returns C++'s message."""
-    from ditrt.runtime.errors import ArtifactError
-    from ditrt.runtime.manifest import load_manifest
+    from ditrt.runtime.core.errors import ArtifactError
+    from ditrt.runtime.artifact.manifest import load_manifest
     with pytest.raises(ArtifactError, match=field):
         load_manifest(directory)
     start = time.perf_counter()
@@ -675,7 +676,7 @@ def test_decoder_scaling_factor_bounds_are_one_rule(lib, cpp_pipe, cpp_artifact,
         m["networks"]["decoder"]["scaling_factor"] = factor
     directory = _edited_artifact(cpp_artifact, tmp_path, edit)
     if accepted:
-        from ditrt.runtime.manifest import load_manifest
+        from ditrt.runtime.artifact.manifest import load_manifest
         load_manifest(directory)
         assert _open_status(lib, cpp_pipe.executor, directory)[0] == OK
     else:
@@ -835,7 +836,7 @@ def test_ditrt_label_of_resolves_names_as_dit_pipeline_get_label_ids(lib, cpp_ar
     """Each id2label entry's comma-separated synonyms, spaces stripped, name its class (expected
     labels written out by hand from the entries above); numbers pass; an unknown name, a name of
     two classes, a number out of range and an artifact without names are refused, as Python does."""
-    from ditrt.runtime.manifest import load_manifest
+    from ditrt.runtime.artifact.manifest import load_manifest
     art = tmp_path / "named"
     shutil.copytree(cpp_artifact, art)
     data = json.loads((art / "manifest.json").read_text())
@@ -899,7 +900,7 @@ def _cpp_reader_verdicts(build: Path, mutants: list[bytes], work: Path, env: dic
 
 def _python_reader_verdicts(mutants: list[bytes], work: Path) -> list[tuple[bool, str, str]]:
     """The Python reader's (accepted, exception type or family, message) per manifest."""
-    from ditrt.runtime.manifest import load_manifest
+    from ditrt.runtime.artifact.manifest import load_manifest
     verdicts = []
     start = time.perf_counter()
     for text in mutants:
@@ -968,12 +969,12 @@ def test_python_and_cpp_readers_agree_on_every_mutated_manifest(mutants, cpp_ver
 
 
 def test_both_readers_agree_on_the_schema_mutants(release_build, cpp_artifact, tmp_path):
-    """Mutants made from runtime/manifest_schema.json: every field of every schema object in every
+    """Mutants made from runtime/spec/manifest_schema.json: every field of every schema object in every
     base, of the wrong type, at and one past each bound, each choice and refused value, null,
     removed, and an unknown key beside it. Both readers give the same verdict and name the same
     field; every object of the schema is probed and both verdicts occur."""
     import manifest_mutants
-    from ditrt.runtime.schema import rules
+    from ditrt.runtime.spec.schema import rules
     schema3_decoder = json.loads((cpp_artifact / "manifest.json").read_text())
     schema3 = json.loads((cpp_artifact / "manifest.json").read_text())
     schema3["networks"].pop("decoder")
@@ -1025,9 +1026,9 @@ def test_ditrt_sample_writes_the_grid_and_per_image_pngs(release_build, cpp_arti
     PNGs and its latents are the Python runtime's for the same networks, seed and options."""
     from PIL import Image
 
-    from ditrt.runtime import images
-    from ditrt.runtime.manifest import load_manifest
-    from ditrt.runtime.pipeline import Pipeline
+    from ditrt.runtime.core import images
+    from ditrt.runtime.artifact.manifest import load_manifest
+    from ditrt.runtime.execution.pipeline import Pipeline
     labels = [1, 2, 3, 4, 5]
     proc = subprocess.run([str(release_build / "ditrt-sample"), str(cpp_artifact), "--labels", ",".join(map(str, labels)),
                            "--sampler", "ddim", "--steps", "ddim5", "--seed", "3", "--cfg-scale", "4",
@@ -1059,9 +1060,9 @@ def test_png_write_refuses_what_is_not_a_regular_file(lib, tmp_path):
 
 
 def test_cpp_noise_is_the_python_noise_bit_for_bit(lib):
-    """ditrt_noise_normal against ditrt.runtime.noise.normal over 1.05e6 values: seeds, images and
+    """ditrt_noise_normal against ditrt.runtime.sampling.noise.normal over 1.05e6 values: seeds, images and
     draws with both 32-bit halves in use, counts that are not multiples of 4."""
-    from ditrt.runtime import noise
+    from ditrt.runtime.sampling import noise
     assert lib.lib.ditrt_noise_version().decode() == noise.NOISE_VERSION
     cases = [(0, 0, 0, 262_147), (2 ** 64 - 1, 2 ** 64 - 1, 2 ** 32 - 1, 262_145), (0x1234_5678_9ABC_DEF0, 2 ** 32 + 3, 251, 262_143),
              (7, 123_456_789, 2 ** 31, 262_146)]

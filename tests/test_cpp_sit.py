@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, max_rel_err, read_npz
-from ditrt.runtime import flow
+from ditrt.runtime.sampling import flow
 from cpp_abi import CANCELLED, INVALID_ARGUMENT, OK, PROGRESS, SCHEDULE_ERROR, opened_pipeline, python_fp32
 from test_cpp_runtime import FakeBackend
 
@@ -120,7 +120,7 @@ def test_dopri5_options_and_call_count_match_python(sit_cpp, sit_py):
 def test_sde_noise_draws_follow_docs_noise_md(sit_cpp, sit_py, sit_golden):
     """Seeded: draw 0 is z, draw k + 1 the k-th stochastic step's (num_steps - 1 of them). Injected
     noise built from the stream's draws gives the seeded run's bits."""
-    from ditrt.runtime.noise import normal
+    from ditrt.runtime.sampling.noise import normal
     labels, steps = [4, 1], 6
     status, seeded = sit_cpp.sample(labels, sampler="sde-heun", steps=steps, cfg_scale=2.0, seed=77)
     assert status == OK, sit_cpp.lib.error()
@@ -201,9 +201,9 @@ def test_ditrt_sample_writes_a_sit_png(release_build, sit_artifact, tmp_path):
     the Python runtime's for the same networks, sampler, seed and options."""
     from PIL import Image
 
-    from ditrt.runtime import images
-    from ditrt.runtime.manifest import load_manifest
-    from ditrt.runtime.pipeline import Pipeline
+    from ditrt.runtime.core import images
+    from ditrt.runtime.artifact.manifest import load_manifest
+    from ditrt.runtime.execution.pipeline import Pipeline
     labels = [1, 2, 3]
     proc = subprocess.run([str(release_build / "ditrt-sample"), str(sit_artifact), "--labels", "1,2,3",
                            "--sampler", "ode-dopri5", "--steps", "10", "--rtol", "1e-4", "--seed", "3", "--cfg-scale", "4",

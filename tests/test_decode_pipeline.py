@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from ditrt import runtime
-from ditrt.runtime import images
-from ditrt.runtime.errors import ArtifactError, StepError
-from ditrt.runtime.manifest import load_manifest
+from ditrt.runtime.core import images
+from ditrt.runtime.core.errors import ArtifactError, StepError
+from ditrt.runtime.artifact.manifest import load_manifest
 from conftest import GOLDEN_DIR, max_rel_err, read_npz
 from helpers import read_png  # noqa: E402
 

@@ -173,8 +173,8 @@ def test_every_qualified_name_the_docs_cite_exists():
 
 
 def test_the_name_check_sees_a_name_that_does_not_exist():
-    assert resolves("ditrt.runtime.samplers.register_sampler") and resolves("ditrt.runtime.outputs.OutputPlan.write")
-    assert not resolves("ditrt.runtime.samplers.register_samplers")
+    assert resolves("ditrt.runtime.sampling.samplers.register_sampler") and resolves("ditrt.runtime.jobs.outputs.OutputPlan.write")
+    assert not resolves("ditrt.runtime.sampling.samplers.register_samplers")
     assert not resolves("ditrt.runtime.sampler.Sampler")
 
 
@@ -191,7 +191,7 @@ def example(name: str) -> str:
 def test_the_sampler_example_reproduces_the_official_ddim_run(tiny_artifact, golden):
     """Euler on the probability-flow ODE over the ddim10 chain is DDIM eta 0: the official golden run."""
     from ditrt import runtime
-    from ditrt.runtime.samplers import SAMPLERS
+    from ditrt.runtime.sampling.samplers import SAMPLERS
     before = set(SAMPLERS)
     try:
         exec(example("sampler"), {})
@@ -210,7 +210,7 @@ def test_the_sampler_example_reproduces_the_official_ddim_run(tiny_artifact, gol
 
 def test_the_backend_example_reproduces_the_official_ddpm_run(tiny_artifact, golden):
     from ditrt import runtime
-    from ditrt.runtime.backends import BACKENDS, backend_ids
+    from ditrt.runtime.execution.backends import BACKENDS, backend_ids
     before = set(BACKENDS)
     try:
         exec(example("backend"), {})
@@ -233,9 +233,9 @@ def test_the_network_example_exports_loads_and_decodes(tiny_artifact, tmp_path, 
 
     from ditrt import runtime
     from ditrt.exporter.onnx_export import Steps, export_network
-    from ditrt.runtime import manifest as manifest_module
-    from ditrt.runtime import networks
-    from ditrt.runtime.pipeline import decode
+    from ditrt.runtime.artifact import manifest as manifest_module
+    from ditrt.runtime.spec import networks
+    from ditrt.runtime.execution.pipeline import decode
 
     spec_code = {}
     exec(example("network-spec"), spec_code)

@@ -1,4 +1,4 @@
-"""DPM-Solver++(2M) (runtime/dpm_solver.py): each step kind against a float64 transcription of the
+"""DPM-Solver++(2M) (runtime/sampling/dpm_solver.py): each step kind against a float64 transcription of the
 DPM-Solver++ formulas, the timesteps and the full loops against the golden diffusers runs
 (tests/golden/dpm_vectors.*, copied from shared/golden/dpm/), and the step-spec errors."""
 import json
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import max_rel_err, read_npz
-from ditrt.runtime.dpm_solver import dpm_schedule, dpmpp_2m_step
-from ditrt.runtime.samplers import guide
-from ditrt.runtime.schedule import ScheduleError
+from ditrt.runtime.sampling.dpm_solver import dpm_schedule, dpmpp_2m_step
+from ditrt.runtime.sampling.samplers import guide
+from ditrt.runtime.sampling.schedule import ScheduleError
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 AC = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))  # DiT's training schedule, float64

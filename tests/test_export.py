@@ -14,7 +14,7 @@ from ditrt.exporter.onnx_export import ExportError, ExportOptionError
 from ditrt.exporter.artifact import export_artifact
 from ditrt.exporter.denoiser import source_from_checkpoint
 from ditrt.exporter.trt_lint import lint_model
-from ditrt.runtime.manifest import load_manifest
+from ditrt.runtime.artifact.manifest import load_manifest
 from helpers import build_model  # noqa: E402
 
 
@@ -111,7 +111,7 @@ def test_existing_artifact_needs_force(tmp_path, tiny_checkpoint):
 
 
 def test_failed_validation_leaves_nothing(tmp_path, tiny_checkpoint, monkeypatch):
-    from ditrt.runtime import networks
+    from ditrt.runtime.spec import networks
     monkeypatch.setitem(networks.EXPORT_BOUNDS, "fp16", 1e-9)  # no fp16 graph can meet this
     with pytest.raises(ExportError, match="above the fp16 bound"):
         export_artifact(source_from_checkpoint(tiny_checkpoint), tmp_path / "a", ("fp32", "fp16"), log=lambda m: None)

@@ -18,9 +18,9 @@ import pytest
 from click.testing import CliRunner
 
 from ditrt.cli import main
-from ditrt.runtime import generate as G
-from ditrt.runtime import shards as S
-from ditrt.runtime.errors import StepError
+from ditrt.runtime.jobs import generate as G
+from ditrt.runtime.jobs import shards as S
+from ditrt.runtime.core.errors import StepError
 from generate_workers import (BUSY_MARKER, DIE_ONCE, DIE_SHARD, FAIL_SHARD, HASH_LOG, DyingWorker, FailingWorker,
                               HashCountingWorker, SlowWorker)
 from helpers import read_png
@@ -121,7 +121,7 @@ def test_workers_exit_at_once_when_their_coordinator_is_killed_mid_shard(tiny_ar
     (they watch their parent), not when they next talk to it (a GPU held for a whole shard)."""
     script = f"""
 from pathlib import Path
-from ditrt.runtime import generate as G
+from ditrt.runtime.jobs import generate as G
 from generate_workers import SlowWorker
 G.generate(G.GenerateJob(Path({str(tiny_artifact_with_vae)!r}), Path({str(tmp_path / "run")!r}), 16,
                          sampling=G.SampleSpec(steps="2"), shard_size=8), G.Workers(2), worker_class=SlowWorker)
@@ -224,7 +224,7 @@ def test_each_graph_file_is_hashed_once_per_run_and_unused_ones_never(tiny_artif
     used, are never read. A copy of the artifact: new files, so no digest is remembered from before."""
     from collections import Counter
 
-    from ditrt.runtime import files
+    from ditrt.runtime.core import files
     art = tmp_path / "art"
     shutil.copytree(tiny_artifact_with_vae, art)
     graphs = {network: {p: sorted(g["sha256"]) for p, g in entry["graphs"].items()}
@@ -251,7 +251,7 @@ def test_a_worker_trusts_only_digests_of_this_machine_and_of_unchanged_files(tmp
     nor those of a file replaced since they were taken: that file is hashed again."""
     import hashlib
 
-    from ditrt.runtime import files
+    from ditrt.runtime.core import files
     kept, replaced = tmp_path / "kept.onnx", tmp_path / "replaced.onnx"
     kept.write_bytes(b"graph one")
     replaced.write_bytes(b"graph v1")
@@ -351,7 +351,7 @@ def test_balanced_labels_give_each_class_its_share():
 
 
 def test_a_labels_file_gives_the_labels(tiny_artifact_with_vae, tmp_path):
-    from ditrt.runtime.manifest import load_manifest
+    from ditrt.runtime.artifact.manifest import load_manifest
     (condition,) = [t.condition for t in load_manifest(tiny_artifact_with_vae).network("denoiser").conditions]
     given = np.arange(N, dtype=np.int32) % 7
     np.save(tmp_path / "l.npy", given)
@@ -374,7 +374,7 @@ def test_assembling_the_npz_holds_one_shard_not_all(tmp_path):
     script = f"""
 import re, numpy as np
 from pathlib import Path
-from ditrt.runtime import shards as S
+from ditrt.runtime.jobs import shards as S
 peak = lambda: int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
 root = Path({str(tmp_path)!r})
 shards = S.plan_shards(16_000, 1000)
@@ -555,6 +555,6 @@ def test_an_artifact_without_decoder_gives_the_latents_of_ditrt_sample(tiny_arti
 
 
 def test_the_module_imports_neither_torch_nor_ray():
-    code = "import sys, ditrt.runtime.generate; print(sorted({'torch', 'ray'} & set(sys.modules)))"
+    code = "import sys, ditrt.runtime.jobs.generate; print(sorted({'torch', 'ray'} & set(sys.modules)))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr

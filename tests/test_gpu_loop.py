@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ditrt.runtime import noise
-from ditrt.runtime.backends import OnnxRuntimeBackend, cuda_provider_options
-from ditrt.runtime.errors import InputError
+from ditrt.runtime.sampling import noise
+from ditrt.runtime.execution.backends import OnnxRuntimeBackend, cuda_provider_options
+from ditrt.runtime.core.errors import InputError
 
 DATA = Path(__file__).resolve().parent / "data" / "host_loop"
 

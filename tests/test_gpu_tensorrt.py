@@ -12,10 +12,10 @@ import pytest
 
 from ditrt import runtime
 from conftest import max_rel_err
-from ditrt.runtime.errors import ArtifactError
-from ditrt.runtime.manifest import load_manifest
-from ditrt.runtime.trt.settings import FP16_PARITY_BOUND, BuildFlags, EngineProfile
-from ditrt.runtime.errors import TensorRTUnavailable
+from ditrt.runtime.core.errors import ArtifactError
+from ditrt.runtime.artifact.manifest import load_manifest
+from ditrt.runtime.execution.trt.settings import FP16_PARITY_BOUND, BuildFlags, EngineProfile
+from ditrt.runtime.core.errors import TensorRTUnavailable
 
 pytestmark = pytest.mark.gpu
 PROFILE = EngineProfile(1, 4, 8)  # the golden loop runs 2 images = 4 rows; 8 leaves room for chunking tests
@@ -23,10 +23,10 @@ PROFILE = EngineProfile(1, 4, 8)  # the golden loop runs 2 images = 4 rows; 8 le
 
 @pytest.fixture(scope="module")
 def trt_env():
-    from ditrt.runtime.trt.device import environment
+    from ditrt.runtime.execution.trt.device import environment
     try:
         env = environment()
-        from ditrt.runtime.trt.build import require_toolchain
+        from ditrt.runtime.jobs.build import require_toolchain
         require_toolchain()
     except TensorRTUnavailable as e:
         pytest.skip(f"needs TensorRT, Polygraphy, cuda-python and an NVIDIA GPU: {e.missing}")
@@ -34,7 +34,7 @@ def trt_env():
 
 
 def _build(tiny_artifact, tmp_path_factory, name: str, flags: BuildFlags):
-    from ditrt.runtime.trt.build import build_engine
+    from ditrt.runtime.jobs.build import build_engine
     out = tmp_path_factory.mktemp(name) / "tiny"
     shutil.copytree(tiny_artifact, out)
     return out, build_engine(out, "denoiser", "fp16", PROFILE, flags, log=print)
@@ -82,7 +82,7 @@ def test_golden_ddpm_loop_on_tensorrt(built, golden):
 
 
 def test_chunking_and_cuda_graphs_do_not_change_results(built):
-    from ditrt.runtime.trt.backend import TensorRTBackend
+    from ditrt.runtime.execution.trt.backend import TensorRTBackend
     out, _ = built
     manifest = load_manifest(out)
     rng = np.random.default_rng(0)
@@ -116,7 +116,7 @@ def test_incompatible_entry_is_refused_before_deserialising(built, tmp_path):
 
 
 def test_corrupt_plan_gives_tensorrts_own_error(built, tmp_path):
-    from ditrt.runtime.trt.backend import TensorRTBackend
+    from ditrt.runtime.execution.trt.backend import TensorRTBackend
     out, entry = built
     plan = tmp_path / entry["file"]
     data = bytearray((out / entry["file"]).read_bytes())
@@ -131,7 +131,7 @@ def test_corrupt_plan_gives_tensorrts_own_error(built, tmp_path):
 
 
 def test_portable_build_runs_and_rebuild_replaces_its_entry(trt_env, tiny_artifact, tmp_path_factory, golden):
-    from ditrt.runtime.trt.build import build_engine
+    from ditrt.runtime.jobs.build import build_engine
     hardware = "ampere+" if trt_env.gpu.compute_capability >= (8, 0) else "none"
     flags = BuildFlags(opt_level=0, hardware_compat=hardware, version_compatible=True)
     out, entry = _build(tiny_artifact, tmp_path_factory, "portable", flags)
@@ -147,7 +147,7 @@ def test_portable_build_runs_and_rebuild_replaces_its_entry(trt_env, tiny_artifa
 
 
 def test_build_without_fp16_graph_is_an_input_error(trt_env, tiny_artifact, tmp_path):
-    from ditrt.runtime.trt.build import build_engine
+    from ditrt.runtime.jobs.build import build_engine
     copy = tmp_path / "tiny"
     shutil.copytree(tiny_artifact, copy)
     manifest = load_manifest(copy)

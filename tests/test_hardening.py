@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from ditrt import runtime
-from ditrt.runtime.errors import ArtifactError, InputError, StepError
-from ditrt.runtime.files import atomic_output, claimed_output
-from ditrt.runtime.manifest import load_manifest
+from ditrt.runtime.core.errors import ArtifactError, InputError, StepError
+from ditrt.runtime.core.files import atomic_output, claimed_output
+from ditrt.runtime.artifact.manifest import load_manifest
 from conftest import TINY_CHECKPOINT
 
 
@@ -62,7 +62,7 @@ def test_cfg_scale_1e39_is_refused_in_float32(art, tmp_path):
 
 def test_a_nan_result_fails_the_step_and_writes_nothing(art, tmp_path, monkeypatch):
     """A backend whose output turns non-finite: the loop names the step and the backend."""
-    from ditrt.runtime.backends import OnnxRuntimeBackend
+    from ditrt.runtime.execution.backends import OnnxRuntimeBackend
     real = OnnxRuntimeBackend.__call__
 
     def overflowing(self, feeds):
@@ -331,8 +331,8 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from ditrt import cli as ditrt_cli
-from ditrt.runtime.files import Terminated, signals_raise
-from ditrt.runtime.outputs import OutputPlan
+from ditrt.runtime.core.files import Terminated, signals_raise
+from ditrt.runtime.jobs.outputs import OutputPlan
 
 
 def run_cli(*args):
@@ -396,7 +396,7 @@ def test_manifest_defaults_eta_is_refused_when_the_default_sampler_takes_none(ar
 
 
 def test_a_float64_backend_output_still_samples_float32(art, monkeypatch):
-    from ditrt.runtime.backends import OnnxRuntimeBackend
+    from ditrt.runtime.execution.backends import OnnxRuntimeBackend
     base = runtime.load(art, backend="onnxruntime").sample([1, 4], num_steps=4, seed=2, progress=False)
     real = OnnxRuntimeBackend.__call__
     monkeypatch.setattr(OnnxRuntimeBackend, "__call__",
@@ -598,7 +598,7 @@ def test_decode_of_a_fifo_is_refused_without_blocking(art, tmp_path):
 
 @pytest.mark.parametrize("value", [None, 3, ["a.npy"]])
 def test_load_latents_of_a_non_path_is_refused(value):
-    from ditrt.runtime.outputs import load_latents
+    from ditrt.runtime.jobs.outputs import load_latents
     with pytest.raises(InputError, match="latents must be a .npy path"):
         load_latents(value)
 

@@ -16,11 +16,11 @@ from click.testing import CliRunner
 
 from ditrt import cli as ditrt_cli
 from ditrt import runtime
-from ditrt.runtime import generate as G
-from ditrt.runtime.errors import ArtifactError, CallBudgetReached, InputError, ScheduleError
-from ditrt.runtime.files import claimed_output, read_json
-from ditrt.runtime.quality import QualityRun, parse_run
-from ditrt.runtime.samplers import get_sampler, parse_options
+from ditrt.runtime.jobs import generate as G
+from ditrt.runtime.core.errors import ArtifactError, CallBudgetReached, InputError, ScheduleError
+from ditrt.runtime.core.files import claimed_output, read_json
+from ditrt.runtime.jobs.quality import QualityRun, parse_run
+from ditrt.runtime.sampling.samplers import get_sampler, parse_options
 from conftest import TINY_CHECKPOINT
 
 SIT_DIR = Path(__file__).resolve().parent / "golden" / "sit"
@@ -256,7 +256,7 @@ def test_a_5e_324_tolerance_is_refused_naming_the_tolerance(sit_art, tmp_path):
 
 
 def test_the_smallest_tolerance_still_integrates(sit_pipe):
-    """1e-100, the bound (its derivation in runtime/flow.py): the step control stays finite and the
+    """1e-100, the bound (its derivation in runtime/sampling/flow.py): the step control stays finite and the
     loop ends with the budget, not with NaN blamed on cfg_scale."""
     with pytest.raises(CallBudgetReached):
         sit_pipe.sample([1], sampler="ode-dopri5", atol=1e-100, rtol=1e-100, max_model_calls=40, progress=False)

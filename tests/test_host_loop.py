@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from ditrt import runtime
-from ditrt.runtime.backends import BackendKind, register_backend
-from ditrt.runtime.errors import BackendError
+from ditrt.runtime.execution.backends import BackendKind, register_backend
+from ditrt.runtime.core.errors import BackendError
 
 DATA = Path(__file__).resolve().parent / "data" / "host_loop"
 BITS = DATA / "bits.npz"
@@ -116,8 +116,8 @@ def test_a_prefetch_computes_each_draw_once_and_holds_at_most_one():
     """A loop takes draws 0..K-1 in order, with 'engine time' in between: every draw is computed
     exactly once, the values are the stream's (noise.normal, the specification), and never more
     than one draw is queued, computing or held."""
-    from ditrt.runtime.noise import SeededNoise, normal
-    from ditrt.runtime.prefetch import NoisePrefetch
+    from ditrt.runtime.sampling.noise import SeededNoise, normal
+    from ditrt.runtime.sampling.prefetch import NoisePrefetch
     noise = SeededNoise(11, 2, (4, 8, 8))
     prefetch = NoisePrefetch(noise.step, 6)
     prefetch.start()
@@ -135,8 +135,8 @@ def test_a_prefetch_computes_each_draw_once_and_holds_at_most_one():
 def test_random_access_is_served_and_stale_draws_are_dropped():
     """Out of order (a retry goes back): the draw is the stream's, computed on the caller's thread,
     and what the worker keeps stays within depth of the last draw taken."""
-    from ditrt.runtime.noise import SeededNoise
-    from ditrt.runtime.prefetch import NoisePrefetch
+    from ditrt.runtime.sampling.noise import SeededNoise
+    from ditrt.runtime.sampling.prefetch import NoisePrefetch
     noise = SeededNoise(3, 1, (4, 8, 8))
     prefetch = NoisePrefetch(noise.step, 10, depth=2)
     try:
@@ -175,7 +175,7 @@ def test_a_backend_failing_mid_loop_leaves_no_thread(sampler, steps, family):
 
 def test_an_interrupt_from_the_progress_bar_leaves_no_thread(monkeypatch):
     """A cancel raised where the loop reports progress (Ctrl-C during the bar's update)."""
-    from ditrt.runtime import pipeline as pipeline_module
+    from ditrt.runtime.execution import pipeline as pipeline_module
     calls = []
 
     def interrupt(self):
@@ -207,7 +207,7 @@ def test_a_run_dropped_early_stops_its_worker():
 
 
 def test_the_batcher_cancelling_a_request_leaves_no_thread():
-    from ditrt.runtime.batching import StepBatcher
+    from ditrt.runtime.jobs.batching import StepBatcher
     pipe = _pipe("dit", delay_s=0.01)
     runs, start = [], pipe.start_spec
     pipe.start_spec = lambda *a, **k: runs.append(start(*a, **k)) or runs[-1]  # keeps the runs alive: no collector
@@ -230,8 +230,8 @@ def test_the_batcher_cancelling_a_request_leaves_no_thread():
 def test_the_batcher_refusing_a_request_leaves_no_thread():
     """An SDE run draws its first step noise when it is made (its worker starts at once): refused
     at submit (the scheduler is closed), it is closed there."""
-    from ditrt.runtime.errors import SchedulerClosed
-    from ditrt.runtime.batching import StepBatcher
+    from ditrt.runtime.core.errors import SchedulerClosed
+    from ditrt.runtime.jobs.batching import StepBatcher
     pipe = _pipe("sit", delay_s=0.01)
     runs, start = [], pipe.start_spec
     pipe.start_spec = lambda *a, **k: runs.append(start(*a, **k)) or runs[-1]
@@ -270,7 +270,7 @@ def test_io_binding_reuses_its_ortvalues_and_returns_what_run_returns(tmp_path):
     each row count's OrtValues are made once and reused, every output equals session.run's bit for
     bit and the graph's own arithmetic, and an output handed out earlier is not overwritten by a
     later call."""
-    from ditrt.runtime.backends import OnnxRuntimeBackend
+    from ditrt.runtime.execution.backends import OnnxRuntimeBackend
     spec = runtime.load_manifest(DATA / "dit").network("denoiser")
     _tiny_graph(tmp_path / "tiny.onnx")
     plain = OnnxRuntimeBackend(tmp_path / "tiny.onnx", spec, "fp32", "cpu", threads=1)
@@ -291,3 +291,51 @@ def test_io_binding_reuses_its_ortvalues_and_returns_what_run_returns(tmp_path):
     assert all(v is values[2][0] for v in values[2])  # one OrtValue per row count, reused
     for got, want in outputs:
         np.testing.assert_array_equal(got, want)
+
+
+def test_the_fast_exp_is_the_series_to_the_bit():
+    """portable.exp_float32 (numpy's exp where it decides the float32, the series elsewhere) gives the
+    series' bits (the C++ runtime's) on random values of every scale, on every float32 in runs of
+    bit patterns around the overflow, underflow and subnormal edges and near 0, and on the special
+    values; in any shape, from several threads at once (their scratch buffers are their own)."""
+    from ditrt.runtime.core.portable import exp_float32, exp_float32_series
+    rng = np.random.default_rng(29)
+    scale = rng.choice(np.float32([0.3, 3, 30, 120]), 400_000)
+    random = (rng.standard_normal(400_000, dtype=np.float32) * scale).astype(np.float32)
+    edges = [np.float32(v).view(np.uint32).astype(np.int64) + np.arange(-100_000, 100_000)
+             for v in (88.72, -87.34, -103.97, -0.69, 1e-20)]
+    walks = np.concatenate(edges).astype(np.uint32).view(np.float32)
+    special = np.float32([np.nan, np.inf, -np.inf, 0.0, -0.0, 200, -200, 201, -201, 3e38, -3e38, 88.72284, -103.972])
+    for x in (random, walks[np.isfinite(walks)], special, random.reshape(8, 50, 1000)[:, ::2], np.float32(-2.5)):
+        fast, series = exp_float32(x), exp_float32_series(x)
+        assert fast.shape == np.shape(x) and fast.dtype == np.float32
+        assert np.array_equal(fast.view(np.uint32), series.view(np.uint32))
+    assert np.isnan(exp_float32(special)[0])
+
+    results, shapes = {}, [(16, 4, 32, 32), (3, 7), (1000,), (16, 4, 32, 32)]
+    def run(k):
+        x = np.random.default_rng(k).standard_normal(shapes[k], dtype=np.float32) * 4
+        results[k] = all(np.array_equal(exp_float32(x).view(np.uint32), exp_float32_series(x).view(np.uint32))
+                         for _ in range(20))
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(shapes))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert results == {k: True for k in range(len(shapes))}
+
+
+def test_a_float32_rounding_near_a_midpoint_is_left_to_the_series():
+    """The fast exp's decision: a float64 value on a float32, or far from a midpoint, is decided; one
+    within EXP_MARGIN of the midpoint between two float32 neighbours, on either side, is not (the
+    series then rounds it). Every float32 in [-200, 200] was checked once on this project's machines:
+    there, numpy's float64 exp rounds as the series does; other numpy builds may not."""
+    from ditrt.runtime.core.portable import EXP_MARGIN, rounded_float32
+    rng = np.random.default_rng(3)
+    a = np.abs(rng.standard_normal(1000, dtype=np.float32)) * np.float32(10) + np.float32(1e-3)
+    b = np.nextafter(a, np.float32(np.inf))
+    mid = (a.astype(np.float64) + b) / 2  # exact in float64
+    above, below = mid * (1 + EXP_MARGIN / 4), mid * (1 - EXP_MARGIN / 4)
+    far = mid * (1 + 2 ** -30)
+    out, unsure = rounded_float32(np.concatenate([a.astype(np.float64), far, above, below, [np.nan]]))
+    n = len(a)
+    assert not unsure[:2 * n].any() and unsure[2 * n:].all()
+    assert np.array_equal(out[:n], a) and np.array_equal(out[n:2 * n], b)

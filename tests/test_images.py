@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ditrt.runtime import images
+from ditrt.runtime.core import images
 
 
 def torchvision_save_image(batch: np.ndarray, nrow: int = 4, padding: int = 2, pad_value: float = 0.0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Class names (runtime/labels.py): id2label in the manifest, names resolved as diffusers'
+"""Class names (runtime/artifact/labels.py): id2label in the manifest, names resolved as diffusers'
 DiTPipeline.get_label_ids does, in `sample`, `generate`, `quality` and `serve` requests."""
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from hub_cache import ID2LABEL
 
 from ditrt import cli, runtime
-from ditrt.runtime.errors import ArtifactError
-from ditrt.runtime.labels import ClassNames, LabelError, read_id2label, resolve_labels
-from ditrt.runtime.manifest import write_manifest_digest
+from ditrt.runtime.core.errors import ArtifactError
+from ditrt.runtime.artifact.labels import ClassNames, LabelError, read_id2label, resolve_labels
+from ditrt.runtime.artifact.manifest import write_manifest_digest
 
 # ImageNet-style entries with the shapes real ones have: several synonyms, odd spacing, one name
 # ("crane") shared by two classes.
@@ -101,7 +101,7 @@ def test_sample_labels_by_name(named_artifact, tmp_path):
 
 
 def test_generate_balances_over_the_named_classes(named_artifact, tmp_path):
-    from ditrt.runtime.generate import balanced_labels
+    from ditrt.runtime.jobs.generate import balanced_labels
     runs = {}
     for name, labels in [("names", "umbrella,tench,bubble"), ("numbers", "4,0,6")]:
         out = tmp_path / name
@@ -118,7 +118,7 @@ def test_generate_balances_over_the_named_classes(named_artifact, tmp_path):
 
 
 def test_serve_takes_labels_as_strings(named_artifact):
-    from ditrt.runtime.batching import StepBatcher
+    from ditrt.runtime.jobs.batching import StepBatcher
     from test_serve import Server
     pipe = runtime.load(named_artifact, backend="onnxruntime-fp32", threads=1, decoder=False)
     with Server(StepBatcher(pipe)) as s, httpx.Client(base_url=s.url, timeout=60) as client:

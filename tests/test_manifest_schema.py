@@ -1,5 +1,5 @@
-"""runtime/manifest_schema.json: one file of manifest rules, shipped with the Python package, compiled
-into the C++ library, interpreted by runtime/schema.py (here, against hand-written expectations) and
+"""runtime/spec/manifest_schema.json: one file of manifest rules, shipped with the Python package, compiled
+into the C++ library, interpreted by runtime/spec/schema.py (here, against hand-written expectations) and
 runtime/cpp/src/schema.cpp (the differential tests in test_cpp_runtime.py hold the two together),
 and documented by a table generated from it in engines/README.md."""
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from ditrt.runtime import schema
-from ditrt.runtime.errors import ArtifactError
-from ditrt.runtime.schema import Context, check_object
+from ditrt.runtime.spec import schema
+from ditrt.runtime.core.errors import ArtifactError
+from ditrt.runtime.spec.schema import Context, check_object
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,15 +48,26 @@ def test_every_rule_is_well_formed():
             assert set(named) <= set(spec["fields"]), (name, check)
 
 
+def test_the_registries_section_is_the_built_in_registries():
+    """The families' defaults and the samplers' families and options that the C++ reader reads are the
+    Python registries' built-in entries, in their order (a sampler added to SAMPLERS must be added here)."""
+    from ditrt.runtime.spec.config import FAMILIES
+    from ditrt.runtime.sampling.samplers import SAMPLERS
+    assert schema.registry("samplers") == {name: {"family": s.family, "options": list(s.options)}
+                                          for name, s in SAMPLERS.items()}
+    assert list(schema.registry("samplers")) == list(SAMPLERS)
+    assert {name: {"defaults": f.defaults.to_dict()} for name, f in FAMILIES.items()} == schema.registry("families")
+
+
 def test_the_schema_ships_with_the_package_and_is_compiled_into_the_cpp_library():
     """One source: the package data names it, CMake embeds that same file, no copy is in the tree."""
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert "manifest_schema.json" in package_data["ditrt.runtime"]
-    assert schema.SCHEMA_FILE == ROOT / "runtime" / "manifest_schema.json"
+    assert "manifest_schema.json" in package_data["ditrt.runtime.spec"]
+    assert schema.SCHEMA_FILE == ROOT / "runtime" / "spec" / "manifest_schema.json"
     cmake = (ROOT / "runtime" / "cpp" / "CMakeLists.txt").read_text()
-    assert "${CMAKE_CURRENT_SOURCE_DIR}/../manifest_schema.json" in cmake
+    assert "${CMAKE_CURRENT_SOURCE_DIR}/../spec/manifest_schema.json" in cmake
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
-    assert [f for f in tracked if f.endswith("manifest_schema.json")] == ["runtime/manifest_schema.json"]
+    assert [f for f in tracked if f.endswith("manifest_schema.json")] == ["runtime/spec/manifest_schema.json"]
 
 
 def test_engines_readme_table_is_the_schema_table():

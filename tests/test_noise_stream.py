@@ -15,8 +15,8 @@ import pytest
 
 import noise_reference as ref
 from conftest import ROOT
-from ditrt.runtime import noise
-from ditrt.runtime.errors import InputError
+from ditrt.runtime.sampling import noise
+from ditrt.runtime.core.errors import InputError
 
 TABLE = json.loads((ROOT / "tests" / "data" / "noise_table.json").read_text())
 

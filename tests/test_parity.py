@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from ditrt.runtime.parity import Golden, compare
+from ditrt.runtime.jobs.parity import Golden, compare
 
 FAST = ["--steps", "4", "--batch", "1,3"]
 

@@ -1,4 +1,4 @@
-"""`ditrt quality --plot` (runtime/plots.py) and `quality --labels`: a real quality run drawn as a
+"""`ditrt quality --plot` (runtime/jobs/plots.py) and `quality --labels`: a real quality run drawn as a
 PNG, each configuration named; block evaluations as a second cost axis when the rows carry them."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ditrt import cli
-from ditrt.runtime import plots
-from ditrt.runtime.errors import InputError
+from ditrt.runtime.jobs import plots
+from ditrt.runtime.core.errors import InputError
 
 pytest.importorskip("sklearn", reason="ditrt quality compares with scikit-learn's digits (pip install 'ditrt[quality]')")
 pytest.importorskip("matplotlib", reason="--plot draws with matplotlib (pip install 'ditrt[quality]')")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from ditrt import runtime
-from ditrt.runtime import quality
-from ditrt.runtime.request import LoadOptions, SampleSpec
+from ditrt.runtime.jobs import quality
+from ditrt.runtime.sampling.request import LoadOptions, SampleSpec
 
 pytest.importorskip("sklearn", reason="ditrt quality compares with scikit-learn's digits (pip install 'ditrt[quality]')")
 

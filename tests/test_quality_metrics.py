@@ -1,4 +1,4 @@
-"""The digits quality metrics (runtime/quality.py) against independent references: scikit-learn's
+"""The digits quality metrics (runtime/jobs/quality.py) against independent references: scikit-learn's
 own MLPClassifier, scipy's general matrix square root, hand-computed Gaussians and point sets whose
 precision / recall follow from their construction; and the shipped digits model's files."""
 from __future__ import annotations
@@ -11,11 +11,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ditrt.runtime import quality
-from ditrt.runtime.errors import InputError
+from ditrt.runtime.jobs import quality
+from ditrt.runtime.core.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "exporter" / "data" / "digits"
+TRAINING_PROGRAM = ROOT / "examples" / "digits" / "train_digits.py"  # a program, not part of the installed package
+
+
+def training_program():
+    """examples/digits/train_digits.py as a module (it needs torch: callers skip without it)."""
+    import importlib.util
+    if "train_digits" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("train_digits", TRAINING_PROGRAM)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["train_digits"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["train_digits"]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +101,7 @@ def test_shipped_classifier_equals_sklearn_refit(sklearn_digits):
     accuracy recorded in training.json)."""
     pytest.importorskip("sklearn.neural_network")
     pytest.importorskip("torch")
-    from ditrt.exporter import train_digits
+    train_digits = training_program()
     levels, labels = sklearn_digits
     record = json.loads((DIGITS / "training.json").read_text())
     shipped = quality.DigitClassifier.load(DIGITS / "classifier.npz")
@@ -206,7 +218,7 @@ def test_precision_recall_chunking_does_not_change_the_answer():
 # ---- the runtime stays torch-free ---------------------------------------------------------------
 
 def test_quality_imports_neither_torch_nor_sklearn():
-    code = ("import sys; import ditrt.runtime.quality; "
+    code = ("import sys; import ditrt.runtime.jobs.quality; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sklearn', 'scipy')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -241,7 +253,7 @@ def test_shipped_record_meets_the_targets():
     assert record["classifier"]["held_out_accuracy"] >= 0.95
 
 
-# ---- training (ditrt.exporter.train_digits) -----------------------------------------------------
+# ---- training (examples/digits/train_digits.py) -----------------------------------------------------
 
 # The official DiT `create_diffusion("").training_losses` (facebookresearch/DiT, diffusion/) on the
 # inputs `_loss_case` builds, run once with the official code: per-sample mse and vb.
@@ -262,8 +274,8 @@ def _loss_case():
 
 
 def test_dit_training_loss_equals_the_official_training_losses():
-    from ditrt.exporter.train_digits import DiTTrainingLoss
-    from ditrt.runtime.config import DiTConfig
+    DiTTrainingLoss = training_program().DiTTrainingLoss
+    from ditrt.runtime.spec.config import DiTConfig
     x0, noise, output, t = _loss_case()
     loss = DiTTrainingLoss(DiTConfig(input_size=8, hidden_size=64, depth=1, num_heads=4, num_classes=10))
     terms = loss.terms(output, x0, loss.q_sample(x0, t, noise), t, noise)
@@ -273,8 +285,8 @@ def test_dit_training_loss_equals_the_official_training_losses():
 
 def test_dit_training_loss_freezes_the_mean_in_the_bound():
     """vb trains only the variance channels, mse only the eps channels (the official stop-gradient)."""
-    from ditrt.exporter.train_digits import DiTTrainingLoss
-    from ditrt.runtime.config import DiTConfig
+    DiTTrainingLoss = training_program().DiTTrainingLoss
+    from ditrt.runtime.spec.config import DiTConfig
     x0, noise, output, t = _loss_case()
     output.requires_grad_(True)
     loss = DiTTrainingLoss(DiTConfig(input_size=8, hidden_size=64, depth=1, num_heads=4, num_classes=10))
@@ -288,7 +300,7 @@ def test_dit_training_loss_freezes_the_mean_in_the_bound():
 def _short_training(seed: int):
     """A VAE and a DiT of the shipped architecture, trained a few steps on a slice of the digits."""
     torch = pytest.importorskip("torch")
-    from ditrt.exporter import train_digits as T
+    T = training_program()
     T.configure_determinism(1)
     levels, labels = T.load_digits()
     images = T.training_images(levels[:32])
@@ -311,12 +323,12 @@ def test_short_training_runs_are_bitwise_identical(sklearn_digits):
 
 @pytest.mark.slow
 def test_training_script_runs_are_bitwise_identical(sklearn_digits, tmp_path):
-    """`python -m ditrt.exporter.train_digits` twice with a few hundred steps: every weight file equal byte for byte."""
+    """`python examples/digits/train_digits.py` twice with a few hundred steps: every weight file equal byte for byte."""
     pytest.importorskip("torch")
     outs = []
     for run in ("a", "b"):
         out = tmp_path / run
-        cmd = [sys.executable, "-m", "ditrt.exporter.train_digits", "--out", str(out), "--seed", "0", "--threads", "1",
+        cmd = [sys.executable, str(TRAINING_PROGRAM), "--out", str(out), "--seed", "0", "--threads", "1",
                "--vae-steps", "200", "--steps", "300", "--eval-per-class", "2"]
         subprocess.run(cmd, check=True, capture_output=True)
         outs.append(out)

@@ -19,9 +19,9 @@ from click.testing import CliRunner
 from conftest import QUANT_CALIB, export_quantized
 from ditrt import runtime
 from ditrt.cli import main
-from ditrt.runtime.errors import ArtifactError, InputError
-from ditrt.runtime.manifest import load_manifest
-from ditrt.runtime.parity import compare
+from ditrt.runtime.core.errors import ArtifactError, InputError
+from ditrt.runtime.artifact.manifest import load_manifest
+from ditrt.runtime.jobs.parity import compare
 
 INT8 = "denoiser.int8.onnx"
 
@@ -252,9 +252,9 @@ def test_generate_and_serve_take_int8(quant_artifact, tmp_path):
 
 
 def test_build_plans_the_int8_denoiser_and_an_fp16_decoder_without_tensorrt(quant_artifact, monkeypatch):
-    from ditrt.runtime.errors import TensorRTUnavailable
-    from ditrt.runtime.trt import build
-    from ditrt.runtime.trt.settings import parity_bound, plan_filename
+    from ditrt.runtime.core.errors import TensorRTUnavailable
+    from ditrt.runtime.jobs import build
+    from ditrt.runtime.execution.trt.settings import parity_bound, plan_filename
     jobs = []
     monkeypatch.setattr(build, "build_engine", lambda art, name, precision, profile, flags, log: jobs.append(
         (name, precision)) or {})

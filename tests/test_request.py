@@ -1,4 +1,4 @@
-"""The request value objects (runtime/request.py) and the registry helpers: a sampler option
+"""The request value objects (runtime/sampling/request.py) and the registry helpers: a sampler option
 registered once reaches every entry point, the family filter, eta given twice, the progress lines."""
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from click.testing import CliRunner
 
 from ditrt import cli as ditrt_cli
 from ditrt import runtime
-from ditrt.runtime import generate as G
-from ditrt.runtime.errors import InputError
-from ditrt.runtime.files import read_json
-from ditrt.runtime.progress import JobProgress, ProgressLine
-from ditrt.runtime.quality import QualityRun, parse_run
-from ditrt.runtime.request import LoadOptions, SampleSpec, sampler_options
-from ditrt.runtime.samplers import SAMPLERS, option_names, samplers_of
-from ditrt.runtime.shards import plan_shards, read_shard
+from ditrt.runtime.jobs import generate as G
+from ditrt.runtime.core.errors import InputError
+from ditrt.runtime.core.files import read_json
+from ditrt.runtime.core.progress import JobProgress, ProgressLine
+from ditrt.runtime.jobs.quality import QualityRun, parse_run
+from ditrt.runtime.sampling.request import LoadOptions, SampleSpec, sampler_options
+from ditrt.runtime.sampling.samplers import SAMPLERS, option_names, samplers_of
+from ditrt.runtime.jobs.shards import plan_shards, read_shard
 from sampler_variant import DummyOptionWorker, dummy_ddim
 
 SEED, STEPS, CFG = 5, 3, 4.0
@@ -49,7 +49,7 @@ def test_a_new_sampler_option_reaches_every_entry_point(tiny_artifact, pipe, pla
     and its run record) and a quality configuration (`--compare dummy=1`) all take it."""
     from fastapi.testclient import TestClient
 
-    from ditrt.runtime.batching import StepBatcher
+    from ditrt.runtime.jobs.batching import StepBatcher
     from ditrt.serve import create_app
     labels, expected = plain[0], 2 * plain[1]
     monkeypatch.setitem(SAMPLERS, "ddim", dummy_ddim())

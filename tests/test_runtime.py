@@ -8,9 +8,9 @@ import pytest
 
 from ditrt import runtime
 from conftest import max_rel_err
-from ditrt.runtime.chunking import run_chunked
-from ditrt.runtime.errors import ArtifactError
-from ditrt.runtime.manifest import load_manifest
+from ditrt.runtime.execution.chunking import run_chunked
+from ditrt.runtime.core.errors import ArtifactError
+from ditrt.runtime.artifact.manifest import load_manifest
 
 LOOPS = [("ddpm", "10", "ddpm_samples"), ("ddim", "ddim10", "ddim_samples")]
 
@@ -43,8 +43,8 @@ def test_fp16_graph_full_loop_deviation(tiny_artifact, golden, sampler, spec, ke
 
 
 def test_golden_timesteps_are_the_chains_we_run(golden):
-    from ditrt.runtime.config import Diffusion
-    from ditrt.runtime.schedule import respaced_schedule
+    from ditrt.runtime.spec.config import Diffusion
+    from ditrt.runtime.sampling.schedule import respaced_schedule
     official = Diffusion()
     assert list(respaced_schedule(official, "10").model_timesteps) == list(golden["ddpm_timesteps"])
     assert list(respaced_schedule(official, "ddim10").model_timesteps) == list(golden["ddim_timesteps"])

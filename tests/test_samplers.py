@@ -4,9 +4,9 @@ off), and the masking at the last step."""
 import numpy as np
 import pytest
 
-from ditrt.runtime.samplers import ddim_step, ddpm_step, guide
-from ditrt.runtime.config import Diffusion
-from ditrt.runtime.schedule import respaced_schedule
+from ditrt.runtime.sampling.samplers import ddim_step, ddpm_step, guide
+from ditrt.runtime.spec.config import Diffusion
+from ditrt.runtime.sampling.schedule import respaced_schedule
 
 OFFICIAL = Diffusion()
 
@@ -19,7 +19,7 @@ NOISE = RNG.standard_normal((2, 4, 4, 4)).astype(np.float32)
 
 def official_tables(spec):
     """Written out again from docs/official-semantics.md (SpacedDiffusion + GaussianDiffusion)."""
-    from ditrt.runtime.schedule import space_timesteps
+    from ditrt.runtime.sampling.schedule import space_timesteps
     base_ac = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
     keep = space_timesteps(1000, spec)
     ac = base_ac[keep]

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from ditrt.runtime.config import Diffusion
-from ditrt.runtime.schedule import ScheduleError, respaced_schedule, space_timesteps
+from ditrt.runtime.spec.config import Diffusion
+from ditrt.runtime.sampling.schedule import ScheduleError, respaced_schedule, space_timesteps
 
 OFFICIAL = Diffusion()
 

@@ -23,9 +23,9 @@ import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 
 from ditrt import runtime  # noqa: E402
-from ditrt.runtime.batching import Limits, StepBatcher  # noqa: E402
+from ditrt.runtime.jobs.batching import Limits, StepBatcher  # noqa: E402
 from ditrt.serve import HttpLimits, create_app  # noqa: E402
-from ditrt.runtime.request import LoadOptions  # noqa: E402
+from ditrt.runtime.sampling.request import LoadOptions  # noqa: E402
 
 from test_batching import Gate, alone, export_tiny_sit, mixed_requests  # noqa: E402
 from helpers import read_png  # noqa: E402
@@ -172,7 +172,7 @@ def test_a_cached_request_over_http_is_the_python_apis(pipe):
 
 
 def test_png_format_returns_the_decoded_grid(vae_pipe):
-    from ditrt.runtime import images
+    from ditrt.runtime.core import images
     with Server(StepBatcher(vae_pipe)) as server:
         r = httpx.post(f"{server.url}/v1/samples", json={"labels": [3, 7], "steps": 5, "seed": 2, "format": "png"},
                        timeout=60)

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 
 from ditrt import runtime
 from ditrt.cli import main
-from ditrt.runtime.errors import InputError, StepError
-from ditrt.runtime.signing import SignatureError, SigningUnavailable, sign_path, verify_path
+from ditrt.runtime.core.errors import InputError, StepError
+from ditrt.runtime.artifact.signing import SignatureError, SigningUnavailable, sign_path, verify_path
 from helpers import openssl_key_pair, swap_graph_and_its_digests
 
 pytest.importorskip("model_signing", reason="signing needs model-signing: pip install 'ditrt[sign]'")

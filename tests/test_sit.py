@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT, max_rel_err, read_npz
 from ditrt import runtime
-from ditrt.runtime.errors import ArtifactError, InputError
+from ditrt.runtime.core.errors import ArtifactError, InputError
 
 SIT_DIR = ROOT / "tests" / "golden" / "sit"
 META = json.loads((SIT_DIR / "sit_vectors.json").read_text())
@@ -164,7 +164,7 @@ def test_parity_against_the_torch_sit(sit_artifact):
 
 def test_batcher_serves_sit_requests_bit_identical(sit_pipe):
     """Adaptive (dopri5) and fixed-step runs share backend calls, each row at its own t."""
-    from ditrt.runtime.batching import StepBatcher
+    from ditrt.runtime.jobs.batching import StepBatcher
     requests = [dict(class_labels=[1, 2], num_steps=6, sampler="ode-dopri5", seed=1),
                 dict(class_labels=[3], num_steps=8, sampler="sde-heun", seed=2),
                 dict(class_labels=[4, 5, 6], num_steps=5, sampler="ode-euler", cfg_scale=1.0, seed=3)]
@@ -183,7 +183,7 @@ def test_another_sit_size_learn_sigma_false_standard_guidance(tmp_path):
     forward on [z, z]: euler ODE, standard guidance."""
     torchdiffeq = pytest.importorskip("torchdiffeq")  # dev extra
     from ditrt.exporter.model import SiT, random_init
-    from ditrt.runtime.config import DiTConfig
+    from ditrt.runtime.spec.config import DiTConfig
     config = DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=96, depth=3, num_heads=3,
                        num_classes=7, learn_sigma=False)
     model = random_init(SiT(config), seed=5).eval()

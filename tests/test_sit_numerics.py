@@ -1,4 +1,4 @@
-"""SiT numerics (runtime/flow.py, the torch SiT in exporter/model.py): the golden forward and the
+"""SiT numerics (runtime/sampling/flow.py, the torch SiT in exporter/model.py): the golden forward and the
 seven golden loops of the official code (tests/golden/sit/, copied from shared/golden/sit/) driven
 through the numpy loops with the torch SiT's forward_with_cfg; the solvers against torchdiffeq
 0.2.5 itself on analytic ODEs (values, function evaluations, accepted and rejected steps); the grids
@@ -15,10 +15,10 @@ import torch
 
 from conftest import max_rel_err, read_npz
 from ditrt.exporter.model import SiT
-from ditrt.runtime import flow
-from ditrt.runtime.config import DiTConfig, Transport, read_transport
-from ditrt.runtime.errors import ArtifactError, InputError, StepError
-from ditrt.runtime.samplers import SAMPLERS, get_sampler
+from ditrt.runtime.sampling import flow
+from ditrt.runtime.spec.config import DiTConfig, Transport, read_transport
+from ditrt.runtime.core.errors import ArtifactError, InputError, StepError
+from ditrt.runtime.sampling.samplers import SAMPLERS, get_sampler
 
 SIT_SAMPLERS = sorted(name for name, s in SAMPLERS.items() if s.family == "sit")
 TRANSPORT = Transport()
@@ -411,8 +411,8 @@ def test_flow_is_torch_free():
 import sys
 sys.modules['torch'] = None  # any torch import now fails
 import numpy as np
-from ditrt.runtime.config import Transport
-from ditrt.runtime.samplers import SAMPLERS
+from ditrt.runtime.spec.config import Transport
+from ditrt.runtime.sampling.samplers import SAMPLERS
 x = np.ones((2, 4, 2, 2), np.float32)
 for sampler in SAMPLERS.values():
     if sampler.family == "sit":

@@ -236,7 +236,7 @@ def test_the_reference_model_is_found_again_through_the_hub_cache(hub_artifact, 
     import torch
 
     from ditrt.exporter.reference import reference_model
-    from ditrt.runtime.errors import ArtifactError
+    from ditrt.runtime.core.errors import ArtifactError
     art = tmp_path / "art"
     shutil.copytree(hub_artifact, art)
     data = json.loads((art / "manifest.json").read_text())
@@ -246,7 +246,7 @@ def test_the_reference_model_is_found_again_through_the_hub_cache(hub_artifact, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = reference_model(runtime.load_manifest(art))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in tiny_checkpoint.state_dict.items())
-    assert runtime.manifest.reexport_command(data, art) == f"ditrt export {REPO} --revision {COMMIT} --out {art} --force"
+    assert runtime.artifact.manifest.reexport_command(data, art) == f"ditrt export {REPO} --revision {COMMIT} --out {art} --force"
     data["source"]["files"]["vae/config.json"] = "0" * 64
     (art / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ArtifactError, match="vae/config.json differs from the file the artifact was exported from"):

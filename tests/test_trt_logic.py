@@ -17,23 +17,25 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import ditrt.runtime.trt.backend as trt_backend
+import ditrt.runtime.execution.trt.backend as trt_backend
 from ditrt import runtime
-from ditrt.runtime.chunking import chunk_plan
-from ditrt.runtime.config import FAMILIES, DiTConfig, Diffusion
-from ditrt.runtime.errors import ArtifactError, TensorRTUnavailable
-from ditrt.runtime.manifest import engine_entry, load_manifest
-from ditrt.runtime.networks import denoiser_spec
-from ditrt.runtime.trt import compat, settings, versions
-from ditrt.runtime.trt.compat import check_engine_compat, choose_engine
-from ditrt.runtime.trt.settings import BuildFlags, EngineProfile, plan_filename
+from ditrt.runtime.execution.chunking import chunk_plan
+from ditrt.runtime.spec.config import FAMILIES, DiTConfig, Diffusion
+from ditrt.runtime.core.errors import ArtifactError, TensorRTUnavailable
+from ditrt.runtime.artifact.manifest import engine_entry, load_manifest
+from ditrt.runtime.spec.networks import denoiser_spec
+from ditrt.runtime.artifact import versions
+from ditrt.runtime.execution.trt import compat, settings
+from ditrt.runtime.execution.trt.compat import check_engine_compat, choose_engine
+from ditrt.runtime.execution.trt.settings import BuildFlags, EngineProfile, plan_filename
 
 TINY = DiTConfig(input_size=8, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 DENOISER = denoiser_spec(TINY, FAMILIES["dit"], Diffusion())
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
-TRT_MODULES = [ROOT / "runtime" / "trt" / "backend.py", ROOT / "runtime" / "trt" / "build.py", ROOT / "runtime" / "trt" / "device.py"]
+TRT_MODULES = [ROOT / "runtime" / "execution" / "trt" / "backend.py", ROOT / "runtime" / "jobs" / "build.py",
+               ROOT / "runtime" / "execution" / "trt" / "device.py"]
 H100 = "NVIDIA H100 80GB HBM3"
 
 
@@ -233,7 +235,7 @@ SPEC = DENOISER
 
 
 def test_polygraphy_loader_chain_is_strongly_typed_with_one_batch_profile(tmp_path):
-    from ditrt.runtime.trt.build import engine_loader
+    from ditrt.runtime.jobs.build import engine_loader
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
     cache = tmp_path / "timing.cache"
     loader = engine_loader(tmp_path / "denoiser.fp16.onnx", EngineProfile(2, 8, 16), BuildFlags(), SPEC, cache, FAKE_TRT)
@@ -255,7 +257,7 @@ def test_polygraphy_loader_chain_is_strongly_typed_with_one_batch_profile(tmp_pa
 
 @pytest.mark.parametrize("compat, level", [("ampere+", "AMPERE_PLUS"), ("same-cc", "SAME_COMPUTE_CAPABILITY")])
 def test_polygraphy_config_portability_and_workspace(compat, level):
-    from ditrt.runtime.trt.build import config_kwargs
+    from ditrt.runtime.jobs.build import config_kwargs
     from polygraphy.backend.trt import CreateConfig
     config = CreateConfig(**config_kwargs(EngineProfile(), BuildFlags(5, compat, True, 2.5), SPEC, "t.cache", FAKE_TRT))
     assert config.builder_optimization_level == 5 and config.hardware_compatibility_level == level
@@ -263,7 +265,7 @@ def test_polygraphy_config_portability_and_workspace(compat, level):
 
 
 def test_calling_the_loader_without_tensorrt_fails_cleanly(tmp_path):
-    from ditrt.runtime.trt.build import engine_loader
+    from ditrt.runtime.jobs.build import engine_loader
     pytest.importorskip("polygraphy")
     if _importable("tensorrt"):
         pytest.skip("TensorRT is installed here")
@@ -400,8 +402,8 @@ def no_tensorrt(monkeypatch):
 
 
 def test_runtime_and_build_modules_import_nothing_heavy():
-    code = ("import sys, ditrt.runtime, ditrt.runtime.trt.backend, ditrt.runtime.trt.compat, ditrt.runtime.trt.build, "
-            "ditrt.runtime.trt.device, ditrt.runtime.trt.settings, ditrt.cli\n"
+    code = ("import sys, ditrt.runtime, ditrt.runtime.execution.trt.backend, ditrt.runtime.execution.trt.compat, ditrt.runtime.jobs.build, "
+            "ditrt.runtime.execution.trt.device, ditrt.runtime.execution.trt.settings, ditrt.cli\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorrt', 'polygraphy', 'cuda', 'torch'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
@@ -421,14 +423,14 @@ def artifact_with_engine(tmp_path, tiny_artifact):
 
 
 def test_auto_falls_back_to_onnxruntime_without_tensorrt(no_tensorrt, artifact_with_engine):
-    from ditrt.runtime.trt.compat import compatible_engine
+    from ditrt.runtime.execution.trt.compat import compatible_engine
     assert compatible_engine(load_manifest(artifact_with_engine)) is None
     pipe = runtime.load(artifact_with_engine, backend="auto")
     assert pipe.backend.name.startswith("onnxruntime")
 
 
 def test_auto_does_not_look_for_tensorrt_when_the_artifact_has_no_engine(monkeypatch, tiny_artifact):
-    import ditrt.runtime.trt.device as rt
+    import ditrt.runtime.execution.trt.device as rt
     calls = []
     monkeypatch.setattr(rt, "environment", lambda: calls.append(1))
     assert compat.compatible_engine(load_manifest(tiny_artifact)) is None and calls == []
@@ -440,7 +442,7 @@ def test_tensorrt_backend_without_tensorrt_says_how_to_install(no_tensorrt, tiny
 
 
 def test_engine_selection_and_rebuild_message_with_a_simulated_gpu(monkeypatch, artifact_with_engine):
-    import ditrt.runtime.trt.device as rt
+    import ditrt.runtime.execution.trt.device as rt
     gpu = rt.GpuInfo(H100, (9, 0), "580.65.06", "13.0", "13.0")
     monkeypatch.setattr(rt, "environment", lambda: rt.Environment("11.4.0.106", gpu))
     manifest = load_manifest(artifact_with_engine)
@@ -683,7 +685,7 @@ def sim_tensorrt(cuda: SimCuda, runtime_errors=(), fail_capture=False, names=("l
 @pytest.fixture
 def sim(monkeypatch, tmp_path):
     """Install the stand-ins; returns a factory for a backend over a plan file with a manifest entry."""
-    import ditrt.runtime.trt.device as rt
+    import ditrt.runtime.execution.trt.device as rt
     state = SimpleNamespace(cuda=SimCuda())
 
     def install(**trt_kwargs):
@@ -741,7 +743,7 @@ def test_backend_falls_back_to_plain_enqueue_when_capture_fails(sim):
 
 
 def test_backend_bounds_its_cached_batch_sizes_and_frees_everything(sim):
-    from ditrt.runtime.trt.backend import MAX_CACHED_BATCHES
+    from ditrt.runtime.execution.trt.backend import MAX_CACHED_BATCHES
     backend = sim.make()
     for n in range(2, 9):
         backend(_inputs(n))
@@ -762,7 +764,7 @@ def test_backend_drops_a_batch_size_it_could_not_bind(sim):
 
 def test_backend_max_batch(sim):
     assert sim.make().max_batch == 8
-    from ditrt.runtime.trt.backend import TensorRTBackend
+    from ditrt.runtime.execution.trt.backend import TensorRTBackend
     backend = sim.make()
     assert TensorRTBackend(backend.plan, DENOISER, backend.entry, max_batch=100).max_batch == 8  # capped at the profile
     assert TensorRTBackend(backend.plan, DENOISER, backend.entry, max_batch=3).max_batch == 3
@@ -783,7 +785,7 @@ def test_backend_null_engine_carries_tensorrts_message_and_the_rebuild_command(s
 def test_backend_refuses_a_plan_that_does_not_match_its_entry(sim, tmp_path):
     backend = sim.make()
     (tmp_path / backend.plan.name).write_bytes(b"PLAN-replaced")
-    from ditrt.runtime.trt.backend import TensorRTBackend
+    from ditrt.runtime.execution.trt.backend import TensorRTBackend
     with pytest.raises(ArtifactError, match="does not match its sha256"):
         TensorRTBackend(backend.plan, DENOISER, backend.entry)
 
@@ -818,9 +820,9 @@ def sim_build(sim, monkeypatch, tmp_path, tiny_artifact):
     """`build_engine` on a copy of the tiny artifact with simulated TensorRT: the "builder" returns
     plan bytes, and the simulated engine computes the real fp32 graph (ONNX Runtime) times
     (1 + error), so the parity gate sees a known deviation."""
-    import ditrt.runtime.trt.device as rt
-    import ditrt.runtime.trt.build as tb
-    from ditrt.runtime.backends import OnnxRuntimeBackend
+    import ditrt.runtime.execution.trt.device as rt
+    import ditrt.runtime.jobs.build as tb
+    from ditrt.runtime.execution.backends import OnnxRuntimeBackend
     art = tmp_path / "art"
     shutil.copytree(tiny_artifact, art)
     manifest = load_manifest(art)
@@ -841,7 +843,7 @@ def sim_build(sim, monkeypatch, tmp_path, tiny_artifact):
 
 
 def test_build_records_a_plan_that_passes_its_gate_and_keeps_other_engines(sim_build):
-    from ditrt.runtime.trt.build import build_engine
+    from ditrt.runtime.jobs.build import build_engine
     other = entry(file="denoiser.fp16.sm80.trt11.4.0.106.plan", cc=(8, 0), gpu="NVIDIA A100")
     manifest = load_manifest(sim_build.art)
     manifest.data["engines"] = [other]
@@ -858,7 +860,7 @@ def test_build_records_a_plan_that_passes_its_gate_and_keeps_other_engines(sim_b
 
 
 def test_build_discards_a_plan_that_fails_its_gate(sim_build):
-    from ditrt.runtime.trt.build import BuildError, build_engine
+    from ditrt.runtime.jobs.build import BuildError, build_engine
     sim_build.error = 0.05  # 5%: far outside the fp16 bound
     with pytest.raises(BuildError, match=r"failed its parity check against onnxruntime-fp32 on denoiser.fp32.onnx"):
         build_engine(sim_build.art, "denoiser", "fp16", EngineProfile(1, 2, 4), log=lambda m: None)
@@ -868,7 +870,7 @@ def test_build_discards_a_plan_that_fails_its_gate(sim_build):
 
 def _cuda_runtime_names_used() -> set[str]:
     """cuda-python runtime members runtime/trt uses: _cuda("name", ...) calls and rt.name chains."""
-    tree = ast.parse("\n".join((ROOT / "runtime" / "trt" / f).read_text() for f in ("backend.py", "device.py")))
+    tree = ast.parse("\n".join((ROOT / "runtime" / "execution" / "trt" / f).read_text() for f in ("backend.py", "device.py")))
     names = {node.args[0].value for node in ast.walk(tree)
              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "_cuda"
              and node.args and isinstance(node.args[0], ast.Constant)}

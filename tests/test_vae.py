@@ -18,15 +18,15 @@ pytest.importorskip("diffusers")
 
 from ditrt.exporter.decoder import DecoderExporter  # noqa: E402
 from ditrt.exporter.onnx_export import ExportOptionError, Steps, check_common_options, export_network  # noqa: E402
-from ditrt.runtime.networks import EXPORT_BOUNDS as MAX_REL_ERR  # noqa: E402
+from ditrt.runtime.spec.networks import EXPORT_BOUNDS as MAX_REL_ERR  # noqa: E402
 
 
 def decoder_file(precision: str) -> str:
     return f"decoder.{precision}.onnx"
 from ditrt.exporter.vae import DecoderGraph, VaeError, load_vae  # noqa: E402
-from ditrt.runtime.images import (NonFiniteImageError, ImageError, check_finite, grid, to_uint8,  # noqa: E402
+from ditrt.runtime.core.images import (NonFiniteImageError, ImageError, check_finite, grid, to_uint8,  # noqa: E402
                                   write_per_image, write_png)
-from ditrt.runtime.files import sha256_file  # noqa: E402
+from ditrt.runtime.core.files import sha256_file  # noqa: E402
 from helpers import read_png  # noqa: E402
 
 EXAMPLE_VAE = ROOT / "tests" / "golden" / "vae" / "vae"  # the golden small VAE (shared/golden/vae/vae)
@@ -337,7 +337,7 @@ def test_check_finite(vae_golden):
 
 
 def test_images_module_imports_no_torch():
-    code = ("import sys, numpy as np; import ditrt.runtime.images as m; "
+    code = ("import sys, numpy as np; import ditrt.runtime.core.images as m; "
             "m.to_uint8(np.zeros((1, 3, 2, 2), np.float32)); m.grid(np.zeros((2, 3, 2, 2), np.float32)); "
             "assert 'torch' not in sys.modules and 'torchvision' not in sys.modules and 'PIL' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -14,9 +14,9 @@ from contextlib import asynccontextmanager
 from typing import Callable
 
 from ditrt import runtime
-from ditrt.runtime import outputs
-from ditrt.runtime.batching import Overloaded, StepBatcher
-from ditrt.runtime.errors import DitrtError, InputError, QueueFull, RequestTimeout, SchedulerClosed, StepError
+from ditrt.runtime.jobs import outputs
+from ditrt.runtime.jobs.batching import Overloaded, StepBatcher
+from ditrt.runtime.core.errors import DitrtError, InputError, QueueFull, RequestTimeout, SchedulerClosed, StepError
 
 from .parsing import ClientGone, HttpError, HttpLimits, read_body, shorten
 from .service import Service, model_summary

@@ -7,11 +7,11 @@ import threading
 from dataclasses import replace
 from typing import Callable
 
-from ditrt.runtime.batching import StepBatcher
-from ditrt.runtime.errors import InputError
-from ditrt.runtime.pipeline import load_pipeline
-from ditrt.runtime.request import LoadOptions
-from ditrt.runtime.validate import check_int
+from ditrt.runtime.jobs.batching import StepBatcher
+from ditrt.runtime.core.errors import InputError
+from ditrt.runtime.execution.pipeline import load_pipeline
+from ditrt.runtime.sampling.request import LoadOptions
+from ditrt.runtime.core.validate import check_int
 
 from .app import create_app
 from .parsing import DEFAULT_TIMEOUT_S, HttpLimits
@@ -22,7 +22,7 @@ def make_batcher(artifact, load: LoadOptions = LoadOptions(), policy: str = "ste
                  timeout: float | None = DEFAULT_TIMEOUT_S, warm_up: bool = True, **limits) -> StepBatcher:
     """Load the artifact as `ditrt sample` does (the same options, `public_key` included: an
     artifact whose signature does not verify is refused before the port opens) and start its
-    scheduler. `limits`: runtime.batching.Limits fields (max_batch, max_rows, max_images,
+    scheduler. `limits`: runtime.jobs.batching.Limits fields (max_batch, max_rows, max_images,
     max_steps, max_queue, decode_batch); None: sized for the backend. The denoiser's calls are at
     most max_batch rows (the load's max_batch is the scheduler's)."""
     pipe = load_pipeline(artifact, replace(load, max_batch=limits.get("max_batch")))

@@ -1,18 +1,18 @@
 """`ditrt serve`'s request side: the HTTP limits, reading a bounded body, and parsing a
-POST /v1/samples body into the request's SampleSpec (runtime/request.py) and its HTTP fields."""
+POST /v1/samples body into the request's SampleSpec (runtime/sampling/request.py) and its HTTP fields."""
 from __future__ import annotations
 
 import asyncio
 import json
 from dataclasses import dataclass
 
-from ditrt.runtime import outputs
-from ditrt.runtime.batching import StepBatcher
-from ditrt.runtime.cache import cache_settings
-from ditrt.runtime.errors import InputError
-from ditrt.runtime.request import SampleSpec, sampler_options
-from ditrt.runtime.samplers import option_names
-from ditrt.runtime.validate import check_choice, check_int, check_number
+from ditrt.runtime.jobs import outputs
+from ditrt.runtime.jobs.batching import StepBatcher
+from ditrt.runtime.execution.cache import cache_settings
+from ditrt.runtime.core.errors import InputError
+from ditrt.runtime.sampling.request import SampleSpec, sampler_options
+from ditrt.runtime.sampling.samplers import option_names
+from ditrt.runtime.core.validate import check_choice, check_int, check_number
 
 DEFAULT_TIMEOUT_S = 300.0  # a request's deadline unless it asks for less (and the most it may ask for)
 SAMPLE_FIELDS = ("labels", "steps", "sampler", "cfg_scale", "guidance", "seed", "eta", "format", "timeout", "options",
@@ -23,7 +23,7 @@ BODY_FIELD_OPTIONS = ("eta",)  # sampler options a request gives as fields of th
 
 @dataclass(frozen=True)
 class HttpLimits:
-    """The HTTP side's limits (the scheduler's are runtime.batching.Limits); flags of `ditrt serve`."""
+    """The HTTP side's limits (the scheduler's are runtime.jobs.batching.Limits); flags of `ditrt serve`."""
     max_body_bytes: int = 64 * 1024  # a request body (labels are max_images ints: a few KB at most)
     body_timeout: float = 10.0  # seconds to receive a whole body (a slow or endless body: 408)
     drain_timeout: float = 30.0  # seconds SIGTERM waits for admitted requests before failing them

@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from dataclasses import asdict
 
 from ditrt import runtime
-from ditrt.runtime.batching import StepBatcher
-from ditrt.runtime.samplers import option_names, samplers_of
+from ditrt.runtime.jobs.batching import StepBatcher
+from ditrt.runtime.sampling.samplers import option_names, samplers_of
 
 from .metrics import Metrics
 from .parsing import BODY_FIELD_OPTIONS, HttpError, HttpLimits, SampleRequest

@@ -1,4 +1,4 @@
-// The manifest's model, process, guidance, defaults and id2label sections (runtime/config.py,
+// The manifest's model, process, guidance, defaults and id2label sections (runtime/spec/config.py,
 // labels.py): the value rules come from manifest_schema.json (schema.cpp); what stays here is what
 // cannot be data: the family registry, the DiT config's divisibility, out_channels of the family,
 // the degenerate-schedule check, the sampler registry's eta, the class-label keys.
@@ -6,7 +6,7 @@
 #include <iterator>
 #include <limits>
 
-#include "flow.hpp"
+#include "registry.hpp"
 #include "manifest_readers.hpp"
 #include "schedule.hpp"
 #include "schema.hpp"
@@ -90,12 +90,12 @@ void read_guidance(const Json& data, Manifest& m) {
 void read_defaults(const Json& data, Manifest& m) {
     const Json& d = data.contains("defaults") ? data["defaults"] : Json::object();
     if (!d.is_object()) fail(kField + "defaults must be an object, got " + pyjson::repr(d));
-    // The family's defaults (config.py: dit ddpm, 250, 4.0, official; sit sde-euler, 250, 1.5, official).
+    // The family's defaults and samplers (the registries, as data: manifest_schema.json "registries").
+    const std::string family = m.is_sit() ? "sit" : "dit";
     schema::Context context;
-    context.defaults = {{"sampler", m.is_sit() ? "sde-euler" : "ddpm"}, {"steps", 250}, {"cfg_scale", m.is_sit() ? 1.5 : 4.0},
-                        {"guidance", "official"}};
-    context.choices["samplers of the family"] = m.is_sit() ? std::vector<std::string>(std::begin(kFlowSamplers), std::end(kFlowSamplers))
-                                                           : std::vector<std::string>{"ddpm", "ddim", "dpm++2m"};
+    for (auto it = registry::family_defaults(family).begin(); it != registry::family_defaults(family).end(); ++it)
+        context.defaults[it.key()] = *it;
+    context.choices["samplers of the family"] = registry::samplers_of(family);
     for (const auto& [name, _] : m.guided_channels) context.choices["guidance.guided_channels"].push_back(name);
     const Json v = schema::check_object("defaults", d, "defaults", context);
     m.default_sampler = v["sampler"].get<std::string>();
@@ -105,14 +105,14 @@ void read_defaults(const Json& data, Manifest& m) {
     m.default_steps_is_int = pyjson::is_int(steps);
     m.default_steps = m.default_steps_is_int ? pyjson::repr(steps) : steps.get<std::string>();  // an int's digits, of any size
     if (v.contains("eta")) {
-        if (m.default_sampler != "ddim")  // the sampler registry: the samplers that take eta
+        if (!registry::takes(m.default_sampler, "eta"))
             fail(kField + "defaults.eta is set, but the default sampler " + m.default_sampler + " takes no eta");
         m.default_eta = v["eta"].get<double>();
         m.has_default_eta = true;
     }
 }
 
-// The optional id2label (runtime/labels.py read_id2label): keys canonical decimal class labels
+// The optional id2label (runtime/artifact/labels.py read_id2label): keys canonical decimal class labels
 // 0..num_classes-1, values non-empty strings of at most 4096 characters (code points).
 void read_labels(const Json& data, Manifest& m) {
     if (!data.contains("id2label")) return;
@@ -135,7 +135,7 @@ void read_labels(const Json& data, Manifest& m) {
 
 namespace {
 
-// runtime/config.py check_alphas_cumprod, on the same float64 table: ac falls monotonically from
+// runtime/spec/config.py check_alphas_cumprod, on the same float64 table: ac falls monotonically from
 // 1 - beta_start; float32(ac[0]) must be below 1 and float32(ac[-1]) a normal float32 (>= 2^-126),
 // else the samplers' float32 coefficients divide by 0 or overflow (ddim_step's 0/0).
 void check_alphas_cumprod(const Manifest& m) {

@@ -1,4 +1,4 @@
-// DPM-Solver++(2M) as runtime/dpm_solver.py steps it (diffusers' DPMSolverMultistepScheduler with
+// DPM-Solver++(2M) as runtime/sampling/dpm_solver.py steps it (diffusers' DPMSolverMultistepScheduler with
 // algorithm_type "dpmsolver++", solver_order 2 and its defaults: linspace timesteps, midpoint,
 // lower-order final, final sigma 0). float64 tables, each coefficient cast to float32 when applied,
 // in the Python runtime's float32 operation order.

@@ -7,6 +7,7 @@
 #include "error.hpp"
 #include "portable.hpp"
 #include "pyjson.hpp"
+#include "registry.hpp"
 
 namespace ditrt_core {
 
@@ -37,29 +38,12 @@ int64_t FlowPlan::model_calls() const {
     return 0;
 }
 
-// ---- options (runtime/samplers.py Sampler.bind, flow.check_dopri5_options / check_sde_options) ----
-
-const std::vector<std::string>& flow_option_names() {
-    static const std::vector<std::string> names = {"atol", "rtol", "diffusion_form", "diffusion_norm", "last_step",
-                                                   "last_step_size"};
-    return names;
-}
-
-std::string option_takers(const std::string& option) {
-    if (option == "eta") return "ddim";
-    if (option == "atol" || option == "rtol") return "ode-dopri5";
-    return "sde-euler and sde-heun";
-}
+// ---- options (runtime/sampling/samplers.py Sampler.bind, flow.check_dopri5_options / check_sde_options) ----
 
 namespace {
 
 [[noreturn]] void invalid(const std::string& message) { throw Error(Status::InvalidArgument, message); }
 
-bool sampler_takes(FlowSampler s, const std::string& option) {
-    if (option == "atol" || option == "rtol") return s == FlowSampler::OdeDopri5;
-    if (option == "eta") return false;
-    return s == FlowSampler::SdeEuler || s == FlowSampler::SdeHeun;
-}
 
 double number(const std::string& name, const std::string& text) {
     char* end = nullptr;
@@ -110,13 +94,14 @@ FlowPlan plan_flow(const std::string& sampler, const std::string& steps, bool /*
     for (int i = 0; i < 5; ++i)
         if (sampler == kFlowSamplers[i]) p.sampler = FlowSampler(i), known = true;
     if (!known) {
-        const bool dit = sampler == "ddpm" || sampler == "ddim" || sampler == "dpm++2m";
-        invalid("unknown sampler '" + sampler + "' for a sit model" + (dit ? " (" + sampler + " samples dit models)" : "") +
-                "; use ode-euler, ode-heun2, ode-dopri5, sde-euler, sde-heun");
+        const std::string family = registry::family_of(sampler);
+        invalid("unknown sampler '" + sampler + "' for a sit model" +
+                (family.empty() ? "" : " (" + sampler + " samples " + family + " models)") + "; use " +
+                registry::joined(registry::samplers_of("sit")));
     }
     for (const auto& [name, value] : options)
-        if (!sampler_takes(p.sampler, name))
-            invalid(name + " applies to " + option_takers(name) + " only; " + sampler + " takes no " + name);
+        if (!registry::takes(sampler, name))
+            invalid(name + " applies to " + registry::option_takers(name) + " only; " + sampler + " takes no " + name);
     for (const auto& [name, value] : options) {
         if (name == "atol") p.atol = tolerance(name, value);
         else if (name == "rtol") p.rtol = tolerance(name, value);

@@ -1,4 +1,4 @@
-// SiT sampling (runtime/flow.py): the Linear path's ODE and SDE loops in runtime/flow.py's float32
+// SiT sampling (runtime/sampling/flow.py): the Linear path's ODE and SDE loops in runtime/sampling/flow.py's float32
 // and float64 operation order, so that the same inputs give the same bits in both languages.
 // The loops call `velocity` for each model evaluation (the guided model output for the rows of
 // x_eval) and `noise(k)` for the k-th stochastic draw (SDEs only).
@@ -20,7 +20,7 @@ enum class FlowSampler { OdeEuler, OdeHeun2, OdeDopri5, SdeEuler, SdeHeun };
 // SiT's sampler names, in the Python registry's order.
 extern const char* const kFlowSamplers[5];
 
-// One request's SiT loop: the sampler, its grid and options, checked as runtime/samplers.py
+// One request's SiT loop: the sampler, its grid and options, checked as runtime/sampling/samplers.py
 // binds them (Error(InvalidArgument) for a bad option, Error(Schedule) for bad steps).
 struct FlowPlan {
     FlowSampler sampler = FlowSampler::SdeEuler;
@@ -44,8 +44,6 @@ FlowPlan plan_flow(const std::string& sampler, const std::string& steps, bool st
                    const std::map<std::string, std::string>& options);
 
 // The sampler options of each family's samplers, for the "X applies to ... only" refusals.
-const std::vector<std::string>& flow_option_names();
-std::string option_takers(const std::string& option);  // "ode-dopri5", "sde-euler and sde-heun", "ddim"
 
 // v = the guided velocity at (x_eval, t) for the state's rows; x_eval must not be modified.
 using Velocity = std::function<void(const float* x_eval, float t, float* v)>;

@@ -149,7 +149,7 @@ void png_write(const std::string& path, const uint8_t* pixels, int64_t height, i
         }
         done += size_t(n);
     }
-    // mkstemp makes the file private; an image is meant to be shared (as runtime/files.py).
+    // mkstemp makes the file private; an image is meant to be shared (as runtime/core/files.py).
     if (::fchmod(fd, 0644) != 0 || ::close(fd) != 0 || ::rename(tmp.c_str(), path.c_str()) != 0) {
         const int err = errno;
         ::unlink(tmp.c_str());

@@ -1,4 +1,4 @@
-// Decoded images to uint8 and PNG, byte for byte as runtime/images.py writes them (float32 in the
+// Decoded images to uint8 and PNG, byte for byte as runtime/core/images.py writes them (float32 in the
 // torch code's operation order), and PNG encoding with libpng, to memory or atomically to a file.
 #pragma once
 
@@ -8,7 +8,7 @@
 
 namespace ditrt_core {
 
-inline constexpr int64_t kGridNrow = 4, kGridPadding = 2;  // runtime/images.py GRID_NROW, GRID_PADDING
+inline constexpr int64_t kGridNrow = 4, kGridPadding = 2;  // runtime/core/images.py GRID_NROW, GRID_PADDING
 
 // (N, 3, H, W) float images in [-1, 1] -> (N, H, W, 3) uint8: clamp(127.5 x + 128, 0, 255),
 // truncated (sample_ddp.py). `out` holds n * h * w * 3 bytes.

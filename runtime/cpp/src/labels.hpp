@@ -1,4 +1,4 @@
-// Class names (the manifest's optional `id2label`, runtime/labels.py): each entry's comma-separated
+// Class names (the manifest's optional `id2label`, runtime/artifact/labels.py): each entry's comma-separated
 // synonyms, surrounding whitespace stripped, name its class, as diffusers' DiTPipeline.get_label_ids
 // reads them. A name shared by two classes is ambiguous and refused.
 #pragma once

@@ -40,7 +40,7 @@ namespace {
 using namespace reader;
 namespace fs = std::filesystem;
 
-// ---- schema upgrades (runtime/manifest.py upgrade_schema_1 / upgrade_schema_2, on JSON) ----------
+// ---- schema upgrades (runtime/artifact/manifest.py upgrade_schema_1 / upgrade_schema_2, on JSON) ----------
 
 // What Python's KeyError / TypeError / AttributeError would be: the upgrade cannot run.
 struct UpgradeFailure {
@@ -119,7 +119,7 @@ Json upgrade_schema_1(const Json& data) {
     return upgraded;
 }
 
-// Schema 2 tensors had no role: runtime/manifest.py _SCHEMA_2_ROLES.
+// Schema 2 tensors had no role: runtime/artifact/manifest.py _SCHEMA_2_ROLES.
 const std::map<std::string, std::string> kSchema2Roles = {{"latent", "latent"}, {"timestep", "time"},
                                                           {"class_label", "condition"}, {"model_output", "prediction"},
                                                           {"image", "image"}};
@@ -170,7 +170,7 @@ Json upgrade_schema_2(const Json& data) {
 }
 
 
-// ---- engines (runtime/trt/compat.py read_entry) -------------------------------------------------------
+// ---- engines (runtime/execution/trt/compat.py read_entry) -------------------------------------------------------
 
 const Json& entry_field(const Json& root, const std::string& dotted) {
     const Json* j = &root;
@@ -233,7 +233,7 @@ EngineEntry read_engine(const Json& e, size_t index) {
     return out;
 }
 
-// runtime/manifest.py read_manifest_json: stat before open (a FIFO would block, /dev/zero never
+// runtime/artifact/manifest.py read_manifest_json: stat before open (a FIFO would block, /dev/zero never
 // ends), then read at most kMaxManifestBytes + 1 bytes from the descriptor that was checked.
 std::string read_manifest_text(const std::string& directory, const std::string& path) {
     struct stat info {};
@@ -385,7 +385,7 @@ const GraphEntry& Manifest::graph(const std::string& network_name, const std::st
                                                  "; it has: " + have);
     }
     const GraphEntry* g = n->graph(precision);
-    if (!g && (precision == "int8" || precision == "fp8") && network_name != "denoiser")  // runtime/manifest.py graph
+    if (!g && (precision == "int8" || precision == "fp8") && network_name != "denoiser")  // runtime/artifact/manifest.py graph
         throw Error(Status::Artifact, directory + " has no " + precision + " " + network_name + " graph: quantized graphs are " +
                                           "made for the denoiser only, the " + network_name + " has no quantization recipe");
     if (!g)

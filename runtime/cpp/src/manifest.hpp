@@ -1,7 +1,7 @@
 // The artifact manifest (engines/README.md, schema ditrt.manifest version 3; versions 1 and 2 are
-// upgraded in memory as runtime/manifest.py does): read, checked with every rule of the Python
-// reader (runtime/manifest.py, config.py, networks.py, conditioning.py, files.py) and typed. The
-// field rules are runtime/manifest_schema.json's, compiled in (schema.hpp); the reader's parts are
+// upgraded in memory as runtime/artifact/manifest.py does): read, checked with every rule of the Python
+// reader (runtime/artifact/manifest.py, config.py, networks.py, conditioning.py, files.py) and typed. The
+// field rules are runtime/spec/manifest_schema.json's, compiled in (schema.hpp); the reader's parts are
 // listed in manifest_readers.hpp.
 //
 // One contract, two readers: a manifest the Python runtime loads, this reader loads, and one it
@@ -25,7 +25,7 @@ const char* dtype_name(DType dtype);
 size_t dtype_size(DType dtype);
 
 struct Condition {  // networks.<name>.inputs[i].condition, role "condition"
-    std::string kind;  // "class": the only kind (runtime/conditioning.py CONDITIONINGS)
+    std::string kind;  // "class": the only kind (runtime/spec/conditioning.py CONDITIONINGS)
     int64_t num_classes = 0, null = 0;
 };
 
@@ -55,7 +55,7 @@ struct NetworkSpec {
 };
 
 struct EngineEntry {
-    // The fields runtime/trt/compat.py reads. An entry with a missing or bad field is kept with
+    // The fields runtime/execution/trt/compat.py reads. An entry with a missing or bad field is kept with
     // `problem` set: like Python, it is then never compatible (and says why); the reader never
     // refuses a manifest for an engine entry.
     std::string problem;
@@ -89,7 +89,7 @@ struct Manifest {
     bool has_default_eta = false;
     double default_eta = 0.0;
 
-    // id2label (optional): the class names; label_of resolves a name as runtime/labels.py does
+    // id2label (optional): the class names; label_of resolves a name as runtime/artifact/labels.py does
     bool has_labels = false;
     ClassNames labels;
 
@@ -110,7 +110,7 @@ struct Manifest {
     const GraphEntry& graph(const std::string& network, const std::string& precision) const;
 };
 
-// The largest manifest.json read (a manifest is a few KB; runtime/manifest.py MAX_MANIFEST_BYTES).
+// The largest manifest.json read (a manifest is a few KB; runtime/artifact/manifest.py MAX_MANIFEST_BYTES).
 inline constexpr int64_t kMaxManifestBytes = int64_t(16) << 20;
 
 // Reads <directory>/manifest.json: a regular file (a FIFO, a device or a link to one is refused

@@ -1,10 +1,10 @@
 // The manifest reader's parts, split along the Python reader's seams (internal to the library;
 // sampler.cpp and c_api.cpp use manifest.hpp only):
-//   manifest.cpp      runtime/manifest.py: the file, the schema 1/2 upgrades, engines, the graph lookups
-//   config.cpp        runtime/config.py, labels.py: model, diffusion / transport, guidance, defaults, id2label
-//   networks.cpp      runtime/networks.py, conditioning.py, files.py: tensors, networks, segments, graphs
-//   quantization.cpp  runtime/quantization.py: a quantized graph's recipe
-//   schema.cpp        runtime/schema.py: the value rules of runtime/manifest_schema.json
+//   manifest.cpp      runtime/artifact/manifest.py: the file, the schema 1/2 upgrades, engines, the graph lookups
+//   config.cpp        runtime/spec/config.py, labels.py: model, diffusion / transport, guidance, defaults, id2label
+//   networks.cpp      runtime/spec/networks.py, conditioning.py, files.py: tensors, networks, segments, graphs
+//   quantization.cpp  runtime/spec/quantization.py: a quantized graph's recipe
+//   schema.cpp        runtime/spec/schema.py: the value rules of runtime/spec/manifest_schema.json
 #pragma once
 
 #include <cstdint>
@@ -35,7 +35,7 @@ void read_labels(const Json& data, Manifest& m);
 
 // networks.cpp
 void read_networks(const Json& data, Manifest& m);
-// runtime/files.py artifact_path: directory / name for a file the manifest names, refused naming `field`.
+// runtime/core/files.py artifact_path: directory / name for a file the manifest names, refused naming `field`.
 std::string confined(const std::string& directory, const Json& name, const std::string& field);
 
 // quantization.cpp: the recipe of the graph at `where` (networks.<name>.graphs.<precision>).

@@ -1,4 +1,4 @@
-// The manifest's networks (runtime/networks.py, conditioning.py, files.py, and manifest.py's
+// The manifest's networks (runtime/spec/networks.py, conditioning.py, files.py, and manifest.py's
 // cross checks): tensor specs, the denoiser against the model section, the decoder, the segments,
 // graph entries and their files. The per-field rules of conditions and networks come from
 // manifest_schema.json (schema.cpp); tensor specs against the model config stay code.
@@ -18,7 +18,7 @@ namespace fs = std::filesystem;
 const std::map<std::string, DType> kDtypes = {{"float32", DType::Float32}, {"float16", DType::Float16},
                                               {"int64", DType::Int64}, {"int32", DType::Int32}};
 
-// The optional id2label (runtime/labels.py read_id2label): keys canonical decimal class labels
+// The optional id2label (runtime/artifact/labels.py read_id2label): keys canonical decimal class labels
 // 0..num_classes-1, values non-empty strings of at most 4096 characters (code points).
 Condition read_condition(const Json& c, const std::string& where) {
     const Json& kind = c.is_object() ? get(c, "kind") : c;
@@ -101,7 +101,7 @@ std::string shape_text(const std::vector<int64_t>& shape) {
     return s + "]";
 }
 
-// A tensor a network must have: name, dtype, shape (-1 the batch) and role (runtime/networks.py).
+// A tensor a network must have: name, dtype, shape (-1 the batch) and role (runtime/spec/networks.py).
 struct WantTensor {
     std::string name;
     DType dtype;
@@ -121,7 +121,7 @@ bool tensors_match(const std::vector<TensorSpec>& have, const std::vector<WantTe
     return true;
 }
 
-// runtime/manifest.py _check_denoiser: exactly the tensors denoiser_spec(model, family) has.
+// runtime/artifact/manifest.py _check_denoiser: exactly the tensors denoiser_spec(model, family) has.
 void check_denoiser(const NetworkSpec& spec, const Manifest& m) {
     const int64_t C = m.in_channels, S = m.input_size, K = m.num_classes;
     using Want = WantTensor;
@@ -143,7 +143,7 @@ void check_denoiser(const NetworkSpec& spec, const Manifest& m) {
     }
 }
 
-// runtime/manifest.py _check_decoder.
+// runtime/artifact/manifest.py _check_decoder.
 void check_decoder(NetworkSpec& spec, const Json& data, const Manifest& m) {
     const std::vector<int64_t> want = {-1, m.in_channels, m.input_size, m.input_size};
     if (spec.inputs.size() != 1 || spec.inputs[0].shape != want)
@@ -178,9 +178,9 @@ GraphEntry read_graph(const Json& graph, const std::string& where, const std::st
     return g;
 }
 
-// runtime/quantization.py read_quant_recipe: an int8 / fp8 graph carries its recipe, checked.
-// runtime/manifest.py _check_segment: a segment of the denoiser (feature caching) is one that
-// runtime/networks.py segment_specs makes for the model section: its name, tensors, segment_of and
+// runtime/spec/quantization.py read_quant_recipe: an int8 / fp8 graph carries its recipe, checked.
+// runtime/artifact/manifest.py _check_segment: a segment of the denoiser (feature caching) is one that
+// runtime/spec/networks.py segment_specs makes for the model section: its name, tensors, segment_of and
 // blocks. This runtime samples with the monolithic denoiser; it reads the segments to accept them.
 void check_segment(const NetworkSpec& spec, const Json& data, const Manifest& m) {
     const int64_t S = m.input_size, C = m.in_channels, D = m.hidden_size, K = m.num_classes;
@@ -222,7 +222,7 @@ void check_segment(const NetworkSpec& spec, const Json& data, const Manifest& m)
 
 }  // namespace
 
-// runtime/files.py artifact_path: the name's rules, then the resolved path inside the directory.
+// runtime/core/files.py artifact_path: the name's rules, then the resolved path inside the directory.
 std::string confined(const std::string& directory, const Json& name_json, const std::string& field) {
     const bool usable = pyjson::is_str(name_json) && !name_json.get_ref<const std::string&>().empty() &&
                         name_json.get_ref<const std::string&>().find_first_of(std::string("\\\0", 2)) == std::string::npos;

@@ -20,7 +20,7 @@ constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
 constexpr int kPhiloxRounds = 10;
 
 // The transform's constants, each the double nearest to the value named (docs/noise.md), as in
-// runtime/noise.py.
+// runtime/sampling/noise.py.
 constexpr double kLn2Hi = 0x1.62e42fee00000p-1;  // ln 2 cut to 32 significant bits (fdlibm ln2_hi): e * kLn2Hi is exact
 constexpr double kLn2Lo = 0x1.a39ef35793c76p-33;  // ln 2 - kLn2Hi
 constexpr double kSqrtHalf = 0x1.6a09e667f3bcdp-1;

@@ -1,7 +1,7 @@
 // Noise for the sampling loop: injected arrays, or ditrt's seeded stream.
 //
 // The seeded stream is specified to the bit in docs/noise.md and is the Python runtime's
-// (runtime/noise.py): the same seed gives the same noise in both languages. It is counter-based
+// (runtime/sampling/noise.py): the same seed gives the same noise in both languages. It is counter-based
 // (Philox4x32-10 keyed by the seed, counter = (block, draw, image lo, image hi)), so the draw of
 // any step needs no earlier draw and an image's noise does not depend on its batch, on chunking
 // or on a shard. The uniform-to-normal transform (Box-Muller in double, rounded to float at the
@@ -59,7 +59,7 @@ private:
 };
 
 // The seeded stream with its step draws computed one model call ahead on one worker thread
-// (runtime/prefetch.py in the Python runtime): taking step k queues step k + 1 when k + 1 <
+// (runtime/sampling/prefetch.py in the Python runtime): taking step k queues step k + 1 when k + 1 <
 // step_draws, so it is computed while the executor runs. The bits are SeededNoise's (the same
 // normal_fill). At most one draw is queued or held ahead; a draw is computed once when the loop
 // takes the draws in order; one taken out of order is computed on the caller's thread. The

@@ -6,7 +6,7 @@
 namespace ditrt_core {
 namespace {
 
-// runtime/portable.py: INV_LN2, LN2_HI (33 significant bits), LN2_LO, 1/2! .. 1/13!, EXP_LIMIT.
+// runtime/core/portable.py: INV_LN2, LN2_HI (33 significant bits), LN2_LO, 1/2! .. 1/13!, EXP_LIMIT.
 constexpr double kInvLn2 = 0x1.71547652b82fep+0;
 constexpr double kLn2Hi = 0x1.62e42fee00000p-1;
 constexpr double kLn2Lo = 0x1.a39ef35793c76p-33;

@@ -1,4 +1,4 @@
-// Float operations both runtimes compute to the bit: runtime/portable.py, the same constants in
+// Float operations both runtimes compute to the bit: runtime/core/portable.py, the same constants in
 // the same order (correctly rounded +, -, *, / and exact operations only; -ffp-contract=off).
 // numpy's float32 exp and libm's expf differ in the last bit, and np.sum / np.mean add in a
 // blocked order of numpy's own: the samplers use these instead on both sides.

@@ -1,4 +1,4 @@
-// JSON as the Python runtime reads it (json.loads), and the checks of runtime/validate.py over it.
+// JSON as the Python runtime reads it (json.loads), and the checks of runtime/core/validate.py over it.
 //
 // One contract, two readers: a manifest the Python runtime accepts must be accepted here and one
 // it refuses refused, so the parse follows Python's json module where it is more lenient than
@@ -50,7 +50,7 @@ std::string repr(const Json& j);
 // Python's f"{v:g}", for messages.
 std::string format_g(double v);
 
-// The checks of runtime/validate.py (check_int, check_number, check_choice), with its messages;
+// The checks of runtime/core/validate.py (check_int, check_number, check_choice), with its messages;
 // `what` names the field ("manifest field model.input_size"). They throw Error(status, message).
 struct Range {
     bool has_low = false, has_high = false, low_open = false;

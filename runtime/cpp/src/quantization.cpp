@@ -1,4 +1,4 @@
-// runtime/quantization.py read_quant_recipe: an int8 / fp8 graph carries its recipe, checked by
+// runtime/spec/quantization.py read_quant_recipe: an int8 / fp8 graph carries its recipe, checked by
 // manifest_schema.json's quantization and calibration rules (schema.cpp); its presence and the
 // precision it must name stay here.
 #include "manifest_readers.hpp"

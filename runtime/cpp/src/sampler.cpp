@@ -9,6 +9,7 @@
 #include "noise.hpp"
 #include "portable.hpp"
 #include "pyjson.hpp"
+#include "registry.hpp"
 
 namespace ditrt_core {
 namespace {
@@ -94,19 +95,17 @@ bool all_finite(const float* x, int64_t count) {
     return true;
 }
 
-const char* const kSitSamplers[] = {"ode-euler", "ode-heun2", "ode-dopri5", "sde-euler", "sde-heun"};
-
 SamplerKind sampler_kind(const std::string& name) {
     if (name == "ddpm") return SamplerKind::Ddpm;
     if (name == "ddim") return SamplerKind::Ddim;
     if (name == "dpm++2m") return SamplerKind::DpmSolver;
-    std::string other;
-    for (const char* sit : kSitSamplers)
-        if (name == sit) other = " (" + name + " samples sit models)";
-    throw Error(Status::InvalidArgument, "unknown sampler '" + name + "' for a dit model" + other + "; use ddpm, ddim, dpm++2m");
+    const std::string family = registry::family_of(name);
+    throw Error(Status::InvalidArgument, "unknown sampler '" + name + "' for a dit model" +
+                                             (family.empty() ? "" : " (" + name + " samples " + family + " models)") +
+                                             "; use " + registry::joined(registry::samplers_of("dit")));
 }
 
-// runtime/conditioning.py ClassLabels.check, over the denoiser's condition input (its spec).
+// runtime/spec/conditioning.py ClassLabels.check, over the denoiser's condition input (its spec).
 void check_labels(const Condition& c, const std::vector<int64_t>& labels) {
     std::vector<int64_t> bad;
     for (int64_t label : labels)
@@ -237,11 +236,11 @@ Plan plan_sampling(const Manifest& m, const SampleOptions& o) {
     Plan p;
     p.sampler = o.sampler ? *o.sampler : m.default_sampler;
     p.kind = sampler_kind(p.sampler);
-    // Sampler options: eta is ddim's, the others SiT's; given to another sampler they are refused, never ignored.
-    if (o.eta && p.kind != SamplerKind::Ddim)
-        throw Error(Status::InvalidArgument, "eta applies to ddim only; " + p.sampler + " takes no eta");
-    for (const auto& [name, value] : o.sampler_options)
-        throw Error(Status::InvalidArgument, name + " applies to " + option_takers(name) + " only; " + p.sampler + " takes no " + name);
+    // Sampler options (the registry's): given to a sampler that does not take them, refused, never ignored.
+    if (o.eta && !registry::takes(p.sampler, "eta"))
+        throw Error(Status::InvalidArgument, "eta applies to " + registry::option_takers("eta") + " only; " + p.sampler + " takes no eta");
+    for (const auto& [name, value] : o.sampler_options)  // eta comes as o.eta: no other option is a DiT sampler's
+        throw Error(Status::InvalidArgument, name + " applies to " + registry::option_takers(name) + " only; " + p.sampler + " takes no " + name);
     if (p.kind == SamplerKind::Ddim) {
         p.eta = o.eta ? *o.eta : m.has_default_eta ? m.default_eta : 0.0;
         if (!(p.eta >= 0.0 && p.eta <= 1.0))
@@ -289,7 +288,7 @@ void sample(const Manifest& m, Executor& executor, const std::vector<int64_t>& l
     const int64_t out_count = checked_count({rows, m.out_channels, S, S}, "the denoiser's output");
     const int64_t K = p.calls();
 
-    // Noise: injected (checked as runtime/noise.py InjectedNoise) or the seeded stream.
+    // Noise: injected (checked as runtime/sampling/noise.py InjectedNoise) or the seeded stream.
     const bool injected = o.initial_noise != nullptr;
     if (injected) {
         if (o.image_offset)
@@ -370,7 +369,7 @@ void sample(const Manifest& m, Executor& executor, const std::vector<int64_t>& l
 
 namespace {
 
-// Injected noise as runtime/noise.py InjectedNoise checks it: initial (N, C, H, W), step noise
+// Injected noise as runtime/sampling/noise.py InjectedNoise checks it: initial (N, C, H, W), step noise
 // (draws, N, C, H, W); a sampler that draws nothing takes none (step NULL).
 void check_injected_flow(const SampleOptions& o, const Plan& p, int64_t n, int64_t per_image, int64_t count) {
     if (o.image_offset)
@@ -394,7 +393,7 @@ void check_injected_flow(const SampleOptions& o, const Plan& p, int64_t n, int64
 
 }  // namespace
 
-// SiT: runtime/pipeline.py SampleRun over a flow loop. Guidance is forward_with_cfg: the network
+// SiT: runtime/execution/pipeline.py SampleRun over a flow loop. Guidance is forward_with_cfg: the network
 // sees [x; x] with labels [y; null]; ode-dopri5 integrates the whole guided batch [x; x_null] (the
 // network still sees the real half twice), the other loops the N real rows.
 void sample_flow(const Manifest& m, Executor& executor, const std::vector<int64_t>& labels, const SampleOptions& o,

@@ -1,5 +1,5 @@
 // Sampler steps, guidance and the loop: the math and float32 operation order of
-// runtime/samplers.py, runtime/dpm_solver.py and runtime/pipeline.py, with the Python runtime's
+// runtime/sampling/samplers.py, runtime/sampling/dpm_solver.py and runtime/execution/pipeline.py, with the Python runtime's
 // checks and messages. Every float64 table entry is cast to float32 at use; the build disables
 // FMA contraction (-ffp-contract=off) so that a * x - b * y rounds as numpy does.
 #pragma once
@@ -57,7 +57,7 @@ struct SampleOptions {
 
 enum class SamplerKind { Ddpm, Ddim, DpmSolver, Flow };  // Flow: SiT's ODE / SDE loops (flow.hpp)
 
-// A request's sampler, schedule, guidance and scale, checked (runtime/pipeline.py SampleRun).
+// A request's sampler, schedule, guidance and scale, checked (runtime/execution/pipeline.py SampleRun).
 struct Plan {
     SamplerKind kind = SamplerKind::Ddpm;
     std::string sampler;

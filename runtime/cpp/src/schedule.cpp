@@ -10,7 +10,7 @@
 namespace ditrt_core {
 namespace {
 
-// runtime/schedule.py _parse_count: 1 to 7 ASCII digits with optional blanks (space, tab) around them.
+// runtime/sampling/schedule.py _parse_count: 1 to 7 ASCII digits with optional blanks (space, tab) around them.
 int64_t parse_count(const std::string& text, const std::string& spec) {
     const std::string digits = strip_blanks(text);
     if (!all_digits(digits) || digits.size() > 7)

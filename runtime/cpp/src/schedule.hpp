@@ -1,4 +1,4 @@
-// Diffusion schedules exactly as runtime/schedule.py (the official DiT `diffusion/` package):
+// Diffusion schedules exactly as runtime/sampling/schedule.py (the official DiT `diffusion/` package):
 // float64 tables, one entry per kept step; index i runs over the respaced chain and
 // timesteps[i] is the original-scale timestep the model is called with.
 #pragma once
@@ -10,7 +10,7 @@
 namespace ditrt_core {
 
 // Step specs as Python reads them: only blanks (space, tab) around a spec or a count, as
-// runtime/schedule.py's strip(" \t") and dpm_solver.py's [ \t]* (a newline, \r, \v or \f is
+// runtime/sampling/schedule.py's strip(" \t") and dpm_solver.py's [ \t]* (a newline, \r, \v or \f is
 // refused, not stripped), and one or more ASCII digits.
 bool is_blank(char c);
 std::string strip_blanks(const std::string& s);

@@ -1,6 +1,6 @@
-// The manifest's value rules as data: runtime/manifest_schema.json, compiled into the library
+// The manifest's value rules as data: runtime/spec/manifest_schema.json, compiled into the library
 // (CMake embeds it in manifest_schema_text.hpp: a service needs no extra file), and this
-// interpreter of it. The Python reader interprets the same file (runtime/schema.py) with the same
+// interpreter of it. The Python reader interprets the same file (runtime/spec/schema.py) with the same
 // messages: per object its fields (type, range, choices, default, what a missing one means) and
 // the rules between fields (ordered, needs, equal); what cannot be data stays in the readers.
 #pragma once
@@ -15,7 +15,7 @@ namespace ditrt_core::schema {
 
 using pyjson::Json;
 
-// What a rule refers to outside its object (runtime/schema.py Context).
+// What a rule refers to outside its object (runtime/spec/schema.py Context).
 struct Context {
     std::map<std::string, Json> refs;                        // "model.in_channels" -> its value
     std::map<std::string, std::vector<std::string>> choices;  // a values_from name -> the allowed strings
@@ -27,7 +27,7 @@ const Json& rules();
 
 // The fields of `data` (an object) by the rules of object `name` at `where` (a dotted path),
 // then its checks; field -> value (ints as int64, numbers as double), defaults filled in.
-// Throws Error(Status::Artifact) with the message runtime/schema.py gives.
+// Throws Error(Status::Artifact) with the message runtime/spec/schema.py gives.
 Json check_object(const std::string& name, const Json& data, const std::string& where, const Context& context = {});
 
 }  // namespace ditrt_core::schema

@@ -26,8 +26,8 @@ namespace {
 namespace fs = std::filesystem;
 using Json = nlohmann::json;
 
-constexpr int64_t kMaxSignatureBytes = int64_t(16) << 20;  // runtime/signing.py MAX_SIGNATURE_BYTES
-constexpr int64_t kMaxKeyBytes = int64_t(1) << 16;         // runtime/signing.py MAX_KEY_BYTES
+constexpr int64_t kMaxSignatureBytes = int64_t(16) << 20;  // runtime/artifact/signing.py MAX_SIGNATURE_BYTES
+constexpr int64_t kMaxKeyBytes = int64_t(1) << 16;         // runtime/artifact/signing.py MAX_KEY_BYTES
 constexpr const char* kPayloadType = "application/vnd.in-toto+json";
 constexpr const char* kStatementType = "https://in-toto.io/Statement/v1";
 constexpr const char* kPredicateType = "https://model_signing/signature/v1.0";

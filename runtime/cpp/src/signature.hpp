@@ -1,5 +1,5 @@
 // Signed artifacts: the OpenSSF model-signing bundle that `ditrt sign` writes (<artifact>/model.sig,
-// a Sigstore bundle holding a DSSE envelope) checked with OpenSSL, as runtime/signing.py checks it:
+// a Sigstore bundle holding a DSSE envelope) checked with OpenSSL, as runtime/artifact/signing.py checks it:
 // the envelope's ECDSA signature over the DSSE PAE of its in-toto statement, with the caller's
 // public key, then every file of the folder against the statement's sha256 list.
 #pragma once

@@ -1,6 +1,6 @@
 // The TensorRT executor (TensorRT 10 / 11 C++ API, CUDA runtime): runs each network of the artifact
 // (denoiser; decoder when there is a plan of it) from the manifest's fp16 plan that is compatible
-// with this GPU and TensorRT, as runtime/trt/backend.py does in Python, over the named tensors of
+// with this GPU and TensorRT, as runtime/execution/trt/backend.py does in Python, over the named tensors of
 // the network's spec.
 //
 // Compiled only with -DDITRT_WITH_TENSORRT=ON. It has NOT been compiled or run in the project's

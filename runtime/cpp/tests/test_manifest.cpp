@@ -266,7 +266,7 @@ TEST(Manifest, LoadAndVerifyFiles) {
     std::filesystem::remove_all(dir);
 }
 
-// The rules compiled into the library are runtime/manifest_schema.json, the Python package's file.
+// The rules compiled into the library are runtime/spec/manifest_schema.json, the Python package's file.
 TEST(Schema, TheEmbeddedRulesAreThePackagesFile) {
     std::ifstream in(DITRT_SCHEMA_FILE);
     ASSERT_TRUE(in) << DITRT_SCHEMA_FILE;

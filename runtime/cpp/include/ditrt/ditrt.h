@@ -236,7 +236,7 @@ DITRT_API void ditrt_close(ditrt_pipeline* pipeline); /* NULL is fine */
 /* Latent shape (C, H, W) of one image; the number of real classes (labels 0..num_classes-1). */
 DITRT_API ditrt_status ditrt_latent_shape(const ditrt_pipeline* pipeline, int64_t shape[3]);
 DITRT_API ditrt_status ditrt_num_classes(const ditrt_pipeline* pipeline, int64_t* num_classes);
-/* The class label a name stands for, as the Python runtime resolves it (runtime/labels.py): a
+/* The class label a name stands for, as the Python runtime resolves it (runtime/artifact/labels.py): a
  * decimal number 0..num_classes-1, or one of the comma-separated synonyms of an entry of the
  * manifest's id2label (surrounding whitespace stripped), e.g. "tench" or "goldfish". An unknown
  * name, a name of two classes (ambiguous), a number out of range, or a name given to an artifact
@@ -259,7 +259,7 @@ DITRT_API ditrt_status ditrt_graph_file(const ditrt_pipeline* pipeline, const ch
 
 /* Samples latents for num_labels (N >= 1) class labels into `out`: (N, C, H, W) float32,
  * out_capacity floats (at least N*C*H*W). options NULL: the manifest's defaults and seed 0.
- * The loop is the Python runtime's (runtime/pipeline.py) in its float32 operation order: every
+ * The loop is the Python runtime's (runtime/execution/pipeline.py) in its float32 operation order: every
  * model call's output is guided (u + s (c - u) on the first guided_channels channels), stepped,
  * and checked for NaN/inf (DITRT_STEP_ERROR naming the step and timestep). `out` is written only
  * when every step succeeded. */
@@ -273,7 +273,7 @@ DITRT_API ditrt_status ditrt_sample(ditrt_pipeline* pipeline, const int64_t* lab
 DITRT_API ditrt_status ditrt_decode(ditrt_pipeline* pipeline, const float* latents, int64_t num_images, float* images,
                                     int64_t capacity);
 
-/* ---- images (byte-identical to ditrt.runtime.images) ------------------------------------------- */
+/* ---- images (byte-identical to ditrt.runtime.core.images) ------------------------------------------- */
 #define DITRT_GRID_NROW 4    /* the official sample.py grid: 4 images per row ... */
 #define DITRT_GRID_PADDING 2 /* ... 2 pixels of padding (value 0) */
 
@@ -306,7 +306,7 @@ DITRT_API const char* ditrt_noise_version(void);
 /* The first `count` values (float32, C order over (C, H, W)) of draw `draw_index` of image
  * `image_index` under `seed`: draw 0 is the initial noise, draw k + 1 the noise of the k-th model
  * call from the noisiest. Any draw without the earlier ones; identical to the Python runtime's
- * ditrt.runtime.noise.normal. DITRT_INVALID_ARGUMENT when out is NULL (and count > 0), count < 0
+ * ditrt.runtime.sampling.noise.normal. DITRT_INVALID_ARGUMENT when out is NULL (and count > 0), count < 0
  * or > 2^34, or draw_index >= 2^32. */
 DITRT_API ditrt_status ditrt_noise_normal(uint64_t seed, uint64_t image_index, uint64_t draw_index, float* out,
                                           int64_t count);
