@@ -19,6 +19,13 @@ output). The C++ rows cover the samplers its ABI accepts (a SiT artifact or samp
 ditrt_open / ditrt_sample is reported as "refused: <message>" and skipped), so SiT rows appear once
 the C++ runtime takes SiT.
 
+`--wait spin` makes the stand-in (and the C ABI's callback) spin for T ms on a clock instead of sleeping,
+with the GIL released (a C loop called through ctypes, compiled with the system's cc). It models a host
+that waits for the GPU as CUDA does by default (cudaStreamSynchronize spins while the host has spare
+cores): a sleeping core goes cold, and the host work after each call then runs slower (on this kind of
+machine, about 2x for the Python runtime at 10 ms) than on a core that kept spinning. Both are real
+hosts; the table says which one was measured.
+
 The artifacts are tiny random-init exports (depth 1) with the XL/2-256 tensor shapes: the
 stand-in never runs them, the runtime only reads their manifests. The configurations are
 interleaved (repeat r of every configuration before repeat r + 1) and each row reports the best
@@ -50,6 +57,37 @@ FAMILY = {"ddpm": "dit", "ddim": "dit", "dpm++2m": "dit", "ode-euler": "sit", "o
 CPP_LIBRARY = ROOT / "runtime" / "cpp" / "build" / "bench-release" / "libditrt.so"
 
 
+# ---- waiting as the engine ----------------------------------------------------------------------------
+
+SPIN_SOURCE = r"""
+#include <time.h>
+void ditrt_bench_spin(double seconds) {
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    do clock_gettime(CLOCK_MONOTONIC, &now);
+    while ((now.tv_sec - start.tv_sec) + 1e-9 * (now.tv_nsec - start.tv_nsec) < seconds);
+}
+"""
+WAIT = time.sleep  # how the stand-in waits for T ms (main() sets it from --wait)
+
+
+def spin_wait(cache: Path):
+    """A wait that spins on the clock with the GIL released (ctypes releases it around a CDLL call)."""
+    library = cache / "spin.so"
+    if not library.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        source = cache / "spin.c"
+        source.write_text(SPIN_SOURCE)
+        try:
+            subprocess.run(["cc", "-O2", "-shared", "-fPIC", str(source), "-o", str(library)], check=True,
+                           capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise SystemExit(f"--wait spin needs a C compiler (cc) to build its wait loop: {e}") from None
+    spin = ctypes.CDLL(str(library)).ditrt_bench_spin
+    spin.restype, spin.argtypes = None, [ctypes.c_double]
+    return spin
+
+
 # ---- the stand-in engine ----------------------------------------------------------------------------
 
 class SleepingBackend:
@@ -73,7 +111,7 @@ class SleepingBackend:
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         rows = len(next(iter(feeds.values())))
-        time.sleep(self.sleep_s)
+        WAIT(self.sleep_s)
         out = {self.network.output.name: self.output(rows)}
         self.inside_s += time.perf_counter() - start
         self.calls += 1
@@ -163,7 +201,7 @@ class CppRunner:
 
     def _run(self, user, network, inputs, num_inputs, outputs, num_outputs):
         start = time.perf_counter()
-        time.sleep(self.sleep_s)
+        WAIT(self.sleep_s)
         out = outputs[0]
         shape = tuple(out.shape[:out.rank])
         if shape not in self.outputs:
@@ -223,6 +261,9 @@ def main() -> None:
     parser.add_argument("--images", default="1,8,32")
     parser.add_argument("--sleep-ms", default="1,10")
     parser.add_argument("--runtimes", default="python,cpp")
+    parser.add_argument("--wait", choices=("sleep", "spin"), default="sleep",
+                        help="how the stand-in waits T ms: sleep (the core idles) or spin (it stays busy, as a CUDA "
+                             "synchronisation does by default) [sleep]")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per row")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every sampler's steps (quick runs)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ditrt-host-bench",
@@ -230,6 +271,8 @@ def main() -> None:
     parser.add_argument("--cpp-library", type=Path, help="a built libditrt.so [built into runtime/cpp/build/bench-release]")
     parser.add_argument("--out", type=Path, help="result file [bench/results/host_bench.json]")
     args = parser.parse_args()
+    global WAIT
+    WAIT = spin_wait(args.cache) if args.wait == "spin" else time.sleep
 
     from ditrt import runtime
     from ditrt.runtime.sampling.noise import NOISE_VERSION
@@ -293,7 +336,7 @@ def main() -> None:
     table = [{**r, "note": r["note"][:70]} if "note" in r else r for r in rows]  # the JSON keeps the whole note
     report("host_bench", table, ["runtime", "sampler", "images", "engine_ms", "calls", "exposed_us", "share_pct",
                                 "goal_met", "note"],
-           {"repeats": args.repeats, "steps": {s: steps_of(s) for s in samplers}, "cfg_scale": 4.0,
+           {"repeats": args.repeats, "wait": args.wait, "steps": {s: steps_of(s) for s in samplers}, "cfg_scale": 4.0,
             "noise_version": NOISE_VERSION,
             "shapes": "latent 4x32x32, DiT output 8 channels (learned sigma), SiT 4; 2 rows per image (guidance)",
             "note": "exposed_us = (wall - time inside the stand-in) / calls, best of the repeats, configurations "

@@ -44,6 +44,20 @@ def tiny_artifact(tmp_path_factory, tiny_checkpoint) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def sit_golden_artifact(tmp_path_factory) -> Path:
+    """The golden SiT (tests/golden/sit) exported by the CLI, in a subprocess (fp32 and fp16 graphs);
+    shared read-only: a test that changes it works on a copy."""
+    import subprocess
+    import sys
+    out = tmp_path_factory.mktemp("sit") / "art"
+    r = subprocess.run([sys.executable, "-m", "ditrt.cli", "export", str(GOLDEN_DIR / "sit" / "sit_official_layout.pt"),
+                        "--family", "sit", "--num-heads", "4", "--out", str(out)], capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 def max_rel_err(actual: np.ndarray, reference: np.ndarray) -> float:
     """Max abs error relative to the reference's largest magnitude (the project's parity metric)."""
     return float(np.abs(np.asarray(actual, np.float64) - reference).max() / np.abs(reference).max())

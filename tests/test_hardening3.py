@@ -23,7 +23,6 @@ from ditrt.runtime.jobs.quality import QualityRun, parse_run
 from ditrt.runtime.sampling.samplers import get_sampler, parse_options
 from conftest import TINY_CHECKPOINT
 
-SIT_DIR = Path(__file__).resolve().parent / "golden" / "sit"
 HUGE = "9" * 5000  # past Python's 4300-digit int-string limit
 
 
@@ -64,11 +63,8 @@ def vae_art(tmp_path_factory, tiny_artifact_with_vae):
 
 
 @pytest.fixture(scope="module")
-def sit_art(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sit") / "art"
-    r = cli("export", SIT_DIR / "sit_official_layout.pt", "--family", "sit", "--num-heads", 4, "--out", out)
-    assert r.exit_code == 0, r.output
-    return out
+def sit_art(sit_golden_artifact):
+    return sit_golden_artifact  # conftest: the golden SiT, exported once per session
 
 
 @pytest.fixture(scope="module")

@@ -35,11 +35,8 @@ def sit_golden():
 
 
 @pytest.fixture(scope="module")
-def sit_artifact(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sit") / "art"
-    r = _ditrt("export", SIT_DIR / "sit_official_layout.pt", "--family", "sit", "--num-heads", 4, "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out
+def sit_artifact(sit_golden_artifact):
+    return sit_golden_artifact  # conftest: `ditrt export --family sit` of the golden SiT
 
 
 @pytest.fixture(scope="module")

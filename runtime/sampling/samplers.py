@@ -93,18 +93,25 @@ def ddim_step(x: np.ndarray, model_output: np.ndarray, sched: Schedule, i: int, 
     """The official ddim_sample: eps re-derived from x0, sigma from eta, no noise at i = 0."""
     eps, _ = split_output(model_output, x.shape[1])
     x0 = predict_x0(x, eps, sched, i)
-    eps = (_f32(sched.sqrt_recip_alphas_cumprod, i) * x - x0) / _f32(sched.sqrt_recipm1_alphas_cumprod, i)
+    # In place, the same roundings: eps = (a x - x0) / b, mean = x0 sqrt(abar_prev) + c eps.
+    eps = np.multiply(x, _f32(sched.sqrt_recip_alphas_cumprod, i))
+    eps -= x0
+    eps /= _f32(sched.sqrt_recipm1_alphas_cumprod, i)
     alpha_bar = _f32(sched.alphas_cumprod, i)
     alpha_bar_prev = _f32(sched.alphas_cumprod_prev, i)
     # eta 0: sigma is exactly 0 (never 0 * NaN), so the loop, which draws no noise then, never needs any.
     sigma = np.float32(0) if eta == 0 else (np.float32(eta) * np.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) *
                                             np.sqrt(1 - alpha_bar / alpha_bar_prev))
-    mean = x0 * np.sqrt(alpha_bar_prev) + np.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+    mean = x0
+    mean *= np.sqrt(alpha_bar_prev)
+    eps *= np.sqrt(1 - alpha_bar_prev - sigma**2)
+    mean += eps
     if i == 0 or sigma == 0:
         return mean
     if noise is None:
         raise ValueError(f"ddim_step: sigma is {sigma} at index {i} (eta {eta}), which needs noise; got None")
-    return mean + sigma * noise
+    mean += np.multiply(noise, sigma)  # the draw is the stream's: never written
+    return mean
 
 
 def guide(cond: np.ndarray, uncond: np.ndarray, scale: float, guided_channels: int) -> np.ndarray:

@@ -19,7 +19,7 @@ constexpr double kExpLimit = 200.0;
 
 }  // namespace
 
-float exp_float32(float x32) {
+float exp_float32_series(float x32) {
     const double x = x32;
     if (std::isnan(x)) return std::numeric_limits<float>::quiet_NaN();
     if (!(std::fabs(x) <= kExpLimit)) return x > 0 ? std::numeric_limits<float>::infinity() : 0.0f;
@@ -30,6 +30,19 @@ float exp_float32(float x32) {
     p = (p * r + 1.0) * r + 1.0;
     return float(std::ldexp(p, int(k)));
 }
+
+bool rounded_float32(double y, float* out) {
+    *out = float(y);
+    // The float64 products, each rounded to float32 (as numpy's multiply with a float32 out).
+    return float(y * (1.0 - kExpMargin)) == *out && float(y * (1.0 + kExpMargin)) == *out;
+}
+
+float exp_float32_from(float x, double y) {
+    float out;
+    return rounded_float32(y, &out) ? out : exp_float32_series(x);
+}
+
+float exp_float32(float x) { return exp_float32_from(x, std::exp(double(x))); }
 
 double pairwise_sum(double* v, int64_t n) {
     if (n <= 0) return 0.0;

@@ -419,7 +419,8 @@ void sample_flow(const Manifest& m, Executor& executor, const std::vector<int64_
 
     std::unique_ptr<NoiseSource> noise;
     if (injected) noise = std::make_unique<InjectedNoise>(o.initial_noise, o.step_noise, count);
-    else noise = std::make_unique<SeededNoise>(o.seed, n, per_image, o.image_offset.value_or(0));
+    else  // the SDEs' draws on a worker thread, each while the engine runs the call before it (the same stream)
+        noise = std::make_unique<PrefetchedNoise>(o.seed, n, per_image, o.image_offset.value_or(0), p.flow.noise_draws());
     std::vector<float> x(size_t(null_half ? 2 * count : count));
     noise->initial(x.data());
     if (null_half) std::copy(x.begin(), x.begin() + count, x.begin() + count);

@@ -3,7 +3,9 @@
 // sample, dopri5's accepted and rejected steps), exp_float32 and pairwise_sum; and the options.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <filesystem>
 #include <map>
 
@@ -87,6 +89,51 @@ TEST(Portable, ExpAndPairwiseSumArePythons) {
         std::vector<double> v = s["values"].get<std::vector<double>>();
         EXPECT_EQ(ditrt_core::pairwise_sum(v.data(), int64_t(v.size())), s["expected"].get<double>()) << v.size();
     }
+}
+
+// exp_float32's fast path (libm's double exp where it decides the float32) against the series it
+// stands for: every 613th float32 in [-200, 200] (about 3.6 million, the bit patterns' lowest bits
+// varied by the stride), the edges, and the undecided cases counted so the fallback is exercised.
+TEST(Portable, FastExpIsTheSeriesToTheBit) {
+    int64_t checked = 0, undecided = 0;
+    for (uint32_t sign : {0u, 0x80000000u}) {
+        for (uint32_t b = 0; b <= 0x43480000u; b += 613) {  // 0x43480000 is 200.0f
+            float x;
+            const uint32_t u = b | sign;
+            std::memcpy(&x, &u, 4);
+            float decided;
+            undecided += !ditrt_core::rounded_float32(std::exp(double(x)), &decided);
+            ASSERT_EQ(bits(ditrt_core::exp_float32(x)), bits(ditrt_core::exp_float32_series(x))) << "exp_float32(" << x << ")";
+            ++checked;
+        }
+    }
+    EXPECT_GT(checked, 3000000);
+    EXPECT_GT(undecided, 5) << "of " << checked << " arguments, " << undecided << " went to the series (20 with glibc 2.36): "
+                            << "the fallback went untested";
+    for (float x : {0.0f, -0.0f, 88.72f, 88.73f, -103.97f, -103.98f, -149.0f, -200.0f, 200.0f, 250.0f, -250.0f,
+                    std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()})
+        ASSERT_EQ(bits(ditrt_core::exp_float32(x)), bits(ditrt_core::exp_float32_series(x))) << "exp_float32(" << x << ")";
+    EXPECT_TRUE(std::isnan(ditrt_core::exp_float32(std::numeric_limits<float>::quiet_NaN())));
+}
+
+// The decision itself: a double just off a float32 rounding midpoint (by less than the margin) is left
+// to the series, one farther off is decided, and to the float32 on its side.
+TEST(Portable, RoundingNearAMidpointIsLeftToTheSeries) {
+    const float lo = 1.5f, hi = std::nextafter(lo, 2.0f);
+    const double midpoint = (double(lo) + double(hi)) / 2;
+    float out;
+    for (double off : {0.0, 0x1p-45, -0x1p-45, 0x1p-41, -0x1p-41})
+        EXPECT_FALSE(ditrt_core::rounded_float32(midpoint * (1 + off), &out)) << off;
+    ASSERT_TRUE(ditrt_core::rounded_float32(midpoint * (1 + 0x1p-36), &out));
+    EXPECT_EQ(out, hi);
+    ASSERT_TRUE(ditrt_core::rounded_float32(midpoint * (1 - 0x1p-36), &out));
+    EXPECT_EQ(out, lo);
+    EXPECT_FALSE(ditrt_core::rounded_float32(std::nan(""), &out));
+    // Undecided: the series decides, whichever side of the midpoint the float64 exp fell (libm's exp
+    // rounds to the series' float32 on every float32 in [-200, 200] here, so only this shows the fallback).
+    const float x = std::log(midpoint);
+    for (double y : {midpoint * (1 - 0x1p-45), midpoint, midpoint * (1 + 0x1p-45)})
+        EXPECT_EQ(bits(ditrt_core::exp_float32_from(x, y)), bits(ditrt_core::exp_float32_series(x))) << y;
 }
 
 TEST(Flow, CountsAndOptions) {
